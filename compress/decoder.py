@@ -1,0 +1,355 @@
+"""A compact KV-cache decoder for Llama-family checkpoints, dense or packed.
+
+Why our own model code rather than transformers' modules: the serving work ahead
+(continuous batching, prefix reuse, speculative decoding, INT8 KV) needs control of the
+cache layout and of every Linear, and the calibration pipeline runs single decoder
+layers in isolation. Module names mirror the HF state dict (`model.layers.3.mlp.up_proj`)
+so a checkpoint loads by name; a test holds the greedy tokens equal to transformers'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress import models
+from compress.errors import CompressError
+from compress.nn import QuantLinear
+from compress.quant import QuantizedWeight
+
+# RoPE variants whose frequencies depend on the current sequence length are not static.
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    max_positions: int
+    sliding_window: int | None = None
+
+    @classmethod
+    def from_hf(cls, c: dict) -> DecoderConfig:
+        heads = int(c["num_attention_heads"])
+        window = c.get("sliding_window") if c.get("use_sliding_window", True) else None
+        return cls(
+            vocab_size=int(c["vocab_size"]),
+            hidden_size=int(c["hidden_size"]),
+            num_layers=int(c["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
+            norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            max_positions=int(c.get("max_position_embeddings", 2048)),
+            sliding_window=int(window) if window else None,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: k, v [layers, B, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, cfg: DecoderConfig, batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v [B, kv_heads, S, hd] at positions start.. and return all keys so far."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, q_proj: nn.Module, k_proj: nn.Module,
+                 v_proj: nn.Module, o_proj: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        b, s, _ = x.shape  # (B, S, D)
+        c = self.cfg
+        q = self.q_proj(x).view(b, s, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, S, hd)
+        k = self.k_proj(x).view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q = (q * cos + rotate_half(q) * sin).to(x.dtype)
+        k = (k * cos + rotate_half(k) * sin).to(x.dtype)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)
+        mask = attention_mask(start, s, k.shape[2], c.sliding_window, x.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and s > 1, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, c.num_heads * c.head_dim))
+
+
+def attention_mask(start: int, q_len: int, k_len: int, window: int | None,
+                   device: torch.device) -> torch.Tensor | None:
+    """Boolean [q_len, k_len] mask (True = attend), or None when plain causal suffices."""
+    if (window is None or k_len <= window) and (q_len == 1 or q_len == k_len):
+        return None
+    end = start + q_len  # keys cover positions end - k_len .. end - 1 (cache or not)
+    q_pos = torch.arange(start, end, device=device)[:, None]
+    k_pos = torch.arange(end - k_len, end, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed
+
+
+class MLP(nn.Module):
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, input_layernorm: RMSNorm, self_attn: Attention,
+                 post_attention_layernorm: RMSNorm, mlp: MLP):
+        super().__init__()
+        self.input_layernorm, self.self_attn = input_layernorm, self_attn
+        self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
+
+    def forward(self, x, cos, sin, start, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, embed_tokens: nn.Embedding, layers: list[DecoderLayer], norm: RMSNorm):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+
+
+class CausalLM(nn.Module):
+    """tokens (B, S) at positions start..start+S-1 -> logits (B, S, vocab)."""
+
+    def __init__(self, cfg: DecoderConfig, model: Backbone, lm_head: nn.Module | None,
+                 inv_freq: torch.Tensor, rope_scale: float):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.lm_head = lm_head  # None: tied to the embedding
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_scale = rope_scale
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = pos[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
+        return emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
+
+    def forward(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        if start + tokens.shape[1] > self.cfg.max_positions:
+            raise CompressError(f"sequence of {start + tokens.shape[1]} tokens exceeds the "
+                                f"model's {self.cfg.max_positions} positions")
+        x = self.model.embed_tokens(tokens)
+        cos, sin = self.rope(start, tokens.shape[1])
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, start, cache, i)
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        if self.lm_head is None:
+            return F.linear(x, self.model.embed_tokens.weight)
+        return self.lm_head(x)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
+
+
+# ------------------------------------------------------------------------ loading
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """float32 on CPU (half-precision matmuls are slow there); float16 on GPUs."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.float16
+
+
+def _linear(files: models.ModelFiles, name: str, dtype: torch.dtype, device) -> nn.Module:
+    weight = files.linear_weight(name)
+    bias = files.optional(f"{name}.bias")
+    bias = None if bias is None else bias.to(device=device, dtype=dtype)
+    if isinstance(weight, QuantizedWeight):
+        moved = QuantizedWeight(
+            weight.qweight.to(device), weight.scales.to(device),
+            None if weight.zeros is None else weight.zeros.to(device),
+            None if weight.g_idx is None else weight.g_idx.to(device),
+            weight.bits, weight.group_size, weight.shape, weight.symmetric)
+        return QuantLinear(moved, bias)
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    return lin
+
+
+def rope_frequencies(path: Path, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and cos/sin scale, computed by transformers for the config."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    params = getattr(config, "rope_parameters", None) or {
+        "rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        theta = float(params["rope_theta"])
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        return inv, 1.0
+    if rope_type in _DYNAMIC_ROPE or rope_type not in ROPE_INIT_FUNCTIONS:
+        raise CompressError(f"RoPE type {rope_type!r} is not supported by the decoder; "
+                            "supported: default, linear, llama3, yarn")
+    inv, scale = ROPE_INIT_FUNCTIONS[rope_type](config)
+    return inv.to(torch.float32), float(scale)
+
+
+def build(files: models.ModelFiles, device: torch.device | str = "cpu",
+          dtype: torch.dtype | None = None) -> CausalLM:
+    """Instantiate the decoder from an opened model directory (dense or packed)."""
+    dtype = dtype or default_dtype(device)
+    cfg = DecoderConfig.from_hf(files.config)
+    arch = files.arch
+
+    def norm(name: str) -> RMSNorm:
+        return RMSNorm(files.tensors.get(f"{name}.weight").to(device=device, dtype=dtype),
+                       cfg.norm_eps)
+
+    layers = []
+    for i in range(cfg.num_layers):
+        p = arch.layer_prefix(i)
+        lin = {n: _linear(files, p + n, dtype, device) for n in arch.layer_linears}
+        attn = Attention(cfg, lin["self_attn.q_proj"], lin["self_attn.k_proj"],
+                         lin["self_attn.v_proj"], lin["self_attn.o_proj"])
+        mlp = MLP(lin["mlp.gate_proj"], lin["mlp.up_proj"], lin["mlp.down_proj"])
+        layers.append(DecoderLayer(norm(p + arch.norms[0]), attn, norm(p + arch.norms[1]), mlp))
+    embed = files.tensors.get(f"{arch.embed}.weight").to(device=device, dtype=dtype)
+    embedding = nn.Embedding(embed.shape[0], embed.shape[1], device="meta")
+    embedding.weight = nn.Parameter(embed, requires_grad=False)
+    lm_head = None if files.tied_embeddings else _linear(files, arch.lm_head, dtype, device)
+    inv_freq, rope_scale = rope_frequencies(files.path, cfg.head_dim)
+    model = CausalLM(cfg, Backbone(embedding, layers, norm(arch.final_norm)), lm_head,
+                     inv_freq.to(device), rope_scale)
+    return model.eval()
+
+
+def load(name_or_path: str | Path | None, device: torch.device | str = "cpu",
+         dtype: torch.dtype | None = None) -> tuple[CausalLM, models.ModelFiles]:
+    files = models.open_model(name_or_path)
+    return build(files, device, dtype), files
+
+
+# ---------------------------------------------------------------------- generation
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise CompressError("max new tokens must be at least 1")
+        if self.temperature < 0:
+            raise CompressError("temperature must be >= 0 (0 means greedy)")
+        if self.top_k < 0:
+            raise CompressError("top-k must be >= 0 (0 disables it)")
+        if not 0 < self.top_p <= 1:
+            raise CompressError("top-p must be in (0, 1]")
+
+
+def sample(logits: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, vocab)."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.to(torch.float32) / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop tokens once the mass before them already reaches top_p (always keep one).
+        drop = probs.cumsum(-1) - probs >= params.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: CausalLM, prompt: list[int], params: SamplingParams) -> Iterator[int]:
+    """Yield new tokens one at a time (prefill once, then one cached step per token)."""
+    if not prompt:
+        raise CompressError("the prompt is empty; give at least one token of text")
+    total = len(prompt) + params.max_new_tokens
+    if total > model.cfg.max_positions:
+        raise CompressError(f"prompt ({len(prompt)}) + max new tokens "
+                            f"({params.max_new_tokens}) exceeds the model's "
+                            f"{model.cfg.max_positions} positions")
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(params.seed)
+    cache = model.new_cache(1, total)
+    tokens = torch.tensor([prompt], device=model.device)
+    logits = model(tokens, 0, cache, last_only=True)[:, -1]
+    pos = len(prompt)
+    for _ in range(params.max_new_tokens):
+        token = sample(logits, params, generator)
+        yield int(token)
+        if int(token) in params.stop_token_ids:
+            return
+        logits = model(token.view(1, 1), pos, cache)[:, -1]
+        pos += 1

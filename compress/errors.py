@@ -1,0 +1,10 @@
+"""The one error type users see.
+
+Everything that is the user's input's fault (a bad flag, a missing file, a corrupt
+checkpoint) raises `CompressError` with a one-line message that names the problem and
+the fix; the CLI prints it without a traceback and exits non-zero.
+"""
+
+
+class CompressError(Exception):
+    """A problem with the user's input or environment, explained in one line."""

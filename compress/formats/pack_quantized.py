@@ -1,0 +1,179 @@
+"""QuantizedWeight <-> compressed-tensors "pack-quantized" tensors and config.
+
+Per quantised Linear `name`, the safetensors hold::
+
+    name.weight_packed      int32 [out, ceil(in*b/32)]   codes + 2**(b-1), LSB-first, dense
+    name.weight_scale       dtype [out, G]               G = ceil(in/group_size), 1 per-channel
+    name.weight_zero_point  int32 [ceil(out*b/32), G]    asymmetric only; signed zp, packed on dim 0
+    name.weight_shape       int64 [2]                    (out, in)
+    name.weight_g_idx       int32 [in]                   act-order without static groups only
+
+and config.json carries a `quantization_config` block that transformers (with the
+compressed-tensors package) and vLLM read. Dequantisation is (q - zp) * scale.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+from compress import kernels
+from compress.errors import CompressError
+from compress.quant import QuantizedWeight, QuantScheme, num_groups
+
+COMPRESSED_TENSORS_VERSION = "0.20.0"
+FORMAT = "pack-quantized"
+SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+
+def to_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The safetensors entries that store `qw` for module `name`."""
+    tensors = {
+        f"{name}.weight_packed": qw.qweight.contiguous(),
+        f"{name}.weight_scale": qw.scales.contiguous(),
+        f"{name}.weight_shape": torch.tensor(qw.shape, dtype=torch.int64),
+    }
+    if qw.zeros is not None:
+        tensors[f"{name}.weight_zero_point"] = kernels.pack(qw.zeros, qw.bits, dim=0)
+    if qw.g_idx is not None:
+        tensors[f"{name}.weight_g_idx"] = qw.g_idx.to(torch.int32).contiguous()
+    return tensors
+
+
+def from_tensors(
+    name: str, get: Callable[[str], torch.Tensor], has: Callable[[str], bool], scheme: QuantScheme
+) -> QuantizedWeight:
+    """Read module `name`'s packed weight back, checking every shape against the scheme."""
+    shape = tuple(int(v) for v in get(f"{name}.weight_shape").tolist())
+    if len(shape) != 2 or min(shape) <= 0:
+        raise CompressError(f"{name}.weight_shape is {shape}: the checkpoint is corrupt")
+    out_features, in_features = shape
+    groups = num_groups(in_features, scheme.group_size)
+    packed = get(f"{name}.weight_packed")
+    scales = get(f"{name}.weight_scale")
+    zeros = None
+    if not scheme.symmetric:
+        packed_zeros = get(f"{name}.weight_zero_point")
+        expected = (kernels.packed_width(out_features, scheme.bits), groups)
+        _check_shape(name, "weight_zero_point", packed_zeros, expected, torch.int32)
+        zeros = kernels.unpack(packed_zeros, scheme.bits, out_features, dim=0)
+    g_idx = get(f"{name}.weight_g_idx") if has(f"{name}.weight_g_idx") else None
+    _check_shape(name, "weight_packed", packed,
+                 (out_features, kernels.packed_width(in_features, scheme.bits)), torch.int32)
+    _check_shape(name, "weight_scale", scales, (out_features, groups), None)
+    if g_idx is not None:
+        _check_shape(name, "weight_g_idx", g_idx, (in_features,), torch.int32)
+    return QuantizedWeight(packed, scales, zeros, g_idx, scheme.bits, scheme.group_size,
+                           (out_features, in_features), scheme.symmetric)
+
+
+def _check_shape(name: str, what: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | None):
+    if tuple(t.shape) != tuple(shape) or (dtype is not None and t.dtype != dtype):
+        raise CompressError(
+            f"{name}.{what} is {t.dtype} {tuple(t.shape)}, expected "
+            f"{dtype or 'float'} {tuple(shape)}: the checkpoint is corrupt or was written "
+            "for a different quantization_config"
+        )
+
+
+def _weights_args(scheme: QuantScheme) -> dict:
+    return {
+        "num_bits": scheme.bits,
+        "type": "int",
+        "symmetric": scheme.symmetric,
+        "group_size": None if scheme.group_size == -1 else scheme.group_size,
+        "strategy": "channel" if scheme.group_size == -1 else "group",
+        "block_structure": None,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+
+
+def quantization_config(schemes: Mapping[str, QuantScheme], ignore: Iterable[str]) -> dict:
+    """The config.json block for modules `schemes` (name -> scheme); `ignore` stay dense.
+
+    The most common scheme targets the class "Linear"; modules with another scheme get
+    a group of exact-name regexes, which compressed-tensors and vLLM both rank above
+    class targets.
+    """
+    by_scheme: dict[QuantScheme, list[str]] = {}
+    for name, scheme in schemes.items():
+        by_scheme.setdefault(scheme, []).append(name)
+    ordered = sorted(by_scheme.items(), key=lambda kv: -len(kv[1]))
+    groups = {}
+    for i, (scheme, names) in enumerate(ordered):
+        targets = ["Linear"] if i == 0 else [f"re:^{re.escape(n)}$" for n in sorted(names)]
+        groups[f"group_{i}"] = {
+            "targets": targets,
+            "weights": _weights_args(scheme),
+            "input_activations": None,
+            "output_activations": None,
+            "format": FORMAT,
+        }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": sorted(ignore),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "version": COMPRESSED_TENSORS_VERSION,
+    }
+
+
+def parse_quantization_config(
+    config: Mapping, linear_names: Iterable[str]
+) -> dict[str, QuantScheme]:
+    """Module name -> scheme for every Linear the block quantises (exact > regex > class)."""
+    if config.get("quant_method") != "compressed-tensors":
+        raise CompressError(
+            f"quant_method {config.get('quant_method')!r} is not supported; this loader reads "
+            "compressed-tensors checkpoints (quant_method 'compressed-tensors')"
+        )
+    if config.get("format", FORMAT) != FORMAT:
+        raise CompressError(f"compressed-tensors format {config.get('format')!r} is not "
+                            f"supported; only {FORMAT!r} is")
+    groups = []
+    for key, group in (config.get("config_groups") or {}).items():
+        try:
+            w = group["weights"]
+            if w.get("type", "int") != "int" or w.get("dynamic"):
+                raise CompressError(f"config group {key}: only static int weights are supported")
+            if group.get("input_activations"):
+                raise CompressError(f"config group {key}: activation quantisation is not supported")
+            strategy = w.get("strategy")
+            group_size = -1 if strategy == "channel" else int(w["group_size"])
+            scheme = QuantScheme(int(w["num_bits"]), group_size, bool(w.get("symmetric", True)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CompressError(f"quantization_config group {key} is malformed ({e!r})") from None
+        groups.append((list(group.get("targets") or []), scheme))
+    ignore = list(config.get("ignore") or [])
+    schemes = {}
+    for name in linear_names:
+        if _rank(name, ignore) is not None:
+            continue
+        best = min(((r, s) for targets, s in groups
+                    if (r := _rank(name, targets)) is not None), default=None,
+                   key=lambda rs: rs[0])
+        if best is not None:
+            schemes[name] = best[1]
+    return schemes
+
+
+def _rank(name: str, targets: Iterable[str]) -> int | None:
+    """0 exact name, 1 regex, 2 class 'Linear'; None if no target matches."""
+    ranks = []
+    for t in targets:
+        if t == name:
+            ranks.append(0)
+        elif t.startswith("re:") and re.match(t[3:], name):
+            ranks.append(1)
+        elif t == "Linear":
+            ranks.append(2)
+    return min(ranks, default=None)

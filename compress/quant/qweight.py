@@ -1,0 +1,103 @@
+"""`QuantizedWeight`: the one packed-weight type shared by algorithms, formats and kernels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compress import kernels
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A Linear weight W [out, in] as packed b-bit codes with per-group scales.
+
+    ::
+
+        qweight  int32 [out, ceil(in*bits/32)]  codes packed along `in` (kernels/packing.py)
+        scales   float [out, G]                 G = ceil(in/group_size); 1 if group_size == -1
+        zeros    int8  [out, G] | None          signed zero points; None when symmetric
+        g_idx    int32 [in] | None              group of each column, act-order only
+        W_hat[o, j] = (q[o, j] - zeros[o, g(j)]) * scales[o, g(j)]
+
+    `scales` are already in the checkpoint's dtype: algorithms round them before
+    choosing codes, so what is stored is exactly what the algorithm evaluated.
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    g_idx: torch.Tensor | None
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+    symmetric: bool
+
+    def __post_init__(self) -> None:
+        out_features, in_features = self.shape
+        expected = (out_features, kernels.packed_width(in_features, self.bits))
+        if tuple(self.qweight.shape) != expected or self.qweight.dtype != torch.int32:
+            raise ValueError(f"qweight must be int32 {expected}, got "
+                             f"{self.qweight.dtype} {tuple(self.qweight.shape)}")
+        groups = num_groups(in_features, self.group_size)
+        if tuple(self.scales.shape) != (out_features, groups):
+            raise ValueError(f"scales must be [{out_features}, {groups}], got "
+                             f"{tuple(self.scales.shape)}")
+        if self.symmetric != (self.zeros is None):
+            raise ValueError("zeros must be given exactly when the weight is asymmetric")
+        if self.zeros is not None and tuple(self.zeros.shape) != (out_features, groups):
+            raise ValueError(f"zeros must be [{out_features}, {groups}], got "
+                             f"{tuple(self.zeros.shape)}")
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        *,
+        bits: int,
+        group_size: int,
+        g_idx: torch.Tensor | None = None,
+    ) -> QuantizedWeight:
+        """Pack signed integer codes [out, in] (the lossless step after an algorithm)."""
+        return cls(
+            qweight=kernels.pack(codes, bits),
+            scales=scales,
+            zeros=None if zeros is None else zeros.to(torch.int8),
+            g_idx=None if g_idx is None else g_idx.to(torch.int32),
+            bits=bits,
+            group_size=group_size,
+            shape=(int(codes.shape[0]), int(codes.shape[1])),
+            symmetric=zeros is None,
+        )
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    def codes(self) -> torch.Tensor:
+        """Signed int8 codes [out, in]."""
+        return kernels.unpack(self.qweight, self.bits, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense [out, in] weight (float32 arithmetic)."""
+        return kernels.dequantize(
+            self.qweight, self.scales, self.zeros, self.g_idx, bits=self.bits,
+            group_size=self.group_size, in_features=self.in_features, dtype=dtype,
+        )
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor this weight stores."""
+        tensors = [self.qweight, self.scales, self.zeros, self.g_idx]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """G = ceil(in / group_size): the last group is partial when the size does not divide."""
+    return 1 if group_size <= 0 else -(-in_features // group_size)

@@ -1,0 +1,84 @@
+"""Round-to-nearest: the baseline every calibrated method must beat.
+
+Conventions (shared with GPTQ/AWQ, which call `qparams` and `quantize_codes`):
+- symmetric: scale = amax / 2**(b-1), codes in [-2**(b-1), 2**(b-1) - 1], no zero point;
+- asymmetric: the range [min(w, 0), max(w, 0)] maps onto 0 .. 2**b - 1 with an integer
+  zero point, stored signed (unsigned - 2**(b-1)) as compressed-tensors expects.
+Scales are rounded to the checkpoint dtype *before* the codes are chosen, so the stored
+scales reproduce exactly the weights the algorithm evaluated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .qweight import QuantizedWeight, num_groups
+from .scheme import QuantScheme
+
+
+def qparams(
+    w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and unsigned zero point over the last dim of `w` (float32 in, float32 out)."""
+    w = w.to(torch.float32)
+    if symmetric:
+        amax = w.abs().amax(dim=-1)
+        scale = amax / (1 << (bits - 1))
+        zero = None
+    else:
+        lo = w.amin(dim=-1).clamp(max=0)
+        hi = w.amax(dim=-1).clamp(min=0)
+        amax = hi - lo
+        scale = amax / ((1 << bits) - 1)
+    scale = round_scale(scale, amax, scale_dtype)
+    if not symmetric:
+        zero = torch.round(-lo / scale).clamp(0, (1 << bits) - 1)
+    return scale, zero
+
+
+def round_scale(scale: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scale as the checkpoint stores it; an all-zero group gets scale 1 (codes are 0)."""
+    scale = torch.where(amax > 0, scale, torch.ones_like(scale))
+    scale = scale.clamp(min=torch.finfo(dtype).tiny)
+    return scale.to(dtype).to(torch.float32)
+
+
+def quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    """Signed integer codes of `w` given broadcastable scale and unsigned zero point."""
+    offset = 1 << (bits - 1)
+    if zero is None:
+        return torch.clamp(torch.round(w / scale), -offset, offset - 1)
+    return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1) - offset
+
+
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] -> [out, G, group], zero-padding a partial last group."""
+    out_features, in_features = w.shape
+    if group_size <= 0:
+        return w.unsqueeze(1)
+    pad = num_groups(in_features, group_size) * group_size - in_features
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.view(out_features, -1, group_size)
+
+
+def quantize(
+    weight: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype = torch.float16
+) -> QuantizedWeight:
+    """Round-to-nearest quantisation of a Linear weight [out, in]."""
+    out_features, in_features = weight.shape
+    groups = grouped(weight.to(torch.float32), scheme.group_size)  # [out, G, gs]
+    scale, zero = qparams(groups, scheme.bits, scheme.symmetric, scale_dtype)  # [out, G]
+    codes = quantize_codes(groups, scale.unsqueeze(-1),
+                           None if zero is None else zero.unsqueeze(-1), scheme.bits)
+    codes = codes.reshape(out_features, -1)[:, :in_features].to(torch.int8)
+    offset = 1 << (scheme.bits - 1)
+    return QuantizedWeight.from_codes(
+        codes,
+        scale.to(scale_dtype),
+        None if zero is None else (zero - offset).to(torch.int8),
+        bits=scheme.bits,
+        group_size=scheme.group_size,
+    )

@@ -1,0 +1,148 @@
+"""Recipes: the full, typed description of one quantisation, loadable from YAML.
+
+A recipe names the method, the default scheme, modules to leave dense and per-module
+overrides by name pattern (a glob such as "*.down_proj", or "re:<regex>"). The CLI
+flags build the same object, and every checkpoint stores the expanded recipe it was
+made with, so the result can be reproduced.
+
+Example (recipes/w4g128-rtn.yaml)::
+
+    method: rtn
+    scheme: {bits: 4, group_size: 128, symmetric: false}
+    ignore: [lm_head]
+    overrides:
+      - {pattern: "*.down_proj", bits: 8, group_size: -1}
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from compress.errors import CompressError
+from compress.quant import QuantScheme
+
+METHODS = ("rtn",)
+PLANNED_METHODS = ("gptq", "awq", "awq+gptq")
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Override:
+    pattern: str
+    scheme: QuantScheme
+
+    def matches(self, name: str) -> bool:
+        return name_matches(name, self.pattern)
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: str = "rtn"
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+    ignore: tuple[str, ...] = ("lm_head",)
+    overrides: tuple[Override, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            if self.method in PLANNED_METHODS:
+                raise CompressError(f"method {self.method!r} is not implemented yet; "
+                                    f"available: {', '.join(METHODS)}")
+            raise CompressError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+        for pattern in (*self.ignore, *(o.pattern for o in self.overrides)):
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise CompressError(f"bad regex in recipe pattern {pattern!r}: {e}") from None
+
+    def scheme_for(self, name: str) -> QuantScheme | None:
+        """The scheme for module `name`; None if it stays dense. The last matching override wins."""
+        if any(name_matches(name, p) for p in self.ignore):
+            return None
+        chosen = self.scheme
+        for override in self.overrides:
+            if override.matches(name):
+                chosen = override.scheme
+        return chosen
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}-{self.scheme.label}" + ("-mixed" if self.overrides else "")
+
+    def to_dict(self) -> dict:
+        return {
+            "version": RECIPE_VERSION,
+            "method": self.method,
+            "scheme": self.scheme.to_dict(),
+            "ignore": list(self.ignore),
+            "overrides": [{"pattern": o.pattern, **o.scheme.to_dict()} for o in self.overrides],
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "recipe") -> Recipe:
+        if not isinstance(data, dict):
+            raise CompressError(f"{source} must be a mapping with keys method, scheme, ignore, "
+                                "overrides")
+        unknown = set(data) - {"version", "method", "scheme", "ignore", "overrides"}
+        if unknown:
+            raise CompressError(f"{source}: unknown keys {sorted(unknown)}; allowed: method, "
+                                "scheme, ignore, overrides")
+        version = data.get("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise CompressError(f"{source}: recipe version {version!r} is not supported "
+                                f"(this library reads version {RECIPE_VERSION})")
+        scheme = _scheme(data.get("scheme", {}), f"{source}: scheme")
+        ignore = data.get("ignore", ["lm_head"])
+        if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
+            raise CompressError(f"{source}: ignore must be a list of name patterns")
+        overrides = []
+        for i, item in enumerate(data.get("overrides") or []):
+            if not isinstance(item, dict) or not isinstance(item.get("pattern"), str):
+                raise CompressError(f"{source}: overrides[{i}] needs a 'pattern' string")
+            rest = {k: v for k, v in item.items() if k != "pattern"}
+            overrides.append(Override(item["pattern"],
+                                      _scheme({**scheme.to_dict(), **rest},
+                                              f"{source}: overrides[{i}]")))
+        method = data.get("method", "rtn")
+        if not isinstance(method, str):
+            raise CompressError(f"{source}: method must be a string")
+        return cls(method, scheme, tuple(ignore), tuple(overrides))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise CompressError(f"recipe {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise CompressError(f"recipe {path} is not valid YAML "
+                                f"({str(e).splitlines()[0]})") from None
+        return cls.from_dict(data, str(path))
+
+
+def _scheme(data: object, where: str) -> QuantScheme:
+    if not isinstance(data, dict):
+        raise CompressError(f"{where} must be a mapping with bits, group_size, symmetric")
+    unknown = set(data) - {"bits", "group_size", "symmetric"}
+    if unknown:
+        raise CompressError(f"{where}: unknown keys {sorted(unknown)}; allowed: bits, "
+                            "group_size, symmetric")
+    try:
+        return QuantScheme(**data)
+    except CompressError as e:
+        raise CompressError(f"{where}: {e}") from None

