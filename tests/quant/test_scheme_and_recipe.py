@@ -80,3 +80,12 @@ def test_recipe_file_errors(tmp_path):
     bad.write_text("scheme: [unclosed")
     with pytest.raises(CompressError, match=r"not valid YAML"):
         Recipe.from_yaml(bad)
+
+
+def test_shipped_recipes_parse():
+    from pathlib import Path
+
+    shipped = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        assert Recipe.from_yaml(path).method == "rtn"
