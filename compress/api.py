@@ -78,6 +78,8 @@ def quantize(
     recipe: Recipe,
     out: str | Path | None = None,
     overwrite: bool = False,
+    resume: bool = False,
+    calibration_data: str | Path | None = None,
     evaluate: bool = True,
     eval_tokens: int = DEFAULT_MAX_TOKENS,
     ctx: int = DEFAULT_CTX,
@@ -85,7 +87,8 @@ def quantize(
     """Quantise, then (optionally) measure perplexity before and after on held-out text."""
     files = models.open_model(model)
     out = Path(out) if out is not None else default_out_dir(files.name, recipe)
-    result = pipeline.quantize(model, recipe, out, overwrite=overwrite)
+    result = pipeline.quantize(model, recipe, out, overwrite=overwrite, resume=resume,
+                               calibration_data=calibration_data)
     fallbacks: dict[str, int] = {}
     for name, scheme in models.open_model(out).schemes.items():
         asked = recipe.scheme_for(name)

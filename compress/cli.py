@@ -22,7 +22,8 @@ from compress.errors import CompressError
 from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS
 from compress.progress import set_quiet
 from compress.quant import QuantScheme
-from compress.recipe import METHODS, Recipe
+from compress.quant.gptq import GPTQConfig
+from compress.recipe import METHODS, CalibrationConfig, Recipe
 
 app = typer.Typer(
     add_completion=False,
@@ -52,11 +53,30 @@ def quantize(
         "that does not divide a layer's inputs shrinks to the largest one that does.")] = 128,
     symmetric: Annotated[bool, typer.Option(
         "--sym/--asym", help="Symmetric (no zero point) or asymmetric quantisation.")] = True,
+    act_order: Annotated[bool, typer.Option(
+        help="GPTQ: quantise columns by descending Hessian diagonal.")] = False,
+    static_groups: Annotated[bool, typer.Option(
+        "--static-groups/--dynamic-groups",
+        help="GPTQ --act-order: fix group scales first so no g_idx is stored (readable "
+        "everywhere), or let groups follow the new order (stores g_idx).")] = True,
+    damp: Annotated[float, typer.Option(help="GPTQ dampening, × mean Hessian diagonal.")] = 0.01,
+    mse_clip: Annotated[bool, typer.Option(
+        help="GPTQ: search clipped ranges minimising the weight error.")] = False,
+    calib: Annotated[Path | None, typer.Option(
+        help="Calibration text: a .txt, a .json/.jsonl with a 'text' field, or a local "
+        "`datasets` directory (default: the bundled calibration split).")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed choosing the calibration windows.")] = 0,
     recipe: Annotated[Path | None, typer.Option(
-        help="YAML recipe; replaces --method/--bits/--group-size/--sym.")] = None,
+        help="YAML recipe; replaces the method, scheme, GPTQ and sample flags.")] = None,
     out: Annotated[Path | None, typer.Option(
         help="Output directory (default: out/<model>-<method>-<scheme>).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an existing --out, or discard an interrupted run of other settings."
+    )] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue an interrupted run (the same command also continues it).")] = False,
     evaluate: Annotated[bool, typer.Option(
         "--eval/--no-eval", help="Measure perplexity before and after.")] = True,
     eval_tokens: Annotated[int, typer.Option(
@@ -65,10 +85,15 @@ def quantize(
 ) -> None:
     """Quantise a model to a packed checkpoint (compressed-tensors pack-quantized)."""
     set_quiet(quiet)
-    spec = (Recipe.from_yaml(recipe) if recipe is not None
-            else Recipe(method, QuantScheme(bits, group_size, symmetric)))
-    summary = api.quantize(model, spec, out, overwrite=overwrite, evaluate=evaluate,
-                           eval_tokens=eval_tokens)
+    if recipe is not None:
+        spec = Recipe.from_yaml(recipe)
+    else:
+        spec = Recipe(method, QuantScheme(bits, group_size, symmetric),
+                      gptq=GPTQConfig(damp=damp, act_order=act_order,
+                                      static_groups=static_groups, mse_clip=mse_clip),
+                      calibration=CalibrationConfig(calib_samples, calib_seqlen, seed))
+    summary = api.quantize(model, spec, out, overwrite=overwrite, resume=resume,
+                           calibration_data=calib, evaluate=evaluate, eval_tokens=eval_tokens)
     _print_quantize_summary(summary)
 
 
@@ -97,6 +122,14 @@ def _print_quantize_summary(s: api.QuantizeSummary) -> None:
         asked, used = change.split("->")
         out_console.print(f"group size {asked} does not divide the input size of {count} "
                           f"Linears: they use groups of {used}.")
+    if r.errors:
+        worst = max(r.errors, key=r.errors.get)
+        mean = sum(r.errors.values()) / len(r.errors)
+        out_console.print(f"GPTQ relative output error per Linear: mean {mean:.4f}, worst "
+                          f"{r.errors[worst]:.4f} ({worst}); all in {r.out}/quantization_log.json")
+    if r.calibration:
+        c = r.calibration
+        out_console.print(f"calibration: {c['samples']} × {c['seqlen']} tokens from {c['source']}")
     if r.layers_resumed:
         out_console.print(f"resumed: {r.layers_resumed} layers came from an interrupted run.")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,21 +45,92 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 def text_tokens(tokenizer, path: str | Path | None = None, split: str = "heldout") -> TokenizedText:
-    """Tokens of a user text file, or of a bundled text split."""
+    """Tokens of a user text source (see `read_text`), or of a bundled text split."""
     if path is None:
         text = assets.bundled_text(split)
         return TokenizedText(tokenize(tokenizer, text.text), text.sha256, text.description)
-    path = Path(path)
-    if not path.is_file():
-        raise CompressError(f"text file {path} does not exist")
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise CompressError(f"{path} is not UTF-8 text") from None
-    import hashlib
-
+    content = read_text(path)
     return TokenizedText(tokenize(tokenizer, content),
                          hashlib.sha256(content.encode()).hexdigest(), str(path))
+
+
+def read_text(path: str | Path) -> str:
+    """Text from a UTF-8 file, a JSON/JSONL file or a local `datasets` directory.
+
+    JSON(L) and datasets directories must have a "text" column; records are joined by
+    blank lines, in order.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CompressError(f"text source {path} does not exist")
+    if path.is_dir() or path.suffix in (".json", ".jsonl"):
+        import datasets
+
+        try:
+            if path.is_dir():
+                ds = datasets.load_from_disk(str(path))
+                if isinstance(ds, datasets.DatasetDict):
+                    split = "train" if "train" in ds else next(iter(ds))
+                    ds = ds[split]
+            else:
+                ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise CompressError(f"cannot read {path} as a dataset "
+                                f"({str(e).splitlines()[0]})") from None
+        except Exception as e:  # datasets wraps JSON errors in its own types
+            raise CompressError(f"cannot read {path} as a dataset ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        if "text" not in ds.column_names:
+            raise CompressError(f"{path} has no 'text' column (columns: "
+                                f"{', '.join(ds.column_names)})")
+        return "\n\n".join(t for t in ds["text"] if isinstance(t, str) and t.strip())
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CompressError(f"{path} is not UTF-8 text") from None
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    samples: torch.Tensor  # (n, seqlen) int64
+    text_sha256: str
+    source: str
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the exact token ids the quantiser saw."""
+        return hashlib.sha256(self.samples.numpy().tobytes()).hexdigest()
+
+    def describe(self) -> dict:
+        n, seqlen = self.samples.shape
+        return {"source": self.source, "text_sha256": self.text_sha256,
+                "tokens_sha256": self.sha256, "samples": n, "seqlen": seqlen}
+
+
+def calibration_set(tokenizer, path: str | Path | None, samples: int, seqlen: int,
+                    seed: int) -> CalibrationSet:
+    """`samples` windows of `seqlen` tokens at seeded random offsets of the calibration text.
+
+    The bundled calibration split never overlaps the held-out evaluation text.
+    """
+    if samples < 1 or seqlen < 2:
+        raise CompressError("calibration needs at least 1 sample of at least 2 tokens")
+    text = text_tokens(tokenizer, path, split="calibration")
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    body = seqlen - 1 if bos is not None else seqlen
+    tokens = text.tokens
+    if tokens.numel() < body:
+        raise CompressError(
+            f"the calibration text has {tokens.numel()} tokens, fewer than one sample of "
+            f"{body}; give at least {samples * body} tokens (~{samples * body * 4} characters) "
+            "or lower --calib-seqlen")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - body + 1, (samples,), generator=gen)
+    windows = torch.stack([tokens[s:s + body] for s in starts.tolist()])
+    if bos is not None:
+        windows = torch.cat([torch.full((samples, 1), bos, dtype=windows.dtype), windows], 1)
+    source = text.description if path is not None else f"bundled: {text.description}"
+    return CalibrationSet(windows, text.sha256, source)
 
 
 def eval_windows(tokens: torch.Tensor, ctx: int, max_tokens: int | None,

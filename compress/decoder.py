@@ -157,17 +157,32 @@ class Backbone(nn.Module):
         self.norm = norm
 
 
+class Rotary(nn.Module):
+    """cos/sin tables (S, head_dim) for positions start..start+S-1."""
+
+    def __init__(self, inv_freq: torch.Tensor, scale: float):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.scale = scale
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(start, start + length, device=self.inv_freq.device,
+                           dtype=torch.float32)
+        freqs = pos[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.scale, emb.sin() * self.scale
+
+
 class CausalLM(nn.Module):
     """tokens (B, S) at positions start..start+S-1 -> logits (B, S, vocab)."""
 
     def __init__(self, cfg: DecoderConfig, model: Backbone, lm_head: nn.Module | None,
-                 inv_freq: torch.Tensor, rope_scale: float):
+                 rotary: Rotary):
         super().__init__()
         self.cfg = cfg
         self.model = model
         self.lm_head = lm_head  # None: tied to the embedding
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.rope_scale = rope_scale
+        self.rotary = rotary
 
     @property
     def dtype(self) -> torch.dtype:
@@ -177,19 +192,13 @@ class CausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    def rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
-        return emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
-
     def forward(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         if start + tokens.shape[1] > self.cfg.max_positions:
             raise CompressError(f"sequence of {start + tokens.shape[1]} tokens exceeds the "
                                 f"model's {self.cfg.max_positions} positions")
         x = self.model.embed_tokens(tokens)
-        cos, sin = self.rope(start, tokens.shape[1])
+        cos, sin = self.rotary(start, tokens.shape[1])
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, start, cache, i)
         if last_only:
@@ -249,33 +258,49 @@ def rope_frequencies(path: Path, head_dim: int) -> tuple[torch.Tensor, float]:
     return inv.to(torch.float32), float(scale)
 
 
+def build_layer(files: models.ModelFiles, index: int, dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> DecoderLayer:
+    """Decoder layer `index` alone, from its own tensors only."""
+    cfg = DecoderConfig.from_hf(files.config)
+    arch = files.arch
+    p = arch.layer_prefix(index)
+    lin = {n: _linear(files, p + n, dtype, device) for n in arch.layer_linears}
+    attn = Attention(cfg, lin["self_attn.q_proj"], lin["self_attn.k_proj"],
+                     lin["self_attn.v_proj"], lin["self_attn.o_proj"])
+    mlp = MLP(lin["mlp.gate_proj"], lin["mlp.up_proj"], lin["mlp.down_proj"])
+    return DecoderLayer(_norm(files, p + arch.norms[0], cfg, dtype, device), attn,
+                        _norm(files, p + arch.norms[1], cfg, dtype, device), mlp)
+
+
+def _norm(files: models.ModelFiles, name: str, cfg: DecoderConfig, dtype: torch.dtype,
+          device) -> RMSNorm:
+    return RMSNorm(files.tensors.get(f"{name}.weight").to(device=device, dtype=dtype),
+                   cfg.norm_eps)
+
+
+def embedding(files: models.ModelFiles, dtype: torch.dtype, device="cpu") -> nn.Embedding:
+    weight = files.tensors.get(f"{files.arch.embed}.weight").to(device=device, dtype=dtype)
+    module = nn.Embedding(weight.shape[0], weight.shape[1], device="meta")
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    return module
+
+
+def rotary(files: models.ModelFiles, device="cpu") -> Rotary:
+    inv_freq, scale = rope_frequencies(files.path, DecoderConfig.from_hf(files.config).head_dim)
+    return Rotary(inv_freq.to(device), scale)
+
+
 def build(files: models.ModelFiles, device: torch.device | str = "cpu",
           dtype: torch.dtype | None = None) -> CausalLM:
     """Instantiate the decoder from an opened model directory (dense or packed)."""
     dtype = dtype or default_dtype(device)
     cfg = DecoderConfig.from_hf(files.config)
-    arch = files.arch
-
-    def norm(name: str) -> RMSNorm:
-        return RMSNorm(files.tensors.get(f"{name}.weight").to(device=device, dtype=dtype),
-                       cfg.norm_eps)
-
-    layers = []
-    for i in range(cfg.num_layers):
-        p = arch.layer_prefix(i)
-        lin = {n: _linear(files, p + n, dtype, device) for n in arch.layer_linears}
-        attn = Attention(cfg, lin["self_attn.q_proj"], lin["self_attn.k_proj"],
-                         lin["self_attn.v_proj"], lin["self_attn.o_proj"])
-        mlp = MLP(lin["mlp.gate_proj"], lin["mlp.up_proj"], lin["mlp.down_proj"])
-        layers.append(DecoderLayer(norm(p + arch.norms[0]), attn, norm(p + arch.norms[1]), mlp))
-    embed = files.tensors.get(f"{arch.embed}.weight").to(device=device, dtype=dtype)
-    embedding = nn.Embedding(embed.shape[0], embed.shape[1], device="meta")
-    embedding.weight = nn.Parameter(embed, requires_grad=False)
-    lm_head = None if files.tied_embeddings else _linear(files, arch.lm_head, dtype, device)
-    inv_freq, rope_scale = rope_frequencies(files.path, cfg.head_dim)
-    model = CausalLM(cfg, Backbone(embedding, layers, norm(arch.final_norm)), lm_head,
-                     inv_freq.to(device), rope_scale)
-    return model.eval()
+    layers = [build_layer(files, i, dtype, device) for i in range(cfg.num_layers)]
+    lm_head = None if files.tied_embeddings else _linear(files, files.arch.lm_head, dtype,
+                                                          device)
+    backbone = Backbone(embedding(files, dtype, device), layers,
+                        _norm(files, files.arch.final_norm, cfg, dtype, device))
+    return CausalLM(cfg, backbone, lm_head, rotary(files, device)).eval()
 
 
 def load(name_or_path: str | Path | None, device: torch.device | str = "cpu",

@@ -1,39 +1,46 @@
 """Layer-by-layer quantisation of a checkpoint, resumable from the last finished layer.
 
 For each decoder layer: read only that layer's tensors, quantise its Linears with the
-recipe's method, write the layer as its own safetensors shard, free it. Progress is
-recorded in `<out>.partial/progress.json` after every shard, keyed by a fingerprint of
-the source and recipe, so re-running the same command after a crash skips finished
-layers and a changed command starts over. The finished directory appears at `<out>`
-with one rename.
+recipe's method, write the layer as its own safetensors shard, free it. Calibrated
+methods (GPTQ) also carry the calibration activations from layer to layer:
+
+    tokens ─► embedding ─► X0 ─► layer 0 ─► X1 ─► layer 1 ─► ...
+    per layer, group by group in true-sequential order (q,k,v | o | gate,up | down):
+      run the layer on X until the group's input (the forward stops there), accumulate
+      H = 2XᵀX/n, quantise the group, put the quantised weights back in the layer;
+    then run the whole quantised layer to get the next layer's inputs.
+
+Only one layer's weights and one copy of the activations are held at a time. After each
+layer, its shard, the next layer's inputs and `progress.json` are committed atomically in
+`<out>.partial/`; re-running the same command continues from there and produces the
+same bytes as an uninterrupted run. The finished directory appears at `<out>` with one
+rename.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import compress
-from compress import models
+from compress import data, decoder, models
 from compress.errors import CompressError
 from compress.formats import checkpoint, pack_quantized
 from compress.progress import status, track
-from compress.quant import QuantizedWeight, QuantScheme, rtn
+from compress.quant import QuantizedWeight, QuantScheme, gptq, rtn
 from compress.recipe import Recipe
 
 PROGRESS = "progress.json"
-
-# method name -> pure function (weight [out, in], scheme, scale dtype) -> QuantizedWeight
-QuantizeFn = Callable[[torch.Tensor, QuantScheme, torch.dtype], QuantizedWeight]
-METHODS: dict[str, QuantizeFn] = {"rtn": rtn.quantize}
+QUANT_LOG = "quantization_log.json"
+CALIB_BATCH = 8  # calibration samples per forward chunk
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,8 @@ class QuantizeResult:
     layers_resumed: int
     linear_fp16_bytes: int  # the quantised Linears at 2 bytes per weight
     linear_packed_bytes: int  # the same Linears packed: codes, scales, zeros, shapes
+    calibration: dict | None = None
+    errors: dict | None = None  # module -> relative output error (calibrated methods)
 
     @property
     def size_ratio(self) -> float:
@@ -66,22 +75,28 @@ def plan(files: models.ModelFiles, recipe: Recipe) -> dict[str, QuantScheme]:
     if not schemes:
         raise CompressError("the recipe leaves every Linear dense; nothing to quantise "
                             "(check its ignore patterns)")
+    if recipe.calibrated and any(n not in files.linear_names() for n in schemes):
+        raise CompressError("calibrated methods quantise decoder-layer Linears only; add "
+                            f"{files.arch.lm_head} to the recipe's ignore list")
     return schemes
 
 
-def fingerprint(files: models.ModelFiles, recipe: Recipe) -> str:
-    """Identity of a run: source config and weight files, recipe, library version."""
-    src = {
-        "config": hashlib.sha256((files.path / "config.json").read_bytes()).hexdigest(),
-        "weights": {f: (files.path / f).stat().st_size for f in files.tensors.files()},
+def identity(files: models.ModelFiles, recipe: Recipe, calib: data.CalibrationSet | None) -> dict:
+    """What makes two runs the same run (shown field by field when they differ)."""
+    return {
+        "model": str(files.path.resolve()),
+        "model_config_sha256": hashlib.sha256((files.path / "config.json").read_bytes())
+        .hexdigest(),
+        "model_weight_files": {f: (files.path / f).stat().st_size for f in files.tensors.files()},
         "recipe": recipe.to_dict(),
-        "version": compress.__version__,
+        "calibration": None if calib is None else calib.describe(),
+        "compress_version": compress.__version__,
     }
-    return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()
 
 
 def quantize(model: str | Path | None, recipe: Recipe, out: str | Path,
-             overwrite: bool = False) -> QuantizeResult:
+             overwrite: bool = False, resume: bool = False,
+             calibration_data: str | Path | None = None) -> QuantizeResult:
     """Quantise `model` (directory or bundled name) with `recipe` into directory `out`."""
     started = time.perf_counter()
     out = Path(out)
@@ -89,50 +104,59 @@ def quantize(model: str | Path | None, recipe: Recipe, out: str | Path,
     if files.is_quantized:
         raise CompressError(f"{files.path} is already quantised; start from the original "
                             "model directory")
-    method = METHODS[recipe.method]
     checkpoint.check_output_dir(out, overwrite)
     schemes = plan(files, recipe)
-    scale_dtype = files.dtype
+    calib = None
+    if recipe.calibrated:
+        c = recipe.calibration
+        calib = data.calibration_set(data.load_tokenizer(files.path), calibration_data,
+                                     c.samples, c.seqlen, c.seed)
+    elif calibration_data is not None:
+        raise CompressError(f"method {recipe.method!r} uses no calibration data; drop --calib")
 
     partial = out.with_name(out.name + ".partial")
-    key = fingerprint(files, recipe)
-    state = _load_progress(partial, key)
-    partial.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_json(partial / PROGRESS, state)
-    if state["done"]:
-        status(f"Resuming {partial}: {len(state['done'])} layer shard(s) already written")
+    run_id = identity(files, recipe, calib)
+    state = _open_partial(partial, run_id, resume, overwrite)
+    layer_fn = (_CalibratedLayers(files, recipe, schemes, calib, partial, state)
+                if calib is not None else _RTNLayers(files, schemes))
 
     n_layers = files.num_layers
     n_shards = n_layers + 1
     weight_map: dict[str, str] = {}
     resumed = 0
-    for i in track(range(n_layers), desc=f"quantize {recipe.method}", total=n_layers,
-                   unit="layer"):
-        shard = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        prefix = files.arch.layer_prefix(i)
-        names = sorted(files.tensors.with_prefix(prefix))
-        recorded = state["done"].get(shard)
-        if recorded is not None and recorded == _shard_record(partial / shard):
-            weight_map.update(_shard_names(partial / shard))
+    bar = track(range(n_layers), desc=f"quantize {recipe.method}", total=n_layers,
+                unit="layer")
+    for i in bar:
+        shard = _shard_name(i, n_shards)
+        record = state["done"].get(shard)
+        if record is not None and record["file"] == _file_record(partial / shard):
+            weight_map.update(dict.fromkeys(checkpoint.safetensors_keys(partial / shard), shard))
             resumed += 1
             continue
-        tensors = _convert(files, names, schemes, method, scale_dtype)
+        tensors, log = layer_fn(i)
         checkpoint.atomic_save_safetensors(partial / shard, tensors)
         weight_map.update(dict.fromkeys(tensors, shard))
-        state["done"][shard] = _shard_record(partial / shard)
+        layer_fn.commit(i)
+        state["done"][shard] = {"file": _file_record(partial / shard), "log": log}
         checkpoint.atomic_write_json(partial / PROGRESS, state)
+        layer_fn.cleanup(i)
+        if log:
+            worst = max(v["relative_error"] for v in log.values())
+            bar.set_postfix_str(f"max rel. error {worst:.4f}")
         del tensors
 
     layer_names = {n for i in range(n_layers)
                    for n in files.tensors.with_prefix(files.arch.layer_prefix(i))}
     rest = sorted(n for n in files.tensors.names() if n not in layer_names)
-    last = f"model-{n_shards:05d}-of-{n_shards:05d}.safetensors"
-    tensors = _convert(files, rest, schemes, method, scale_dtype)
+    last = _shard_name(n_layers, n_shards)
+    tensors = _RTNLayers(files, schemes).convert(rest)
     checkpoint.atomic_save_safetensors(partial / last, tensors)
     weight_map.update(dict.fromkeys(tensors, last))
 
-    _write_metadata(files, recipe, schemes, partial, weight_map)
-    (partial / PROGRESS).unlink()
+    logs = {k: v for rec in state["done"].values() for k, v in (rec.get("log") or {}).items()}
+    _write_metadata(files, recipe, schemes, partial, weight_map, calib, logs)
+    for leftover in [PROGRESS, *(p.name for p in partial.glob("activations-*"))]:
+        (partial / leftover).unlink(missing_ok=True)
     checkpoint.publish(partial, out, overwrite)
 
     fp16_bytes = sum(2 * math.prod(files.tensors.shape(n)) for n in files.tensors.names())
@@ -142,28 +166,150 @@ def quantize(model: str | Path | None, recipe: Recipe, out: str | Path,
     linear_packed = sum(written.nbytes(f"{m}.{suffix}") for m in schemes
                         for suffix in pack_quantized.SUFFIXES if f"{m}.{suffix}" in written)
     return QuantizeResult(out, recipe, time.perf_counter() - started, fp16_bytes, packed_bytes,
-                          len(schemes), resumed, linear_fp16, linear_packed)
+                          len(schemes), resumed, linear_fp16, linear_packed,
+                          None if calib is None else calib.describe(),
+                          {k: v["relative_error"] for k, v in logs.items()} or None)
 
 
-def _convert(files: models.ModelFiles, names: list[str], schemes: dict[str, QuantScheme],
-             method: QuantizeFn, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Tensors of one shard: quantised Linears packed, everything else copied."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name in names:
-        module, _, leaf = name.rpartition(".")
-        if module in schemes and leaf == "weight":
-            qw = method(files.tensors.get(name), schemes[module], scale_dtype)
-            tensors.update(pack_quantized.to_tensors(module, qw))
-        else:
-            tensors[name] = files.tensors.get(name)
-    return tensors
+def _shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+class _RTNLayers:
+    """Per-layer conversion needing no data: quantise each planned Linear, copy the rest."""
+
+    def __init__(self, files: models.ModelFiles, schemes: dict[str, QuantScheme]):
+        self.files, self.schemes = files, schemes
+
+    def __call__(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
+        names = sorted(self.files.tensors.with_prefix(self.files.arch.layer_prefix(i)))
+        return self.convert(names), {}
+
+    def convert(self, names: list[str]) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name in names:
+            module, _, leaf = name.rpartition(".")
+            if module in self.schemes and leaf == "weight":
+                qw = rtn.quantize(self.files.tensors.get(name), self.schemes[module],
+                                  self.files.dtype)
+                tensors.update(pack_quantized.to_tensors(module, qw))
+            else:
+                tensors[name] = self.files.tensors.get(name)
+        return tensors
+
+    def commit(self, i: int) -> None:
+        pass
+
+    def cleanup(self, i: int) -> None:
+        pass
+
+
+class _StopForward(Exception):
+    """Raised by a hook once a Linear group's input has been recorded."""
+
+
+class _CalibratedLayers:
+    """GPTQ, layer by layer, on calibration activations kept in `partial/activations-*.st`."""
+
+    def __init__(self, files: models.ModelFiles, recipe: Recipe,
+                 schemes: dict[str, QuantScheme], calib: data.CalibrationSet, partial: Path,
+                 state: dict):
+        self.files, self.recipe, self.schemes, self.partial = files, recipe, schemes, partial
+        self.calib, self.state = calib, state
+        self.rotary = decoder.rotary(files)
+        self.hidden: torch.Tensor | None = None
+
+    def _activations_file(self, i: int) -> Path:
+        return self.partial / f"activations-{i:05d}.safetensors"
+
+    def _inputs(self, i: int) -> torch.Tensor:
+        """The calibration activations entering layer i (computed, kept, or reloaded)."""
+        if self.hidden is not None:
+            return self.hidden
+        if i == 0:
+            embed = decoder.embedding(self.files, torch.float32)
+            with torch.no_grad():
+                return embed(self.calib.samples)  # (n, seqlen, hidden)
+        saved = self._activations_file(i)
+        expected = self.state.get("activations", {}).get(saved.name)
+        if expected is None or expected != _file_record(saved):
+            raise CompressError(f"cannot resume at layer {i}: {saved} is missing or damaged; "
+                                "pass --overwrite to start over")
+        return checkpoint.load_tensors(saved)["hidden"]
+
+    @torch.no_grad()
+    def __call__(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
+        x = self._inputs(i)
+        layer = decoder.build_layer(self.files, i, torch.float32)
+        prefix = self.files.arch.layer_prefix(i)
+        cos, sin = self.rotary(0, x.shape[1])
+        quantized: dict[str, QuantizedWeight] = {}
+        log: dict[str, dict] = {}
+        for group in self.files.arch.linear_groups:
+            todo = [n for n in group if prefix + n in self.schemes]
+            if not todo:
+                continue
+            first = layer.get_submodule(group[0])
+            acc = gptq.HessianAccumulator(first.in_features)
+
+            def record(module, args, acc=acc):
+                acc.add(args[0])
+                raise _StopForward
+
+            handle = first.register_forward_pre_hook(record)
+            try:
+                for chunk in x.split(CALIB_BATCH):
+                    with contextlib.suppress(_StopForward):
+                        layer(chunk, cos, sin, 0, None, i)
+            finally:
+                handle.remove()
+            for n in todo:
+                module = layer.get_submodule(n)
+                result = gptq.quantize_layer(module.weight, acc.hessian(),
+                                             self.schemes[prefix + n], self.recipe.gptq,
+                                             self.files.dtype, name=prefix + n)
+                quantized[prefix + n] = result.weight
+                module.weight.data = result.weight.dequantize()  # later groups see it
+                log[prefix + n] = {"relative_error": result.relative_error,
+                                   "damp": result.damp, "dead_columns": result.dead_columns,
+                                   "tokens": acc.n}
+        for start in range(0, x.shape[0], CALIB_BATCH):  # in place: x becomes the output
+            x[start:start + CALIB_BATCH] = layer(x[start:start + CALIB_BATCH], cos, sin, 0,
+                                                 None, i)
+        self.hidden = x
+        tensors: dict[str, torch.Tensor] = {}
+        for name in sorted(self.files.tensors.with_prefix(prefix)):
+            module, _, leaf = name.rpartition(".")
+            if module in quantized and leaf == "weight":
+                tensors.update(pack_quantized.to_tensors(module, quantized[module]))
+            else:
+                tensors[name] = self.files.tensors.get(name)
+        return tensors, log
+
+    def commit(self, i: int) -> None:
+        """Persist the next layer's inputs before the layer is marked done."""
+        if i + 1 >= self.files.num_layers:
+            return
+        saved = self._activations_file(i + 1)
+        checkpoint.atomic_save_safetensors(saved, {"hidden": self.hidden})
+        self.state.setdefault("activations", {})[saved.name] = _file_record(saved)
+
+    def cleanup(self, i: int) -> None:
+        old = self._activations_file(i)
+        self.state.get("activations", {}).pop(old.name, None)
+        old.unlink(missing_ok=True)
 
 
 def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],
-                    partial: Path, weight_map: dict[str, str]) -> None:
+                    partial: Path, weight_map: dict[str, str],
+                    calib: data.CalibrationSet | None, logs: dict[str, dict]) -> None:
     config = dict(files.config)
     dense_linears = [n for n in [*files.linear_names(), files.arch.lm_head] if n not in schemes]
-    config["quantization_config"] = pack_quantized.quantization_config(schemes, dense_linears)
+    actorder = None
+    if recipe.method == "gptq" and recipe.gptq.act_order:
+        actorder = "weight" if recipe.gptq.static_groups else "group"
+    config["quantization_config"] = pack_quantized.quantization_config(schemes, dense_linears,
+                                                                       actorder)
     checkpoint.atomic_write_json(partial / "config.json", config)
     total = sum((partial / f).stat().st_size for f in set(weight_map.values()))
     checkpoint.atomic_write_json(partial / checkpoint.INDEX, {
@@ -173,6 +319,13 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
     side = checkpoint.copy_side_files(files.path, partial)
     checkpoint.atomic_write_bytes(partial / "recipe.yaml", recipe.to_yaml().encode())
     listed = ["config.json", checkpoint.INDEX, "recipe.yaml", *side, *set(weight_map.values())]
+    if logs:
+        checkpoint.atomic_write_json(partial / QUANT_LOG, {
+            "method": recipe.method,
+            "metric": "relative output error ||(W - W_q) X||^2 / ||W X||^2 on calibration X",
+            "modules": dict(sorted(logs.items())),
+        })
+        listed.append(QUANT_LOG)
     source_info = files.path / "compress_source.json"
     manifest = {
         "format": "compress-checkpoint",
@@ -187,35 +340,58 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
             "source": json.loads(source_info.read_text()) if source_info.is_file() else None,
         },
         "recipe": recipe.to_dict(),
-        "calibration": None,  # RTN uses no data
+        "calibration": None if calib is None else calib.describe(),
+        "schemes": {s.label: sorted(n for n, t in schemes.items() if t == s)
+                    for s in set(schemes.values())},
         "files": checkpoint.file_entries(partial, listed),
     }
     checkpoint.atomic_write_json(partial / checkpoint.MANIFEST, manifest)
 
 
-def _load_progress(partial: Path, key: str) -> dict:
-    fresh = {"fingerprint": key, "done": {}}
+def _open_partial(partial: Path, run_id: dict, resume: bool, overwrite: bool) -> dict:
+    """The progress of an interrupted identical run, or a fresh one.
+
+    An interrupted run of the same command is continued (with or without --resume); one
+    with different settings is never silently discarded: --overwrite does that.
+    """
+    fresh = {"identity": run_id, "done": {}}
     f = partial / PROGRESS
-    if not partial.exists():
-        return fresh
-    try:
-        state = json.loads(f.read_text())
-        if state.get("fingerprint") == key and isinstance(state.get("done"), dict):
+    if partial.exists():
+        try:
+            state = json.loads(f.read_text())
+            previous = state["identity"]
+            assert isinstance(state["done"], dict)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            previous, state = None, None
+        if previous == run_id:
+            status(f"Resuming {partial}: {len(state['done'])} layer(s) already done")
             return state
-    except (OSError, ValueError):
-        pass
-    status(f"{partial} is from a different or unreadable run; starting over")
-    shutil.rmtree(partial)
+        if not overwrite:
+            what = ("it is unreadable" if previous is None else
+                    "it differs in " + "; ".join(_differences(previous, run_id)))
+            raise CompressError(f"{partial} holds an interrupted run that cannot be resumed "
+                                f"({what}); pass --overwrite to discard it")
+        shutil.rmtree(partial)
+    elif resume:
+        raise CompressError(f"nothing to resume: {partial} does not exist")
+    partial.mkdir(parents=True)
+    checkpoint.atomic_write_json(f, fresh)
     return fresh
 
 
-def _shard_record(path: Path) -> dict | None:
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            diffs += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            diffs.append(f"{prefix}{key}: {x!r} -> {y!r}")
+    return diffs
+
+
+def _file_record(path: Path) -> dict | None:
     if not path.is_file():
         return None
     return {"bytes": path.stat().st_size, "sha256": checkpoint.sha256_file(path)}
-
-
-def _shard_names(path: Path) -> dict[str, str]:
-    return dict.fromkeys(checkpoint.safetensors_keys(path), path.name)
-
 

@@ -8,7 +8,7 @@ streamed text, and both are silent when `set_quiet(True)` was called (tests, --q
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TypeVar
 
 from tqdm.auto import tqdm
@@ -23,9 +23,12 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
-def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
-    """Iterate `items` with a progress bar on stderr (none when quiet or not a terminal)."""
-    yield from tqdm(
+def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> tqdm:
+    """`items` wrapped in a progress bar on stderr (none when quiet or not a terminal).
+
+    Iterate it; `.set_postfix_str(...)` adds a short note (a metric, never text).
+    """
+    return tqdm(
         items, desc=desc, total=total, unit=unit, disable=True if _quiet else None,
         file=sys.stderr,
         dynamic_ncols=True, leave=False,

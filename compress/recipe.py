@@ -18,17 +18,39 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from compress.errors import CompressError
 from compress.quant import QuantScheme
+from compress.quant.gptq import GPTQConfig
 
-METHODS = ("rtn",)
-PLANNED_METHODS = ("gptq", "awq", "awq+gptq")
+METHODS = ("rtn", "gptq")
+CALIBRATED_METHODS = ("gptq",)
+PLANNED_METHODS = ("awq", "awq+gptq")
 RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How many calibration windows, how long, and the seed that picks them."""
+
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "seqlen", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (
+                    0 if name == "seed" else 1):
+                raise CompressError(f"calibration {name} must be a "
+                                    f"{'non-negative' if name == 'seed' else 'positive'} "
+                                    f"integer, got {value!r}")
+        if self.seqlen < 2:
+            raise CompressError("calibration seqlen must be at least 2 tokens")
 
 
 @dataclass(frozen=True)
@@ -52,6 +74,12 @@ class Recipe:
     scheme: QuantScheme = field(default_factory=QuantScheme)
     ignore: tuple[str, ...] = ("lm_head",)
     overrides: tuple[Override, ...] = ()
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method in CALIBRATED_METHODS
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -78,16 +106,23 @@ class Recipe:
 
     @property
     def label(self) -> str:
-        return f"{self.method}-{self.scheme.label}" + ("-mixed" if self.overrides else "")
+        act = "-actorder" if self.method == "gptq" and self.gptq.act_order else ""
+        return f"{self.method}-{self.scheme.label}{act}" + ("-mixed" if self.overrides else "")
 
     def to_dict(self) -> dict:
-        return {
+        """The expanded recipe; method-specific sections only for the methods that use them."""
+        data = {
             "version": RECIPE_VERSION,
             "method": self.method,
             "scheme": self.scheme.to_dict(),
             "ignore": list(self.ignore),
             "overrides": [{"pattern": o.pattern, **o.scheme.to_dict()} for o in self.overrides],
         }
+        if self.method == "gptq":
+            data["gptq"] = self.gptq.to_dict()
+        if self.calibrated:
+            data["calibration"] = asdict(self.calibration)
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -97,15 +132,16 @@ class Recipe:
         if not isinstance(data, dict):
             raise CompressError(f"{source} must be a mapping with keys method, scheme, ignore, "
                                 "overrides")
-        unknown = set(data) - {"version", "method", "scheme", "ignore", "overrides"}
+        allowed = {"version", "method", "scheme", "ignore", "overrides", "gptq", "calibration"}
+        unknown = set(data) - allowed
         if unknown:
-            raise CompressError(f"{source}: unknown keys {sorted(unknown)}; allowed: method, "
-                                "scheme, ignore, overrides")
+            raise CompressError(f"{source}: unknown keys {sorted(unknown)}; allowed: "
+                                f"{', '.join(sorted(allowed - {'version'}))}")
         version = data.get("version", RECIPE_VERSION)
         if version != RECIPE_VERSION:
             raise CompressError(f"{source}: recipe version {version!r} is not supported "
                                 f"(this library reads version {RECIPE_VERSION})")
-        scheme = _scheme(data.get("scheme", {}), f"{source}: scheme")
+        scheme = _section(QuantScheme, data.get("scheme", {}), f"{source}: scheme")
         ignore = data.get("ignore", ["lm_head"])
         if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
             raise CompressError(f"{source}: ignore must be a list of name patterns")
@@ -115,12 +151,15 @@ class Recipe:
                 raise CompressError(f"{source}: overrides[{i}] needs a 'pattern' string")
             rest = {k: v for k, v in item.items() if k != "pattern"}
             overrides.append(Override(item["pattern"],
-                                      _scheme({**scheme.to_dict(), **rest},
+                                      _section(QuantScheme, {**scheme.to_dict(), **rest},
                                               f"{source}: overrides[{i}]")))
         method = data.get("method", "rtn")
         if not isinstance(method, str):
             raise CompressError(f"{source}: method must be a string")
-        return cls(method, scheme, tuple(ignore), tuple(overrides))
+        gptq = _section(GPTQConfig, data.get("gptq", {}), f"{source}: gptq")
+        calibration = _section(CalibrationConfig, data.get("calibration", {}),
+                               f"{source}: calibration")
+        return cls(method, scheme, tuple(ignore), tuple(overrides), gptq, calibration)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
@@ -135,14 +174,16 @@ class Recipe:
         return cls.from_dict(data, str(path))
 
 
-def _scheme(data: object, where: str) -> QuantScheme:
+def _section(cls, data: object, where: str):
+    """A dataclass section of the recipe, with unknown keys named."""
     if not isinstance(data, dict):
-        raise CompressError(f"{where} must be a mapping with bits, group_size, symmetric")
-    unknown = set(data) - {"bits", "group_size", "symmetric"}
+        raise CompressError(f"{where} must be a mapping")
+    allowed = {f.name for f in fields(cls)}
+    unknown = set(data) - allowed
     if unknown:
-        raise CompressError(f"{where}: unknown keys {sorted(unknown)}; allowed: bits, "
-                            "group_size, symmetric")
+        raise CompressError(f"{where}: unknown keys {sorted(unknown)}; allowed: "
+                            f"{', '.join(sorted(allowed))}")
     try:
-        return QuantScheme(**data)
+        return cls(**data)
     except CompressError as e:
         raise CompressError(f"{where}: {e}") from None

@@ -85,7 +85,7 @@ def test_killed_run_resumes_to_identical_checkpoint(tiny_factory, tmp_path, monk
     assert a == b  # every file, byte for byte (sha256)
 
 
-def test_partial_from_another_recipe_is_discarded(tiny_llama, tmp_path, monkeypatch):
+def test_partial_from_another_recipe_is_kept_until_overwrite(tiny_llama, tmp_path, monkeypatch):
     out = tmp_path / "q"
     real_save = checkpoint.atomic_save_safetensors
 
@@ -97,9 +97,18 @@ def test_partial_from_another_recipe_is_discarded(tiny_llama, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         pipeline.quantize(tiny_llama, Recipe("rtn", QuantScheme(8, -1, True)), out)
     monkeypatch.setattr(checkpoint, "atomic_save_safetensors", real_save)
-    result = pipeline.quantize(tiny_llama, W4, out)
+    with pytest.raises(CompressError, match=r"cannot be resumed \(it differs in "
+                       r"recipe.scheme.bits: 8 -> 4; recipe.scheme.group_size: -1 -> 128\); "
+                       r"pass --overwrite"):
+        pipeline.quantize(tiny_llama, W4, out, resume=True)
+    result = pipeline.quantize(tiny_llama, W4, out, overwrite=True)
     assert result.layers_resumed == 0
     assert models.open_model(out).schemes["model.layers.0.mlp.up_proj"].bits == 4
+
+
+def test_resume_without_partial_is_an_error(tiny_llama, tmp_path):
+    with pytest.raises(CompressError, match="nothing to resume"):
+        pipeline.quantize(tiny_llama, W4, tmp_path / "q", resume=True)
 
 
 def test_existing_output_needs_overwrite(tiny_llama, tmp_path):

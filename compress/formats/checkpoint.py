@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from compress.errors import CompressError
 
@@ -177,6 +177,14 @@ class SafetensorsDir:
 
     def with_prefix(self, prefix: str) -> Iterator[str]:
         return (k for k in self.weight_map if k.startswith(prefix))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file (small internal files, e.g. saved activations)."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CompressError(f"{path} is corrupt or truncated ({e})") from None
 
 
 def safetensors_keys(path: Path) -> list[str]:

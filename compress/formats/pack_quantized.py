@@ -78,7 +78,7 @@ def _check_shape(name: str, what: str, t: torch.Tensor, shape: tuple, dtype: tor
         )
 
 
-def _weights_args(scheme: QuantScheme) -> dict:
+def _weights_args(scheme: QuantScheme, actorder: str | None) -> dict:
     return {
         "num_bits": scheme.bits,
         "type": "int",
@@ -87,14 +87,21 @@ def _weights_args(scheme: QuantScheme) -> dict:
         "strategy": "channel" if scheme.group_size == -1 else "group",
         "block_structure": None,
         "dynamic": False,
-        "actorder": None,
+        # One group per row: the order changed calibration only, as with static groups.
+        "actorder": "weight" if actorder and scheme.group_size == -1 else actorder,
         "observer": "minmax",
         "observer_kwargs": {},
     }
 
 
-def quantization_config(schemes: Mapping[str, QuantScheme], ignore: Iterable[str]) -> dict:
+def quantization_config(schemes: Mapping[str, QuantScheme], ignore: Iterable[str],
+                        actorder: str | None = None) -> dict:
     """The config.json block for modules `schemes` (name -> scheme); `ignore` stay dense.
+
+    `actorder` is compressed-tensors' name for how GPTQ ordered columns: "group" when the
+    checkpoint stores weight_g_idx, "weight" for act-order with static groups, else None.
+    compressed-tensors 0.20 refuses "group" outright, which beats ignoring weight_g_idx
+    and computing with scrambled groups.
 
     The most common scheme targets the class "Linear"; modules with another scheme get
     a group of exact-name regexes, which compressed-tensors and vLLM both rank above
@@ -109,7 +116,7 @@ def quantization_config(schemes: Mapping[str, QuantScheme], ignore: Iterable[str
         targets = ["Linear"] if i == 0 else [f"re:^{re.escape(n)}$" for n in sorted(names)]
         groups[f"group_{i}"] = {
             "targets": targets,
-            "weights": _weights_args(scheme),
+            "weights": _weights_args(scheme, actorder),
             "input_activations": None,
             "output_activations": None,
             "format": FORMAT,

@@ -58,7 +58,7 @@ def test_recipe_yaml_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("data,message", [
     ({"method": "magic"}, "unknown method 'magic'"),
-    ({"method": "gptq"}, "not implemented yet"),
+    ({"method": "awq"}, "not implemented yet"),
     ({"scheme": {"bits": 5}}, "bits=5 is not supported"),
     ({"scheme": {"bitz": 4}}, "unknown keys"),
     ({"colour": "red"}, "unknown keys"),

@@ -1,0 +1,175 @@
+"""Peer GPTQ baseline: llm-compressor's GPTQModifier on CPU, fed our calibration ids.
+
+Needs its own virtual environment (never install llmcompressor into the system
+Python, and never let pip pull another torch). Recreate it with:
+
+    python -m venv --system-site-packages /tmp/peer-venv   # reuses system torch 2.13.0+cpu
+    echo "torch==2.13.0" > /tmp/peer-constraints.txt
+    /tmp/peer-venv/bin/pip install -c /tmp/peer-constraints.txt llmcompressor==0.14.0.1
+
+That gives, inside the venv only: llmcompressor 0.14.0.1, transformers 5.17.0 and
+compressed-tensors 0.19.0 (llmcompressor pins these; they shadow the system 5.24 /
+0.20.0), huggingface_hub 1.33.0; torch, datasets, accelerate come from the system.
+
+Run (does not import the `compress` package; no hub access, HF_HUB_OFFLINE=1):
+
+    /tmp/peer-venv/bin/python benchmarks/peer_gptq.py \
+        --model /root/.cache/compress/models/smollm2-135m-0.1.2-fp16 \
+        --calib-ids /tmp/calib128.pt --out /tmp/peer-out-w4 --json /tmp/peer-w4.json
+
+--calib-ids is a .pt int64 tensor [n_samples, seqlen]; all samples are used, in order.
+Schemes (symmetric int, lm_head not quantised): w4 / w3 = group 64 for q/k/v/o/gate/up
+(in_features 576, not divisible by 128) and group 128 for down_proj; w8 = per-channel.
+--actorder none|weight ("weight" = "static"; llm-compressor's own default; "group"/"dynamic"
+is rejected by GPTQ in 0.14: "Only 'weight' and 'static' are supported").
+GPTQ settings: dampening_frac 0.01, block_size 128, sequential (layer-by-layer)
+pipeline, batch size 1. Calibration runs in float32 by default (CPU fp16 is very slow);
+the model is cast to float16 (the source dtype) before saving with save_compressed=True
+(compressed-tensors pack-quantized). Note llm-compressor's symmetric scale is
+absmax / ((2**b - 1) / 2), e.g. absmax / 7.5 at 4 bits.
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+T0 = time.perf_counter()
+
+import compressed_tensors  # noqa: E402
+import llmcompressor  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from llmcompressor import oneshot  # noqa: E402
+from llmcompressor.modifiers.quantization import GPTQModifier  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+SMALL = r"re:.*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj)$"
+DOWN = r"re:.*down_proj$"
+
+
+def weights(bits: int, strategy: str, group_size: int | None = None) -> dict:
+    w = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": strategy}
+    if group_size is not None:
+        w["group_size"] = group_size
+    return w
+
+
+def config_groups(scheme: str) -> dict:
+    if scheme in ("w4", "w3"):
+        bits = int(scheme[1])
+        return {
+            "group_576": {"targets": [SMALL], "weights": weights(bits, "group", 64)},
+            "group_1536": {"targets": [DOWN], "weights": weights(bits, "group", 128)},
+        }
+    if scheme == "w8":
+        return {"channel": {"targets": [SMALL, DOWN], "weights": weights(8, "channel")}}
+    raise ValueError(scheme)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="/root/.cache/compress/models/smollm2-135m-0.1.2-fp16")
+    ap.add_argument("--calib-ids", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--scheme", choices=["w4", "w3", "w8"], default="w4")
+    ap.add_argument("--actorder", choices=["none", "weight"], default="none")
+    dtypes = ["float16", "bfloat16", "float32"]
+    ap.add_argument("--dtype", choices=dtypes, default="float32",
+                    help="dtype for calibration + GPTQ (fp16 matmul is ~5x slower on this CPU)")
+    ap.add_argument("--save-dtype", choices=dtypes, default="float16",
+                    help="cast to this before saving (scales, embeddings, norms); source is fp16")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    ids = torch.load(args.calib_ids)
+    assert ids.dtype == torch.int64 and ids.dim() == 2, (ids.dtype, ids.shape)
+    n, seqlen = ids.shape
+    ds = Dataset.from_dict({
+        "input_ids": ids.tolist(),
+        "attention_mask": torch.ones_like(ids).tolist(),
+    })
+
+    t_load = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    t_load = time.perf_counter() - t_load
+
+    groups = config_groups(args.scheme)
+    recipe = GPTQModifier(
+        config_groups=groups,
+        ignore=["lm_head"],
+        block_size=128,
+        dampening_frac=0.01,
+        actorder=None if args.actorder == "none" else args.actorder,
+    )
+
+    t1 = time.perf_counter()
+    model = oneshot(
+        model=model,
+        processor=tokenizer,
+        recipe=recipe,
+        dataset=ds,
+        num_calibration_samples=n,
+        max_seq_length=seqlen,
+        shuffle_calibration_samples=False,
+        batch_size=1,
+    )
+    oneshot_s = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    model.to(getattr(torch, args.save_dtype))
+    if os.path.exists(args.out):
+        shutil.rmtree(args.out)
+    model.save_pretrained(args.out, save_compressed=True)
+    tokenizer.save_pretrained(args.out)
+    save_s = time.perf_counter() - t2
+
+    result = {
+        "peer": "llmcompressor.GPTQModifier",
+        "scheme": args.scheme,
+        "actorder": args.actorder,
+        "config_groups": groups,
+        "ignore": ["lm_head"],
+        "block_size": 128,
+        "dampening_frac": 0.01,
+        "dtype": args.dtype,
+        "save_dtype": args.save_dtype,
+        "calib_ids": os.path.abspath(args.calib_ids),
+        "n_samples": n,
+        "seqlen": seqlen,
+        "torch_threads": torch.get_num_threads(),
+        "load_s": round(t_load, 3),
+        "oneshot_s": round(oneshot_s, 3),
+        "save_s": round(save_s, 3),
+        "total_s": round(time.perf_counter() - T0, 3),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "versions": {
+            "llmcompressor": llmcompressor.__version__,
+            "transformers": transformers.__version__,
+            "compressed_tensors": compressed_tensors.__version__,
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+        },
+        "out": os.path.abspath(args.out),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""GPTQ through the layer-by-layer pipeline on real-architecture models."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from compress import decoder, models, pipeline
+from compress.errors import CompressError
+from compress.formats import checkpoint
+from compress.quant import QuantScheme
+from compress.quant.gptq import GPTQConfig
+from compress.recipe import CalibrationConfig, Recipe
+
+CALIB = CalibrationConfig(samples=8, seqlen=64, seed=0)
+
+
+def gptq_recipe(bits=4, group_size=32, **gptq_kwargs) -> Recipe:
+    return Recipe("gptq", QuantScheme(bits, group_size, True), gptq=GPTQConfig(**gptq_kwargs),
+                  calibration=CALIB)
+
+
+def logits_error(reference, candidate, tokens):
+    with torch.no_grad():
+        return float((reference(tokens) - candidate(tokens)).pow(2).mean())
+
+
+def test_gptq_checkpoint_beats_rtn_on_held_out_tokens(tiny_llama, tmp_path):
+    from compress import data
+
+    pipeline.quantize(tiny_llama, gptq_recipe(3), tmp_path / "gptq")
+    pipeline.quantize(tiny_llama, Recipe("rtn", QuantScheme(3, 32, True)), tmp_path / "rtn")
+    dense = decoder.load(tiny_llama)[0]
+    tokenizer = data.load_tokenizer(tiny_llama)
+    held = data.eval_windows(data.text_tokens(tokenizer).tokens, 64, 256)
+    err_gptq = logits_error(dense, decoder.load(tmp_path / "gptq")[0], held)
+    err_rtn = logits_error(dense, decoder.load(tmp_path / "rtn")[0], held)
+    # Random weights give near-isotropic activations, where GPTQ's edge over RTN is small
+    # (seen: 6%); the margin on correlated inputs is in tests/quant/test_gptq.py and on the
+    # real model in benchmarks/gptq.py.
+    assert err_gptq < err_rtn
+
+
+def test_log_manifest_and_recipe(tiny_llama, tmp_path):
+    out = tmp_path / "q"
+    result = pipeline.quantize(tiny_llama, gptq_recipe(), out)
+    log = json.loads((out / pipeline.QUANT_LOG).read_text())
+    assert set(log["modules"]) == set(models.open_model(out).schemes)
+    for entry in log["modules"].values():
+        assert 0 < entry["relative_error"] < 1 and entry["tokens"] == 8 * 64
+    manifest = json.loads((out / checkpoint.MANIFEST).read_text())
+    assert manifest["calibration"]["samples"] == 8 and len(
+        manifest["calibration"]["tokens_sha256"]) == 64
+    assert manifest["recipe"]["gptq"]["damp"] == 0.01
+    assert Recipe.from_yaml(out / "recipe.yaml") == gptq_recipe()
+    assert result.errors and not list(out.glob("activations-*"))
+
+
+def test_act_order_with_g_idx_roundtrips(tiny_llama, tmp_path):
+    out = tmp_path / "q"
+    pipeline.quantize(tiny_llama, gptq_recipe(act_order=True, static_groups=False), out)
+    files = models.open_model(out)
+    qw = files.linear_weight("model.layers.0.mlp.up_proj")
+    assert qw.g_idx is not None
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["actorder"] == "group"
+    model = decoder.build(files)
+    assert torch.isfinite(model(torch.tensor([[5, 6, 7]]))).all()
+
+
+def test_transformers_reads_static_act_order(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    pipeline.quantize(tiny_llama, gptq_recipe(act_order=True), out)
+    assert models.open_model(out).linear_weight("model.layers.0.mlp.up_proj").g_idx is None
+    tokens = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    ours = decoder.load(out)[0](tokens)
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(tokens).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_flag_rejected_for_rtn(tiny_llama, tmp_path):
+    with pytest.raises(CompressError, match="uses no calibration data"):
+        pipeline.quantize(tiny_llama, Recipe(), tmp_path / "q", calibration_data=tmp_path)
+
+
+def test_resume_refuses_other_calibration(tiny_llama, tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    real = checkpoint.atomic_save_safetensors
+    calls = []
+
+    def dies_on_second(path, tensors):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(path, tensors)
+
+    monkeypatch.setattr(checkpoint, "atomic_save_safetensors", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.quantize(tiny_llama, gptq_recipe(), out)
+    monkeypatch.setattr(checkpoint, "atomic_save_safetensors", real)
+    other = Recipe("gptq", QuantScheme(4, 32, True), calibration=CalibrationConfig(8, 64, 1))
+    with pytest.raises(CompressError, match=r"recipe.calibration.seed: 0 -> 1"):
+        pipeline.quantize(tiny_llama, other, out, resume=True)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_is_bit_identical(tiny_factory, tmp_path):
+    model = tiny_factory("llama", num_hidden_layers=8, hidden_size=256, intermediate_size=512,
+                         num_attention_heads=8, num_key_value_heads=4)
+    args = ["quantize", str(model), "--method", "gptq", "--calib-samples", "16",
+            "--calib-seqlen", "128", "--group-size", "64", "--no-eval", "-q"]
+    env = {**os.environ, "COMPRESS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+    def cli(*extra, wait=True):
+        cmd = [sys.executable, "-m", "compress.cli", *args, *extra]
+        if wait:
+            return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    clean = cli("--out", str(tmp_path / "clean"))
+    assert clean.returncode == 0, clean.stderr
+
+    out = tmp_path / "killed"
+    progress = tmp_path / "killed.partial" / pipeline.PROGRESS
+    proc = cli("--out", str(out), wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads(progress.read_text())["done"]) >= 3:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    assert proc.poll() is None, "finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+
+    resumed = cli("--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stdout
+    a = json.loads((tmp_path / "clean" / checkpoint.MANIFEST).read_text())["files"]
+    b = json.loads((out / checkpoint.MANIFEST).read_text())["files"]
+    assert a == b
