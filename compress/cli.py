@@ -32,7 +32,7 @@ app = typer.Typer(
     help="Quantise Hugging Face causal LMs to packed INT2/3/4/8 checkpoints, run them, "
     "and measure what quantisation cost.",
 )
-out_console = Console()
+out_console = Console(soft_wrap=True)  # long paths stay copyable
 err_console = Console(stderr=True)
 
 ModelArg = Annotated[
@@ -54,7 +54,7 @@ def quantize(
     symmetric: Annotated[bool, typer.Option(
         "--sym/--asym", help="Symmetric (no zero point) or asymmetric quantisation.")] = True,
     act_order: Annotated[bool, typer.Option(
-        help="GPTQ: quantise columns by descending Hessian diagonal.")] = False,
+        help="GPTQ: quantise columns by descending Hessian diagonal.")] = True,
     static_groups: Annotated[bool, typer.Option(
         "--static-groups/--dynamic-groups",
         help="GPTQ --act-order: fix group scales first so no g_idx is stored (readable "

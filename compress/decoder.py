@@ -9,7 +9,7 @@ so a checkpoint loads by name; a test holds the greedy tokens equal to transform
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +99,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
+        return self.o_proj(self.core(x, cos, sin, start, cache, layer))
+
+    def core(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0,
+             cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """Attention up to (not including) o_proj: (B, S, D) -> (B, S, heads * head_dim)."""
         b, s, _ = x.shape  # (B, S, D)
         c = self.cfg
         q = self.q_proj(x).view(b, s, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, S, hd)
@@ -111,7 +116,7 @@ class Attention(nn.Module):
         mask = attention_mask(start, s, k.shape[2], c.sliding_window, x.device)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and s > 1, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, c.num_heads * c.head_dim))
+        return out.transpose(1, 2).reshape(b, s, c.num_heads * c.head_dim)
 
 
 def attention_mask(start: int, q_len: int, k_len: int, window: int | None,
@@ -134,7 +139,11 @@ class MLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.hidden(x))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of down_proj: (B, S, D) -> (B, S, intermediate)."""
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
 
 
 class DecoderLayer(nn.Module):
@@ -147,6 +156,50 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, start, cache, layer):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  quantize_group: Callable[[tuple[str, ...], Sequence[torch.Tensor]], None],
+                  batch: int) -> torch.Tensor:
+        """Run calibration samples x (N, S, D) through the layer in true-sequential order.
+
+        Before each group of Linears sharing an input is used, `quantize_group(names,
+        inputs)` gets that input (chunk by chunk, as a list) and may replace the group's
+        weights; everything after it then sees the new weights. Each Linear runs once on
+        its final weights, except gate/up (twice, rather than storing their wide output).
+        Memory: x (rewritten in place into the layer's output) plus attention outputs.
+        Returns x.
+        """
+        chunks = list(x.split(batch))
+        attn_in = [self.input_layernorm(c) for c in chunks]
+        quantize_group(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), attn_in)
+        attn = [self.self_attn.core(a, cos, sin) for a in attn_in]
+        del attn_in
+        quantize_group(("self_attn.o_proj",), attn)
+        for c, a in zip(chunks, attn, strict=True):
+            c += self.self_attn.o_proj(a)  # residual stream after attention, in place
+        del attn
+        quantize_group(("mlp.gate_proj", "mlp.up_proj"),
+                       _Lazy(lambda c: self.post_attention_layernorm(c), chunks))
+        quantize_group(("mlp.down_proj",),
+                       _Lazy(lambda c: self.mlp.hidden(self.post_attention_layernorm(c)),
+                             chunks))
+        for c in chunks:
+            c += self.mlp(self.post_attention_layernorm(c))
+        return x
+
+
+class _Lazy(Sequence):
+    """A list whose items are computed when read, so wide activations are never all held."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], items: list[torch.Tensor]):
+        self.fn, self.items = fn, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.fn(self.items[i])
 
 
 class Backbone(nn.Module):

@@ -19,7 +19,6 @@ rename.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -204,10 +203,6 @@ class _RTNLayers:
         pass
 
 
-class _StopForward(Exception):
-    """Raised by a hook once a Linear group's input has been recorded."""
-
-
 class _CalibratedLayers:
     """GPTQ, layer by layer, on calibration activations kept in `partial/activations-*.st`."""
 
@@ -226,10 +221,9 @@ class _CalibratedLayers:
         """The calibration activations entering layer i (computed, kept, or reloaded)."""
         if self.hidden is not None:
             return self.hidden
-        if i == 0:
-            embed = decoder.embedding(self.files, torch.float32)
-            with torch.no_grad():
-                return embed(self.calib.samples)  # (n, seqlen, hidden)
+        if i == 0:  # gather rows in the stored dtype: never the whole table in float32
+            table = self.files.tensors.get(f"{self.files.arch.embed}.weight")
+            return torch.nn.functional.embedding(self.calib.samples, table).to(torch.float32)
         saved = self._activations_file(i)
         expected = self.state.get("activations", {}).get(saved.name)
         if expected is None or expected != _file_record(saved):
@@ -245,24 +239,14 @@ class _CalibratedLayers:
         cos, sin = self.rotary(0, x.shape[1])
         quantized: dict[str, QuantizedWeight] = {}
         log: dict[str, dict] = {}
-        for group in self.files.arch.linear_groups:
-            todo = [n for n in group if prefix + n in self.schemes]
+
+        def quantize_group(names: tuple[str, ...], inputs) -> None:
+            todo = [n for n in names if prefix + n in self.schemes]
             if not todo:
-                continue
-            first = layer.get_submodule(group[0])
-            acc = gptq.HessianAccumulator(first.in_features)
-
-            def record(module, args, acc=acc):
-                acc.add(args[0])
-                raise _StopForward
-
-            handle = first.register_forward_pre_hook(record)
-            try:
-                for chunk in x.split(CALIB_BATCH):
-                    with contextlib.suppress(_StopForward):
-                        layer(chunk, cos, sin, 0, None, i)
-            finally:
-                handle.remove()
+                return
+            acc = gptq.HessianAccumulator(inputs[0].shape[-1])
+            for chunk in inputs:
+                acc.add(chunk)
             for n in todo:
                 module = layer.get_submodule(n)
                 result = gptq.quantize_layer(module.weight, acc.hessian(),
@@ -273,9 +257,8 @@ class _CalibratedLayers:
                 log[prefix + n] = {"relative_error": result.relative_error,
                                    "damp": result.damp, "dead_columns": result.dead_columns,
                                    "tokens": acc.n}
-        for start in range(0, x.shape[0], CALIB_BATCH):  # in place: x becomes the output
-            x[start:start + CALIB_BATCH] = layer(x[start:start + CALIB_BATCH], cos, sin, 0,
-                                                 None, i)
+
+        x = layer.calibrate(x, cos, sin, quantize_group, CALIB_BATCH)
         self.hidden = x
         tensors: dict[str, torch.Tensor] = {}
         for name in sorted(self.files.tensors.with_prefix(prefix)):

@@ -106,7 +106,7 @@ class Recipe:
 
     @property
     def label(self) -> str:
-        act = "-actorder" if self.method == "gptq" and self.gptq.act_order else ""
+        act = "-noactorder" if self.method == "gptq" and not self.gptq.act_order else ""
         return f"{self.method}-{self.scheme.label}{act}" + ("-mixed" if self.overrides else "")
 
     def to_dict(self) -> dict:

@@ -57,7 +57,9 @@ def test_sampled_generation_is_reproducible_from_cli(tiny_llama):
     (["--bits", "5"], r"bits=5 is not supported; choose one of 2, 3, 4, 8"),
     (["--group-size", "-3"], r"group size -3 is invalid"),
     (["--group-size", "100"], r"group size 100 does not divide the 64 input features"),
-    (["--method", "gptq"], r"method 'gptq' is not implemented yet"),
+    (["--method", "awq"], r"method 'awq' is not implemented yet"),
+    (["--method", "gptq", "--calib-samples", "0"], r"calibration samples must be a positive"),
+    (["--method", "gptq", "--damp", "2"], r"GPTQ damp must be in \(0, 1\)"),
 ])
 def test_quantize_bad_options(tiny_llama, tmp_path, args, pattern):
     out = tmp_path / "q"
@@ -90,6 +92,27 @@ def test_corrupt_checkpoint_is_reported_by_generate(tiny_llama, tmp_path):
     shard = out / "model-00001-of-00003.safetensors"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     assert_one_line_error(run("generate", out, "-p", "hi"), "truncated or was changed")
+
+
+def test_gptq_from_cli_with_user_calibration_file(tiny_llama, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("A river runs through the valley, past mills and farms. " * 200)
+    out = tmp_path / "q"
+    proc = run("quantize", tiny_llama, "--method", "gptq", "--calib", text, "--calib-samples",
+               "4", "--calib-seqlen", "32", "--out", out, "--no-eval")
+    assert proc.returncode == 0, proc.stderr
+    assert "GPTQ relative output error per Linear" in proc.stdout
+    assert f"calibration: 4 × 32 tokens from {text}" in proc.stdout
+    assert (out / "quantization_log.json").is_file()
+
+
+def test_gptq_calibration_too_short(tiny_llama, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("too short")
+    proc = run("quantize", tiny_llama, "--method", "gptq", "--calib", text, "--out",
+               tmp_path / "q", "--no-eval")
+    assert_one_line_error(proc, r"fewer than one sample of 512; give at least 65536 tokens")
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
 
 
 def test_generate_needs_a_prompt(tiny_llama):

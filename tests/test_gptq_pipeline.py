@@ -151,3 +151,21 @@ def test_kill_9_mid_run_then_resume_is_bit_identical(tiny_factory, tmp_path):
     a = json.loads((tmp_path / "clean" / checkpoint.MANIFEST).read_text())["files"]
     b = json.loads((out / checkpoint.MANIFEST).read_text())["files"]
     assert a == b
+
+
+def test_layer_calibration_walks_the_declared_groups_and_equals_forward(tiny_llama):
+    files = models.open_model(tiny_llama)
+    layer = decoder.build_layer(files, 1, torch.float32)
+    cos, sin = decoder.rotary(files)(0, 16)
+    x = torch.randn(5, 16, 64, generator=torch.Generator().manual_seed(0))
+    expected = layer(x, cos, sin, 0, None, 1)
+    seen = []
+
+    def record(names, inputs):
+        seen.append(names)
+        assert sum(t.shape[0] for t in inputs) == 5
+        assert inputs[0].shape[-1] == layer.get_submodule(names[0]).in_features
+
+    got = layer.calibrate(x.clone(), cos, sin, record, batch=2)
+    assert tuple(seen) == files.arch.linear_groups
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
