@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _child import run_measured
 
 from compress import api, assets, data
 from compress.progress import set_quiet
@@ -37,13 +35,11 @@ HERE = Path(__file__).parent
 
 
 def run_child(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of a child process; raises on failure."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()}")
-    return time.perf_counter() - start, usage.ru_maxrss * 1024
+    """Wall seconds and peak RSS (bytes) of a child process; exits on failure."""
+    code, seconds, rss, tail = run_measured(cmd)
+    if code:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{tail}")
+    return seconds, rss
 
 
 def quantize(method: str, bits: int, group: int, extra: list[str], out: Path,
@@ -74,7 +70,25 @@ def main() -> None:
     base = assets.bundled_model_dir()
     fp16 = api.evaluate_perplexity(base, max_tokens=args.eval_tokens)
     work = Path(tempfile.mkdtemp(prefix="compress-gptq-bench-"))
-    rows = {}
+    rows: dict = {}
+    peer: dict = {}
+
+    def save() -> None:  # after every measurement, so an interrupted run keeps its numbers
+        report = {
+            "benchmark": "gptq",
+            "model": "smollm2-135m (bundled)",
+            "threads": torch.get_num_threads(),
+            "calibration": {"samples": args.calib_samples, "seqlen": args.calib_seqlen,
+                            "source": "bundled calibration split, seed 0"},
+            "perplexity_protocol": {"ctx": fp16.ctx, "windows": fp16.windows,
+                                    "tokens_scored": fp16.tokens},
+            "fp16_ppl": fp16.ppl,
+            "settings": rows,
+            "peer": peer,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
     for name in args.settings.split(","):
         bits, group, extra = SETTINGS[name]
         rows[name] = {
@@ -85,8 +99,8 @@ def main() -> None:
         print(f"{name:16s} fp16 {fp16.ppl:7.3f}  RTN {r['rtn']['ppl']:8.3f}  GPTQ "
               f"{r['gptq']['ppl']:8.3f} ({r['gptq']['seconds']:.0f} s, peak RSS "
               f"{r['gptq']['peak_rss_bytes'] / 1e9:.2f} GB)", flush=True)
+        save()
 
-    peer = {}
     if args.peer_python.is_file():
         tokenizer = data.load_tokenizer(base)
         calib = data.calibration_set(tokenizer, None, args.calib_samples, args.calib_seqlen, 0)
@@ -109,23 +123,11 @@ def main() -> None:
             print(f"peer {name:11s} llm-compressor GPTQ ppl {ppl:8.3f} in {wall:.0f} s -> "
                   f"ours/peer: ppl {ours['ppl'] / ppl:.3f}, time {ours['seconds'] / wall:.2f}",
                   flush=True)
+            save()
     else:
         print(f"peer skipped: {args.peer_python} not found (see benchmarks/peer_gptq.py)")
 
-    report = {
-        "benchmark": "gptq",
-        "model": "smollm2-135m (bundled)",
-        "threads": torch.get_num_threads(),
-        "calibration": {"samples": args.calib_samples, "seqlen": args.calib_seqlen,
-                        "source": "bundled calibration split, seed 0"},
-        "perplexity_protocol": {"ctx": fp16.ctx, "windows": fp16.windows,
-                                "tokens_scored": fp16.tokens},
-        "fp16_ppl": fp16.ppl,
-        "settings": rows,
-        "peer": peer,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    save()
     print(f"wrote {args.json}")
 
 

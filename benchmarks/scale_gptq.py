@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _child import run_measured
 from safetensors.torch import save_file
 
 from compress import assets
@@ -81,13 +79,10 @@ def write_synthetic_llama(path: Path, layers: int, hidden: int, intermediate: in
 
 def peak_rss_of(cmd: list[str]) -> tuple[int, float, int]:
     """(exit code, wall seconds, peak RSS bytes) of a child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        sys.stderr.write(proc.stderr.read().decode())
-    return proc.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024
+    code, seconds, rss, tail = run_measured(cmd)
+    if code:
+        sys.stderr.write(tail)
+    return code, seconds, rss
 
 
 def main() -> None:
