@@ -169,3 +169,14 @@ def test_layer_calibration_walks_the_declared_groups_and_equals_forward(tiny_lla
     got = layer.calibrate(x.clone(), cos, sin, record, batch=2)
     assert tuple(seen) == files.arch.linear_groups
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_transformers_refuses_g_idx_checkpoints_rather_than_misreading_them(tiny_llama,
+                                                                          tmp_path):
+    """compressed-tensors 0.20 dropped act-order with g_idx; it must fail, not mis-compute."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    pipeline.quantize(tiny_llama, gptq_recipe(act_order=True, static_groups=False), out)
+    with pytest.raises(Exception, match="actorder='group' has been removed"):
+        AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

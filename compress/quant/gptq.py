@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from compress.errors import CompressError
+from compress.progress import status
 
 from . import rtn
 from .qweight import QuantizedWeight
@@ -107,8 +108,9 @@ def quantize_layer(
     perm = None
     if cfg.act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
+        w, h = w[:, perm], h[perm[:, None], perm]  # one gather: H is the big tensor here
     hinv, damp = _inverse_cholesky(h, cfg.damp, name)
+    del h
 
     codes = torch.zeros(out_features, in_features, dtype=torch.int8)
     if static is not None:
@@ -170,17 +172,20 @@ def _group_qparams(w: torch.Tensor, group: int, scheme: QuantScheme, cfg: GPTQCo
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp until it exists."""
-    from compress.progress import status
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp until it exists.
 
+    Damps `h` in place (it is the caller's private copy) and keeps at most two [in, in]
+    matrices alive besides it: for wide layers these dominate the quantiser's memory.
+    """
     mean_diag = float(torch.diag(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    tried = damp
+    tried, added = damp, 0.0
     while tried < 1e6:
+        h.diagonal().add_(tried * mean_diag - added)
+        added = tried * mean_diag
         try:
-            lower = torch.linalg.cholesky(h + tried * mean_diag * eye)
-            hinv = torch.cholesky_inverse(lower)
+            hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
             upper = torch.linalg.cholesky(hinv, upper=True)
+            del hinv
             if tried != damp:
                 status(f"warning: {name}: Hessian not positive definite at damp={damp}; "
                        f"used damp={tried:g}")
