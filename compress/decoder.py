@@ -166,40 +166,57 @@ class DecoderLayer(nn.Module):
         Before each group of Linears sharing an input is used, `quantize_group(names,
         inputs)` gets that input (chunk by chunk, as a list) and may replace the group's
         weights; everything after it then sees the new weights. Each Linear runs once on
-        its final weights, except gate/up (twice, rather than storing their wide output).
-        Memory: x (rewritten in place into the layer's output) plus attention outputs.
+        its final weights, except gate/up on chunks whose wide output does not fit in the
+        memory the attention phase held (those are recomputed rather than stored).
+        Memory: x (rewritten in place into the layer's output) plus twice its size.
         Returns x.
         """
         chunks = list(x.split(batch))
-        attn_in = [self.input_layernorm(c) for c in chunks]
+        attn_in = _Lazy(self.input_layernorm, chunks)  # cheap to recompute, as wide as x
         quantize_group(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), attn_in)
         attn = [self.self_attn.core(a, cos, sin) for a in attn_in]
-        del attn_in
         quantize_group(("self_attn.o_proj",), attn)
         for c, a in zip(chunks, attn, strict=True):
             c += self.self_attn.o_proj(a)  # residual stream after attention, in place
         del attn
         quantize_group(("mlp.gate_proj", "mlp.up_proj"),
                        _Lazy(lambda c: self.post_attention_layernorm(c), chunks))
-        quantize_group(("mlp.down_proj",),
-                       _Lazy(lambda c: self.mlp.hidden(self.post_attention_layernorm(c)),
-                             chunks))
-        for c in chunks:
-            c += self.mlp(self.post_attention_layernorm(c))
+        # The wide MLP hidden is needed twice: for down_proj's Hessian, then for the output.
+        # Keep as many chunks as fit in twice x's size and recompute the rest: about 3/4
+        # of them for Llama shapes, and activations stay within 3 times x.
+        hidden = _Lazy(lambda c: self.mlp.hidden(self.post_attention_layernorm(c)), chunks,
+                       keep_bytes=2 * x.numel() * x.element_size())
+        quantize_group(("mlp.down_proj",), hidden)
+        for i, c in enumerate(chunks):
+            h = hidden.kept.pop(i, None)
+            if h is None:
+                h = self.mlp.hidden(self.post_attention_layernorm(c))
+            c += self.mlp.down_proj(h)
         return x
 
 
 class _Lazy(Sequence):
-    """A list whose items are computed when read, so wide activations are never all held."""
+    """A list whose items are computed when read, so wide activations are never all held.
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], items: list[torch.Tensor]):
-        self.fn, self.items = fn, items
+    Items that fit in `keep_bytes` are also kept in `kept` (index -> item) for a later pass.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], items: list[torch.Tensor],
+                 keep_bytes: int = 0):
+        self.fn, self.items, self.keep_bytes = fn, items, keep_bytes
+        self.kept: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i):
-        return self.fn(self.items[i])
+        if i in self.kept:
+            return self.kept[i]
+        item = self.fn(self.items[i])
+        if item.nbytes <= self.keep_bytes:
+            self.kept[i] = item
+            self.keep_bytes -= item.nbytes
+        return item
 
 
 class Backbone(nn.Module):

@@ -247,16 +247,19 @@ class _CalibratedLayers:
             acc = gptq.HessianAccumulator(inputs[0].shape[-1])
             for chunk in inputs:
                 acc.add(chunk)
-            for n in todo:
-                module = layer.get_submodule(n)
-                result = gptq.quantize_layer(module.weight, acc.hessian(),
-                                             self.schemes[prefix + n], self.recipe.gptq,
-                                             self.files.dtype, name=prefix + n)
-                quantized[prefix + n] = result.weight
-                module.weight.data = result.weight.dequantize()  # later groups see it
-                log[prefix + n] = {"relative_error": result.relative_error,
-                                   "damp": result.damp, "dead_columns": result.dead_columns,
-                                   "tokens": acc.n}
+            hessian = acc.hessian()
+            for scheme in dict.fromkeys(self.schemes[prefix + n] for n in todo):
+                same = [n for n in todo if self.schemes[prefix + n] == scheme]
+                modules = [layer.get_submodule(n) for n in same]
+                results = gptq.quantize_shared_input(
+                    [m.weight for m in modules], hessian, scheme, self.recipe.gptq,
+                    self.files.dtype, name=prefix + "+".join(same))
+                for n, module, result in zip(same, modules, results, strict=True):
+                    quantized[prefix + n] = result.weight
+                    module.weight.data = result.weight.dequantize()  # later groups see it
+                    log[prefix + n] = {"relative_error": result.relative_error,
+                                       "damp": result.damp,
+                                       "dead_columns": result.dead_columns, "tokens": acc.n}
 
         x = layer.calibrate(x, cos, sin, quantize_group, CALIB_BATCH)
         self.hidden = x

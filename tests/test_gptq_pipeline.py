@@ -154,20 +154,25 @@ def test_kill_9_mid_run_then_resume_is_bit_identical(tiny_factory, tmp_path):
 
 
 def test_layer_calibration_walks_the_declared_groups_and_equals_forward(tiny_llama):
+    """Each group's replaced weights are seen downstream, and the result is the plain
+    forward pass of the final layer (also where only part of the MLP hidden is kept)."""
     files = models.open_model(tiny_llama)
     layer = decoder.build_layer(files, 1, torch.float32)
     cos, sin = decoder.rotary(files)(0, 16)
     x = torch.randn(5, 16, 64, generator=torch.Generator().manual_seed(0))
-    expected = layer(x, cos, sin, 0, None, 1)
     seen = []
 
     def record(names, inputs):
         seen.append(names)
         assert sum(t.shape[0] for t in inputs) == 5
         assert inputs[0].shape[-1] == layer.get_submodule(names[0]).in_features
+        for name in names:  # stands in for quantisation: later groups must see it
+            layer.get_submodule(name).weight.data.mul_(0.5).round_(decimals=2)
 
+    # intermediate 160 > 2 x hidden 64: of the 3 MLP-hidden chunks, 2 are kept, 1 recomputed
     got = layer.calibrate(x.clone(), cos, sin, record, batch=2)
     assert tuple(seen) == files.arch.linear_groups
+    expected = layer(x, cos, sin, 0, None, 1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -92,6 +92,15 @@ class QuantizedWeight:
             group_size=self.group_size, in_features=self.in_features, dtype=dtype,
         )
 
+    def rows(self, start: int, stop: int) -> QuantizedWeight:
+        """Output rows start..stop-1 as their own weight (codes are packed along `in`)."""
+        return QuantizedWeight(
+            qweight=self.qweight[start:stop].clone(), scales=self.scales[start:stop].clone(),
+            zeros=None if self.zeros is None else self.zeros[start:stop].clone(),
+            g_idx=None if self.g_idx is None else self.g_idx.clone(), bits=self.bits,
+            group_size=self.group_size,
+            shape=(stop - start, self.in_features), symmetric=self.symmetric)
+
     def nbytes(self) -> int:
         """Bytes of every tensor this weight stores."""
         tensors = [self.qweight, self.scales, self.zeros, self.g_idx]

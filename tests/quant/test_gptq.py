@@ -70,9 +70,10 @@ def test_blocked_equals_column_by_column_oracle(bits, group_size, symmetric, act
     got = gptq.quantize_layer(w, h, scheme, cfg).weight.dequantize()
     expected = oracle_gptq(w, h, scheme, act_order=act_order)
     # Same algorithm, different float32 summation order (lazy block updates): a code may
-    # flip on an exact tie. Tolerance: <= 0.2% of weights differ, by one step each.
+    # flip on a near-tie, and the error feedback then carries the flip along the rest of
+    # that row. Tolerance: at most 2 of the 48 rows differ, each weight by one step at most.
     differ = (got - expected).abs() > 1e-6
-    assert differ.float().mean() < 2e-3
+    assert differ.any(dim=1).sum() <= 2
     step = got.abs().max() / (1 << (bits - 1))
     assert (got - expected).abs().max() <= step * 1.01
 
@@ -163,3 +164,23 @@ def test_mse_clip_lowers_weight_error():
 def test_config_validation(kwargs, message):
     with pytest.raises(CompressError, match=message):
         gptq.GPTQConfig(**kwargs)
+
+
+@pytest.mark.parametrize("act_order,static_groups", [(False, False), (True, True),
+                                                     (True, False)])
+def test_shared_input_pass_equals_one_pass_per_linear(act_order, static_groups):
+    """Stacking Linears that share an input (q/k/v) must not change any of them."""
+    w, h, _ = problem(21)
+    gen = torch.Generator().manual_seed(22)
+    parts = [w, torch.randn(16, w.shape[1], generator=gen) * 0.05,
+             torch.randn(8, w.shape[1], generator=gen) * 0.2]
+    scheme = QuantScheme(4, 64, False)
+    cfg = gptq.GPTQConfig(act_order=act_order, static_groups=static_groups)
+    shared = gptq.quantize_shared_input(parts, h, scheme, cfg)
+    for part, got in zip(parts, shared, strict=True):
+        alone = gptq.quantize_layer(part, h, scheme, cfg)
+        assert got.weight.shape == tuple(part.shape)
+        differ = (got.weight.dequantize() - alone.weight.dequantize()).abs() > 1e-6
+        assert differ.any(dim=1).sum() <= 1  # a near-tie may flip in one row, as above
+        assert got.relative_error == pytest.approx(alone.relative_error, rel=1e-3)
+        assert (got.weight.g_idx is None) == (alone.weight.g_idx is None)
