@@ -22,6 +22,7 @@ from compress.errors import CompressError
 from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS
 from compress.progress import set_quiet
 from compress.quant import QuantScheme
+from compress.quant.awq import AWQConfig
 from compress.quant.gptq import GPTQConfig
 from compress.recipe import METHODS, CalibrationConfig, Recipe
 
@@ -62,6 +63,10 @@ def quantize(
     damp: Annotated[float, typer.Option(help="GPTQ dampening, × mean Hessian diagonal.")] = 0.01,
     mse_clip: Annotated[bool, typer.Option(
         help="GPTQ: search clipped ranges minimising the weight error.")] = False,
+    awq_grid: Annotated[int, typer.Option(
+        help="AWQ: scale exponents tried per group (alpha = 0, 1/N, ...).")] = 20,
+    awq_clip: Annotated[bool, typer.Option(
+        help="AWQ: search per-group clipping ranges after scaling.")] = True,
     calib: Annotated[Path | None, typer.Option(
         help="Calibration text: a .txt, a .json/.jsonl with a 'text' field, or a local "
         "`datasets` directory (default: the bundled calibration split).")] = None,
@@ -69,7 +74,7 @@ def quantize(
     calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed choosing the calibration windows.")] = 0,
     recipe: Annotated[Path | None, typer.Option(
-        help="YAML recipe; replaces the method, scheme, GPTQ and sample flags.")] = None,
+        help="YAML recipe; replaces the method, scheme, GPTQ, AWQ and sample flags.")] = None,
     out: Annotated[Path | None, typer.Option(
         help="Output directory (default: out/<model>-<method>-<scheme>).")] = None,
     overwrite: Annotated[bool, typer.Option(
@@ -91,6 +96,7 @@ def quantize(
         spec = Recipe(method, QuantScheme(bits, group_size, symmetric),
                       gptq=GPTQConfig(damp=damp, act_order=act_order,
                                       static_groups=static_groups, mse_clip=mse_clip),
+                      awq=AWQConfig(grid=awq_grid, clip=awq_clip),
                       calibration=CalibrationConfig(calib_samples, calib_seqlen, seed))
     summary = api.quantize(model, spec, out, overwrite=overwrite, resume=resume,
                            calibration_data=calib, evaluate=evaluate, eval_tokens=eval_tokens)
@@ -125,7 +131,7 @@ def _print_quantize_summary(s: api.QuantizeSummary) -> None:
     if r.errors:
         worst = max(r.errors, key=r.errors.get)
         mean = sum(r.errors.values()) / len(r.errors)
-        out_console.print(f"GPTQ relative output error per Linear: mean {mean:.4f}, worst "
+        out_console.print(f"relative output error per Linear: mean {mean:.4f}, worst "
                           f"{r.errors[worst]:.4f} ({worst}); all in {r.out}/quantization_log.json")
     if r.calibration:
         c = r.calibration

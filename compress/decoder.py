@@ -146,6 +146,14 @@ class MLP(nn.Module):
         return F.silu(self.gate_proj(x)) * self.up_proj(x)
 
 
+# The Linear groups of a layer, by the input they share, in execution order (the
+# architecture entries in compress.models name the same groups).
+ATTENTION_INPUT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+ATTENTION_OUTPUT = ("self_attn.o_proj",)
+MLP_INPUT = ("mlp.gate_proj", "mlp.up_proj")
+MLP_HIDDEN = ("mlp.down_proj",)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, input_layernorm: RMSNorm, self_attn: Attention,
                  post_attention_layernorm: RMSNorm, mlp: MLP):
@@ -167,32 +175,52 @@ class DecoderLayer(nn.Module):
         inputs)` gets that input (chunk by chunk, as a list) and may replace the group's
         weights; everything after it then sees the new weights. Each Linear runs once on
         its final weights, except gate/up on chunks whose wide output does not fit in the
-        memory the attention phase held (those are recomputed rather than stored).
-        Memory: x (rewritten in place into the layer's output) plus twice its size.
+        memory the attention outputs held (those are recomputed rather than stored).
+        Memory: x (rewritten in place into the layer's output) plus as much again.
         Returns x.
         """
         chunks = list(x.split(batch))
         attn_in = _Lazy(self.input_layernorm, chunks)  # cheap to recompute, as wide as x
-        quantize_group(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), attn_in)
+        quantize_group(ATTENTION_INPUT, attn_in)
         attn = [self.self_attn.core(a, cos, sin) for a in attn_in]
-        quantize_group(("self_attn.o_proj",), attn)
+        quantize_group(ATTENTION_OUTPUT, attn)
         for c, a in zip(chunks, attn, strict=True):
             c += self.self_attn.o_proj(a)  # residual stream after attention, in place
         del attn
-        quantize_group(("mlp.gate_proj", "mlp.up_proj"),
+        quantize_group(MLP_INPUT,
                        _Lazy(lambda c: self.post_attention_layernorm(c), chunks))
         # The wide MLP hidden is needed twice: for down_proj's Hessian, then for the output.
-        # Keep as many chunks as fit in twice x's size and recompute the rest: about 3/4
-        # of them for Llama shapes, and activations stay within 3 times x.
+        # Keep as many chunks as fit in what the attention outputs held (x's size) and
+        # recompute the rest: about 3/8 of them for Llama shapes, while activations stay
+        # within twice x in both phases.
         hidden = _Lazy(lambda c: self.mlp.hidden(self.post_attention_layernorm(c)), chunks,
-                       keep_bytes=2 * x.numel() * x.element_size())
-        quantize_group(("mlp.down_proj",), hidden)
+                       keep_bytes=x.numel() * x.element_size())
+        quantize_group(MLP_HIDDEN, hidden)
         for i, c in enumerate(chunks):
             h = hidden.kept.pop(i, None)
             if h is None:
                 h = self.mlp.hidden(self.post_attention_layernorm(c))
             c += self.mlp.down_proj(h)
         return x
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                record: Callable[[tuple[str, ...], torch.Tensor], None], batch: int) -> None:
+        """Pass every Linear group's input, chunk by chunk, to `record(names, input)`.
+
+        The layer as it stands (nothing replaced) on samples x (N, S, D), left untouched:
+        the statistics pass of methods that transform a layer before rounding it.
+        """
+        for c in x.split(batch):
+            a = self.input_layernorm(c)
+            record(ATTENTION_INPUT, a)
+            attn = self.self_attn.core(a, cos, sin)
+            del a
+            record(ATTENTION_OUTPUT, attn)
+            m = self.post_attention_layernorm(c + self.self_attn.o_proj(attn))
+            del attn
+            record(MLP_INPUT, m)
+            record(MLP_HIDDEN, self.mlp.hidden(m))
 
 
 class _Lazy(Sequence):

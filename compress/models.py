@@ -39,6 +39,18 @@ class Architecture:
         ("mlp.down_proj",),
     )
     norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    # For AWQ: the op producing each group's input, which absorbs the inverse of the group's
+    # input-channel scales (a norm in its weight, a Linear in its output rows). A fold whose
+    # shapes do not line up (v_proj -> o_proj under grouped-query attention) is skipped.
+    scale_folds: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.o_proj",)),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    )
+    # Linears whose outputs become attention scores: output error is a poor proxy for them,
+    # so AWQ's clipping search leaves them alone (as the reference implementation does).
+    clip_exempt: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
 
     @property
     def layer_linears(self) -> tuple[str, ...]:

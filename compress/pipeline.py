@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import compress
-from compress import data, decoder, models
+from compress import awq_layer, data, decoder, models
 from compress.errors import CompressError
 from compress.formats import checkpoint, pack_quantized
 from compress.progress import status, track
@@ -153,6 +153,9 @@ def quantize(model: str | Path | None, recipe: Recipe, out: str | Path,
     weight_map.update(dict.fromkeys(tensors, last))
 
     logs = {k: v for rec in state["done"].values() for k, v in (rec.get("log") or {}).items()}
+    for reason in sorted({v["awq"]["skipped"] for v in logs.values()
+                          if "skipped" in v.get("awq", {})}):
+        status(f"AWQ: {reason}; that group was rounded without scaling")
     _write_metadata(files, recipe, schemes, partial, weight_map, calib, logs)
     for leftover in [PROGRESS, *(p.name for p in partial.glob("activations-*"))]:
         (partial / leftover).unlink(missing_ok=True)
@@ -239,10 +242,20 @@ class _CalibratedLayers:
         cos, sin = self.rotary(0, x.shape[1])
         quantized: dict[str, QuantizedWeight] = {}
         log: dict[str, dict] = {}
+        if self.recipe.uses_awq:
+            log = awq_layer.transform(layer, self.files.arch, prefix, x, cos, sin, self.schemes,
+                                      self.recipe.awq, self.files.dtype, CALIB_BATCH)
 
         def quantize_group(names: tuple[str, ...], inputs) -> None:
             todo = [n for n in names if prefix + n in self.schemes]
             if not todo:
+                return
+            if self.recipe.rounding == "rtn":  # AWQ already chose ranges; inputs unused
+                for n in todo:
+                    module = layer.get_submodule(n)
+                    quantized[prefix + n] = rtn.quantize(module.weight, self.schemes[prefix + n],
+                                                         self.files.dtype)
+                    module.weight.data = quantized[prefix + n].dequantize()
                 return
             acc = gptq.HessianAccumulator(inputs[0].shape[-1])
             for chunk in inputs:
@@ -257,9 +270,9 @@ class _CalibratedLayers:
                 for n, module, result in zip(same, modules, results, strict=True):
                     quantized[prefix + n] = result.weight
                     module.weight.data = result.weight.dequantize()  # later groups see it
-                    log[prefix + n] = {"relative_error": result.relative_error,
-                                       "damp": result.damp,
-                                       "dead_columns": result.dead_columns, "tokens": acc.n}
+                    log.setdefault(prefix + n, {}).update(
+                        relative_error=result.relative_error, damp=result.damp,
+                        dead_columns=result.dead_columns, tokens=acc.n)
 
         x = layer.calibrate(x, cos, sin, quantize_group, CALIB_BATCH)
         self.hidden = x
@@ -268,8 +281,13 @@ class _CalibratedLayers:
             module, _, leaf = name.rpartition(".")
             if module in quantized and leaf == "weight":
                 tensors.update(pack_quantized.to_tensors(module, quantized[module]))
-            else:
-                tensors[name] = self.files.tensors.get(name)
+            else:  # from the layer: AWQ may have rescaled norms, biases and dense Linears
+                stored = self.files.tensors.get(name)
+                try:
+                    current = layer.get_parameter(name.removeprefix(prefix))
+                except AttributeError:  # a buffer the decoder does not use
+                    current = stored
+                tensors[name] = current.to(stored.dtype)
         return tensors, log
 
     def commit(self, i: int) -> None:
@@ -292,7 +310,7 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
     config = dict(files.config)
     dense_linears = [n for n in [*files.linear_names(), files.arch.lm_head] if n not in schemes]
     actorder = None
-    if recipe.method == "gptq" and recipe.gptq.act_order:
+    if recipe.rounding == "gptq" and recipe.gptq.act_order:
         actorder = "weight" if recipe.gptq.static_groups else "group"
     config["quantization_config"] = pack_quantized.quantization_config(schemes, dense_linears,
                                                                        actorder)

@@ -25,11 +25,12 @@ import yaml
 
 from compress.errors import CompressError
 from compress.quant import QuantScheme
+from compress.quant.awq import AWQConfig
 from compress.quant.gptq import GPTQConfig
 
-METHODS = ("rtn", "gptq")
-CALIBRATED_METHODS = ("gptq",)
-PLANNED_METHODS = ("awq", "awq+gptq")
+# awq: AWQ scaling and clipping, then RTN; awq+gptq: AWQ scaling, then GPTQ rounding.
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+CALIBRATED_METHODS = ("gptq", "awq", "awq+gptq")
 RECIPE_VERSION = 1
 
 
@@ -76,16 +77,23 @@ class Recipe:
     overrides: tuple[Override, ...] = ()
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    awq: AWQConfig = field(default_factory=AWQConfig)
 
     @property
     def calibrated(self) -> bool:
         return self.method in CALIBRATED_METHODS
 
+    @property
+    def uses_awq(self) -> bool:
+        return self.method.startswith("awq")
+
+    @property
+    def rounding(self) -> str:
+        """How weights are finally rounded: "gptq" or "rtn"."""
+        return "gptq" if self.method.endswith("gptq") else "rtn"
+
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            if self.method in PLANNED_METHODS:
-                raise CompressError(f"method {self.method!r} is not implemented yet; "
-                                    f"available: {', '.join(METHODS)}")
             raise CompressError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
         for pattern in (*self.ignore, *(o.pattern for o in self.overrides)):
             if pattern.startswith("re:"):
@@ -106,7 +114,7 @@ class Recipe:
 
     @property
     def label(self) -> str:
-        act = "-noactorder" if self.method == "gptq" and not self.gptq.act_order else ""
+        act = "-noactorder" if self.rounding == "gptq" and not self.gptq.act_order else ""
         return f"{self.method}-{self.scheme.label}{act}" + ("-mixed" if self.overrides else "")
 
     def to_dict(self) -> dict:
@@ -118,7 +126,9 @@ class Recipe:
             "ignore": list(self.ignore),
             "overrides": [{"pattern": o.pattern, **o.scheme.to_dict()} for o in self.overrides],
         }
-        if self.method == "gptq":
+        if self.uses_awq:
+            data["awq"] = self.awq.to_dict()
+        if self.rounding == "gptq":
             data["gptq"] = self.gptq.to_dict()
         if self.calibrated:
             data["calibration"] = asdict(self.calibration)
@@ -132,7 +142,8 @@ class Recipe:
         if not isinstance(data, dict):
             raise CompressError(f"{source} must be a mapping with keys method, scheme, ignore, "
                                 "overrides")
-        allowed = {"version", "method", "scheme", "ignore", "overrides", "gptq", "calibration"}
+        allowed = {"version", "method", "scheme", "ignore", "overrides", "gptq", "awq",
+                   "calibration"}
         unknown = set(data) - allowed
         if unknown:
             raise CompressError(f"{source}: unknown keys {sorted(unknown)}; allowed: "
@@ -159,7 +170,8 @@ class Recipe:
         gptq = _section(GPTQConfig, data.get("gptq", {}), f"{source}: gptq")
         calibration = _section(CalibrationConfig, data.get("calibration", {}),
                                f"{source}: calibration")
-        return cls(method, scheme, tuple(ignore), tuple(overrides), gptq, calibration)
+        awq = _section(AWQConfig, data.get("awq", {}), f"{source}: awq")
+        return cls(method, scheme, tuple(ignore), tuple(overrides), gptq, calibration, awq)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:

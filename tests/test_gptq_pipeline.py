@@ -169,7 +169,7 @@ def test_layer_calibration_walks_the_declared_groups_and_equals_forward(tiny_lla
         for name in names:  # stands in for quantisation: later groups must see it
             layer.get_submodule(name).weight.data.mul_(0.5).round_(decimals=2)
 
-    # intermediate 160 > 2 x hidden 64: of the 3 MLP-hidden chunks, 2 are kept, 1 recomputed
+    # intermediate 160 > hidden 64: of the 3 MLP-hidden chunks 1 is kept, 2 are recomputed
     got = layer.calibrate(x.clone(), cos, sin, record, batch=2)
     assert tuple(seen) == files.arch.linear_groups
     expected = layer(x, cos, sin, 0, None, 1)

@@ -114,3 +114,21 @@ def quantize(
         bits=scheme.bits,
         group_size=scheme.group_size,
     )
+
+
+def fake_quantize_grouped(groups: torch.Tensor, scheme: QuantScheme,
+                          scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """RTN then dequantise, on grouped weights [..., group]: a search's inner step."""
+    scale, zero = qparams(groups, scheme.bits, scheme.symmetric, scale_dtype)
+    s = scale.unsqueeze(-1)
+    z = None if zero is None else zero.unsqueeze(-1)
+    return dequantize_codes(quantize_codes(groups, s, z, scheme.bits), s, z, scheme.bits)
+
+
+def fake_quantize(weight: torch.Tensor, scheme: QuantScheme,
+                  scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """`quantize(weight, scheme).dequantize()` without packing: float32 [out, in]."""
+    out_features, in_features = weight.shape
+    groups = grouped(weight.to(torch.float32), scheme.group_size)
+    deq = fake_quantize_grouped(groups, scheme, scale_dtype)
+    return deq.reshape(out_features, -1)[:, :in_features]

@@ -58,7 +58,7 @@ def test_recipe_yaml_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("data,message", [
     ({"method": "magic"}, "unknown method 'magic'"),
-    ({"method": "awq"}, "not implemented yet"),
+    ({"method": "awq", "awq": {"grid": -1}}, "awq: AWQ grid must be a positive integer"),
     ({"scheme": {"bits": 5}}, "bits=5 is not supported"),
     ({"scheme": {"bitz": 4}}, "unknown keys"),
     ({"colour": "red"}, "unknown keys"),

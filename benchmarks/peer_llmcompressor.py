@@ -1,4 +1,4 @@
-"""Peer GPTQ baseline: llm-compressor's GPTQModifier on CPU, fed our calibration ids.
+"""Peer baselines: llm-compressor's GPTQModifier or AWQModifier on CPU, fed our calibration ids.
 
 Needs its own virtual environment (never install llmcompressor into the system
 Python, and never let pip pull another torch). Recreate it with:
@@ -13,7 +13,7 @@ compressed-tensors 0.19.0 (llmcompressor pins these; they shadow the system 5.24
 
 Run (does not import the `compress` package; no hub access, HF_HUB_OFFLINE=1):
 
-    /tmp/peer-venv/bin/python benchmarks/peer_gptq.py \
+    /tmp/peer-venv/bin/python benchmarks/peer_llmcompressor.py --method gptq \
         --model /root/.cache/compress/models/smollm2-135m-0.1.2-fp16 \
         --calib-ids /tmp/calib128.pt --out /tmp/peer-out-w4 --json /tmp/peer-w4.json
 
@@ -23,7 +23,9 @@ Schemes (symmetric int, lm_head not quantised): w4 / w3 = group 64 for q/k/v/o/g
 --actorder none|weight ("weight" = "static"; llm-compressor's own default; "group"/"dynamic"
 is rejected by GPTQ in 0.14: "Only 'weight' and 'static' are supported").
 GPTQ settings: dampening_frac 0.01, block_size 128, sequential (layer-by-layer)
-pipeline, batch size 1. Calibration runs in float32 by default (CPU fp16 is very slow);
+pipeline, batch size 1. AWQ (--method awq): AWQModifier (n_grid 20, duo_scaling True, its
+defaults; it has no clipping search) followed by QuantizationModifier (RTN) with the same
+config groups. Calibration runs in float32 by default (CPU fp16 is very slow);
 the model is cast to float16 (the source dtype) before saving with save_compressed=True
 (compressed-tensors pack-quantized). Note llm-compressor's symmetric scale is
 absmax / ((2**b - 1) / 2), e.g. absmax / 7.5 at 4 bits.
@@ -49,8 +51,17 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from llmcompressor import oneshot  # noqa: E402
-from llmcompressor.modifiers.quantization import GPTQModifier  # noqa: E402
+from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier  # noqa: E402
+from llmcompressor.modifiers.transform.awq import AWQModifier  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+if not torch.cuda.is_available():
+    # llm-compressor 0.14's AWQ pins its activation cache unconditionally, which CPU-only
+    # torch refuses ("Cannot access accelerator device"). Pinning only speeds host-to-GPU
+    # copies, so on CPU a no-op changes nothing else.
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
 SMALL = r"re:.*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj)$"
 DOWN = r"re:.*down_proj$"
@@ -78,6 +89,7 @@ def config_groups(scheme: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="/root/.cache/compress/models/smollm2-135m-0.1.2-fp16")
+    ap.add_argument("--method", choices=["gptq", "awq"], default="gptq")
     ap.add_argument("--calib-ids", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--json", default=None)
@@ -107,13 +119,17 @@ def main() -> None:
     t_load = time.perf_counter() - t_load
 
     groups = config_groups(args.scheme)
-    recipe = GPTQModifier(
-        config_groups=groups,
-        ignore=["lm_head"],
-        block_size=128,
-        dampening_frac=0.01,
-        actorder=None if args.actorder == "none" else args.actorder,
-    )
+    if args.method == "gptq":
+        recipe = GPTQModifier(
+            config_groups=groups,
+            ignore=["lm_head"],
+            block_size=128,
+            dampening_frac=0.01,
+            actorder=None if args.actorder == "none" else args.actorder,
+        )
+    else:
+        recipe = [AWQModifier(n_grid=20, duo_scaling=True),
+                  QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
 
     t1 = time.perf_counter()
     model = oneshot(
@@ -137,7 +153,7 @@ def main() -> None:
     save_s = time.perf_counter() - t2
 
     result = {
-        "peer": "llmcompressor.GPTQModifier",
+        "peer": f"llmcompressor.{'GPTQModifier' if args.method == 'gptq' else 'AWQModifier'}",
         "scheme": args.scheme,
         "actorder": args.actorder,
         "config_groups": groups,

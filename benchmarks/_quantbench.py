@@ -1,0 +1,65 @@
+"""Shared by the quantiser benchmarks: ours and the peer run as child processes (timed, peak
+RSS from wait4), on the same calibration token ids, and one harness scores every checkpoint."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from _child import run_measured
+
+from compress import api, assets, data
+
+HERE = Path(__file__).parent
+PEER_PYTHON = Path("/tmp/peer-venv/bin/python")  # see benchmarks/peer_llmcompressor.py
+
+
+def run_child(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of a child process; exits on failure."""
+    code, seconds, rss, tail = run_measured(cmd)
+    if code:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{tail}")
+    return seconds, rss
+
+
+def quantize(method: str, bits: int, group: int, extra: list[str], out: Path,
+             calib_samples: int, calib_seqlen: int, eval_tokens: int) -> dict:
+    """`compress quantize` in a child process, then perplexity of what it wrote."""
+    cmd = [sys.executable, "-m", "compress.cli", "quantize", "--method", method,
+           "--bits", str(bits), "--group-size", str(group), "--out", str(out), "--overwrite",
+           "--no-eval", "-q", *extra]
+    if method != "rtn":
+        cmd += ["--calib-samples", str(calib_samples), "--calib-seqlen", str(calib_seqlen)]
+    seconds, rss = run_child(cmd)
+    ppl = api.evaluate_perplexity(out, max_tokens=eval_tokens)
+    return {"seconds": seconds, "peak_rss_bytes": rss, "ppl": ppl.ppl}
+
+
+def calibration_ids(work: Path, samples: int, seqlen: int) -> Path:
+    """Our calibration windows as token ids, for the peer to consume verbatim."""
+    base = assets.bundled_model_dir()
+    calib = data.calibration_set(data.load_tokenizer(base), None, samples, seqlen, 0)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "calib_ids.pt"
+    torch.save(calib.samples, path)
+    return path
+
+
+def peer(method: str, bits: int, actorder: str, calib_ids: Path, work: Path, name: str,
+         eval_tokens: int, peer_python: Path = PEER_PYTHON) -> dict:
+    """llm-compressor's modifier on the same model and ids, scored by our harness."""
+    out, report = work / f"peer-{method}-{name}", work / f"peer-{method}-{name}.json"
+    wall, rss = run_child([str(peer_python), str(HERE / "peer_llmcompressor.py"),
+                           "--method", method, "--model", str(assets.bundled_model_dir()),
+                           "--calib-ids", str(calib_ids), "--scheme", f"w{bits}",
+                           "--out", str(out), "--actorder", actorder, "--json", str(report)])
+    info = json.loads(report.read_text())
+    ppl = api.evaluate_perplexity(out, max_tokens=eval_tokens).ppl
+    return {**info, "process_seconds": wall, "process_peak_rss_bytes": rss, "ppl": ppl}
+
+
+def write_json(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
