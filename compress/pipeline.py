@@ -143,6 +143,7 @@ def quantize(model: str | Path | None, recipe: Recipe, out: str | Path,
             worst = max(v["relative_error"] for v in log.values())
             bar.set_postfix_str(f"max rel. error {worst:.4f}")
         del tensors
+        files.tensors.release()  # else every layer read so far stays mapped, and resident
 
     layer_names = {n for i in range(n_layers)
                    for n in files.tensors.with_prefix(files.arch.layer_prefix(i))}

@@ -143,6 +143,11 @@ class SafetensorsDir:
                                     "re-download or re-quantise it") from None
         return self._handles[file]
 
+    def release(self) -> None:
+        """Close the open files. Their memory maps keep every page read so far resident
+        (and counted in RSS), so layer-by-layer readers call this after each layer."""
+        self._handles.clear()
+
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
