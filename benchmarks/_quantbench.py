@@ -60,6 +60,18 @@ def peer(method: str, bits: int, actorder: str, calib_ids: Path, work: Path, nam
     return {**info, "process_seconds": wall, "process_peak_rss_bytes": rss, "ppl": ppl}
 
 
-def write_json(path: Path, report: dict) -> None:
+def write_report(path: Path, benchmark: str, args, fp16, **sections) -> None:
+    """The benchmark's JSON: the shared protocol header, then its own sections."""
+    report = {
+        "benchmark": benchmark,
+        "model": "smollm2-135m (bundled)",
+        "threads": torch.get_num_threads(),
+        "calibration": {"samples": args.calib_samples, "seqlen": args.calib_seqlen,
+                        "source": "bundled calibration split, seed 0"},
+        "perplexity_protocol": {"ctx": fp16.ctx, "windows": fp16.windows,
+                                "tokens_scored": fp16.tokens},
+        "fp16_ppl": fp16.ppl,
+        **sections,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -16,8 +16,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
-from _quantbench import HERE, PEER_PYTHON, calibration_ids, peer, quantize, write_json
+from _quantbench import HERE, PEER_PYTHON, calibration_ids, peer, quantize, write_report
 
 from compress import api, assets
 from compress.progress import set_quiet
@@ -52,17 +51,7 @@ def main() -> None:
     have_peer = args.peer_python.is_file()
 
     def save() -> None:  # after every measurement, so an interrupted run keeps its numbers
-        write_json(args.json, {
-            "benchmark": "awq",
-            "model": "smollm2-135m (bundled)",
-            "threads": torch.get_num_threads(),
-            "calibration": {"samples": args.calib_samples, "seqlen": args.calib_seqlen,
-                            "source": "bundled calibration split, seed 0"},
-            "perplexity_protocol": {"ctx": fp16.ctx, "windows": fp16.windows,
-                                    "tokens_scored": fp16.tokens},
-            "fp16_ppl": fp16.ppl,
-            "settings": rows,
-        })
+        write_report(args.json, "awq", args, fp16, settings=rows)
 
     for name in args.settings.split(","):
         bits, group = SETTINGS[name]

@@ -16,8 +16,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
-from _quantbench import HERE, PEER_PYTHON, calibration_ids, peer, quantize, write_json
+from _quantbench import HERE, PEER_PYTHON, calibration_ids, peer, quantize, write_report
 
 from compress import api, assets
 from compress.progress import set_quiet
@@ -50,18 +49,7 @@ def main() -> None:
     calib = (args.calib_samples, args.calib_seqlen, args.eval_tokens)
 
     def save() -> None:  # after every measurement, so an interrupted run keeps its numbers
-        write_json(args.json, {
-            "benchmark": "gptq",
-            "model": "smollm2-135m (bundled)",
-            "threads": torch.get_num_threads(),
-            "calibration": {"samples": args.calib_samples, "seqlen": args.calib_seqlen,
-                            "source": "bundled calibration split, seed 0"},
-            "perplexity_protocol": {"ctx": fp16.ctx, "windows": fp16.windows,
-                                    "tokens_scored": fp16.tokens},
-            "fp16_ppl": fp16.ppl,
-            "settings": rows,
-            "peer": peers,
-        })
+        write_report(args.json, "gptq", args, fp16, settings=rows, peer=peers)
 
     for name in args.settings.split(","):
         bits, group, extra = SETTINGS[name]
