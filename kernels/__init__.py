@@ -4,17 +4,23 @@ Imports torch (and triton, for GPU kernels) only: it knows packed tensors and
 shapes, nothing of models or quantisation algorithms.
 """
 
-from .dispatch import backend_name, linear
+from .dispatch import Kernel, backend_name, linear, prepare, run
 from .packing import SUPPORTED_BITS, pack, packed_width, unpack
 from .reference import dequantize, group_index
+from .weights import PackedWeights, concat_outputs
 
 __all__ = [
     "SUPPORTED_BITS",
+    "Kernel",
+    "PackedWeights",
     "backend_name",
+    "concat_outputs",
     "dequantize",
     "group_index",
     "linear",
     "pack",
     "packed_width",
+    "prepare",
+    "run",
     "unpack",
 ]

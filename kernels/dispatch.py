@@ -1,35 +1,116 @@
-"""Choose the matmul implementation for packed weights.
+"""Choose and run the matmul implementation for packed weights.
 
-`COMPRESS_KERNEL=reference` forces one backend; with it unset the best available
-backend for the device is used. Only the reference backend exists so far; the fast
-CPU and Triton paths register here when they land.
+Automatic choice: Triton on CUDA, torch's weight-only ops on CPU (cpu.py), the float32
+reference otherwise or where the chosen backend cannot serve a weight's layout.
+`COMPRESS_KERNEL=reference|cpu|triton` forces one; a forced backend that cannot serve a
+weight is an error naming why, never a silent fallback.
+
+Backends repack once (`prepare`) and then run many times (`run`); callers that keep
+a Linear around (QuantLinear) hold the `Kernel` that `prepare` returns.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from . import reference
+from . import cpu, reference
+from .weights import PackedWeights
 
-LinearFn = Callable[..., torch.Tensor]
-
-BACKENDS: dict[str, LinearFn] = {"reference": reference.linear}
+ENV = "COMPRESS_KERNEL"
 
 
-def backend_name(device: torch.device) -> str:
-    """The backend `linear` uses on `device` (honours COMPRESS_KERNEL)."""
-    forced = os.environ.get("COMPRESS_KERNEL", "").strip().lower()
+class _Reference:
+    """The oracle as a backend: dequantise in float32 on every call, multiply."""
+
+    @staticmethod
+    def unsupported(w: PackedWeights, device: torch.device) -> str | None:
+        return None
+
+    @staticmethod
+    def prepare(w: PackedWeights) -> PackedWeights:
+        return w
+
+    @staticmethod
+    def linear(x: torch.Tensor, w: PackedWeights, bias: torch.Tensor | None) -> torch.Tensor:
+        return reference.linear(x, w.qweight, w.scales, w.zeros, w.g_idx, bits=w.bits,
+                                group_size=w.group_size, in_features=w.in_features, bias=bias)
+
+
+def _triton() -> Any:
+    try:
+        from . import triton_qmm
+    except ImportError:  # triton not installed: the backend is simply absent
+        return None
+    return triton_qmm
+
+
+@functools.cache
+def backends() -> dict[str, Any]:
+    found: dict[str, Any] = {"reference": _Reference, "cpu": cpu}
+    triton_backend = _triton()
+    if triton_backend is not None:
+        found["triton"] = triton_backend
+    return found
+
+
+def requested() -> str:
+    """The backend forced through COMPRESS_KERNEL ('' when unset)."""
+    return os.environ.get(ENV, "").strip().lower()
+
+
+def choose(w: PackedWeights, device: torch.device) -> str:
+    """The backend that serves `w` on `device` (honours COMPRESS_KERNEL)."""
+    available = backends()
+    forced = requested()
     if forced:
-        if forced not in BACKENDS:
-            raise ValueError(
-                f"COMPRESS_KERNEL={forced!r} is not available; choose one of: "
-                f"{', '.join(sorted(BACKENDS))}"
-            )
+        if forced not in available:
+            raise ValueError(f"{ENV}={forced!r} is not available; choose one of: "
+                             f"{', '.join(sorted(available))}")
+        reason = available[forced].unsupported(w, device)
+        if reason:
+            raise ValueError(f"{ENV}={forced} cannot serve this weight: {reason}; unset "
+                             f"{ENV} to let the dispatcher choose")
         return forced
+    preferred = "triton" if device.type == "cuda" else "cpu"
+    if preferred in available and available[preferred].unsupported(w, device) is None:
+        return preferred
     return "reference"
+
+
+@dataclass(frozen=True, eq=False)
+class Kernel:
+    """A weight prepared for one backend on one device."""
+
+    backend: str
+    device: torch.device
+    forced: str
+    payload: Any
+    fn: Callable[..., torch.Tensor]
+
+    def serves(self, device: torch.device) -> bool:
+        return device == self.device and requested() == self.forced
+
+
+def prepare(w: PackedWeights, device: torch.device | None = None) -> Kernel:
+    device = torch.device(device) if device is not None else w.device
+    name = choose(w, device)
+    backend = backends()[name]
+    return Kernel(name, device, requested(), backend.prepare(w), backend.linear)
+
+
+def run(kernel: Kernel, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W.T (+ bias) through the prepared kernel."""
+    return kernel.fn(x, kernel.payload, bias)
+
+
+def backend_name(w: PackedWeights, device: torch.device | None = None) -> str:
+    return choose(w, torch.device(device) if device is not None else w.device)
 
 
 def linear(
@@ -44,7 +125,7 @@ def linear(
     in_features: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = x @ W.T (+ bias) straight from packed weights (arguments: see reference.py)."""
-    fn = BACKENDS[backend_name(x.device)]
-    return fn(x, qweight, scales, zeros, g_idx, bits=bits, group_size=group_size,
-              in_features=in_features, bias=bias)
+    """One-shot y = x @ W.T (+ bias): prepares on every call, so hold a `Kernel` instead
+    wherever the same weight is used twice."""
+    w = PackedWeights(qweight, scales, zeros, g_idx, bits, group_size, in_features)
+    return run(prepare(w, x.device), x, bias)

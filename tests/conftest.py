@@ -16,6 +16,9 @@ import torch
 
 os.environ["COMPRESS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Triton kernels run in its interpreter on CPU tensors (no GPU in CI). It must be set
+# before triton is first imported, which any dispatch may do.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from compress import assets
 from compress.errors import CompressError
@@ -24,6 +27,21 @@ from compress.progress import set_quiet
 set_quiet(True)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture
+def exact_kernels(monkeypatch):
+    """Packed matmuls through the float32 reference: for tests that compare our numbers
+    with another implementation's exactly (the fast paths compute in 16 bits; load such
+    models with `exact_load`, which also keeps the output head in float32)."""
+    monkeypatch.setenv("COMPRESS_KERNEL", "reference")
+
+
+def exact_load(path):
+    """Our decoder computing everything in float32 (see `exact_kernels`)."""
+    from compress import decoder
+
+    return decoder.load(path, dtype=torch.float32, head_dtype=torch.float32)[0]
 
 
 @pytest.fixture(scope="session")

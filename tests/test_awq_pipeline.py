@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import exact_load
 from transformers import AutoModelForCausalLM
 
 from compress import api, awq_layer, decoder, models, pipeline, progress
@@ -74,7 +75,8 @@ def test_transform_without_clipping_changes_no_logits(tiny_factory, kv_heads):
 
 
 @pytest.mark.parametrize("method", ["awq", "awq+gptq"])
-def test_awq_checkpoint_is_plain_and_loads_in_transformers(tiny_llama, tmp_path, method):
+def test_awq_checkpoint_is_plain_and_loads_in_transformers(tiny_llama, tmp_path, method,
+                                                           exact_kernels):
     out = tmp_path / method
     result = pipeline.quantize(tiny_llama, awq_recipe(method), out)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -85,7 +87,7 @@ def test_awq_checkpoint_is_plain_and_loads_in_transformers(tiny_llama, tmp_path,
     stored = models.open_model(out).tensors.get("model.layers.0.input_layernorm.weight")
     assert stored.dtype == source.dtype and not torch.equal(stored, source)
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ours, _ = decoder.load(out)
+    ours = exact_load(out)
     tokens = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), theirs(tokens).logits, rtol=1e-4, atol=1e-4)

@@ -106,3 +106,22 @@ def test_too_long_request_is_a_clear_error(tiny_llama):
     ours, _ = decoder.load(tiny_llama)
     with pytest.raises(CompressError, match="exceeds the model's 512 positions"):
         list(decoder.generate(ours, [1] * 500, decoder.SamplingParams(max_new_tokens=20)))
+
+
+def test_packed_model_on_cpu_keeps_a_half_precision_head(bundled_dir, tmp_path):
+    from compress import pipeline
+    from compress.quant import QuantScheme
+    from compress.recipe import Recipe
+
+    out = tmp_path / "w8"
+    pipeline.quantize(bundled_dir, Recipe("rtn", QuantScheme(8, -1, True)), out)
+    fast, _ = decoder.load(out)
+    exact, _ = decoder.load(out, head_dtype=torch.float32)
+    assert fast.model.embed_tokens.weight.dtype == torch.float16 and fast.dtype == torch.float32
+    tokens = torch.arange(200, 216)[None]
+    with torch.inference_mode():
+        a, b = fast(tokens), exact(tokens)
+    assert a.dtype == torch.float32
+    assert float((a - b).norm() / b.norm()) < 1e-2
+    dense, _ = decoder.load(bundled_dir)  # dense checkpoints stay float32 throughout
+    assert dense.model.embed_tokens.weight.dtype == torch.float32

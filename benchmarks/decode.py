@@ -1,0 +1,169 @@
+"""Decode speed of packed checkpoints on CPU, against fp32 transformers, the DRAM roofline
+and llama.cpp, in one run.
+
+    python benchmarks/decode.py [--new-tokens 128] [--json benchmarks/results/decode.json]
+                                [--llama-python /tmp/llama-venv/bin/python | --no-llama-cpp]
+
+Batch 1, greedy, prefill excluded. The bundled model is quantised with RTN (the
+kernels' speed does not depend on how the codes were chosen) to W4 g128 and W8
+per-channel; both run through the dispatcher's default CPU path. The roofline is the
+bytes one decode step must read (every prepared packed weight, the output head, the
+KV cache at the run's mean length) over the DRAM read bandwidth measured here.
+llama.cpp runs in its own venv (see peer_llamacpp.py) with the same thread count. Run on
+an idle machine: everything is timed serially, and only ratios within a run mean much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from _speed import memory_bandwidth, prepared_bytes
+from foundation import PROMPT, decode_speed_ours, decode_speed_transformers
+
+import compress
+from compress import assets, data, decoder, pipeline
+from compress.nn import QuantLinear, SharedInputLinears
+from compress.progress import set_quiet
+from compress.quant import QuantScheme
+from compress.recipe import Recipe
+
+HERE = Path(__file__).parent
+LLAMA_PYTHON = Path("/tmp/llama-venv/bin/python")
+SCHEMES = {"int4": QuantScheme(4, 128, True), "int8": QuantScheme(8, -1, True)}
+
+
+def step_bytes(model: decoder.CausalLM, context: int) -> dict:
+    """Bytes read by one decode step, by part (after a forward has prepared the kernels)."""
+    weights = 0
+    fused = set()
+    for module in model.modules():
+        for shared in vars(module).values():
+            if isinstance(shared, SharedInputLinears) and shared._kernel is not None:
+                weights += prepared_bytes(shared._kernel)
+                fused.update(shared._members)
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module not in fused:
+            weights += prepared_bytes(module.kernel(model.device))
+        elif isinstance(module, torch.nn.Linear):
+            weights += module.weight.nbytes
+    head = model.model.embed_tokens.weight.nbytes if model.lm_head is None else 0
+    norms = sum(p.nbytes for n, p in model.named_parameters() if n.endswith("norm.weight"))
+    c = model.cfg
+    kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * context * model.dtype.itemsize
+    return {"packed_and_dense_linears": weights, "output_head": head, "norms": norms,
+            "kv_cache": kv, "total": weights + head + norms + kv}
+
+
+def llama_cpp(python: Path, new_tokens: int, work: Path) -> dict | None:
+    if not python.exists():
+        print(f"llama.cpp skipped: {python} not found (see benchmarks/peer_llamacpp.py)")
+        return None
+    out = work / "llama.json"
+    cmd = [str(python), str(HERE / "peer_llamacpp.py"), "--json", str(out),
+           "--new-tokens", str(new_tokens), "--n-threads", str(torch.get_num_threads()),
+           "--repeats", "3", "--quants", "Q4_0,Q8_0"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"llama.cpp failed: {result.stderr[-2000:]}")
+        return None
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "decode.json")
+    parser.add_argument("--llama-python", type=Path, default=LLAMA_PYTHON)
+    parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument("--with-reference", action="store_true",
+                        help="also time the float32 reference kernel (slow)")
+    args = parser.parse_args()
+    set_quiet(True)
+    os.environ.pop("COMPRESS_KERNEL", None)
+
+    base = assets.bundled_model_dir()
+    prompt = data.load_tokenizer(base)(PROMPT).input_ids
+    context = len(prompt) + args.new_tokens // 2
+    speeds, bytes_per_token = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name, scheme in SCHEMES.items():
+            pipeline.quantize(base, Recipe("rtn", scheme), work / name)
+        bandwidth = memory_bandwidth()
+        print(f"DRAM read {bandwidth['read_gb_s']:.1f} GB/s, "
+              f"copy {bandwidth['copy_gb_s']:.1f} GB/s")
+        speeds["transformers_fp32"] = decode_speed_transformers(base, prompt, args.new_tokens)
+        speeds["compress_fp32"] = decode_speed_ours(base, prompt, args.new_tokens)
+        dense, _ = decoder.load(base)
+        bytes_per_token["fp32"] = step_bytes(dense, context)
+        del dense
+        for name in SCHEMES:
+            speeds[name] = decode_speed_ours(work / name, prompt, args.new_tokens)
+            model, _ = decoder.load(work / name)
+            with torch.inference_mode():
+                model(torch.tensor([prompt]))  # prepares every kernel
+            bytes_per_token[name] = step_bytes(model, context)
+            del model
+            if args.with_reference:
+                os.environ["COMPRESS_KERNEL"] = "reference"
+                speeds[f"{name}_reference"] = decode_speed_ours(work / name, prompt,
+                                                                args.new_tokens)
+                del os.environ["COMPRESS_KERNEL"]
+        peer = None if args.no_llama_cpp else llama_cpp(args.llama_python, args.new_tokens,
+                                                          work)
+
+    read = bandwidth["read_gb_s"] * 1e9
+    roofline = {k: read / v["total"] for k, v in bytes_per_token.items()}
+    hf = speeds["transformers_fp32"]
+    report = {
+        "benchmark": "decode", "model": "smollm2-135m (bundled)",
+        "compress_version": compress.__version__, "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "batch": 1, "new_tokens": args.new_tokens,
+        "prompt_tokens": len(prompt), "bandwidth": bandwidth,
+        "decode_tok_s": speeds, "bytes_per_token": bytes_per_token,
+        "roofline_tok_s": roofline,
+        "int4_over_fp32": speeds["int4"] / hf,
+        "int8_over_fp32": speeds["int8"] / hf,
+        "int4_of_roofline": speeds["int4"] / roofline["int4"],
+        "int8_of_roofline": speeds["int8"] / roofline["int8"],
+        "fp32_of_roofline": speeds["compress_fp32"] / roofline["fp32"],
+    }
+    if peer:
+        q4 = peer["results"]["Q4_0"]["decode_tok_s"]
+        report["llama_cpp"] = peer
+        report["int4_over_llama_cpp_q4_0"] = speeds["int4"] / q4
+        if "Q8_0" in peer["results"]:
+            report["int8_over_llama_cpp_q8_0"] = (speeds["int8"]
+                                                  / peer["results"]["Q8_0"]["decode_tok_s"])
+    print(f"\n{'path':<22}{'tok/s':>8}{'MB/token':>10}{'roofline':>10}{'of roofline':>13}")
+    for key, label in [("transformers_fp32", "transformers fp32"), ("compress_fp32", "ours fp32"),
+                       ("int4", "ours INT4 (cpu op)"), ("int8", "ours INT8 (cpu op)")]:
+        kind = "fp32" if "fp32" in key else key
+        mb = bytes_per_token[kind]["total"] / 1e6
+        print(f"{label:<22}{speeds[key]:>8.1f}{mb:>10.1f}{roofline[kind]:>10.1f}"
+              f"{speeds[key] / roofline[kind]:>12.0%}")
+    for key in ("int4_reference", "int8_reference"):
+        if key in speeds:
+            print(f"{'ours ' + key:<22}{speeds[key]:>8.1f}")
+    if peer:
+        for quant, r in peer["results"].items():
+            print(f"{'llama.cpp ' + quant:<22}{r['decode_tok_s']:>8.1f}"
+                  f"{r['file_bytes'] / 1e6:>10.1f} (file)")
+    print(f"\nINT4 / transformers fp32: {report['int4_over_fp32']:.2f}x (goal >= 3)")
+    print(f"INT4 of DRAM roofline: {report['int4_of_roofline']:.0%} (goal >= 60%)")
+    if peer:
+        print(f"INT4 / llama.cpp Q4_0: {report['int4_over_llama_cpp_q4_0']:.2f}x (goal >= 0.8)")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Per-shape CPU matmul speed: packed weights through each backend vs dense float32/bf16.
+
+    python benchmarks/kernels.py [--json benchmarks/results/kernels.json]
+
+Shapes are the bundled model's Linears (q/o, k/v, fused q/k/v, gate/up, fused gate/up,
+down) and its output head, at M = 1 (decode), 16, 128 and 512 rows. Weights are random
+W4 g128 / W8 per-channel codes; time does not depend on the values. GB/s counts the
+bytes of the weight as each path stores it; the same-run ratio to dense float32 is the
+figure to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from _speed import best_seconds, memory_bandwidth, prepared_bytes
+
+from compress import kernels
+
+HERE = Path(__file__).parent
+SHAPES = {  # name: (N, K)
+    "q_proj/o_proj": (576, 576), "k_proj/v_proj": (192, 576), "qkv fused": (960, 576),
+    "gate/up": (1536, 576), "gate_up fused": (3072, 576), "down_proj": (576, 1536),
+}
+ROWS = (1, 16, 128, 512)
+
+
+def random_packed(n: int, k: int, bits: int, group: int) -> kernels.PackedWeights:
+    gen = torch.Generator().manual_seed(n * k + bits)
+    half = 1 << (bits - 1)
+    codes = torch.randint(-half, half, (n, k), generator=gen, dtype=torch.int8)
+    groups = 1 if group == -1 else -(-k // group)
+    scales = (torch.rand(n, groups, generator=gen) * 0.01).to(torch.float16)
+    return kernels.PackedWeights(kernels.pack(codes, bits), scales, None, None, bits, group, k)
+
+
+def bench_shape(n: int, k: int, m: int, with_reference: bool) -> dict:
+    x = torch.randn(m, k)
+    dense = torch.randn(n, k) * 0.02
+    dense_bf16 = dense.to(torch.bfloat16)
+    x_bf16 = x.to(torch.bfloat16)
+    row = {}
+    t = best_seconds(lambda: F.linear(x, dense))
+    row["dense_fp32"] = {"us": t * 1e6, "gb_s": dense.nbytes / t / 1e9}
+    t = best_seconds(lambda: F.linear(x_bf16, dense_bf16))
+    row["dense_bf16"] = {"us": t * 1e6, "gb_s": dense_bf16.nbytes / t / 1e9}
+    for label, bits, group in (("int4_g128", 4, 128), ("int8_channel", 8, -1)):
+        w = random_packed(n, k, bits, group)
+        backends = ("cpu", "reference") if with_reference else ("cpu",)
+        for backend in backends:
+            os.environ["COMPRESS_KERNEL"] = backend
+            kernel = kernels.prepare(w, torch.device("cpu"))
+            t = best_seconds(lambda kernel=kernel: kernels.run(kernel, x))
+            row[f"{label}_{backend}"] = {"us": t * 1e6,
+                                         "gb_s": prepared_bytes(kernel) / t / 1e9}
+        os.environ.pop("COMPRESS_KERNEL", None)
+    for value in row.values():
+        value["speedup_vs_fp32"] = row["dense_fp32"]["us"] / value["us"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "kernels.json")
+    parser.add_argument("--with-reference", action="store_true")
+    args = parser.parse_args()
+    results = {}
+    shapes = {**SHAPES, "lm_head (tied)": (49152, 576)}
+    print(f"{'shape':<16}{'M':>5}" + "".join(f"{c:>16}" for c in (
+        "fp32 us", "bf16 us", "int4 us (GB/s)", "int8 us (GB/s)", "int4 vs fp32")))
+    for name, (n, k) in shapes.items():
+        for m in ROWS if name != "lm_head (tied)" else (1,):
+            r = bench_shape(n, k, m, args.with_reference)
+            results[f"{name} N={n} K={k} M={m}"] = r
+            i4, i8 = r["int4_g128_cpu"], r["int8_channel_cpu"]
+            print(f"{name:<16}{m:>5}{r['dense_fp32']['us']:>16.1f}{r['dense_bf16']['us']:>16.1f}"
+                  f"{i4['us']:>9.1f} ({i4['gb_s']:>4.1f}){i8['us']:>9.1f} ({i8['gb_s']:>4.1f})"
+                  f"{i4['speedup_vs_fp32']:>15.2f}x")
+    report = {"benchmark": "kernels (CPU)", "torch": torch.__version__,
+              "machine": platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "bandwidth": memory_bandwidth(),
+              "results": results}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Fast CPU path: our packed weights repacked at load time for torch's own weight-only ops.
+
+* 2, 3 and 4 bits -> `aten._weight_int4pack_mm_for_cpu`. Codes of 2 and 3 bits are
+  exact 4-bit codes too, so they take the same op (memory is then 4 bits per weight).
+  The op computes `(u - 8) * scale + zero` per group with u in 0..15, so a signed code q
+  is stored as u = q + 8 and an asymmetric zero point z folds into `zero = -z * scale`.
+* 8 bits -> `aten._weight_int8pack_mm` (y = x @ q.T * scale, one scale per row). Groups
+  become one call per group, summed; zero points fold into a rank-G correction
+  `-(per-group sums of x) @ (z * scale).T`.
+
+Both ops are fast only for bfloat16 activations (float32 and float16 inputs take a
+scalar path ~20x slower, measured in benchmarks/kernels.py), so this path computes in
+bfloat16 whatever the input dtype and returns the input dtype: W4A16 semantics, with a
+relative error around 1e-2 against the float32 reference (scales rounded to bfloat16).
+`COMPRESS_KERNEL=reference` gives float32 exactness when that matters more than speed.
+
+Shape rules of the int4 op and how we meet them: N a multiple of 16 (pad rows), K a
+multiple of the group size (pad columns with zero weights and the input with zeros),
+group size 32/64/128/256 (a group of 128 over K=576 is served as groups of 64 sharing
+a scale; per-channel as the largest such size dividing K). Act-order (`g_idx`) is
+served by sorting the columns into their groups once and gathering the input columns
+with the same permutation on every call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .packing import unpack
+from .weights import PackedWeights
+
+_OPS = torch.ops.aten
+INT4_GROUP_SIZES = (256, 128, 64, 32)
+_ROW_MULTIPLE = 16
+_INT8_COLUMN_MULTIPLE = 32
+COMPUTE_DTYPE = torch.bfloat16
+
+
+def available() -> bool:
+    return hasattr(_OPS, "_weight_int4pack_mm_for_cpu") and hasattr(_OPS, "_weight_int8pack_mm")
+
+
+@dataclass(frozen=True, eq=False)
+class Int4Prepared:
+    packed: torch.Tensor          # uint8, torch's int4 layout for [N_pad, K_pad]
+    scales_zeros: torch.Tensor    # bf16 [K_pad / group, N_pad, 2]
+    group: int
+    gather: torch.Tensor | None   # op column -> input column (K: a zero), see _gather
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True, eq=False)
+class Int8Prepared:
+    segments: tuple[tuple[int, int, torch.Tensor, torch.Tensor], ...]  # (start, end, q, scale)
+    zero_scale: torch.Tensor | None   # float32 [N, G]: z * s, asymmetric only
+    gather: torch.Tensor | None
+    in_features: int
+    out_features: int
+
+
+def _gather(columns: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The input-column index for the op's columns, None when it is the identity. Index k
+    picks the zero column `linear` appends, which is how padding columns read zeros."""
+    if columns.numel() == k and bool((columns == torch.arange(k)).all()):
+        return None
+    return columns
+
+
+def _padded_columns(order: torch.Tensor, starts: list[int], ends: list[int],
+                    multiple: int, k: int) -> tuple[torch.Tensor, list[int]]:
+    """Columns in `order`, each run [start, end) padded to `multiple` with index k;
+    returns the index and the padded runs' starts."""
+    pieces, padded_starts, at = [], [], 0
+    for a, b in zip(starts, ends, strict=True):
+        width = -(-(b - a) // multiple) * multiple
+        pieces += [order[a:b], torch.full((width - (b - a),), k, dtype=torch.long)]
+        padded_starts.append(at)
+        at += width
+    return torch.cat(pieces), padded_starts
+
+
+def _boundaries(sorted_groups: torch.Tensor) -> torch.Tensor:
+    """Positions where a new group starts (excluding 0), in sorted column order."""
+    return torch.nonzero(sorted_groups[1:] != sorted_groups[:-1]).flatten() + 1
+
+
+def _int4_group(k: int, boundaries: torch.Tensor) -> int | None:
+    """The op group size that serves these groups with the least column padding."""
+    best = None
+    for size in INT4_GROUP_SIZES:
+        if boundaries.numel() and bool((boundaries % size).any()):
+            continue
+        padded = -(-k // size) * size
+        if best is None or padded < best[0]:
+            best = (padded, size)
+    return None if best is None else best[1]
+
+
+def unsupported(w: PackedWeights, device: torch.device) -> str | None:
+    """Why this backend cannot serve `w` on `device`, or None if it can."""
+    if device.type != "cpu":
+        return f"the CPU kernels need CPU tensors, got {device}"
+    if not available():
+        return "this torch build lacks the int4/int8 weight-only CPU ops"
+    if w.bits > 4 and w.bits != 8:
+        return f"{w.bits}-bit weights have no CPU op (supported: 2, 3, 4, 8)"
+    if w.bits <= 4:
+        _, groups = w.column_order()
+        if _int4_group(w.in_features, _boundaries(groups)) is None:
+            return ("act-order groups are not runs of a multiple of 32 columns, which the "
+                    "int4 CPU op needs")
+    return None
+
+
+def prepare(w: PackedWeights) -> Int4Prepared | Int8Prepared:
+    return _prepare_int4(w) if w.bits <= 4 else _prepare_int8(w)
+
+
+def _prepare_int4(w: PackedWeights) -> Int4Prepared:
+    n, k = w.out_features, w.in_features
+    perm, groups = w.column_order()
+    group = _int4_group(k, _boundaries(groups))
+    if group is None:
+        raise ValueError(unsupported(w, torch.device("cpu")))
+    padded_k = -(-k // group) * group
+    padded_n = -(-n // _ROW_MULTIPLE) * _ROW_MULTIPLE
+    order = perm if perm is not None else torch.arange(k)
+    columns, _ = _padded_columns(order, [0], [k], group, k)
+    # Padding gets code 8, i.e. (8 - 8) * s + zero: it meets zero inputs (columns) or is
+    # sliced away (rows), so its value never reaches the output.
+    codes = F.pad(unpack(w.qweight, w.bits, k).to(torch.int32) + 8, (0, 1), value=8)
+    codes = F.pad(codes[:, columns], (0, 0, 0, padded_n - n), value=8)
+    packed = _OPS._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
+    # One scale/zero per op group: the group of its first column (tail: the last group).
+    first_cols = torch.arange(0, padded_k, group).clamp(max=k - 1)
+    chunk_groups = groups[first_cols]
+    scales = w.scales.to(torch.float32)[:, chunk_groups]
+    zero = (torch.zeros_like(scales) if w.zeros is None
+            else -w.zeros.to(torch.float32)[:, chunk_groups] * scales)
+    scales_zeros = torch.stack([scales, zero], dim=-1)                 # [N, G', 2]
+    scales_zeros = F.pad(scales_zeros, (0, 0, 0, 0, 0, padded_n - n))  # rows -> N_pad
+    return Int4Prepared(packed, scales_zeros.transpose(0, 1).contiguous().to(COMPUTE_DTYPE),
+                        group, _gather(columns, k), k, n)
+
+
+def _prepare_int8(w: PackedWeights) -> Int8Prepared:
+    n, k = w.out_features, w.in_features
+    perm, groups = w.column_order()
+    starts = [0, *_boundaries(groups).tolist()]
+    ends = [*starts[1:], k]
+    order = perm if perm is not None else torch.arange(k)
+    # The int8 op reads past the end of rows whose length is not a multiple of 16
+    # (segfaults seen at K = 200 in torch 2.13): pad every group's run to 32 columns.
+    columns, padded_starts = _padded_columns(order, starts, ends, _INT8_COLUMN_MULTIPLE, k)
+    codes = F.pad(unpack(w.qweight, w.bits, k), (0, 1))[:, columns]
+    padded_ends = [*padded_starts[1:], columns.numel()]
+    segments = tuple(
+        (a, b, codes[:, a:b].contiguous(),
+         w.scales[:, int(groups[start])].to(COMPUTE_DTYPE).contiguous())
+        for a, b, start in zip(padded_starts, padded_ends, starts, strict=True))
+    zero_scale = None
+    if w.zeros is not None:
+        seg_groups = groups[torch.tensor(starts)]
+        zero_scale = (w.zeros.to(torch.float32)[:, seg_groups]
+                      * w.scales.to(torch.float32)[:, seg_groups])
+    return Int8Prepared(segments, zero_scale, _gather(columns, k), k, n)
+
+
+def linear(x: torch.Tensor, prepared: Int4Prepared | Int8Prepared,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W.T (+ bias) for x [..., K] of any float dtype; returns x's dtype."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, prepared.in_features)
+    if prepared.gather is not None:
+        x2 = F.pad(x2, (0, 1)).index_select(1, prepared.gather)
+    y = _int4(x2, prepared) if isinstance(prepared, Int4Prepared) else _int8(x2, prepared)
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*lead, prepared.out_features)
+
+
+def _int4(x2: torch.Tensor, p: Int4Prepared) -> torch.Tensor:
+    xb = x2.to(COMPUTE_DTYPE).contiguous()
+    y = _OPS._weight_int4pack_mm_for_cpu(xb, p.packed, p.group, p.scales_zeros)
+    return y[:, :p.out_features] if y.shape[1] != p.out_features else y
+
+
+def _int8(x2: torch.Tensor, p: Int8Prepared) -> torch.Tensor:
+    xb = x2.to(COMPUTE_DTYPE)
+    if len(p.segments) == 1:
+        _, _, q, s = p.segments[0]
+        y = _OPS._weight_int8pack_mm(xb.contiguous(), q, s).to(torch.float32)
+    else:
+        y = sum(_OPS._weight_int8pack_mm(xb[:, a:b].contiguous(), q, s).to(torch.float32)
+                for a, b, q, s in p.segments)
+    if p.zero_scale is not None:
+        x32 = x2.to(torch.float32)
+        sums = torch.stack([x32[:, a:b].sum(-1) for a, b, _, _ in p.segments], dim=-1)
+        y = y - sums @ p.zero_scale.T
+    return y

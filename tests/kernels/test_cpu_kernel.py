@@ -1,0 +1,61 @@
+"""The CPU fast path (torch's int4/int8 weight-only ops) against the float32 reference.
+
+Bound: relative error <= 1e-2 for every input dtype, because the path computes in
+bfloat16 (scales rounded to bfloat16, ~3e-3 measured); see kernels/cpu.py for why.
+"""
+
+import pytest
+import torch
+from compress.kernels import cpu
+from packed_cases import random_weights, reference_output, relative_error
+
+CPU = torch.device("cpu")
+BOUND = 1e-2
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="torch lacks the CPU int ops")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_layouts_match_reference(bits, group_size, symmetric, act_order):
+    # N = 67 is not a multiple of the op's 16 rows; K = 200 not a multiple of 32 or 128.
+    w = random_weights(67, 200, bits, group_size, symmetric, act_order,
+                       seed=hash((bits, group_size, symmetric, act_order)) % 2**31)
+    assert cpu.unsupported(w, CPU) is None
+    x = torch.randn(5, 200, generator=torch.Generator().manual_seed(bits))
+    y = cpu.linear(x, cpu.prepare(w))
+    assert y.shape == (5, 67) and y.dtype == torch.float32
+    assert relative_error(y, reference_output(x, w)) < BOUND
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 128])
+@pytest.mark.parametrize("n,k", [(48, 576), (100, 96), (256, 1536)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_shapes_and_dtypes_match_reference(m, n, k, dtype, bits):
+    w = random_weights(n, k, bits, 128, False, False, seed=m * 7 + n)
+    gen = torch.Generator().manual_seed(m + k)
+    x = torch.randn(2, m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    y = cpu.linear(x, cpu.prepare(w), bias)
+    assert y.shape == (2, m, n) and y.dtype == dtype
+    ref = reference_output(x, w) + bias.to(torch.float32)
+    assert relative_error(y, ref) < BOUND
+
+
+def test_group_of_128_over_576_columns_is_served_as_groups_of_64():
+    # SmolLM2's hidden size: 576 = 4.5 x 128, which the op refuses as groups of 128.
+    p = cpu.prepare(random_weights(64, 576, 4, 128, True, False, seed=1))
+    assert p.group == 64 and p.gather is None  # no padding, no column gather
+
+
+def test_act_order_groups_that_are_not_runs_of_32_are_refused():
+    w = random_weights(32, 96, 4, 24, True, True, seed=2)  # groups of 24 columns
+    reason = cpu.unsupported(w, CPU)
+    assert reason and "multiple of 32" in reason
+
+
+def test_non_cpu_device_is_refused():
+    w = random_weights(16, 64, 4, 32, True, False, seed=3)
+    assert "CPU" in cpu.unsupported(w, torch.device("meta"))
