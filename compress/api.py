@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import compress
-from compress import assets, data, decoder, models, pipeline
+from compress import assets, data, decoder, kernels, models, pipeline
 from compress.errors import CompressError
 from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS, PerplexityResult, perplexity
 from compress.formats import checkpoint
@@ -51,6 +51,8 @@ def evaluate_perplexity(
     key = hashlib.sha256(json.dumps({
         "model": model_identity(files), "text": text.sha256, "ctx": ctx,
         "windows": windows.shape[0], "bos": bos, "version": compress.__version__,
+        # the fast kernels compute in 16 bits: their perplexity differs in the 4th digit
+        "kernel": kernels.dispatch.requested() or "auto",
     }, sort_keys=True).encode()).hexdigest()
     cached = assets.cache_root() / "results" / "ppl" / f"{key}.json"
     if use_cache and cached.is_file():
@@ -114,6 +116,7 @@ class GenerationStats:
     new_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    kernels: tuple[str, ...] = ()
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -146,7 +149,8 @@ class Generation:
             yield token
         end = time.perf_counter()
         first_at = first_at or end
-        self.stats = GenerationStats(len(self.prompt_ids), count, first_at - start, end - first_at)
+        self.stats = GenerationStats(len(self.prompt_ids), count, first_at - start,
+                                     end - first_at, tuple(decoder.kernel_backends(self.model)))
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:

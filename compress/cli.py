@@ -155,6 +155,9 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the chat template.")] = False,
     ignore_eos: Annotated[bool, typer.Option(help="Generate all tokens, even past EOS.")] = False,
+    device: Annotated[str, typer.Option(
+        help="cpu, or cuda for the Triton kernels. COMPRESS_KERNEL=reference|cpu|triton "
+             "forces a kernel.")] = "cpu",
     quiet: Quiet = False,
 ) -> None:
     """Generate text from a checkpoint with a KV cache, streaming tokens to stdout."""
@@ -162,7 +165,8 @@ def generate(
     if not prompt:
         raise CompressError("give a prompt with --prompt \"...\"")
     params = decoder.SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
-    gen = api.Generation(model, prompt, params, chat=chat, stop_at_eos=not ignore_eos)
+    gen = api.Generation(model, prompt, params, chat=chat, stop_at_eos=not ignore_eos,
+                         device=_device(device))
     from transformers import TextStreamer
 
     streamer = TextStreamer(gen.tokenizer, skip_special_tokens=True)
@@ -173,7 +177,18 @@ def generate(
     if st is not None and not quiet:
         err_console.print(
             f"[dim]{st.new_tokens} new tokens; prompt {st.prompt_tokens} tokens in "
-            f"{st.prefill_seconds:.2f} s; decode {st.decode_tokens_per_second:.1f} tokens/s[/dim]")
+            f"{st.prefill_seconds:.2f} s; decode {st.decode_tokens_per_second:.1f} tokens/s; "
+            f"kernels: {', '.join(st.kernels) or 'dense'}[/dim]")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CompressError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise CompressError(f"--device {name!r} is not supported; use cpu or cuda")
+    return name
 
 
 def _as_tensor(token: int):

@@ -326,6 +326,17 @@ class CausalLM(nn.Module):
         return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
 
 
+def kernel_backends(model: nn.Module) -> list[str]:
+    """Backends that served the packed matmuls so far (empty for a dense model)."""
+    found = set()
+    for module in model.modules():
+        candidates = [module, *(v for v in vars(module).values()
+                                if isinstance(v, SharedInputLinears))]
+        found.update(c.backend for c in candidates
+                     if isinstance(c, QuantLinear | SharedInputLinears) and c.backend)
+    return sorted(found)
+
+
 # ------------------------------------------------------------------------ loading
 
 

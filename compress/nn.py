@@ -48,6 +48,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (..., out)
         return kernels.run(self.kernel(x.device), x, self.bias)
 
+    @property
+    def backend(self) -> str | None:
+        """The kernel backend of the last forward (None before the first)."""
+        return None if self._kernel is None else self._kernel.backend
+
     def _apply(self, fn, recurse=True):
         self._kernel = None  # buffers are about to change device or dtype
         return super()._apply(fn, recurse)
@@ -86,6 +91,11 @@ class SharedInputLinears:
         if self._kernel is None or not self._kernel.serves(x.device):
             self._prepare(x.device)
         return list(kernels.run(self._kernel, x, self._bias).split(self._sizes, dim=-1))
+
+    @property
+    def backend(self) -> str | None:
+        """The fused kernel's backend, None when the members run apart (or not yet)."""
+        return None if self._kernel is None else self._kernel.backend
 
     def _prepare(self, device: torch.device) -> None:
         members = self._members

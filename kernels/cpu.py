@@ -4,6 +4,10 @@
   exact 4-bit codes too, so they take the same op (memory is then 4 bits per weight).
   The op computes `(u - 8) * scale + zero` per group with u in 0..15, so a signed code q
   is stored as u = q + 8 and an asymmetric zero point z folds into `zero = -z * scale`.
+* Many rows at once (prefill, evaluation: M >= DENSE_MIN_ROWS): both ops cost time
+  linear in M, while a bfloat16 GEMM amortises the weight over the rows, so the weight is
+  dequantised to bfloat16 for that call and multiplied densely (2x faster than the op at
+  M = 512 on SmolLM2's shapes; crossover near M = 100, benchmarks/kernels.py).
 * 8 bits -> `aten._weight_int8pack_mm` (y = x @ q.T * scale, one scale per row). Groups
   become one call per group, summed; zero points fold into a rank-G correction
   `-(per-group sums of x) @ (z * scale).T`.
@@ -36,6 +40,7 @@ _OPS = torch.ops.aten
 INT4_GROUP_SIZES = (256, 128, 64, 32)
 _ROW_MULTIPLE = 16
 _INT8_COLUMN_MULTIPLE = 32
+DENSE_MIN_ROWS = 128
 COMPUTE_DTYPE = torch.bfloat16
 
 
@@ -51,6 +56,7 @@ class Int4Prepared:
     gather: torch.Tensor | None   # op column -> input column (K: a zero), see _gather
     in_features: int
     out_features: int
+    source: PackedWeights         # for the dense path of large M
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,6 +66,7 @@ class Int8Prepared:
     gather: torch.Tensor | None
     in_features: int
     out_features: int
+    source: PackedWeights
 
 
 def _gather(columns: torch.Tensor, k: int) -> torch.Tensor | None:
@@ -144,7 +151,7 @@ def _prepare_int4(w: PackedWeights) -> Int4Prepared:
     scales_zeros = torch.stack([scales, zero], dim=-1)                 # [N, G', 2]
     scales_zeros = F.pad(scales_zeros, (0, 0, 0, 0, 0, padded_n - n))  # rows -> N_pad
     return Int4Prepared(packed, scales_zeros.transpose(0, 1).contiguous().to(COMPUTE_DTYPE),
-                        group, _gather(columns, k), k, n)
+                        group, _gather(columns, k), k, n, w)
 
 
 def _prepare_int8(w: PackedWeights) -> Int8Prepared:
@@ -167,7 +174,7 @@ def _prepare_int8(w: PackedWeights) -> Int8Prepared:
         seg_groups = groups[torch.tensor(starts)]
         zero_scale = (w.zeros.to(torch.float32)[:, seg_groups]
                       * w.scales.to(torch.float32)[:, seg_groups])
-    return Int8Prepared(segments, zero_scale, _gather(columns, k), k, n)
+    return Int8Prepared(segments, zero_scale, _gather(columns, k), k, n, w)
 
 
 def linear(x: torch.Tensor, prepared: Int4Prepared | Int8Prepared,
@@ -175,6 +182,12 @@ def linear(x: torch.Tensor, prepared: Int4Prepared | Int8Prepared,
     """y = x @ W.T (+ bias) for x [..., K] of any float dtype; returns x's dtype."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, prepared.in_features)
+    if x2.shape[0] >= DENSE_MIN_ROWS:
+        dense = dequantize_bf16(prepared.source)
+        y = torch.nn.functional.linear(x2.to(COMPUTE_DTYPE), dense).to(x.dtype)
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+        return y.reshape(*lead, prepared.out_features)
     if prepared.gather is not None:
         x2 = F.pad(x2, (0, 1)).index_select(1, prepared.gather)
     y = _int4(x2, prepared) if isinstance(prepared, Int4Prepared) else _int8(x2, prepared)
@@ -203,3 +216,21 @@ def _int8(x2: torch.Tensor, p: Int8Prepared) -> torch.Tensor:
         sums = torch.stack([x32[:, a:b].sum(-1) for a, b, _, _ in p.segments], dim=-1)
         y = y - sums @ p.zero_scale.T
     return y
+
+
+def dequantize_bf16(w: PackedWeights) -> torch.Tensor:
+    """Dense bfloat16 [N, K] weight, computed per group without [N, K] index gathers."""
+    n, k = w.out_features, w.in_features
+    codes = unpack(w.qweight, w.bits, k).to(COMPUTE_DTYPE)  # q - z is exact in bf16
+    scales = w.scales.to(COMPUTE_DTYPE)
+    zeros = None if w.zeros is None else w.zeros.to(COMPUTE_DTYPE)
+    size = k if w.group_size <= 0 else w.group_size
+    if w.g_idx is None and k % size == 0:
+        grouped = codes.view(n, k // size, size)
+        if zeros is not None:
+            grouped = grouped - zeros.unsqueeze(-1)
+        return (grouped * scales.unsqueeze(-1)).view(n, k)
+    groups = w.column_groups()
+    if zeros is not None:
+        codes = codes - zeros[:, groups]
+    return codes * scales[:, groups]

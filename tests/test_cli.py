@@ -32,9 +32,10 @@ def test_quantize_generate_eval_on_tiny_model(tiny_llama, tmp_path):
     assert "quantised Linears" in proc.stdout and (out / "config.json").is_file()
 
     proc = run("generate", out, "--prompt", "Hello there", "--max-new-tokens", "8",
-               "--ignore-eos", "-q")
+               "--ignore-eos")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()  # random weights: some text, content irrelevant
+    assert "kernels: cpu" in proc.stderr  # the fast CPU path served the packed matmuls
 
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
@@ -114,6 +115,15 @@ def test_gptq_calibration_too_short(tiny_llama, tmp_path):
                tmp_path / "q", "--no-eval")
     assert_one_line_error(proc, r"fewer than one sample of 512; give at least 65536 tokens")
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+def test_generate_on_a_missing_gpu_is_a_clear_error(tiny_llama):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert_one_line_error(run("generate", tiny_llama, "-p", "hi", "--device", "cuda"),
+                          "no CUDA device")
 
 
 def test_generate_needs_a_prompt(tiny_llama):

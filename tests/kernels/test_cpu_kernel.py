@@ -9,6 +9,8 @@ import torch
 from compress.kernels import cpu
 from packed_cases import random_weights, reference_output, relative_error
 
+from compress import kernels
+
 CPU = torch.device("cpu")
 BOUND = 1e-2
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="torch lacks the CPU int ops")
@@ -59,3 +61,17 @@ def test_act_order_groups_that_are_not_runs_of_32_are_refused():
 def test_non_cpu_device_is_refused():
     w = random_weights(16, 64, 4, 32, True, False, seed=3)
     assert "CPU" in cpu.unsupported(w, torch.device("meta"))
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("group_size,act_order", [(-1, False), (64, False), (128, False),
+                                                  (32, True)])
+def test_many_rows_take_the_dense_path_and_match_reference(bits, group_size, act_order):
+    w = random_weights(67, 200, bits, group_size, False, act_order, seed=bits + group_size)
+    x = torch.randn(cpu.DENSE_MIN_ROWS + 3, 200, generator=torch.Generator().manual_seed(4))
+    y = cpu.linear(x, cpu.prepare(w))
+    assert relative_error(y, reference_output(x, w)) < BOUND
+    dense = cpu.dequantize_bf16(w)
+    assert relative_error(dense, kernels.dequantize(
+        w.qweight, w.scales, w.zeros, w.g_idx, bits=bits, group_size=group_size,
+        in_features=200)) < BOUND
