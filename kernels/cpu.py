@@ -6,8 +6,8 @@
   is stored as u = q + 8 and an asymmetric zero point z folds into `zero = -z * scale`.
 * Many rows at once (prefill, evaluation: M >= DENSE_MIN_ROWS): both ops cost time
   linear in M, while a bfloat16 GEMM amortises the weight over the rows, so the weight is
-  dequantised to bfloat16 for that call and multiplied densely (2x faster than the op at
-  M = 512 on SmolLM2's shapes; crossover near M = 100, benchmarks/kernels.py).
+  dequantised to bfloat16 for that call and multiplied densely: 1.7x faster than the op
+  at M = 512 and 1.2-1.4x at M = 256 on SmolLM2's shapes, slower below (measured).
 * 8 bits -> `aten._weight_int8pack_mm` (y = x @ q.T * scale, one scale per row). Groups
   become one call per group, summed; zero points fold into a rank-G correction
   `-(per-group sums of x) @ (z * scale).T`.
@@ -40,7 +40,7 @@ _OPS = torch.ops.aten
 INT4_GROUP_SIZES = (256, 128, 64, 32)
 _ROW_MULTIPLE = 16
 _INT8_COLUMN_MULTIPLE = 32
-DENSE_MIN_ROWS = 128
+DENSE_MIN_ROWS = 256
 COMPUTE_DTYPE = torch.bfloat16
 
 
@@ -219,18 +219,21 @@ def _int8(x2: torch.Tensor, p: Int8Prepared) -> torch.Tensor:
 
 
 def dequantize_bf16(w: PackedWeights) -> torch.Tensor:
-    """Dense bfloat16 [N, K] weight, computed per group without [N, K] index gathers."""
+    """Dense bfloat16 [N, K] weight: float32 arithmetic per group (no [N, K] index
+    gathers unless act-order needs them), rounded once."""
     n, k = w.out_features, w.in_features
-    codes = unpack(w.qweight, w.bits, k).to(COMPUTE_DTYPE)  # q - z is exact in bf16
-    scales = w.scales.to(COMPUTE_DTYPE)
-    zeros = None if w.zeros is None else w.zeros.to(COMPUTE_DTYPE)
+    codes = unpack(w.qweight, w.bits, k).to(torch.float32)
+    scales = w.scales.to(torch.float32)
+    zeros = None if w.zeros is None else w.zeros.to(torch.float32)
     size = k if w.group_size <= 0 else w.group_size
     if w.g_idx is None and k % size == 0:
         grouped = codes.view(n, k // size, size)
         if zeros is not None:
-            grouped = grouped - zeros.unsqueeze(-1)
-        return (grouped * scales.unsqueeze(-1)).view(n, k)
+            grouped -= zeros.unsqueeze(-1)
+        grouped *= scales.unsqueeze(-1)
+        return codes.to(COMPUTE_DTYPE)
     groups = w.column_groups()
     if zeros is not None:
-        codes = codes - zeros[:, groups]
-    return codes * scales[:, groups]
+        codes -= zeros[:, groups]
+    codes *= scales[:, groups]
+    return codes.to(COMPUTE_DTYPE)
