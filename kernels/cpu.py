@@ -225,15 +225,16 @@ def dequantize_bf16(w: PackedWeights) -> torch.Tensor:
     codes = unpack(w.qweight, w.bits, k).to(torch.float32)
     scales = w.scales.to(torch.float32)
     zeros = None if w.zeros is None else w.zeros.to(torch.float32)
-    size = k if w.group_size <= 0 else w.group_size
-    if w.g_idx is None and k % size == 0:
-        grouped = codes.view(n, k // size, size)
+    if w.g_idx is not None:
+        groups = w.column_groups()
         if zeros is not None:
-            grouped -= zeros.unsqueeze(-1)
-        grouped *= scales.unsqueeze(-1)
+            codes -= zeros[:, groups]
+        codes *= scales[:, groups]
         return codes.to(COMPUTE_DTYPE)
-    groups = w.column_groups()
+    size = k if w.group_size <= 0 else w.group_size
+    padded = scales.shape[1] * size  # a last, shorter group is padded, then cut off
+    grouped = F.pad(codes, (0, padded - k)).view(n, -1, size)
     if zeros is not None:
-        codes -= zeros[:, groups]
-    codes *= scales[:, groups]
-    return codes.to(COMPUTE_DTYPE)
+        grouped -= zeros.unsqueeze(-1)
+    grouped *= scales.unsqueeze(-1)
+    return grouped.view(n, padded)[:, :k].to(COMPUTE_DTYPE)
