@@ -34,13 +34,17 @@ SETTINGS = [  # (label, bits, group size, symmetric)
 PROMPT = "The old lighthouse keeper climbed the stairs one last time and"
 
 
-def decode_speed_ours(model_dir: Path, prompt: list[int], new_tokens: int) -> float:
-    """Decode tokens/s of our KV-cache decoder (prefill excluded), best of two runs."""
+def decode_speed_ours(model_dir: Path, prompt: list[int], new_tokens: int,
+                      compile: bool = False) -> float:
+    """Decode tokens/s of our KV-cache decoder (prefill excluded), best of two runs; with
+    `compile`, after a warm-up run that compiles the step (its time is not counted)."""
     model, _ = decoder.load(model_dir)
     params = decoder.SamplingParams(max_new_tokens=new_tokens)
+    if compile:
+        list(decoder.generate(model, prompt, params, compile=True))
     best = 0.0
     for _ in range(2):
-        gen = decoder.generate(model, prompt, params)
+        gen = decoder.generate(model, prompt, params, compile=compile)
         next(gen)  # the prefill produces the first token
         start = time.perf_counter()
         steps = sum(1 for _ in gen)

@@ -117,10 +117,13 @@ class GenerationStats:
     prefill_seconds: float
     decode_seconds: float
     kernels: tuple[str, ...] = ()
+    compile_seconds: float = 0.0  # decode steps that compiled (--compile), not in decode_*
+    compile_steps: int = 0
 
     @property
     def decode_tokens_per_second(self) -> float:
-        steps = self.new_tokens - 1  # the first new token comes from the prefill
+        # the first new token comes from the prefill
+        steps = self.new_tokens - 1 - self.compile_steps
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
 
 
@@ -128,8 +131,10 @@ class Generation:
     """Streams new token ids from a packed (or dense) checkpoint and times the run."""
 
     def __init__(self, model: str | Path | None, prompt: str, params: decoder.SamplingParams,
-                 chat: bool = False, stop_at_eos: bool = True, device: str = "cpu"):
+                 chat: bool = False, stop_at_eos: bool = True, device: str = "cpu",
+                 compile: bool = False):
         self.model, files = decoder.load(model, device=device)
+        self.compile = compile
         self.tokenizer = data.load_tokenizer(files.path)
         self.prompt_ids = encode_prompt(self.tokenizer, prompt, chat)
         stops = eos_ids(self.tokenizer, files.path) if stop_at_eos else ()
@@ -138,19 +143,20 @@ class Generation:
 
     def __iter__(self) -> Iterator[int]:
         start = time.perf_counter()
-        first_at = None
-        count = 0
-        for token in decoder.generate(self.model, self.prompt_ids, self.params):
-            if first_at is None:
-                first_at = time.perf_counter()
-            count += 1
+        arrivals: list[float] = []
+        for token in decoder.generate(self.model, self.prompt_ids, self.params, self.compile):
+            arrivals.append(time.perf_counter())
             if token in self.params.stop_token_ids:
                 break
             yield token
         end = time.perf_counter()
-        first_at = first_at or end
-        self.stats = GenerationStats(len(self.prompt_ids), count, first_at - start,
-                                     end - first_at, tuple(decoder.kernel_backends(self.model)))
+        first_at = arrivals[0] if arrivals else end
+        # with --compile, the 2 steps after the prefill compile: timed apart
+        compile_steps = min(decoder.COMPILING_STEPS, len(arrivals) - 1) if self.compile else 0
+        steady_at = arrivals[compile_steps] if arrivals else end
+        self.stats = GenerationStats(len(self.prompt_ids), len(arrivals), first_at - start,
+                                     end - steady_at, tuple(decoder.kernel_backends(self.model)),
+                                     steady_at - first_at, max(compile_steps, 0))
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:

@@ -158,6 +158,9 @@ def generate(
     device: Annotated[str, typer.Option(
         help="cpu, or cuda for the Triton kernels. COMPRESS_KERNEL=reference|cpu|triton "
              "forces a kernel.")] = "cpu",
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="Compile the decode step with torch.compile: ~1.5x tokens/s on "
+                          "CPU after a one-time compile of about a minute.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Generate text from a checkpoint with a KV cache, streaming tokens to stdout."""
@@ -166,7 +169,7 @@ def generate(
         raise CompressError("give a prompt with --prompt \"...\"")
     params = decoder.SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
     gen = api.Generation(model, prompt, params, chat=chat, stop_at_eos=not ignore_eos,
-                         device=_device(device))
+                         device=_device(device), compile=compile)
     from transformers import TextStreamer
 
     streamer = TextStreamer(gen.tokenizer, skip_special_tokens=True)
@@ -178,7 +181,9 @@ def generate(
         err_console.print(
             f"[dim]{st.new_tokens} new tokens; prompt {st.prompt_tokens} tokens in "
             f"{st.prefill_seconds:.2f} s; decode {st.decode_tokens_per_second:.1f} tokens/s; "
-            f"kernels: {', '.join(st.kernels) or 'dense'}[/dim]")
+            f"kernels: {', '.join(st.kernels) or 'dense'}"
+            + (f"; compiling took {st.compile_seconds:.1f} s" if st.compile_steps else "")
+            + "[/dim]")
 
 
 def _device(name: str) -> str:

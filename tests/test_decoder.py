@@ -125,3 +125,20 @@ def test_packed_model_on_cpu_keeps_a_half_precision_head(bundled_dir, tmp_path):
     assert float((a - b).norm() / b.norm()) < 1e-2
     dense, _ = decoder.load(bundled_dir)  # dense checkpoints stay float32 throughout
     assert dense.model.embed_tokens.weight.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_eager_tokens(tiny_llama, tmp_path):
+    from compress import pipeline
+    from compress.quant import QuantScheme
+    from compress.recipe import Recipe
+
+    out = tmp_path / "w4"
+    pipeline.quantize(tiny_llama, Recipe("rtn", QuantScheme(4, 32, True)), out)
+    model, _ = decoder.load(out)
+    params = decoder.SamplingParams(max_new_tokens=12)
+    eager = list(decoder.generate(model, [1, 17, 400, 9], params))
+    compiled = list(decoder.generate(model, [1, 17, 400, 9], params, compile=True))
+    assert compiled == eager
+    again = list(decoder.generate(model, [1, 17, 400, 9, 3], params, compile=True))
+    assert again == list(decoder.generate(model, [1, 17, 400, 9, 3], params))
