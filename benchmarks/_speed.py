@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from compress.kernels import cpu
+from compress.kernels import cpu, native
 
 from compress import kernels
 
@@ -30,7 +30,7 @@ def best_seconds(fn: Callable[[], object], repeats: int = 5, min_time: float = 0
 
 def memory_bandwidth(gib: float = 1.0) -> dict:
     """Measured DRAM bandwidth: a streaming sum (read) and a copy (read + write) of a
-    buffer far larger than the caches."""
+    buffer far larger than the caches, best of 5 each."""
     x = torch.ones(int(gib * (1 << 30)) // 4)
     y = torch.empty_like(x)
     read = x.nbytes / best_seconds(lambda: x.sum(), repeats=5, min_time=0.0)
@@ -38,9 +38,39 @@ def memory_bandwidth(gib: float = 1.0) -> dict:
     return {"read_gb_s": read / 1e9, "copy_gb_s": copy / 1e9, "buffer_gib": gib}
 
 
+class BandwidthLog:
+    """DRAM read bandwidth sampled between measurements: on a shared VM it has swung 2x
+    within minutes here (33 to 82 GB/s), so one sample says little. The roofline uses
+    the highest sample, which makes the "% of roofline" figures conservative."""
+
+    def __init__(self) -> None:
+        self.samples: list[dict] = []
+
+    def sample(self) -> dict:
+        self.samples.append(memory_bandwidth())
+        return self.samples[-1]
+
+    @property
+    def peak_read_gb_s(self) -> float:
+        return max(s["read_gb_s"] for s in self.samples)
+
+    def to_dict(self) -> dict:
+        reads = [s["read_gb_s"] for s in self.samples]
+        return {"read_gb_s": self.peak_read_gb_s, "read_gb_s_samples": reads,
+                "copy_gb_s": max(s["copy_gb_s"] for s in self.samples),
+                "buffer_gib": self.samples[0]["buffer_gib"],
+                "roofline_uses": "the highest read sample"}
+
+
 def prepared_bytes(kernel: kernels.Kernel) -> int:
     """Bytes a backend reads per matmul from its prepared weight (weights + scales)."""
-    payload = kernel.payload
+    return payload_bytes(kernel.payload)
+
+
+def payload_bytes(payload: object) -> int:
+    """Bytes one matmul reads from a prepared weight of any backend."""
+    if isinstance(payload, native.NativePrepared):
+        return payload.nbytes
     if isinstance(payload, cpu.Int4Prepared):
         return payload.packed.nbytes + payload.scales_zeros.nbytes
     if isinstance(payload, cpu.Int8Prepared):

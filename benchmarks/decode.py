@@ -6,9 +6,11 @@ and llama.cpp, in one run.
 
 Batch 1, greedy, prefill excluded. The bundled model is quantised with RTN (the
 kernels' speed does not depend on how the codes were chosen) to W4 g128 and W8
-per-channel; both run through the dispatcher's default CPU path. The roofline is the
-bytes one decode step must read (every prepared packed weight, the output head, the
-KV cache at the run's mean length) over the DRAM read bandwidth measured here.
+per-channel; both run through the dispatcher's default CPU path (our kernel), eager and
+compiled, and INT4 also through torch's int4 op (the fallback, `COMPRESS_NATIVE=0`). The
+roofline is the bytes one decode step must read (every prepared packed weight, the
+output head, the KV cache at the run's mean length) over the DRAM read bandwidth,
+sampled before every measurement (the highest sample is used, see _speed.BandwidthLog).
 llama.cpp runs in its own venv (see peer_llamacpp.py) with the same thread count. Run on
 an idle machine: everything is timed serially, and only ratios within a run mean much.
 """
@@ -25,7 +27,8 @@ import time
 from pathlib import Path
 
 import torch
-from _speed import memory_bandwidth, prepared_bytes
+from _speed import BandwidthLog, prepared_bytes
+from compress.kernels import native
 from foundation import PROMPT, decode_speed_ours, decode_speed_transformers
 
 import compress
@@ -93,23 +96,28 @@ def main() -> None:
     prompt = data.load_tokenizer(base)(PROMPT).input_ids
     context = len(prompt) + args.new_tokens // 2
     speeds, bytes_per_token, compile_runs = {}, {}, {}
+    bandwidth = BandwidthLog()
+
+    def timed(key: str, fn, *fn_args, **fn_kwargs) -> None:
+        read = bandwidth.sample()["read_gb_s"]
+        speeds[key] = fn(*fn_args, **fn_kwargs)
+        print(f"{key:<22}{speeds[key]:>8.1f} tok/s   (DRAM read just before: {read:.1f} GB/s)")
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, scheme in SCHEMES.items():
             pipeline.quantize(base, Recipe("rtn", scheme), work / name)
-        bandwidth = memory_bandwidth()
-        print(f"DRAM read {bandwidth['read_gb_s']:.1f} GB/s, "
-              f"copy {bandwidth['copy_gb_s']:.1f} GB/s")
-        speeds["transformers_fp32"] = decode_speed_transformers(base, prompt, args.new_tokens)
-        speeds["compress_fp32"] = decode_speed_ours(base, prompt, args.new_tokens)
+        decoder.prepare_cpu_kernel()
+        timed("transformers_fp32", decode_speed_transformers, base, prompt, args.new_tokens)
+        timed("compress_fp32", decode_speed_ours, base, prompt, args.new_tokens)
         dense, _ = decoder.load(base)
         bytes_per_token["fp32"] = step_bytes(dense, context)
         del dense
         for name in SCHEMES:
-            speeds[name] = decode_speed_ours(work / name, prompt, args.new_tokens)
+            timed(name, decode_speed_ours, work / name, prompt, args.new_tokens)
             start = time.perf_counter()
-            speeds[f"{name}_compiled"] = decode_speed_ours(work / name, prompt,
-                                                           args.new_tokens, compile=True)
+            timed(f"{name}_compiled", decode_speed_ours, work / name, prompt, args.new_tokens,
+                  compile=True)
             compile_runs[name] = time.perf_counter() - start
             model, _ = decoder.load(work / name)
             with torch.inference_mode():
@@ -118,13 +126,22 @@ def main() -> None:
             del model
             if args.with_reference:
                 os.environ["COMPRESS_KERNEL"] = "reference"
-                speeds[f"{name}_reference"] = decode_speed_ours(work / name, prompt,
-                                                                args.new_tokens)
+                timed(f"{name}_reference", decode_speed_ours, work / name, prompt,
+                      args.new_tokens)
                 del os.environ["COMPRESS_KERNEL"]
+        os.environ[native.ENV] = "0"
+        timed("int4_torch_ops", decode_speed_ours, work / "int4", prompt, args.new_tokens)
+        model, _ = decoder.load(work / "int4")
+        with torch.inference_mode():
+            model(torch.tensor([prompt]))
+        bytes_per_token["int4_torch_ops"] = step_bytes(model, context)
+        del model, os.environ[native.ENV]
+        bandwidth.sample()
         peer = None if args.no_llama_cpp else llama_cpp(args.llama_python, args.new_tokens,
                                                           work)
+        bandwidth.sample()
 
-    read = bandwidth["read_gb_s"] * 1e9
+    read = bandwidth.peak_read_gb_s * 1e9
     roofline = {k: read / v["total"] for k, v in bytes_per_token.items()}
     hf = speeds["transformers_fp32"]
     report = {
@@ -132,7 +149,8 @@ def main() -> None:
         "compress_version": compress.__version__, "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "batch": 1, "new_tokens": args.new_tokens,
-        "prompt_tokens": len(prompt), "bandwidth": bandwidth,
+        "prompt_tokens": len(prompt), "bandwidth": bandwidth.to_dict(),
+        "cpu_kernel": "ours, avx512-vnni" if native.has_vnni() else "ours, portable C++",
         "decode_tok_s": speeds, "bytes_per_token": bytes_per_token,
         "roofline_tok_s": roofline,
         "compiled_runs_seconds": compile_runs,  # warm-up (compile) + 2 timed runs
@@ -144,6 +162,8 @@ def main() -> None:
         "int8_of_roofline": speeds["int8"] / roofline["int8"],
         "int4_compiled_of_roofline": speeds["int4_compiled"] / roofline["int4"],
         "int8_compiled_of_roofline": speeds["int8_compiled"] / roofline["int8"],
+        "int4_torch_ops_of_roofline": speeds["int4_torch_ops"] / roofline["int4_torch_ops"],
+        "int4_over_int4_torch_ops": speeds["int4"] / speeds["int4_torch_ops"],
         "fp32_of_roofline": speeds["compress_fp32"] / roofline["fp32"],
     }
     if peer:
@@ -154,22 +174,27 @@ def main() -> None:
         if "Q8_0" in peer["results"]:
             report["int8_over_llama_cpp_q8_0"] = (speeds["int8"]
                                                   / peer["results"]["Q8_0"]["decode_tok_s"])
-    print(f"\n{'path':<22}{'tok/s':>8}{'MB/token':>10}{'roofline':>10}{'of roofline':>13}")
-    for key, label in [("transformers_fp32", "transformers fp32"), ("compress_fp32", "ours fp32"),
-                       ("int4", "ours INT4 (cpu op)"), ("int8", "ours INT8 (cpu op)"),
-                       ("int4_compiled", "  + --compile"), ("int8_compiled", "  + --compile ")]:
-        kind = "fp32" if "fp32" in key else key.split("_")[0]
+    print(f"\n{'path':<24}{'tok/s':>8}{'MB/token':>10}{'roofline':>10}{'of roofline':>13}")
+    for key, label, kind in [
+            ("transformers_fp32", "transformers fp32", "fp32"),
+            ("compress_fp32", "ours fp32", "fp32"),
+            ("int4", "ours INT4", "int4"), ("int4_compiled", "  + --compile", "int4"),
+            ("int4_torch_ops", "ours INT4, torch's op", "int4_torch_ops"),
+            ("int8", "ours INT8", "int8"), ("int8_compiled", "  + --compile", "int8")]:
         mb = bytes_per_token[kind]["total"] / 1e6
-        print(f"{label:<22}{speeds[key]:>8.1f}{mb:>10.1f}{roofline[kind]:>10.1f}"
+        print(f"{label:<24}{speeds[key]:>8.1f}{mb:>10.1f}{roofline[kind]:>10.1f}"
               f"{speeds[key] / roofline[kind]:>12.0%}")
     for key in ("int4_reference", "int8_reference"):
         if key in speeds:
-            print(f"{'ours ' + key:<22}{speeds[key]:>8.1f}")
+            print(f"{'ours ' + key:<24}{speeds[key]:>8.1f}")
     if peer:
         for quant, r in peer["results"].items():
-            print(f"{'llama.cpp ' + quant:<22}{r['decode_tok_s']:>8.1f}"
+            print(f"{'llama.cpp ' + quant:<24}{r['decode_tok_s']:>8.1f}"
                   f"{r['file_bytes'] / 1e6:>10.1f} (file)")
-    print(f"\nINT4 / transformers fp32: {report['int4_over_fp32']:.2f}x eager, "
+    print("\nDRAM read samples (GB/s): "
+          + ", ".join(f"{b:.1f}" for b in bandwidth.to_dict()["read_gb_s_samples"]))
+    print(f"INT4 ours / torch's int4 op: {report['int4_over_int4_torch_ops']:.2f}x eager")
+    print(f"INT4 / transformers fp32: {report['int4_over_fp32']:.2f}x eager, "
           f"{report['int4_compiled_over_fp32']:.2f}x compiled (goal >= 3)")
     print(f"INT4 of DRAM roofline: {report['int4_of_roofline']:.0%} eager, "
           f"{report['int4_compiled_of_roofline']:.0%} compiled (goal >= 60%)")

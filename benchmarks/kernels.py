@@ -1,12 +1,16 @@
-"""Per-shape CPU matmul speed: packed weights through each backend vs dense float32/bf16.
+"""Per-shape CPU matmul speed: packed weights through our kernel and torch's weight-only
+ops vs dense float32/bf16.
 
     python benchmarks/kernels.py [--json benchmarks/results/kernels.json]
 
 Shapes are the bundled model's Linears (q/o, k/v, fused q/k/v, gate/up, fused gate/up,
 down) and its output head, at M = 1 (decode), 16, 128 and 512 rows. Weights are random
-W4 g128 / W8 per-channel codes; time does not depend on the values. GB/s counts the
-bytes of the weight as each path stores it; the same-run ratio to dense float32 is the
-figure to read.
+W4 g128 / W8 per-channel codes; time does not depend on the values. Each packed weight
+is timed through the CPU backend's kernels without its dense switch for many rows
+(`native`: ours, `torch_ops`: torch's int4/int8 ops, the fallback) and through what the
+dispatcher runs (`cpu`: dense bf16 from M >= 256). The weights stay in cache between
+calls here; benchmarks/decode.py measures them streamed from DRAM. GB/s counts the bytes
+of the weight as each path stores it; the same-run ratios are the figures to read.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _speed import best_seconds, memory_bandwidth, prepared_bytes
+from _speed import best_seconds, memory_bandwidth, payload_bytes, prepared_bytes
+from compress.kernels import cpu, native
 
 from compress import kernels
 
@@ -56,6 +61,10 @@ def bench_shape(n: int, k: int, m: int, with_reference: bool) -> dict:
     row["dense_bf16"] = {"us": t * 1e6, "gb_s": dense_bf16.nbytes / t / 1e9}
     for label, bits, group in (("int4_g128", 4, 128), ("int8_channel", 8, -1)):
         w = random_packed(n, k, bits, group)
+        for name, prepared in (("native", native.prepare(w)),
+                               ("torch_ops", cpu.prepare_for_torch_ops(w))):
+            t = best_seconds(lambda p=prepared: cpu.weight_only(x, p))
+            row[f"{label}_{name}"] = {"us": t * 1e6, "gb_s": payload_bytes(prepared) / t / 1e9}
         backends = ("cpu", "reference") if with_reference else ("cpu",)
         for backend in backends:
             os.environ["COMPRESS_KERNEL"] = backend
@@ -76,17 +85,21 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     shapes = {**SHAPES, "lm_head (tied)": (49152, 576)}
-    print(f"{'shape':<16}{'M':>5}" + "".join(f"{c:>16}" for c in (
-        "fp32 us", "bf16 us", "int4 us (GB/s)", "int8 us (GB/s)", "int4 vs fp32")))
+    print(f"{'shape':<16}{'M':>5}" + "".join(f"{c:>17}" for c in (
+        "fp32 us", "bf16 us", "int4 ours us", "int4 torch us", "int8 ours us",
+        "int8 torch us", "int4 ours/torch", "cpu int4 vs fp32")))
     for name, (n, k) in shapes.items():
         for m in ROWS if name != "lm_head (tied)" else (1,):
             r = bench_shape(n, k, m, args.with_reference)
             results[f"{name} N={n} K={k} M={m}"] = r
-            i4, i8 = r["int4_g128_cpu"], r["int8_channel_cpu"]
-            print(f"{name:<16}{m:>5}{r['dense_fp32']['us']:>16.1f}{r['dense_bf16']['us']:>16.1f}"
-                  f"{i4['us']:>9.1f} ({i4['gb_s']:>4.1f}){i8['us']:>9.1f} ({i8['gb_s']:>4.1f})"
-                  f"{i4['speedup_vs_fp32']:>15.2f}x")
+            cells = [r[c]["us"] for c in ("dense_fp32", "dense_bf16", "int4_g128_native",
+                                          "int4_g128_torch_ops", "int8_channel_native",
+                                          "int8_channel_torch_ops")]
+            ratio = r["int4_g128_torch_ops"]["us"] / r["int4_g128_native"]["us"]
+            print(f"{name:<16}{m:>5}" + "".join(f"{c:>17.1f}" for c in cells)
+                  + f"{ratio:>16.2f}x{r['int4_g128_cpu']['speedup_vs_fp32']:>16.2f}x")
     report = {"benchmark": "kernels (CPU)", "torch": torch.__version__,
+              "native_kernel": "avx512-vnni" if native.has_vnni() else "portable",
               "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "bandwidth": memory_bandwidth(),
               "results": results}

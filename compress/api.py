@@ -51,8 +51,10 @@ def evaluate_perplexity(
     key = hashlib.sha256(json.dumps({
         "model": model_identity(files), "text": text.sha256, "ctx": ctx,
         "windows": windows.shape[0], "bos": bos, "version": compress.__version__,
-        # the fast kernels compute in 16 bits: their perplexity differs in the 4th digit
+        # the fast kernels round activations to 16 or 8 bits: their perplexity differs in
+        # the 4th digit, so which kernels would serve is part of the key
         "kernel": kernels.dispatch.requested() or "auto",
+        "native_cpu": kernels.native.unavailable() is None,
     }, sort_keys=True).encode()).hexdigest()
     cached = assets.cache_root() / "results" / "ppl" / f"{key}.json"
     if use_cache and cached.is_file():

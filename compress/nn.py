@@ -50,8 +50,8 @@ class QuantLinear(nn.Module):
 
     @property
     def backend(self) -> str | None:
-        """The kernel backend of the last forward (None before the first)."""
-        return None if self._kernel is None else self._kernel.backend
+        """The kernel that served the last forward (None before the first)."""
+        return None if self._kernel is None else self._kernel.implementation
 
     def _apply(self, fn, recurse=True):
         self._kernel = None  # buffers are about to change device or dtype
@@ -94,8 +94,9 @@ class SharedInputLinears:
 
     @property
     def backend(self) -> str | None:
-        """The fused kernel's backend, None when the members run apart (or not yet)."""
-        return None if self._kernel is None else self._kernel.backend
+        """The fused kernel's implementation, None when the members run apart (or not
+        yet)."""
+        return None if self._kernel is None else self._kernel.implementation
 
     def _prepare(self, device: torch.device) -> None:
         members = self._members

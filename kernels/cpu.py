@@ -1,24 +1,29 @@
-"""Fast CPU path: our packed weights repacked at load time for torch's own weight-only ops.
+"""Fast CPU path: our own int8-dot kernel (native.py) where it builds, else torch's own
+weight-only ops, with the weights repacked once at load time.
 
-* 2, 3 and 4 bits -> `aten._weight_int4pack_mm_for_cpu`. Codes of 2 and 3 bits are
-  exact 4-bit codes too, so they take the same op (memory is then 4 bits per weight).
-  The op computes `(u - 8) * scale + zero` per group with u in 0..15, so a signed code q
-  is stored as u = q + 8 and an asymmetric zero point z folds into `zero = -z * scale`.
-* Many rows at once (prefill, evaluation: M >= DENSE_MIN_ROWS): both ops cost time
-  linear in M, while a bfloat16 GEMM amortises the weight over the rows, so the weight is
-  dequantised to bfloat16 for that call and multiplied densely: 1.7x faster than the op
-  at M = 512 and 1.2-1.4x at M = 256 on SmolLM2's shapes, slower below (measured).
-* 8 bits -> `aten._weight_int8pack_mm` (y = x @ q.T * scale, one scale per row). Groups
-  become one call per group, summed; zero points fold into a rank-G correction
-  `-(per-group sums of x) @ (z * scale).T`.
+* Our kernel (preferred): activations quantised to int8 per block of 32, integer dot
+  products against the 4- or 8-bit codes (AVX512-VNNI where available). 2.1-2.5x
+  torch's int4 op at M = 1 on SmolLM2's shapes; see native.py. Relative error ~5e-3
+  against the float32 reference (the activations' 8-bit rounding).
+* torch's ops (fallback where no C++ compiler is available, or `COMPRESS_NATIVE=0`):
+  - 2, 3 and 4 bits -> `aten._weight_int4pack_mm_for_cpu`. Codes of 2 and 3 bits are
+    exact 4-bit codes too, so they take the same op (memory is then 4 bits per weight).
+    The op computes `(u - 8) * scale + zero` per group with u in 0..15, so a signed code
+    q is stored as u = q + 8 and an asymmetric zero point z folds into `zero = -z * scale`.
+  - 8 bits -> `aten._weight_int8pack_mm` (y = x @ q.T * scale, one scale per row).
+    Groups become one call per group, summed; zero points fold into a rank-G correction
+    `-(per-group sums of x) @ (z * scale).T`.
+  Both ops are fast only for bfloat16 activations (float32 and float16 inputs take a
+  scalar path ~20x slower, measured in benchmarks/kernels.py), so they compute in
+  bfloat16 whatever the input dtype: W4A16 semantics, relative error around 1e-2 (scales
+  rounded to bfloat16).
+* Many rows at once (prefill, evaluation: M >= DENSE_MIN_ROWS): the weight is dequantised
+  to bfloat16 for that call and multiplied densely, since a GEMM amortises the weight over
+  the rows while the weight-only kernels cost time linear in M.
 
-Both ops are fast only for bfloat16 activations (float32 and float16 inputs take a
-scalar path ~20x slower, measured in benchmarks/kernels.py), so this path computes in
-bfloat16 whatever the input dtype and returns the input dtype: W4A16 semantics, with a
-relative error around 1e-2 against the float32 reference (scales rounded to bfloat16).
 `COMPRESS_KERNEL=reference` gives float32 exactness when that matters more than speed.
 
-Shape rules of the int4 op and how we meet them: N a multiple of 16 (pad rows), K a
+Shape rules of torch's int4 op and how we meet them: N a multiple of 16 (pad rows), K a
 multiple of the group size (pad columns with zero weights and the input with zeros),
 group size 32/64/128/256 (a group of 128 over K=576 is served as groups of 64 sharing
 a scale; per-channel as the largest such size dividing K). Act-order (`g_idx`) is
@@ -33,6 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import native
+from .layout import boundaries, column_runs, gather_index, padded_columns
 from .packing import unpack
 from .weights import PackedWeights
 
@@ -69,37 +76,11 @@ class Int8Prepared:
     source: PackedWeights
 
 
-def _gather(columns: torch.Tensor, k: int) -> torch.Tensor | None:
-    """The input-column index for the op's columns, None when it is the identity. Index k
-    picks the zero column `linear` appends, which is how padding columns read zeros."""
-    if columns.numel() == k and bool((columns == torch.arange(k)).all()):
-        return None
-    return columns
-
-
-def _padded_columns(order: torch.Tensor, starts: list[int], ends: list[int],
-                    multiple: int, k: int) -> tuple[torch.Tensor, list[int]]:
-    """Columns in `order`, each run [start, end) padded to `multiple` with index k;
-    returns the index and the padded runs' starts."""
-    pieces, padded_starts, at = [], [], 0
-    for a, b in zip(starts, ends, strict=True):
-        width = -(-(b - a) // multiple) * multiple
-        pieces += [order[a:b], torch.full((width - (b - a),), k, dtype=torch.long)]
-        padded_starts.append(at)
-        at += width
-    return torch.cat(pieces), padded_starts
-
-
-def _boundaries(sorted_groups: torch.Tensor) -> torch.Tensor:
-    """Positions where a new group starts (excluding 0), in sorted column order."""
-    return torch.nonzero(sorted_groups[1:] != sorted_groups[:-1]).flatten() + 1
-
-
-def _int4_group(k: int, boundaries: torch.Tensor) -> int | None:
+def _int4_group(k: int, group_starts: torch.Tensor) -> int | None:
     """The op group size that serves these groups with the least column padding."""
     best = None
     for size in INT4_GROUP_SIZES:
-        if boundaries.numel() and bool((boundaries % size).any()):
+        if group_starts.numel() and bool((group_starts % size).any()):
             continue
         padded = -(-k // size) * size
         if best is None or padded < best[0]:
@@ -111,32 +92,57 @@ def unsupported(w: PackedWeights, device: torch.device) -> str | None:
     """Why this backend cannot serve `w` on `device`, or None if it can."""
     if device.type != "cpu":
         return f"the CPU kernels need CPU tensors, got {device}"
+    if native.unsupported(w) is None:
+        return None
+    return torch_ops_unsupported(w)
+
+
+def torch_ops_unsupported(w: PackedWeights) -> str | None:
+    """Why torch's int4/int8 ops cannot serve `w`, or None if they can."""
     if not available():
         return "this torch build lacks the int4/int8 weight-only CPU ops"
     if w.bits > 4 and w.bits != 8:
         return f"{w.bits}-bit weights have no CPU op (supported: 2, 3, 4, 8)"
     if w.bits <= 4:
         _, groups = w.column_order()
-        if _int4_group(w.in_features, _boundaries(groups)) is None:
+        if _int4_group(w.in_features, boundaries(groups)) is None:
             return ("act-order groups are not runs of a multiple of 32 columns, which the "
                     "int4 CPU op needs")
     return None
 
 
-def prepare(w: PackedWeights) -> Int4Prepared | Int8Prepared:
+Prepared = native.NativePrepared | Int4Prepared | Int8Prepared
+
+
+def prepare(w: PackedWeights) -> Prepared:
+    """`w` repacked for our kernel where it is available, else for torch's ops."""
+    if native.unsupported(w) is None:
+        return native.prepare(w)
+    return prepare_for_torch_ops(w)
+
+
+def prepare_for_torch_ops(w: PackedWeights) -> Int4Prepared | Int8Prepared:
+    reason = torch_ops_unsupported(w)
+    if reason:
+        raise ValueError(reason)
     return _prepare_int4(w) if w.bits <= 4 else _prepare_int8(w)
+
+
+def implementation(prepared: Prepared) -> str:
+    """Which kernel a prepared weight runs on, for reports."""
+    if isinstance(prepared, native.NativePrepared):
+        return "cpu-native-vnni" if native.has_vnni() else "cpu-native"
+    return "cpu-torch-ops"
 
 
 def _prepare_int4(w: PackedWeights) -> Int4Prepared:
     n, k = w.out_features, w.in_features
     perm, groups = w.column_order()
-    group = _int4_group(k, _boundaries(groups))
-    if group is None:
-        raise ValueError(unsupported(w, torch.device("cpu")))
+    group = _int4_group(k, boundaries(groups))
     padded_k = -(-k // group) * group
     padded_n = -(-n // _ROW_MULTIPLE) * _ROW_MULTIPLE
     order = perm if perm is not None else torch.arange(k)
-    columns, _ = _padded_columns(order, [0], [k], group, k)
+    columns, _ = padded_columns(order, [0], [k], group, k)
     # Padding gets code 8, i.e. (8 - 8) * s + zero: it meets zero inputs (columns) or is
     # sliced away (rows), so its value never reaches the output.
     codes = F.pad(unpack(w.qweight, w.bits, k).to(torch.int32) + 8, (0, 1), value=8)
@@ -151,18 +157,15 @@ def _prepare_int4(w: PackedWeights) -> Int4Prepared:
     scales_zeros = torch.stack([scales, zero], dim=-1)                 # [N, G', 2]
     scales_zeros = F.pad(scales_zeros, (0, 0, 0, 0, 0, padded_n - n))  # rows -> N_pad
     return Int4Prepared(packed, scales_zeros.transpose(0, 1).contiguous().to(COMPUTE_DTYPE),
-                        group, _gather(columns, k), k, n, w)
+                        group, gather_index(columns, k), k, n, w)
 
 
 def _prepare_int8(w: PackedWeights) -> Int8Prepared:
     n, k = w.out_features, w.in_features
-    perm, groups = w.column_order()
-    starts = [0, *_boundaries(groups).tolist()]
-    ends = [*starts[1:], k]
-    order = perm if perm is not None else torch.arange(k)
+    order, groups, starts, ends = column_runs(w)
     # The int8 op reads past the end of rows whose length is not a multiple of 16
     # (segfaults seen at K = 200 in torch 2.13): pad every group's run to 32 columns.
-    columns, padded_starts = _padded_columns(order, starts, ends, _INT8_COLUMN_MULTIPLE, k)
+    columns, padded_starts = padded_columns(order, starts, ends, _INT8_COLUMN_MULTIPLE, k)
     codes = F.pad(unpack(w.qweight, w.bits, k), (0, 1))[:, columns]
     padded_ends = [*padded_starts[1:], columns.numel()]
     segments = tuple(
@@ -174,27 +177,34 @@ def _prepare_int8(w: PackedWeights) -> Int8Prepared:
         seg_groups = groups[torch.tensor(starts)]
         zero_scale = (w.zeros.to(torch.float32)[:, seg_groups]
                       * w.scales.to(torch.float32)[:, seg_groups])
-    return Int8Prepared(segments, zero_scale, _gather(columns, k), k, n, w)
+    return Int8Prepared(segments, zero_scale, gather_index(columns, k), k, n, w)
 
 
-def linear(x: torch.Tensor, prepared: Int4Prepared | Int8Prepared,
+def linear(x: torch.Tensor, prepared: Prepared,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T (+ bias) for x [..., K] of any float dtype; returns x's dtype."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, prepared.in_features)
-    if x2.shape[0] >= DENSE_MIN_ROWS:
-        dense = dequantize_bf16(prepared.source)
-        y = torch.nn.functional.linear(x2.to(COMPUTE_DTYPE), dense).to(x.dtype)
-        if bias is not None:
-            y = y + bias.to(x.dtype)
-        return y.reshape(*lead, prepared.out_features)
-    if prepared.gather is not None:
-        x2 = F.pad(x2, (0, 1)).index_select(1, prepared.gather)
-    y = _int4(x2, prepared) if isinstance(prepared, Int4Prepared) else _int8(x2, prepared)
-    y = y.to(x.dtype)
+    many_rows = x2.shape[0] >= DENSE_MIN_ROWS
+    y = dense(x2, prepared.source) if many_rows else weight_only(x2, prepared)
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.reshape(*lead, prepared.out_features)
+
+
+def dense(x2: torch.Tensor, w: PackedWeights) -> torch.Tensor:
+    """x2 [M, K] @ W.T through a bfloat16 GEMM on the dequantised weight, in x2's dtype."""
+    return F.linear(x2.to(COMPUTE_DTYPE), dequantize_bf16(w)).to(x2.dtype)
+
+
+def weight_only(x2: torch.Tensor, prepared: Prepared) -> torch.Tensor:
+    """x2 [M, K] @ W.T straight from the prepared codes, in x2's dtype."""
+    if isinstance(prepared, native.NativePrepared):
+        return native.matmul(x2, prepared)  # gathers columns itself
+    if prepared.gather is not None:
+        x2 = F.pad(x2, (0, 1)).index_select(1, prepared.gather)
+    y = _int4(x2, prepared) if isinstance(prepared, Int4Prepared) else _int8(x2, prepared)
+    return y.to(x2.dtype)
 
 
 def _int4(x2: torch.Tensor, p: Int4Prepared) -> torch.Tensor:

@@ -93,6 +93,11 @@ class Kernel:
     payload: Any
     fn: Callable[..., torch.Tensor]
 
+    @property
+    def implementation(self) -> str:
+        """The backend, and for the CPU backend which kernel serves it (for reports)."""
+        return cpu.implementation(self.payload) if self.backend == "cpu" else self.backend
+
     def serves(self, device: torch.device) -> bool:
         return device == self.device and requested() == self.forced
 

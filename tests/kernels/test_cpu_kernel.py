@@ -1,4 +1,5 @@
-"""The CPU fast path (torch's int4/int8 weight-only ops) against the float32 reference.
+"""The CPU backend's fallback (torch's int4/int8 weight-only ops, used where our own kernel
+cannot be built) and its dense path for many rows, against the float32 reference.
 
 Bound: relative error <= 1e-2 for every input dtype, because the path computes in
 bfloat16 (scales rounded to bfloat16, ~3e-3 measured); see kernels/cpu.py for why.
@@ -24,9 +25,9 @@ def test_layouts_match_reference(bits, group_size, symmetric, act_order):
     # N = 67 is not a multiple of the op's 16 rows; K = 200 not a multiple of 32 or 128.
     w = random_weights(67, 200, bits, group_size, symmetric, act_order,
                        seed=hash((bits, group_size, symmetric, act_order)) % 2**31)
-    assert cpu.unsupported(w, CPU) is None
+    assert cpu.torch_ops_unsupported(w) is None
     x = torch.randn(5, 200, generator=torch.Generator().manual_seed(bits))
-    y = cpu.linear(x, cpu.prepare(w))
+    y = cpu.linear(x, cpu.prepare_for_torch_ops(w))
     assert y.shape == (5, 67) and y.dtype == torch.float32
     assert relative_error(y, reference_output(x, w)) < BOUND
 
@@ -40,7 +41,7 @@ def test_shapes_and_dtypes_match_reference(m, n, k, dtype, bits):
     gen = torch.Generator().manual_seed(m + k)
     x = torch.randn(2, m, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype)
-    y = cpu.linear(x, cpu.prepare(w), bias)
+    y = cpu.linear(x, cpu.prepare_for_torch_ops(w), bias)
     assert y.shape == (2, m, n) and y.dtype == dtype
     ref = reference_output(x, w) + bias.to(torch.float32)
     assert relative_error(y, ref) < BOUND
@@ -48,14 +49,16 @@ def test_shapes_and_dtypes_match_reference(m, n, k, dtype, bits):
 
 def test_group_of_128_over_576_columns_is_served_as_groups_of_64():
     # SmolLM2's hidden size: 576 = 4.5 x 128, which the op refuses as groups of 128.
-    p = cpu.prepare(random_weights(64, 576, 4, 128, True, False, seed=1))
+    p = cpu.prepare_for_torch_ops(random_weights(64, 576, 4, 128, True, False, seed=1))
     assert p.group == 64 and p.gather is None  # no padding, no column gather
 
 
 def test_act_order_groups_that_are_not_runs_of_32_are_refused():
     w = random_weights(32, 96, 4, 24, True, True, seed=2)  # groups of 24 columns
-    reason = cpu.unsupported(w, CPU)
+    reason = cpu.torch_ops_unsupported(w)
     assert reason and "multiple of 32" in reason
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cpu.prepare_for_torch_ops(w)
 
 
 def test_non_cpu_device_is_refused():
@@ -66,10 +69,14 @@ def test_non_cpu_device_is_refused():
 @pytest.mark.parametrize("bits", [3, 4, 8])
 @pytest.mark.parametrize("group_size,act_order", [(-1, False), (64, False), (128, False),
                                                   (32, True)])
-def test_many_rows_take_the_dense_path_and_match_reference(bits, group_size, act_order):
+def test_many_rows_take_the_dense_path_and_match_reference(bits, group_size, act_order,
+                                                           monkeypatch):
     w = random_weights(67, 200, bits, group_size, False, act_order, seed=bits + group_size)
     x = torch.randn(cpu.DENSE_MIN_ROWS + 3, 200, generator=torch.Generator().manual_seed(4))
-    y = cpu.linear(x, cpu.prepare(w))
+    prepared = cpu.prepare(w)
+    # Poisoned weight-only kernels: the result can only come from the dense path.
+    monkeypatch.setattr(cpu, "weight_only", lambda *a: torch.full((1,), float("nan")))
+    y = cpu.linear(x, prepared)
     assert relative_error(y, reference_output(x, w)) < BOUND
     dense = cpu.dequantize_bf16(w)
     assert relative_error(dense, kernels.dequantize(

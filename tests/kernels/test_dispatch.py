@@ -1,5 +1,10 @@
 """Backend choice: automatic per device and layout, forced by COMPRESS_KERNEL, never silent."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from packed_cases import random_weights, reference_output, relative_error
@@ -18,6 +23,7 @@ def test_cpu_tensors_get_the_cpu_ops(monkeypatch):
 
 def test_layout_the_cpu_ops_cannot_serve_falls_back_to_reference(monkeypatch):
     monkeypatch.delenv("COMPRESS_KERNEL", raising=False)
+    monkeypatch.setenv("COMPRESS_NATIVE", "0")  # our kernel serves every layout
     odd = random_weights(32, 96, 4, 24, True, True, 0)  # act-order groups of 24
     assert kernels.backend_name(odd, CPU) == "reference"
     monkeypatch.setenv("COMPRESS_KERNEL", "cpu")
@@ -61,3 +67,19 @@ def test_quant_linear_follows_the_forced_backend(monkeypatch):
     fast = layer(x)
     assert layer.kernel(CPU).backend == "cpu"
     assert relative_error(fast, exact) < 1e-2
+
+
+def test_without_a_compiler_the_cpu_backend_keeps_torch_ops(tmp_path):
+    # A fresh process: the kernel build is attempted once per process.
+    script = (
+        "from compress.kernels import cpu, native\n"
+        "from packed_cases import random_weights\n"
+        "print(native.unavailable())\n"
+        "print(type(cpu.prepare(random_weights(32, 64, 4, 32, True, False, 0))).__name__)\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"),
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("COMPRESS_NATIVE", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, cwd=Path(__file__).parent, check=True).stdout.splitlines()
+    assert out == [f"no C++ compiler found ({tmp_path / 'no-such-c++'}); install g++ for the "
+                   "fast CPU kernel", "Int4Prepared"]

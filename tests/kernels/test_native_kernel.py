@@ -1,0 +1,115 @@
+"""Our CPU kernel (15-bit integer activations x packed codes, kernels/native.py) against
+two oracles.
+
+1. Exact arithmetic: the reference weight times the activations after the same integer
+   rounding the kernel applies (per block of 32). Only float32 accumulation separates
+   the two: bound 1e-5, float32 output.
+2. The float32 reference on the raw activations: the rounding to 15 bits costs ~1e-5
+   relative (per-element error ~ amax/16256/sqrt(12)), bound 1e-4 for float32; 16-bit
+   inputs and outputs add their own rounding (~2e-3): bound 1e-2, as for every kernel.
+Every call runs with the output poisoned with NaN, so an element the tiles miss fails.
+Both the AVX512-VNNI loops (where the build has them) and the portable loops are tested.
+"""
+
+import pytest
+import torch
+from compress.kernels import cpu, native
+from packed_cases import random_weights, reference_output, relative_error
+
+from compress import kernels
+
+pytestmark = pytest.mark.skipif(native.unavailable() is not None,
+                                reason=f"native CPU kernel unavailable: {native.unavailable()}")
+IMPLEMENTATIONS = [pytest.param(False, id="vnni"), pytest.param(True, id="portable")]
+EXACT_BOUND, FLOAT32_BOUND, BOUND = 1e-5, 1e-4, 1e-2
+LEVELS = 127.0 * 128.0
+
+
+def rounded_activations(x: torch.Tensor, w: kernels.PackedWeights) -> torch.Tensor:
+    """x [M, K] as the kernel sees it: columns in the prepared order, each block of 32
+    rounded to integers in [-16256, 16256] with scale amax / 16256 (float32 arithmetic, as
+    in the C++), back in the original column order (padding dropped)."""
+    p = native.prepare(w)
+    k = w.in_features
+    cols = p.columns if p.columns is not None else torch.arange(k)
+    xf = torch.nn.functional.pad(x.to(torch.float32), (0, 1))[:, cols]   # [M, K_pad]
+    blocks = xf.view(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, LEVELS / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv)
+    deq = (q.double() * (amax / LEVELS).double()).view(x.shape[0], -1)
+    out = torch.zeros(x.shape[0], k + 1, dtype=torch.float64)
+    out[:, cols] = deq  # padding positions all land in the dropped column k
+    return out[:, :k]
+
+
+@pytest.mark.parametrize("portable", IMPLEMENTATIONS)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_integer_arithmetic_is_exact(portable, bits, group_size, symmetric, act_order):
+    # N = 67: not a multiple of the 16-row tiles; K = 200: not a multiple of 32 or 128.
+    seed = hash((bits, group_size, symmetric, act_order)) % 2**31
+    w = random_weights(67, 200, bits, group_size, symmetric, act_order, seed=seed)
+    x = torch.randn(5, 200, generator=torch.Generator().manual_seed(seed))
+    y = native.matmul(x, native.prepare(w), portable=portable, poison=True)
+    assert y.shape == (5, 67) and y.dtype == torch.float32
+    expected = reference_output(rounded_activations(x, w).float(), w)
+    assert relative_error(y, expected) < EXACT_BOUND
+
+
+@pytest.mark.parametrize("portable", IMPLEMENTATIONS)
+@pytest.mark.parametrize("m", [1, 3, 16, 128])
+@pytest.mark.parametrize("n,k", [(48, 576), (100, 96), (256, 1536), (33, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_shapes_and_dtypes_match_reference(portable, m, n, k, dtype, bits):
+    w = random_weights(n, k, bits, 128, False, False, seed=m * 7 + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(dtype)
+    y = native.matmul(x, native.prepare(w), portable=portable, poison=True)
+    assert y.shape == (m, n) and y.dtype == dtype
+    bound = FLOAT32_BOUND if dtype == torch.float32 else BOUND
+    assert relative_error(y, reference_output(x, w)) < bound
+
+
+def test_vnni_and_portable_loops_agree():
+    w = random_weights(160, 640, 4, 64, False, True, seed=5)
+    x = torch.randn(7, 640, generator=torch.Generator().manual_seed(5))
+    p = native.prepare(w)
+    torch.testing.assert_close(native.matmul(x, p), native.matmul(x, p, portable=True),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_zero_and_sparse_activations():
+    # An all-zero block has scale 0 (no division by zero); a lone spike keeps its sign.
+    w = random_weights(32, 128, 4, 32, True, False, seed=6)
+    x = torch.zeros(2, 128)
+    x[1, 77] = -3.0
+    y = native.matmul(x, native.prepare(w), poison=True)
+    assert torch.equal(y[0], torch.zeros(32))
+    assert relative_error(y, reference_output(x, w)) < EXACT_BOUND
+
+
+def test_cpu_backend_prefers_the_native_kernel(monkeypatch):
+    w = random_weights(32, 96, 4, 24, True, True, 0)  # act-order groups of 24 columns
+    assert isinstance(cpu.prepare(w), native.NativePrepared)
+    monkeypatch.setenv("COMPRESS_NATIVE", "0")
+    assert native.unavailable() == "COMPRESS_NATIVE=0"
+    assert "multiple of 32" in cpu.unsupported(w, torch.device("cpu"))
+
+
+def test_compiled_call_matches_eager():
+    w = random_weights(64, 128, 4, 32, True, False, seed=7)
+    p = native.prepare(w)
+    x = torch.randn(3, 128)
+    compiled = torch.compile(lambda t: native.matmul(t, p) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(x), native.matmul(x, p) * 2)
+
+
+def test_bad_arguments_raise_clear_errors():
+    p = native.prepare(random_weights(32, 64, 4, 32, True, False, seed=8))
+    with pytest.raises(RuntimeError, match="x has 63 columns, expected 64"):
+        native.matmul(torch.randn(1, 63), p)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        native.matmul(torch.ones(1, 64, dtype=torch.float64), p)
