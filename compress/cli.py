@@ -120,8 +120,10 @@ def _print_quantize_summary(s: api.QuantizeSummary) -> None:
     table.add_row("time", "", f"{r.seconds:.1f} s quantise"
                   + (f" + {s.eval_seconds:.1f} s eval" if s.baseline else ""), "")
     out_console.print(table)
-    out_console.print(f"{r.quantized_modules} Linears quantised; embeddings, norms and "
-                      "lm_head stay in the model's dtype.")
+    kept = "embeddings and norms" if r.head_quantized else "embeddings, norms and lm_head"
+    out_console.print(f"{r.quantized_modules} Linears quantised"
+                      + (" (lm_head included)" if r.head_quantized else "")
+                      + f"; {kept} stay in the model's dtype.")
     if s.baseline:
         out_console.print("Perplexity: token-level, on held-out text (bundled LAMBADA passages).")
     for change, count in s.group_fallbacks.items():

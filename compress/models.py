@@ -119,9 +119,12 @@ class ModelFiles:
                 for n in self.arch.layer_linears]
 
     def linear_shape(self, name: str) -> tuple[int, int]:
-        """(out_features, in_features) of a Linear, dense or packed, without loading it."""
+        """(out_features, in_features) of a Linear, dense or packed, without loading it.
+        A tied output head has the embedding table's shape."""
         if name in self.schemes:
             return tuple(int(v) for v in self.tensors.get(f"{name}.weight_shape").tolist())
+        if name == self.arch.lm_head and self.tied_embeddings:
+            name = self.arch.embed
         shape = self.tensors.shape(f"{name}.weight")
         if len(shape) != 2:
             raise CompressError(f"{name}.weight has shape {shape}; expected a 2-D Linear weight")

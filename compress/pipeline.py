@@ -55,6 +55,7 @@ class QuantizeResult:
     linear_packed_bytes: int  # the same Linears packed: codes, scales, zeros, shapes
     calibration: dict | None = None
     errors: dict | None = None  # module -> relative output error (calibrated methods)
+    head_quantized: bool = False  # the output head is among the quantised Linears
 
     @property
     def size_ratio(self) -> float:
@@ -64,8 +65,9 @@ class QuantizeResult:
 def plan(files: models.ModelFiles, recipe: Recipe) -> dict[str, QuantScheme]:
     """Module -> scheme for every Linear the recipe quantises, validated against shapes."""
     candidates = files.linear_names()
-    if not files.tied_embeddings and f"{files.arch.lm_head}.weight" in files.tensors:
-        candidates.append(files.arch.lm_head)
+    head = files.arch.lm_head
+    if files.tied_embeddings or f"{head}.weight" in files.tensors:
+        candidates.append(head)  # tied: quantising it unties it (the embedding stays)
     schemes = {}
     for name in candidates:
         scheme = recipe.scheme_for(name)
@@ -74,9 +76,9 @@ def plan(files: models.ModelFiles, recipe: Recipe) -> dict[str, QuantScheme]:
     if not schemes:
         raise CompressError("the recipe leaves every Linear dense; nothing to quantise "
                             "(check its ignore patterns)")
-    if recipe.calibrated and any(n not in files.linear_names() for n in schemes):
-        raise CompressError("calibrated methods quantise decoder-layer Linears only; add "
-                            f"{files.arch.lm_head} to the recipe's ignore list")
+    if recipe.calibrated and head in schemes:
+        status(f"{head} is rounded to nearest: {recipe.method} calibrates the decoder "
+               "layers' Linears only")
     return schemes
 
 
@@ -171,7 +173,8 @@ def quantize(model: str | Path | None, recipe: Recipe, out: str | Path,
     return QuantizeResult(out, recipe, time.perf_counter() - started, fp16_bytes, packed_bytes,
                           len(schemes), resumed, linear_fp16, linear_packed,
                           None if calib is None else calib.describe(),
-                          {k: v["relative_error"] for k, v in logs.items()} or None)
+                          {k: v["relative_error"] for k, v in logs.items()} or None,
+                          files.arch.lm_head in schemes)
 
 
 def _shard_name(i: int, n: int) -> str:
@@ -193,12 +196,17 @@ class _RTNLayers:
         for name in names:
             module, _, leaf = name.rpartition(".")
             if module in self.schemes and leaf == "weight":
-                qw = rtn.quantize(self.files.tensors.get(name), self.schemes[module],
-                                  self.files.dtype)
-                tensors.update(pack_quantized.to_tensors(module, qw))
+                tensors.update(self._quantized(module, name))
             else:
                 tensors[name] = self.files.tensors.get(name)
+        head, embed = self.files.arch.lm_head, f"{self.files.arch.embed}.weight"
+        if head in self.schemes and self.files.tied_embeddings and embed in names:
+            tensors.update(self._quantized(head, embed))  # untied: a packed copy of the table
         return tensors
+
+    def _quantized(self, module: str, weight: str) -> dict[str, torch.Tensor]:
+        qw = rtn.quantize(self.files.tensors.get(weight), self.schemes[module], self.files.dtype)
+        return pack_quantized.to_tensors(module, qw)
 
     def commit(self, i: int) -> None:
         pass
@@ -309,6 +317,8 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
                     partial: Path, weight_map: dict[str, str],
                     calib: data.CalibrationSet | None, logs: dict[str, dict]) -> None:
     config = dict(files.config)
+    if files.arch.lm_head in schemes and files.tied_embeddings:
+        config["tie_word_embeddings"] = False  # the head is now its own packed tensor
     dense_linears = [n for n in [*files.linear_names(), files.arch.lm_head] if n not in schemes]
     actorder = None
     if recipe.rounding == "gptq" and recipe.gptq.act_order:

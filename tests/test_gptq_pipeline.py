@@ -186,3 +186,17 @@ def test_transformers_refuses_g_idx_checkpoints_rather_than_misreading_them(tiny
     pipeline.quantize(tiny_llama, gptq_recipe(act_order=True, static_groups=False), out)
     with pytest.raises(Exception, match="actorder='group' has been removed"):
         AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+
+
+def test_gptq_with_the_head_included_rounds_the_head_to_nearest(tiny_llama, tmp_path):
+    from dataclasses import replace
+
+    from compress.quant import rtn
+
+    recipe = replace(gptq_recipe(4), ignore=())
+    result = pipeline.quantize(tiny_llama, recipe, tmp_path / "q")
+    files, source = models.open_model(tmp_path / "q"), models.open_model(tiny_llama)
+    assert result.head_quantized and "lm_head" not in (result.errors or {})
+    expected = rtn.quantize(source.linear_weight("lm_head"), files.schemes["lm_head"],
+                            torch.float32)
+    assert torch.equal(files.linear_weight("lm_head").qweight, expected.qweight)

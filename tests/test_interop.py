@@ -48,6 +48,17 @@ def test_transformers_loads_mixed_precision_groups(tiny_llama, tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+def test_transformers_loads_a_quantised_tied_head(tiny_factory, tmp_path):
+    recipe = Recipe.from_dict({"scheme": {"bits": 4, "group_size": 32}, "ignore": [],
+                               "overrides": [{"pattern": "lm_head", "bits": 8,
+                                              "group_size": -1}]})
+    out = tmp_path / "head8"
+    pipeline.quantize(tiny_factory("llama", tie_word_embeddings=True), recipe, out)
+    tokens = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(2))
+    ours, theirs = logits_both_ways(out, tokens)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
     "compressed-tensors 0.20 sizes an asymmetric weight_zero_point unpacked ([out, G]) when "
     "it builds the compressed module on the meta device, while its own writer (and vLLM) "

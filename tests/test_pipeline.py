@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import exact_load
 
 from compress import decoder, models, pipeline
 from compress.errors import CompressError
@@ -145,3 +146,36 @@ def test_mixed_recipe_roundtrips_and_runs(tiny_llama, tmp_path):
     assert files.schemes["model.layers.1.mlp.up_proj"] == QuantScheme(4, 32, True)
     model = decoder.build(files)
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+
+
+def test_a_tied_output_head_can_be_quantised(tiny_factory, tmp_path):
+    tied = tiny_factory("llama", tie_word_embeddings=True)
+    recipe = Recipe.from_dict({"scheme": {"bits": 4, "group_size": 32}, "ignore": [],
+                               "overrides": [{"pattern": "lm_head", "bits": 8,
+                                              "group_size": -1}]})
+    out = tmp_path / "head8"
+    result = pipeline.quantize(tied, recipe, out)
+    source, files = models.open_model(tied), models.open_model(out)
+    assert source.tied_embeddings and not files.tied_embeddings
+    assert result.head_quantized and result.quantized_modules == 15
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    table = source.tensors.get("model.embed_tokens.weight")
+    assert torch.equal(files.tensors.get("model.embed_tokens.weight"), table)  # lookup stays
+    head = files.linear_weight("lm_head")
+    expected = rtn.quantize(table, files.schemes["lm_head"], torch.float32)
+    assert head.bits == 8 and torch.equal(head.qweight, expected.qweight)
+    # Against the same layers with the dense tied head: only the head's 8-bit rounding
+    # (~4e-3 per weight) separates the logits.
+    pipeline.quantize(tied, Recipe.from_dict({"scheme": {"bits": 4, "group_size": 32}}),
+                      tmp_path / "dense-head")
+    tokens = torch.arange(5, 21)[None]
+    with torch.inference_mode():
+        got, want = exact_load(out)(tokens), exact_load(tmp_path / "dense-head")(tokens)
+    assert 0 < float((got - want).norm() / want.norm()) < 2e-2
+
+
+def test_the_head_stays_dense_by_default(tiny_factory, tmp_path):
+    tied = tiny_factory("llama", tie_word_embeddings=True)
+    result = pipeline.quantize(tied, W4, tmp_path / "q")
+    assert not result.head_quantized
+    assert models.open_model(tmp_path / "q").tied_embeddings
