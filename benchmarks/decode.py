@@ -1,18 +1,23 @@
 """Decode speed of packed checkpoints on CPU, against fp32 transformers, the DRAM roofline
 and llama.cpp, in one run.
 
-    python benchmarks/decode.py [--new-tokens 128] [--json benchmarks/results/decode.json]
+    python benchmarks/decode.py [--new-tokens 128] [--rounds 5]
+                                [--json benchmarks/results/decode.json]
                                 [--llama-python /tmp/llama-venv/bin/python | --no-llama-cpp]
 
 Batch 1, greedy, prefill excluded. The bundled model is quantised with RTN (the
-kernels' speed does not depend on how the codes were chosen) to W4 g128 and W8
-per-channel; both run through the dispatcher's default CPU path (our kernel), eager and
-compiled, and INT4 also through torch's int4 op (the fallback, `COMPRESS_NATIVE=0`). The
-roofline is the bytes one decode step must read (every prepared packed weight, the
-output head, the KV cache at the run's mean length) over the DRAM read bandwidth,
-sampled before every measurement (the highest sample is used, see _speed.BandwidthLog).
-llama.cpp runs in its own venv (see peer_llamacpp.py) with the same thread count. Run on
-an idle machine: everything is timed serially, and only ratios within a run mean much.
+kernels' speed does not depend on how the codes were chosen) to W4 g128, W4 g128 with
+the output head at W8 (llama.cpp Q4_0's split), and W8 per-channel; each runs through
+the dispatcher's default CPU path (our kernel), eager and compiled, and INT4 also
+through torch's int4 op (the fallback, `COMPRESS_NATIVE=0`).
+
+This VM's speed drifts by up to 2x within minutes (its DRAM bandwidth was seen at 33 to
+82 GB/s), so every contender, llama.cpp included, is timed once per round over
+`--rounds` interleaved rounds, and the median is reported (all samples are in the JSON).
+The roofline is the bytes one decode step must read (every prepared packed weight, the
+output head, the KV cache at the run's mean length) over the DRAM read bandwidth, sampled
+every round (the highest sample is used, see _speed.BandwidthLog). llama.cpp runs in its
+own venv (see peer_llamacpp.py) with the same thread count. Run on an idle machine.
 """
 
 from __future__ import annotations
@@ -21,15 +26,17 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from _speed import BandwidthLog, prepared_bytes
 from compress.kernels import native
-from foundation import PROMPT, decode_speed_ours, decode_speed_transformers
+from foundation import PROMPT
 
 import compress
 from compress import assets, data, decoder, pipeline
@@ -71,14 +78,13 @@ def step_bytes(model: decoder.CausalLM, context: int) -> dict:
             "kv_cache": kv, "total": weights + head + norms + kv}
 
 
-def llama_cpp(python: Path, new_tokens: int, work: Path) -> dict | None:
-    if not python.exists():
-        print(f"llama.cpp skipped: {python} not found (see benchmarks/peer_llamacpp.py)")
-        return None
+def llama_cpp_round(python: Path, new_tokens: int, work: Path) -> dict | None:
+    """One timed llama.cpp generation per quant (its GGUF files are cached after the
+    first round)."""
     out = work / "llama.json"
     cmd = [str(python), str(HERE / "peer_llamacpp.py"), "--json", str(out),
            "--new-tokens", str(new_tokens), "--n-threads", str(torch.get_num_threads()),
-           "--repeats", "3", "--quants", "Q4_0,Q8_0"]
+           "--repeats", "1", "--quants", "Q4_0,Q8_0"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         print(f"llama.cpp failed: {result.stderr[-2000:]}")
@@ -86,67 +92,115 @@ def llama_cpp(python: Path, new_tokens: int, work: Path) -> dict | None:
     return json.loads(out.read_text())
 
 
+def ours(model: decoder.CausalLM, prompt: list[int], new_tokens: int,
+         compile: bool = False) -> Callable[[], float]:
+    """One timed generation: decode tokens/s after the prefill's first token."""
+    params = decoder.SamplingParams(max_new_tokens=new_tokens)
+
+    def run() -> float:
+        gen = decoder.generate(model, prompt, params, compile=compile)
+        next(gen)
+        start = time.perf_counter()
+        steps = sum(1 for _ in gen)
+        return steps / (time.perf_counter() - start)
+    return run
+
+
+def transformers_fp32(path: Path, prompt: list[int], new_tokens: int) -> Callable[[], float]:
+    """One timed `generate`, fp32, greedy, with a one-token generate's time subtracted."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    @torch.inference_mode()
+    def run() -> float:
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             **kwargs)
+        return (out.shape[1] - len(prompt) - 1) / (time.perf_counter() - start - prefill)
+    return run
+
+
+def prepared(path: Path, prompt: list[int], use_native: bool = True) -> decoder.CausalLM:
+    """A loaded model whose kernels are prepared (for `use_native=False`, on torch's ops:
+    a kernel keeps the implementation it was prepared with)."""
+    model, _ = decoder.load(path)
+    if not use_native:
+        os.environ[native.ENV] = "0"
+    try:
+        with torch.inference_mode():
+            model(torch.tensor([prompt]))
+    finally:
+        os.environ.pop(native.ENV, None)
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path, default=HERE / "results" / "decode.json")
     parser.add_argument("--llama-python", type=Path, default=LLAMA_PYTHON)
     parser.add_argument("--no-llama-cpp", action="store_true")
-    parser.add_argument("--with-reference", action="store_true",
-                        help="also time the float32 reference kernel (slow)")
     args = parser.parse_args()
     set_quiet(True)
     os.environ.pop("COMPRESS_KERNEL", None)
+    os.environ.pop(native.ENV, None)
 
     base = assets.bundled_model_dir()
     prompt = data.load_tokenizer(base)(PROMPT).input_ids
     context = len(prompt) + args.new_tokens // 2
-    speeds, bytes_per_token, compile_runs = {}, {}, {}
     bandwidth = BandwidthLog()
-
-    def timed(key: str, fn, *fn_args, **fn_kwargs) -> None:
-        read = bandwidth.sample()["read_gb_s"]
-        speeds[key] = fn(*fn_args, **fn_kwargs)
-        print(f"{key:<22}{speeds[key]:>8.1f} tok/s   (DRAM read just before: {read:.1f} GB/s)")
+    with_llama = not args.no_llama_cpp and args.llama_python.exists()
+    if not args.no_llama_cpp and not with_llama:
+        print(f"llama.cpp skipped: {args.llama_python} not found (see peer_llamacpp.py)")
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, recipe in RECIPES.items():
             pipeline.quantize(base, recipe, work / name)
         decoder.prepare_cpu_kernel()
-        timed("transformers_fp32", decode_speed_transformers, base, prompt, args.new_tokens)
-        timed("compress_fp32", decode_speed_ours, base, prompt, args.new_tokens)
-        dense, _ = decoder.load(base)
-        bytes_per_token["fp32"] = step_bytes(dense, context)
-        del dense
-        for name in RECIPES:
-            timed(name, decode_speed_ours, work / name, prompt, args.new_tokens)
+        dense = prepared(base, prompt)
+        models = {name: prepared(work / name, prompt) for name in RECIPES}
+        torch_ops = prepared(work / "int4", prompt, use_native=False)
+        bytes_per_token = {"fp32": step_bytes(dense, context),
+                           "int4_torch_ops": step_bytes(torch_ops, context),
+                           **{n: step_bytes(m, context) for n, m in models.items()}}
+        contenders = {"transformers_fp32": transformers_fp32(base, prompt, args.new_tokens),
+                      "compress_fp32": ours(dense, prompt, args.new_tokens),
+                      "int4_torch_ops": ours(torch_ops, prompt, args.new_tokens)}
+        compile_seconds = {}
+        for name, model in models.items():
+            contenders[name] = ours(model, prompt, args.new_tokens)
+            compiled = ours(model, prompt, args.new_tokens, compile=True)
             start = time.perf_counter()
-            timed(f"{name}_compiled", decode_speed_ours, work / name, prompt, args.new_tokens,
-                  compile=True)
-            compile_runs[name] = time.perf_counter() - start
-            model, _ = decoder.load(work / name)
-            with torch.inference_mode():
-                model(torch.tensor([prompt]))  # prepares every kernel
-            bytes_per_token[name] = step_bytes(model, context)
-            del model
-            if args.with_reference:
-                os.environ["COMPRESS_KERNEL"] = "reference"
-                timed(f"{name}_reference", decode_speed_ours, work / name, prompt,
-                      args.new_tokens)
-                del os.environ["COMPRESS_KERNEL"]
-        os.environ[native.ENV] = "0"
-        timed("int4_torch_ops", decode_speed_ours, work / "int4", prompt, args.new_tokens)
-        model, _ = decoder.load(work / "int4")
-        with torch.inference_mode():
-            model(torch.tensor([prompt]))
-        bytes_per_token["int4_torch_ops"] = step_bytes(model, context)
-        del model, os.environ[native.ENV]
-        bandwidth.sample()
-        peer = None if args.no_llama_cpp else llama_cpp(args.llama_python, args.new_tokens,
-                                                          work)
+            compiled()  # compiles (inductor's disk cache makes later runs of this quicker)
+            compile_seconds[name] = time.perf_counter() - start
+            contenders[f"{name}_compiled"] = compiled
+
+        samples: dict[str, list[float]] = {name: [] for name in contenders}
+        peer_rounds = []
+        for r in range(args.rounds):
+            read = bandwidth.sample()["read_gb_s"]
+            for name, run in contenders.items():
+                samples[name].append(run())
+            if with_llama:
+                peer = llama_cpp_round(args.llama_python, args.new_tokens, work)
+                if peer:
+                    peer_rounds.append(peer)
+                    for quant, res in peer["results"].items():
+                        samples.setdefault(f"llama_cpp_{quant}", []).append(
+                            res["decode_tok_s"])
+            print(f"round {r + 1}/{args.rounds} (DRAM read {read:.1f} GB/s): "
+                  + ", ".join(f"{n} {v[-1]:.1f}" for n, v in samples.items()), flush=True)
         bandwidth.sample()
 
+    speeds = {name: statistics.median(v) for name, v in samples.items()}
     read = bandwidth.peak_read_gb_s * 1e9
     roofline = {k: read / v["total"] for k, v in bytes_per_token.items()}
     hf = speeds["transformers_fp32"]
@@ -157,9 +211,10 @@ def main() -> None:
         "threads": torch.get_num_threads(), "batch": 1, "new_tokens": args.new_tokens,
         "prompt_tokens": len(prompt), "bandwidth": bandwidth.to_dict(),
         "cpu_kernel": "ours, avx512-vnni" if native.has_vnni() else "ours, portable C++",
-        "decode_tok_s": speeds, "bytes_per_token": bytes_per_token,
-        "roofline_tok_s": roofline,
-        "compiled_runs_seconds": compile_runs,  # warm-up (compile) + 2 timed runs
+        "rounds": args.rounds, "statistic": "median over interleaved rounds",
+        "decode_tok_s": speeds, "decode_tok_s_samples": samples,
+        "bytes_per_token": bytes_per_token, "roofline_tok_s": roofline,
+        "compile_seconds": compile_seconds,  # the first compiled generation, compile included
         "int4_over_fp32": speeds["int4"] / hf,
         "int8_over_fp32": speeds["int8"] / hf,
         "int4_head8_over_fp32": speeds["int4_head8"] / hf,
@@ -176,16 +231,19 @@ def main() -> None:
         "int4_over_int4_torch_ops": speeds["int4"] / speeds["int4_torch_ops"],
         "fp32_of_roofline": speeds["compress_fp32"] / roofline["fp32"],
     }
+    peer = peer_rounds[-1] if peer_rounds else None
     if peer:
-        q4 = peer["results"]["Q4_0"]["decode_tok_s"]
-        report["llama_cpp"] = peer
+        q4, q8 = speeds["llama_cpp_Q4_0"], speeds["llama_cpp_Q8_0"]
+        report["llama_cpp"] = {k: v for k, v in peer.items() if k != "results"}
+        report["llama_cpp"]["files"] = {q: {"file_bytes": r["file_bytes"],
+                                            "sample_text": r["sample_text"]}
+                                        for q, r in peer["results"].items()}
         report["int4_over_llama_cpp_q4_0"] = speeds["int4"] / q4
         report["int4_compiled_over_llama_cpp_q4_0"] = speeds["int4_compiled"] / q4
         report["int4_head8_over_llama_cpp_q4_0"] = speeds["int4_head8"] / q4
         report["int4_head8_compiled_over_llama_cpp_q4_0"] = speeds["int4_head8_compiled"] / q4
-        if "Q8_0" in peer["results"]:
-            report["int8_over_llama_cpp_q8_0"] = (speeds["int8"]
-                                                  / peer["results"]["Q8_0"]["decode_tok_s"])
+        report["int8_over_llama_cpp_q8_0"] = speeds["int8"] / q8
+        report["int8_compiled_over_llama_cpp_q8_0"] = speeds["int8_compiled"] / q8
     print(f"\n{'path':<24}{'tok/s':>8}{'MB/token':>10}{'roofline':>10}{'of roofline':>13}")
     for key, label, kind in [
             ("transformers_fp32", "transformers fp32", "fp32"),
@@ -198,12 +256,9 @@ def main() -> None:
         mb = bytes_per_token[kind]["total"] / 1e6
         print(f"{label:<24}{speeds[key]:>8.1f}{mb:>10.1f}{roofline[kind]:>10.1f}"
               f"{speeds[key] / roofline[kind]:>12.0%}")
-    for key in ("int4_reference", "int8_reference"):
-        if key in speeds:
-            print(f"{'ours ' + key:<24}{speeds[key]:>8.1f}")
     if peer:
         for quant, r in peer["results"].items():
-            print(f"{'llama.cpp ' + quant:<24}{r['decode_tok_s']:>8.1f}"
+            print(f"{'llama.cpp ' + quant:<24}{speeds['llama_cpp_' + quant]:>8.1f}"
                   f"{r['file_bytes'] / 1e6:>10.1f} (file)")
     print("\nDRAM read samples (GB/s): "
           + ", ".join(f"{b:.1f}" for b in bandwidth.to_dict()["read_gb_s_samples"]))

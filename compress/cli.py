@@ -161,7 +161,7 @@ def generate(
         help="cpu, or cuda for the Triton kernels. COMPRESS_KERNEL=reference|cpu|triton "
              "forces a kernel.")] = "cpu",
     compile: Annotated[bool, typer.Option(
-        "--compile", help="Compile the decode step with torch.compile: 1.3-1.5x tokens/s on "
+        "--compile", help="Compile the decode step with torch.compile: 1.3-1.4x tokens/s on "
                           "CPU after a one-time compile of about a minute.")] = False,
     quiet: Quiet = False,
 ) -> None:
