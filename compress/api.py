@@ -2,69 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import compress
-from compress import assets, data, decoder, kernels, models, pipeline
+from compress import data, decoder, models, pipeline
 from compress.errors import CompressError
-from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS, PerplexityResult, perplexity
-from compress.formats import checkpoint
-from compress.progress import status
+from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS, PerplexityResult
+from compress.evaluation import evaluate_perplexity, model_identity  # noqa: F401 (public)
 from compress.recipe import Recipe
-
-
-def model_identity(files: models.ModelFiles) -> str:
-    """A key that changes whenever the model's bytes may have changed."""
-    if files.manifest is not None:  # our checkpoints: the verified sha256 of every file
-        payload = json.dumps(files.manifest["files"], sort_keys=True)
-    else:
-        stats = {}
-        for name in ["config.json", *files.tensors.files()]:
-            st = (files.path / name).stat()
-            stats[name] = (st.st_size, st.st_mtime_ns)
-        payload = json.dumps([str(files.path.resolve()), stats], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def evaluate_perplexity(
-    model: str | Path | None,
-    text_file: str | Path | None = None,
-    ctx: int = DEFAULT_CTX,
-    max_tokens: int | None = DEFAULT_MAX_TOKENS,
-    use_cache: bool = True,
-) -> PerplexityResult:
-    """Token perplexity of `model` on held-out text (bundled LAMBADA unless `text_file`).
-
-    Results are cached on disk by model bytes, text hash, window settings and library
-    version, so comparing many variants against one baseline computes it once.
-    """
-    files = models.open_model(model)
-    tokenizer = data.load_tokenizer(files.path)
-    text = data.text_tokens(tokenizer, text_file)
-    bos = tokenizer.bos_token_id if data.adds_bos(tokenizer) else None
-    windows = data.eval_windows(text.tokens, ctx, max_tokens, bos)
-    key = hashlib.sha256(json.dumps({
-        "model": model_identity(files), "text": text.sha256, "ctx": ctx,
-        "windows": windows.shape[0], "bos": bos, "version": compress.__version__,
-        # the fast kernels round activations to 16 or 8 bits: their perplexity differs in
-        # the 4th digit, so which kernels would serve is part of the key
-        "kernel": kernels.dispatch.requested() or "auto",
-        "native_cpu": kernels.native.unavailable() is None,
-    }, sort_keys=True).encode()).hexdigest()
-    cached = assets.cache_root() / "results" / "ppl" / f"{key}.json"
-    if use_cache and cached.is_file():
-        return PerplexityResult(**json.loads(cached.read_text()))
-    status(f"Perplexity of {files.name}: {windows.shape[0]} windows of {ctx} tokens")
-    model_nn = decoder.build(files)
-    result = perplexity(model_nn, windows, text.sha256)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_json(cached, result.to_dict())
-    return result
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from compress import api, assets, decoder
+from compress import api, assets, decoder, evaluation
 from compress.errors import CompressError
-from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS
+from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS, distribution, harness
 from compress.progress import set_quiet
 from compress.quant import QuantScheme
 from compress.quant.awq import AWQConfig
@@ -207,27 +207,88 @@ def _as_tensor(token: int):
 @app.command("eval")
 def eval_(
     model: ModelArg = None,
-    ppl: Annotated[bool, typer.Option("--ppl", help="Token perplexity on held-out text.")] = True,
+    baseline: Annotated[str, typer.Option(
+        help="Model to compare against: a directory or bundled name; 'auto' is the base "
+             "model recorded in the checkpoint, 'none' skips the comparison.")] = "auto",
+    ppl: Annotated[bool, typer.Option(
+        "--ppl", help="Only the model's perplexity (no baseline, no tasks).")] = False,
+    tasks: Annotated[str | None, typer.Option(
+        help="Comma-separated lm-eval tasks, run offline on local data: "
+             + ", ".join(n.removeprefix("compress_") for n in harness.LOCAL_TASKS)
+             + ".")] = None,
+    limit: Annotated[int | None, typer.Option(
+        help="Documents per task (default: all).")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(
+        help="Few-shot examples per task (default: the task's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Task requests per forward pass.")] = 8,
     text: Annotated[Path | None, typer.Option(
-        help="UTF-8 text file to evaluate on [default: bundled LAMBADA passages].")] = None,
+        help="UTF-8 text file to evaluate on (default: the bundled LAMBADA passages).")] = None,
     ctx: Annotated[int, typer.Option(help="Window length in tokens.")] = DEFAULT_CTX,
-    max_tokens: Annotated[int, typer.Option(help="Tokens to evaluate (0 = all).")] =
+    stride: Annotated[int | None, typer.Option(
+        help="Sliding windows: start one every STRIDE tokens, scoring only the new ones "
+             "[default: non-overlapping].")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Text tokens to evaluate (0 = all).")] =
         DEFAULT_MAX_TOKENS,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="Recompute instead of reusing cached results.")] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Measure a checkpoint's perplexity on held-out text."""
+    """How much quality a checkpoint lost: perplexity, KL divergence and top-1 agreement
+    against its baseline, and lm-eval tasks."""
     set_quiet(quiet)
-    if not ppl:
-        raise CompressError("nothing to evaluate: pass --ppl")
-    result = api.evaluate_perplexity(model, text, ctx=ctx, max_tokens=max_tokens or None)
-    out_console.print(f"perplexity {result.ppl:.4f} over {result.tokens:,} tokens "
-                      f"({result.windows} non-overlapping windows of {result.ctx} tokens)")
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    if ppl and task_list:
+        raise CompressError("--ppl computes perplexity only; drop it to run --tasks")
+    try:
+        report = evaluation.evaluate(
+            model, baseline, text, ctx, max_tokens or None, stride, ppl_only=ppl,
+            tasks=task_list, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+            use_cache=not no_cache)
+    except harness.TaskError as e:
+        raise CompressError(str(e)) from None
+    _print_eval_report(report)
     if json_out is not None:
-        payload = {"ppl": result.ppl, "tokens": result.tokens, "windows": result.windows,
-                   "ctx": result.ctx, "text_sha256": result.text_sha256}
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(payload, indent=2) + "\n")
+        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+
+
+def _print_eval_report(r: evaluation.EvalReport) -> None:
+    p = r.ppl
+    windows = (f"{p.windows} windows of {p.ctx} tokens"
+               + (f", stride {p.stride}" if p.stride else ", non-overlapping"))
+    if r.baseline_ppl is None and not r.tasks:
+        out_console.print(f"perplexity {p.ppl:.4f} over {p.tokens:,} tokens ({windows})")
+        return
+    table = Table(title=f"{r.model} vs {r.baseline or 'no baseline'}", title_justify="left")
+    for column in ("metric", "baseline", "quantised", "Δ"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    b = r.baseline_ppl
+    table.add_row(f"perplexity ({p.tokens:,} tokens)", _num(b and b.ppl, 3), _num(p.ppl, 3),
+                  "" if b is None else f"{p.ppl - b.ppl:+.3f} ({p.ppl / b.ppl - 1:+.1%})")
+    m = r.match
+    if m is not None:
+        table.add_row("KL(baseline ‖ quantised), mean", "0", f"{m.kl_mean:.4f}", "")
+        table.add_row("  99th percentile / max", "0", f"{m.kl_p99:.4f} / {m.kl_max:.3f}", "")
+        table.add_row("top-1 agreement", "100%", f"{m.top1_agreement:.2%}",
+                      f"{m.top1_agreement - 1:+.2%}")
+    for task, scores in r.tasks.items():
+        base = r.baseline_tasks.get(task, {})
+        for metric in ("acc", "acc_norm", "exact_match"):
+            if metric not in scores:
+                continue
+            q, bv = scores[metric], base.get(metric)
+            table.add_row(f"{task.removeprefix('compress_')} {metric} "
+                          f"({int(scores.get('sample_len', 0)):,} docs)",
+                          _num(bv, 4), _num(q, 4), "" if bv is None else f"{q - bv:+.4f}")
+    out_console.print(table)
+    out_console.print(f"Perplexity: token-level, {windows}. KL in nats per token (exact over "
+                      f"the baseline's top {m.topk if m else distribution.REFERENCE_TOPK} "
+                      f"tokens, sampled over the rest). {r.seconds:.1f} s.")
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 @app.command()

@@ -133,24 +133,66 @@ def calibration_set(tokenizer, path: str | Path | None, samples: int, seqlen: in
     return CalibrationSet(windows, text.sha256, source)
 
 
-def eval_windows(tokens: torch.Tensor, ctx: int, max_tokens: int | None,
-                 bos_id: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows (N, ctx) from the start of the text.
+@dataclass(frozen=True)
+class EvalWindows:
+    """Windows of held-out tokens and which of their positions are scored.
 
-    With `bos_id`, every window starts with BOS followed by ctx-1 text tokens (models
-    such as Gemma are out of distribution without it). `max_tokens` caps N * ctx;
-    None or 0 uses every full window.
+    tokens (N, ctx); window i scores the tokens at positions first_target[i] .. ctx-1,
+    each predicted from the positions before it in that window."""
+
+    tokens: torch.Tensor
+    first_target: torch.Tensor
+    stride: int | None = None  # None: non-overlapping windows
+
+    @property
+    def ctx(self) -> int:
+        return self.tokens.shape[1]
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def scored(self) -> int:
+        return int((self.ctx - self.first_target).sum())
+
+
+def eval_windows(tokens: torch.Tensor, ctx: int, max_tokens: int | None,
+                 bos_id: int | None = None, stride: int | None = None) -> EvalWindows:
+    """Windows of `ctx` tokens from the start of the text.
+
+    Non-overlapping by default, every token after a window's first scored. With
+    `stride` < the text tokens per window, windows start every `stride` text tokens and,
+    after the first, score only their last `stride` tokens: each text token is scored
+    once, with at least ctx - stride tokens of context. With `bos_id`, every window
+    starts with BOS followed by ctx-1 text tokens (models such as Gemma are out of
+    distribution without it). `max_tokens` caps the text tokens the windows cover
+    (non-overlapping: N * ctx); None or 0 uses every full window.
     """
     if ctx < 2:
         raise CompressError(f"context length must be at least 2 tokens, got {ctx}")
     step = ctx - 1 if bos_id is not None else ctx
-    n = tokens.numel() // step
-    if max_tokens:
-        n = min(n, max(1, max_tokens // ctx))
-    if n == 0:
-        raise CompressError(f"the text has {tokens.numel()} tokens, fewer than one "
-                            f"{ctx}-token window")
-    windows = tokens[: n * step].view(n, step)
+    if stride is not None and not stride >= 1:
+        raise CompressError(f"stride must be at least 1 token, got {stride}")
+    if stride is None or stride >= step:
+        n = tokens.numel() // step
+        if max_tokens:
+            n = min(n, max(1, max_tokens // ctx))
+        if n == 0:
+            raise CompressError(f"the text has {tokens.numel()} tokens, fewer than one "
+                                f"{ctx}-token window")
+        windows = tokens[: n * step].view(n, step)
+        first = torch.ones(n, dtype=torch.long)
+        stride = None
+    else:
+        if tokens.numel() < step:
+            raise CompressError(f"the text has {tokens.numel()} tokens, fewer than one "
+                                f"{ctx}-token window")
+        n = (tokens.numel() - step) // stride + 1
+        if max_tokens:
+            n = min(n, max(1, (max_tokens - step) // stride + 1))
+        windows = tokens.unfold(0, step, stride)[:n]
+        first = torch.full((n,), ctx - stride, dtype=torch.long)
+        first[0] = 1
     if bos_id is not None:
         windows = torch.cat([torch.full((n, 1), bos_id, dtype=windows.dtype), windows], dim=1)
-    return windows
+    return EvalWindows(windows.contiguous(), first, stride)

@@ -7,8 +7,10 @@ streamed text, and both are silent when `set_quiet(True)` was called (tests, --q
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from tqdm.auto import tqdm
@@ -21,6 +23,28 @@ _quiet = False
 def set_quiet(quiet: bool) -> None:
     global _quiet
     _quiet = quiet
+
+
+def is_quiet() -> bool:
+    return _quiet
+
+
+@contextlib.contextmanager
+def libraries_quiet() -> Iterator[None]:
+    """Within this block, other libraries' tqdm bars follow our quiet setting too
+    (tqdm reads TQDM_DISABLE when a bar is made)."""
+    if not _quiet:
+        yield
+        return
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
 
 
 def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> tqdm:

@@ -16,8 +16,9 @@ from compress.recipe import Recipe
 def test_windows_are_non_overlapping_from_the_start():
     tokens = torch.arange(1000)
     w = data.eval_windows(tokens, 100, 450)
-    assert w.shape == (4, 100) and torch.equal(w.flatten(), torch.arange(400))
-    with_bos = data.eval_windows(tokens, 100, None, bos_id=7)
+    assert w.tokens.shape == (4, 100) and torch.equal(w.tokens.flatten(), torch.arange(400))
+    assert w.scored == 4 * 99 and w.stride is None
+    with_bos = data.eval_windows(tokens, 100, None, bos_id=7).tokens
     assert with_bos.shape == (10, 100) and torch.all(with_bos[:, 0] == 7)
     assert torch.equal(with_bos[1, 1:], torch.arange(99, 198))
     with pytest.raises(CompressError, match="fewer than one"):
@@ -33,9 +34,9 @@ def test_bundled_perplexity_matches_transformers(bundled_dir):
     ref = AutoModelForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval()
     nlls = []
     with torch.no_grad():
-        for window in windows:
+        for window in windows.tokens:
             nlls.append(ref(window[None], labels=window[None]).loss * (window.numel() - 1))
-    expected = math.exp(float(sum(nlls)) / (windows.shape[0] * 511))
+    expected = math.exp(float(sum(nlls)) / (len(windows) * 511))
     assert ours.tokens == 2 * 511
     assert abs(ours.ppl / expected - 1) < 1e-4
     assert 30 < ours.ppl < 60  # SmolLM2-135M on LAMBADA passages: 44.8 over 16k tokens

@@ -38,7 +38,7 @@ def test_gptq_checkpoint_beats_rtn_on_held_out_tokens(tiny_llama, tmp_path):
     pipeline.quantize(tiny_llama, Recipe("rtn", QuantScheme(3, 32, True)), tmp_path / "rtn")
     dense = decoder.load(tiny_llama)[0]
     tokenizer = data.load_tokenizer(tiny_llama)
-    held = data.eval_windows(data.text_tokens(tokenizer).tokens, 64, 256)
+    held = data.eval_windows(data.text_tokens(tokenizer).tokens, 64, 256).tokens
     err_gptq = logits_error(dense, decoder.load(tmp_path / "gptq")[0], held)
     err_rtn = logits_error(dense, decoder.load(tmp_path / "rtn")[0], held)
     # Random weights give near-isotropic activations, where GPTQ's edge over RTN is small

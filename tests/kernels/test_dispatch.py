@@ -77,7 +77,7 @@ def test_without_a_compiler_the_cpu_backend_keeps_torch_ops(tmp_path):
         "print(native.unavailable())\n"
         "print(type(cpu.prepare(random_weights(32, 64, 4, 32, True, False, 0))).__name__)\n")
     env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"),
-           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+           "COMPRESS_HOME": str(tmp_path / "cache")}
     env.pop("COMPRESS_NATIVE", None)
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, cwd=Path(__file__).parent, check=True).stdout.splitlines()
