@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,11 +80,11 @@ def _build() -> str | None:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler found ({compiler}); install g++ for the fast CPU kernel"
-    if shutil.which("ninja") is None:
-        # the `ninja` wheel's binary is not on PATH when its venv is not activated
-        with contextlib.suppress(ImportError):
-            import ninja
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    scripts = str(Path(sys.executable).parent)
+    if shutil.which("ninja") is None and shutil.which("ninja", path=scripts):
+        # the `ninja` wheel's launcher sits beside the interpreter, which is not on PATH
+        # when its venv is not activated
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
     quiet = logging.getLogger("torch.utils.cpp_extension")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # its compiler-version notes are not for our users
