@@ -337,13 +337,13 @@ class CausalLM(nn.Module):
 
 
 def kernel_backends(model: nn.Module) -> list[str]:
-    """Backends that served the packed matmuls so far (empty for a dense model)."""
+    """Kernel implementations that served the packed matmuls so far (empty for a dense model)."""
     found = set()
     for module in model.modules():
         candidates = [module, *(v for v in vars(module).values()
                                 if isinstance(v, SharedInputLinears))]
-        found.update(c.backend for c in candidates
-                     if isinstance(c, QuantLinear | SharedInputLinears) and c.backend)
+        found.update(c.implementation for c in candidates
+                     if isinstance(c, QuantLinear | SharedInputLinears) and c.implementation)
     return sorted(found)
 
 

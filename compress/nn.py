@@ -49,7 +49,7 @@ class QuantLinear(nn.Module):
         return kernels.run(self.kernel(x.device), x, self.bias)
 
     @property
-    def backend(self) -> str | None:
+    def implementation(self) -> str | None:
         """The kernel that served the last forward (None before the first)."""
         return None if self._kernel is None else self._kernel.implementation
 
@@ -93,7 +93,7 @@ class SharedInputLinears:
         return list(kernels.run(self._kernel, x, self._bias).split(self._sizes, dim=-1))
 
     @property
-    def backend(self) -> str | None:
+    def implementation(self) -> str | None:
         """The fused kernel's implementation, None when the members run apart (or not
         yet)."""
         return None if self._kernel is None else self._kernel.implementation
