@@ -9,6 +9,7 @@ so a checkpoint loads by name; a test holds the greedy tokens equal to transform
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -75,24 +76,99 @@ class RMSNorm(nn.Module):
 class KVCache:
     """Preallocated keys/values, one pair of [B, kv_heads, max_len, head_dim] per layer.
 
-    Separate per-layer tensors, written in place with `index_copy_`, so a compiled step
-    updates the few new positions instead of copying a whole multi-layer buffer.
+    Separate per-layer tensors, written in place, so a compiled step updates the few new
+    positions instead of copying a whole multi-layer buffer. `row(r)` and `rows(n)` are
+    caches over a slice of the rows, sharing storage (a serving slot, the active slots).
+
+    `quantized`: int8 storage with one float32 scale per position and head (amax / 127),
+    a quarter of float32's bytes and half of float16's; reads dequantise.
     """
 
     def __init__(self, cfg: DecoderConfig, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", quantized: bool = False):
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.max_len = max_len
+        store = torch.int8 if quantized else dtype
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v [B, kv_heads, S, hd] at positions start.. and return all keys so far."""
+        def buffers(dims, kind):
+            return [torch.zeros(dims, dtype=kind, device=device) for _ in range(cfg.num_layers)]
+        self.k, self.v = buffers(shape, store), buffers(shape, store)
+        scales = (*shape[:3], 1)
+        self.k_scale = buffers(scales, torch.float32) if quantized else None
+        self.v_scale = buffers(scales, torch.float32) if quantized else None
+        self.max_len, self.dtype, self.quantized = max_len, dtype, quantized
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.k, *self.v, *(self.k_scale or []), *(self.v_scale or [])]
+        return sum(t.nbytes for t in tensors)
+
+    def _view(self, index: slice) -> KVCache:
+        view = copy.copy(self)
+        for name in ("k", "v", "k_scale", "v_scale"):
+            tensors = getattr(self, name)
+            if tensors is not None:
+                setattr(view, name, [t[index] for t in tensors])
+        return view
+
+    def row(self, r: int) -> KVCache:
+        """A batch-1 cache over row r (writes land in this cache)."""
+        return self._view(slice(r, r + 1))
+
+    def rows(self, n: int) -> KVCache:
+        """A cache over rows 0..n-1."""
+        return self._view(slice(0, n))
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Positions 0..length-1 of row src copied into row dst (compacting slots)."""
+        for tensors in (self.k, self.v, self.k_scale, self.v_scale):
+            for t in tensors or ():
+                t[dst, :, :length] = t[src, :, :length]
+
+    def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, kv_heads, S, hd] at positions start.. and return the keys and
+        values to attend over: positions 0..start+S-1 for an int start; for per-row starts
+        ((B,) tensor) the whole buffer, the caller masking each row."""
+        if isinstance(start, torch.Tensor):
+            b, s = k.shape[0], k.shape[2]
+            pos = start[:, None] + torch.arange(s, device=k.device)  # (B, S)
+            rows = torch.arange(b, device=k.device)[:, None].expand(b, s)
+            self._write(layer, lambda t, x: t.__setitem__((rows, slice(None), pos),
+                                                          x.transpose(1, 2)), k, v)
+            return self._read(layer, self.max_len)
         end = start + k.shape[2]
         positions = torch.arange(start, end, device=k.device)
-        self.k[layer].index_copy_(2, positions, k)
-        self.v[layer].index_copy_(2, positions, v)
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self._write(layer, lambda t, x: t.index_copy_(2, positions, x), k, v)
+        return self._read(layer, end)
+
+    def _write(self, layer: int, put: Callable, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not self.quantized:
+            put(self.k[layer], k)
+            put(self.v[layer], v)
+            return
+        for x, codes, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
+            q, scale = quantize_kv(x)
+            put(codes[layer], q)
+            put(scales[layer], scale)
+
+    def _read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.quantized:
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        return tuple((codes[layer][:, :, :end].to(torch.float32) * scales[layer][:, :, :end])
+                     .to(self.dtype)
+                     for codes, scales in ((self.k, self.k_scale), (self.v, self.v_scale)))
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and float32 scales [..., 1] per position and head of keys or values."""
+    x32 = x.to(torch.float32)
+    scale = x32.abs().amax(-1, keepdim=True) / 127.0
+    codes = torch.where(scale > 0, x32 / scale, torch.zeros_like(x32)).round().clamp(-127, 127)
+    return codes.to(torch.int8), scale
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -131,9 +207,17 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(b, s, c.num_heads * c.head_dim)
 
 
-def attention_mask(start: int, q_len: int, k_len: int, window: int | None,
+def attention_mask(start: int | torch.Tensor, q_len: int, k_len: int, window: int | None,
                    device: torch.device) -> torch.Tensor | None:
-    """Boolean [q_len, k_len] mask (True = attend), or None when plain causal suffices."""
+    """Boolean mask (True = attend): [q_len, k_len] for an int start, None when plain
+    causal suffices; [B, 1, q_len, k_len] over the whole cache for per-row starts (B,)."""
+    if isinstance(start, torch.Tensor):
+        q_pos = start[:, None, None, None] + torch.arange(q_len, device=device)[:, None]
+        k_pos = torch.arange(k_len, device=device)
+        allowed = k_pos <= q_pos
+        if window is not None:
+            allowed &= k_pos > q_pos - window
+        return allowed
     if (window is None or k_len <= window) and (q_len == 1 or q_len == k_len):
         return None
     end = start + q_len  # keys cover positions end - k_len .. end - 1 (cache or not)
@@ -270,14 +354,22 @@ class Backbone(nn.Module):
 
 
 class Rotary(nn.Module):
-    """cos/sin tables (S, head_dim) for positions start..start+S-1."""
+    """cos/sin tables (S, head_dim) for positions start..start+S-1; (B, 1, S, head_dim)
+    for per-row starts (B,)."""
 
     def __init__(self, inv_freq: torch.Tensor, scale: float):
         super().__init__()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.scale = scale
 
-    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, start: int | torch.Tensor,
+                length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(start, torch.Tensor):
+            pos = (start[:, None, None] + torch.arange(length, device=start.device)[:, None]
+                   ).to(torch.float32)  # (B, S, 1)
+            freqs = (pos * self.inv_freq).unsqueeze(1)  # (B, 1, S, hd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return emb.cos() * self.scale, emb.sin() * self.scale
         pos = torch.arange(start, start + length, device=self.inv_freq.device,
                            dtype=torch.float32)
         freqs = pos[:, None] * self.inv_freq[None, :]
@@ -309,10 +401,18 @@ class CausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    def forward(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        if start + tokens.shape[1] > self.cfg.max_positions:
-            raise CompressError(f"sequence of {start + tokens.shape[1]} tokens exceeds the "
+    def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """`start`: the position of tokens[:, 0], or per row as a (B,) tensor (then a cache
+        holding each row's earlier positions is required)."""
+        if isinstance(start, torch.Tensor):
+            if cache is None:
+                raise ValueError("per-row start positions need a cache")
+            furthest = int(start.max()) + tokens.shape[1]
+        else:
+            furthest = start + tokens.shape[1]
+        if furthest > self.cfg.max_positions:
+            raise CompressError(f"sequence of {furthest} tokens exceeds the "
                                 f"model's {self.cfg.max_positions} positions")
         x = self.model.embed_tokens(tokens).to(self.dtype)
         cos, sin = self.rotary(start, tokens.shape[1])
@@ -332,8 +432,8 @@ class CausalLM(nn.Module):
             return self.lm_head.weight.dtype
         return self.dtype
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
+    def new_cache(self, batch: int, max_len: int, quantized: bool = False) -> KVCache:
+        return KVCache(self.cfg, batch, max_len, self.dtype, self.device, quantized)
 
 
 def kernel_backends(model: nn.Module) -> list[str]:
@@ -511,6 +611,13 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     """Next token ids (B,) from last-position logits (B, vocab)."""
     if params.temperature == 0:
         return logits.argmax(-1)
+    probs = sampling_probs(logits, params)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution (B, vocab) that sampling with `params` (temperature > 0) draws from:
+    temperature, then top-k, then top-p."""
     logits = logits.to(torch.float32) / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[..., -1:]
@@ -522,8 +629,7 @@ def sample(logits: torch.Tensor, params: SamplingParams,
         drop = probs.cumsum(-1) - probs >= params.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
 
 
 def compiled_step(model: CausalLM) -> Callable[..., torch.Tensor]:
