@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from compress import data, decoder, models, pipeline
@@ -13,6 +13,8 @@ from compress.errors import CompressError
 from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS, PerplexityResult
 from compress.evaluation import evaluate_perplexity, model_identity  # noqa: F401 (public)
 from compress.recipe import Recipe
+from compress.serving import bench
+from compress.serving.speculative import SpeculativeDecoder
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class GenerationStats:
     kernels: tuple[str, ...] = ()
     compile_seconds: float = 0.0  # decode steps that compiled (--compile), not in decode_*
     compile_steps: int = 0
+    acceptance_rate: float | None = None  # speculative decoding: accepted / proposed
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -82,9 +85,17 @@ class Generation:
 
     def __init__(self, model: str | Path | None, prompt: str, params: decoder.SamplingParams,
                  chat: bool = False, stop_at_eos: bool = True, device: str = "cpu",
-                 compile: bool = False):
+                 compile: bool = False, draft: str | Path | None = None,
+                 draft_tokens: int = 4, kv_int8: bool = False):
         self.model, files = decoder.load(model, device=device)
-        self.compile = compile
+        self.compile, self.kv_int8 = compile, kv_int8
+        self.speculative = None
+        if draft is not None:
+            if compile or kv_int8:
+                raise CompressError("--draft runs eager with a float KV cache; drop --compile "
+                                    "and --kv-cache int8")
+            self.speculative = SpeculativeDecoder(self.model, decoder.load(draft, device)[0],
+                                                  draft_tokens)
         self.tokenizer = data.load_tokenizer(files.path)
         self.prompt_ids = encode_prompt(self.tokenizer, prompt, chat)
         stops = eos_ids(self.tokenizer, files.path) if stop_at_eos else ()
@@ -94,7 +105,12 @@ class Generation:
     def __iter__(self) -> Iterator[int]:
         start = time.perf_counter()
         arrivals: list[float] = []
-        for token in decoder.generate(self.model, self.prompt_ids, self.params, self.compile):
+        if self.speculative is not None:
+            tokens = self.speculative.generate(self.prompt_ids, self.params)
+        else:
+            tokens = decoder.generate(self.model, self.prompt_ids, self.params, self.compile,
+                                      kv_int8=self.kv_int8)
+        for token in tokens:
             arrivals.append(time.perf_counter())
             if token in self.params.stop_token_ids:
                 break
@@ -106,7 +122,9 @@ class Generation:
         steady_at = arrivals[compile_steps] if arrivals else end
         self.stats = GenerationStats(len(self.prompt_ids), len(arrivals), first_at - start,
                                      end - steady_at, tuple(decoder.kernel_backends(self.model)),
-                                     steady_at - first_at, max(compile_steps, 0))
+                                     steady_at - first_at, max(compile_steps, 0),
+                                     None if self.speculative is None
+                                     else self.speculative.stats.acceptance_rate)
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -130,3 +148,37 @@ def eos_ids(tokenizer, path: Path) -> tuple[int, ...]:
         ids.update(int(v) for v in (value if isinstance(value, list) else [value])
                    if v is not None)
     return tuple(sorted(ids))
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    model: str
+    workload: bench.Workload
+    results: list[bench.BatchResult]
+    recommended: bench.BatchResult | None
+    sla: dict
+    kv_cache: str
+    kernels: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"schema_version": 1, "model": self.model, "workload": asdict(self.workload),
+                "kv_cache": self.kv_cache, "kernels": list(self.kernels), "sla": self.sla,
+                "results": [r.to_dict() for r in self.results],
+                "recommended_batch_size": (None if self.recommended is None
+                                           else self.recommended.batch_size)}
+
+
+def benchmark_serving(model: str | Path | None, workload: bench.Workload,
+                      batch_sizes: tuple[int, ...] = bench.DEFAULT_BATCH_SIZES,
+                      kv_budget_mb: float = 1024, kv_int8: bool = False,
+                      sla_ttft_p95: float | None = None,
+                      sla_tokens_per_s: float | None = None,
+                      device: str = "cpu") -> BenchReport:
+    """`compress bench`: serve the same request mix at each batch size (bench.py)."""
+    net, files = decoder.load(model, device=device)
+    text = data.text_tokens(data.load_tokenizer(files.path)).tokens
+    results = bench.sweep(net, workload, text, batch_sizes, int(kv_budget_mb * 2**20), kv_int8)
+    chosen = bench.recommend(results, sla_ttft_p95, sla_tokens_per_s)
+    return BenchReport(str(files.path), workload, results, chosen,
+                       {"ttft_p95_s": sla_ttft_p95, "tokens_per_s": sla_tokens_per_s},
+                       "int8" if kv_int8 else "model", tuple(decoder.kernel_backends(net)))

@@ -25,6 +25,7 @@ from compress.quant import QuantScheme
 from compress.quant.awq import AWQConfig
 from compress.quant.gptq import GPTQConfig
 from compress.recipe import METHODS, CalibrationConfig, Recipe
+from compress.serving import bench
 
 app = typer.Typer(
     add_completion=False,
@@ -163,6 +164,12 @@ def generate(
     compile: Annotated[bool, typer.Option(
         "--compile", help="Compile the decode step with torch.compile: 1.3-1.4x tokens/s on "
                           "CPU after a one-time compile of about a minute.")] = False,
+    draft: Annotated[Path | None, typer.Option(
+        help="Speculative decoding: a quantised checkpoint of the same model proposes "
+             "tokens, MODEL verifies them (output distributed exactly as MODEL's).")] = None,
+    draft_tokens: Annotated[int, typer.Option(help="Tokens the draft proposes per round.")] = 4,
+    kv_cache: Annotated[str, typer.Option(
+        help="KV cache storage: model (the compute dtype) or int8.")] = "model",
     quiet: Quiet = False,
 ) -> None:
     """Generate text from a checkpoint with a KV cache, streaming tokens to stdout."""
@@ -171,7 +178,8 @@ def generate(
         raise CompressError("give a prompt with --prompt \"...\"")
     params = decoder.SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
     gen = api.Generation(model, prompt, params, chat=chat, stop_at_eos=not ignore_eos,
-                         device=_device(device), compile=compile)
+                         device=_device(device), compile=compile, draft=draft,
+                         draft_tokens=draft_tokens, kv_int8=_kv_int8(kv_cache))
     from transformers import TextStreamer
 
     streamer = TextStreamer(gen.tokenizer, skip_special_tokens=True)
@@ -185,7 +193,15 @@ def generate(
             f"{st.prefill_seconds:.2f} s; decode {st.decode_tokens_per_second:.1f} tokens/s; "
             f"kernels: {', '.join(st.kernels) or 'dense'}"
             + (f"; compiling took {st.compile_seconds:.1f} s" if st.compile_steps else "")
+            + (f"; draft acceptance {st.acceptance_rate:.0%}"
+               if st.acceptance_rate is not None else "")
             + "[/dim]", soft_wrap=True)
+
+
+def _kv_int8(kind: str) -> bool:
+    if kind not in ("model", "int8"):
+        raise CompressError(f"--kv-cache {kind!r} is not supported; use model or int8")
+    return kind == "int8"
 
 
 def _device(name: str) -> str:
@@ -232,6 +248,10 @@ def eval_(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="Recompute instead of reusing cached results.")] = False,
+    kv_cache: Annotated[str, typer.Option(
+        help="Evaluate MODEL reading keys/values back from this KV cache: model (float) "
+             "or int8. With --baseline MODEL, the KL is the INT8 cache's own cost.")] =
+        "model",
     quiet: Quiet = False,
 ) -> None:
     """How much quality a checkpoint lost: perplexity, KL divergence and top-1 agreement
@@ -244,7 +264,7 @@ def eval_(
         report = evaluation.evaluate(
             model, baseline, text, ctx, max_tokens or None, stride, ppl_only=ppl,
             tasks=task_list, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-            use_cache=not no_cache)
+            use_cache=not no_cache, kv_cache=kv_cache)
     except harness.TaskError as e:
         raise CompressError(str(e)) from None
     _print_eval_report(report)
@@ -289,6 +309,74 @@ def _print_eval_report(r: evaluation.EvalReport) -> None:
 
 def _num(value: float | None, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
+
+
+@app.command("bench")
+def bench_(
+    model: ModelArg = None,
+    batch_sizes: Annotated[str, typer.Option(
+        help="Batch sizes (engine slots) to sweep, up to what the KV budget holds.")] =
+        "1,2,4,8,16,32",
+    requests: Annotated[int, typer.Option(help="Requests in the mix.")] = 32,
+    prompt_len: Annotated[int, typer.Option(
+        help="Mean prompt tokens (uniform within ±50%).")] = 128,
+    output_len: Annotated[int, typer.Option(help="Tokens generated per request.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the request mix.")] = 0,
+    kv_budget_mb: Annotated[float, typer.Option(help="KV cache memory budget (MiB).")] = 1024,
+    kv_cache: Annotated[str, typer.Option(help="KV cache storage: model or int8.")] = "model",
+    sla_ttft_p95: Annotated[float | None, typer.Option(
+        help="Recommend only batch sizes whose p95 time to first token (s) is at most this.")]
+        = None,
+    sla_tps: Annotated[float | None, typer.Option(
+        help="... and whose median tokens/s per request is at least this.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        help="Write the throughput-vs-latency plot (PNG).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    quiet: Quiet = False,
+) -> None:
+    """Throughput against latency over batch sizes on a seeded request mix, and the batch
+    size to serve with for an SLA."""
+    set_quiet(quiet)
+    try:
+        sizes = tuple(sorted({int(b) for b in batch_sizes.split(",") if b.strip()}))
+    except ValueError:
+        raise CompressError(f"--batch-sizes {batch_sizes!r}: give integers like 1,2,4,8") from None
+    if not sizes or sizes[0] < 1:
+        raise CompressError("--batch-sizes needs positive integers")
+    for name, value in (("--requests", requests), ("--prompt-len", prompt_len),
+                        ("--output-len", output_len)):
+        if value < 1:
+            raise CompressError(f"{name} must be at least 1")
+    workload = bench.Workload(requests, prompt_len, output_len, seed)
+    report = api.benchmark_serving(model, workload, sizes, kv_budget_mb, _kv_int8(kv_cache),
+                                   sla_ttft_p95, sla_tps, _device(device))
+    table = Table(title=f"{report.model}: {requests} requests, prompts ~{prompt_len} tokens, "
+                        f"{output_len} new tokens each, KV {report.kv_cache}",
+                  title_justify="left")
+    for column in ("batch", "TTFT p50 / p95 s", "ITL p50 / p95 ms", "tok/s per request",
+                   "tok/s total", "peak RSS", "KV cache"):
+        table.add_column(column, justify="right")
+    for r in report.results:
+        table.add_row(str(r.batch_size), f"{r.ttft_p50:.2f} / {r.ttft_p95:.2f}",
+                      f"{r.itl_p50 * 1e3:.1f} / {r.itl_p95 * 1e3:.1f}",
+                      f"{r.request_tokens_per_s:.1f}", f"{r.total_tokens_per_s:.1f}",
+                      _mb(r.peak_rss_bytes), _mb(r.kv_cache_bytes))
+    out_console.print(table)
+    best = report.recommended
+    if best is None:
+        out_console.print("No batch size meets the SLA.")
+    else:
+        sla = ", ".join(f"{k} <= {v}" if k.startswith("ttft") else f"{k} >= {v}"
+                        for k, v in report.sla.items() if v is not None) or "no SLA given"
+        out_console.print(f"Recommended batch size: {best.batch_size} "
+                          f"({best.total_tokens_per_s:.1f} tokens/s total; {sla}).")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if plot is not None:
+        bench.plot(report.results, plot, f"{Path(report.model).name}: throughput vs latency",
+                   best)
 
 
 @app.command()

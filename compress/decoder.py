@@ -673,10 +673,11 @@ def _compiled_call(step, *args, steady: bool) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate(model: CausalLM, prompt: list[int], params: SamplingParams,
-             compile: bool = False) -> Iterator[int]:
+             compile: bool = False, kv_int8: bool = False) -> Iterator[int]:
     """Yield new tokens one at a time (prefill once, then one cached step per token).
 
-    `compile` runs the decode steps through `compiled_step` (the prefill stays eager)."""
+    `compile` runs the decode steps through `compiled_step` (the prefill stays eager);
+    `kv_int8` keeps the KV cache in int8 (see KVCache)."""
     if not prompt:
         raise CompressError("the prompt is empty; give at least one token of text")
     total = len(prompt) + params.max_new_tokens
@@ -689,7 +690,7 @@ def generate(model: CausalLM, prompt: list[int], params: SamplingParams,
         generator = torch.Generator(device=model.device).manual_seed(params.seed)
     # One spare position: the cache is never read in full, which would be a contiguous
     # slice, a new guard, and a third compile on the last step.
-    cache = model.new_cache(1, total + 1)
+    cache = model.new_cache(1, total + 1, quantized=kv_int8)
     tokens = torch.tensor([prompt], device=model.device)
     logits = model(tokens, 0, cache, last_only=True)[:, -1]
     step = compiled_step(model) if compile else model

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 import compress
 from compress import assets, data, decoder, kernels, models
 from compress.errors import CompressError
@@ -107,14 +109,33 @@ def evaluate_perplexity(
     return perplexity_on(files, held_out(files, text_file, ctx, max_tokens, stride), use_cache)
 
 
-def perplexity_on(files: models.ModelFiles, text: HeldOut,
-                  use_cache: bool = True) -> PerplexityResult:
+class _ThroughKVCache(torch.nn.Module):
+    """The model reading every window's keys and values back from a KV cache of the given
+    kind, as decoding would: how the eval harness prices an INT8 cache."""
+
+    def __init__(self, model: decoder.CausalLM, quantized: bool):
+        super().__init__()
+        self.model, self.quantized = model, quantized
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        cache = self.model.new_cache(tokens.shape[0], tokens.shape[1], self.quantized)
+        return self.model(tokens, 0, cache)
+
+
+def _served(files: models.ModelFiles, kv_cache: str) -> torch.nn.Module:
+    model = decoder.build(files)
+    return model if kv_cache == "model" else _ThroughKVCache(model, kv_cache == "int8")
+
+
+def perplexity_on(files: models.ModelFiles, text: HeldOut, use_cache: bool = True,
+                  kv_cache: str = "model") -> PerplexityResult:
     def compute() -> dict:
         status(f"Perplexity of {files.name}: {len(text.windows)} windows of "
                f"{text.windows.ctx} tokens")
-        return perplexity(decoder.build(files), text.windows, text.text_sha256).to_dict()
+        return perplexity(_served(files, kv_cache), text.windows, text.text_sha256).to_dict()
 
-    key = {"model": model_identity(files), **text.key(), **_kernels_key()}
+    key = {"model": model_identity(files), **text.key(), **_kernels_key(),
+           **({} if kv_cache == "model" else {"kv_cache": kv_cache})}
     return PerplexityResult(**_cached_json("ppl", key, compute, use_cache))
 
 
@@ -218,8 +239,14 @@ def evaluate(model: str | Path | None, baseline: str | Path | None = "auto",
              max_tokens: int | None = DEFAULT_MAX_TOKENS, stride: int | None = None,
              ppl_only: bool = False, tasks: list[str] | None = None,
              limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
-             use_cache: bool = True) -> EvalReport:
-    """Everything `compress eval` reports for `model` against `baseline`."""
+             use_cache: bool = True, kv_cache: str = "model") -> EvalReport:
+    """Everything `compress eval` reports for `model` against `baseline`.
+
+    `kv_cache="int8"` evaluates `model` reading its keys and values back from an INT8
+    cache (the baseline keeps the float cache): with `baseline=model`, the KL is the
+    cost of the INT8 cache alone. Tasks always run with the float cache."""
+    if kv_cache not in ("model", "int8"):
+        raise CompressError(f"KV cache {kv_cache!r} is not supported; use model or int8")
     from compress.evals import harness
 
     started = time.perf_counter()
@@ -236,18 +263,19 @@ def evaluate(model: str | Path | None, baseline: str | Path | None = "auto",
                 and bool((base_text.windows.tokens == text.windows.tokens).all())):
             raise CompressError(f"{files.name} and its baseline {base_files.name} tokenise the "
                                 "text differently; compare models that share a tokenizer")
-    ppl = perplexity_on(files, text, use_cache)
+    ppl = perplexity_on(files, text, use_cache, kv_cache)
     base_ppl = match = None
     if base_files is not None:
         base_ppl = perplexity_on(base_files, text, use_cache)
         key = {"model": model_identity(files), "baseline": model_identity(base_files),
                **text.key(), **_kernels_key(), "topk": distribution.REFERENCE_TOPK,
-               "tail": distribution.TAIL_SAMPLES}
+               "tail": distribution.TAIL_SAMPLES,
+               **({} if kv_cache == "model" else {"kv_cache": kv_cache})}
 
         def compare() -> dict:
             ref = baseline_reference(base_files, text, use_cache)
             status(f"Distribution match of {files.name} against {base_files.name}")
-            return distribution.compare(decoder.build(files), text.windows, ref).to_dict()
+            return distribution.compare(_served(files, kv_cache), text.windows, ref).to_dict()
         match = DistributionMatch(**_cached_json("match", key, compare, use_cache))
     scores, base_scores = {}, {}
     if tasks and not ppl_only:

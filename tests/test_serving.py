@@ -176,3 +176,48 @@ def test_speculative_sampling_has_the_verifiers_distribution(tiny_factory, tmp_p
 
     p_value = chi2_dist.sf(chi2, len(observed) - 1)
     assert p_value > 1e-3, (chi2, len(observed), p_value)
+
+
+def test_recommendation_takes_the_fastest_batch_size_within_the_sla():
+    from compress.serving.bench import BatchResult, recommend
+
+    def result(b, ttft, per_request, total):
+        return BatchResult(b, ttft, ttft, 0.01, 0.02, per_request, total, 1.0, 0, 0)
+    results = [result(1, 0.5, 100, 100), result(4, 1.0, 60, 240), result(16, 3.0, 20, 320)]
+    assert recommend(results).batch_size == 16
+    assert recommend(results, sla_ttft_p95=2.0).batch_size == 4
+    assert recommend(results, sla_tokens_per_s=80).batch_size == 1
+    assert recommend(results, sla_ttft_p95=0.1) is None
+
+
+def test_bench_cli_writes_json_and_a_plot(tiny_llama, tmp_path):
+    import json
+
+    from test_cli import run
+
+    report, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = run("bench", tiny_llama, "--batch-sizes", "1,2,4", "--requests", "4",
+               "--prompt-len", "8", "--output-len", "5", "--json", report, "--plot", plot,
+               "--sla-tps", "1", "-q")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(report.read_text())
+    assert [x["batch_size"] for x in r["results"]] == [1, 2, 4]
+    assert r["recommended_batch_size"] in (1, 2, 4) and "Recommended batch size" in proc.stdout
+    for x in r["results"]:
+        assert 0 < x["ttft_p50"] <= x["ttft_p95"] and x["total_tokens_per_s"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_cli_speculative_and_int8_kv(tiny_llama, packed, tmp_path):
+    from test_cli import run
+
+    base = run("generate", tiny_llama, "-p", "Once upon", "-n", "12", "--ignore-eos")
+    draft_dir = tmp_path / "draft"
+    pipeline.quantize(tiny_llama, Recipe("rtn", QuantScheme(4, 32, True)), draft_dir)
+    spec = run("generate", tiny_llama, "-p", "Once upon", "-n", "12", "--ignore-eos",
+               "--draft", draft_dir, "--draft-tokens", "3")
+    assert spec.returncode == 0 and base.returncode == 0, spec.stderr
+    assert spec.stdout == base.stdout and "draft acceptance" in spec.stderr
+    int8 = run("generate", tiny_llama, "-p", "Once upon", "-n", "12", "--ignore-eos",
+               "--kv-cache", "int8")
+    assert int8.returncode == 0, int8.stderr
