@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from compress import api, assets, decoder, evaluation
+from compress import report as report_mod
 from compress.errors import CompressError
 from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS, distribution, harness
 from compress.progress import set_quiet
@@ -377,6 +378,52 @@ def bench_(
     if plot is not None:
         bench.plot(report.results, plot, f"{Path(report.model).name}: throughput vs latency",
                    best)
+
+
+@app.command("report")
+def report_(
+    model: ModelArg = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "rtn,gptq,awq",
+    bits: Annotated[str, typer.Option(help="Comma-separated bit widths.")] = "8,4,3",
+    group_sizes: Annotated[str, typer.Option(help="Comma-separated group sizes (-1: per "
+                                                  "channel).")] = "128",
+    out: Annotated[Path, typer.Option(help="Report directory (cells are cached in it).")] =
+        Path("report"),
+    tasks: Annotated[str | None, typer.Option(help="lm-eval tasks per cell (see `eval`).")] =
+        None,
+    limit: Annotated[int | None, typer.Option(help="Documents per task.")] = None,
+    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for ppl and KL.")] = 16384,
+    price_per_hour: Annotated[float | None, typer.Option(
+        help="What an hour of this machine costs, for the cost per 1M tokens.")] = None,
+    max_kl: Annotated[float | None, typer.Option(
+        help="Quality budget: mean KL (nats/token) the recommendation may lose.")] = None,
+    max_dppl: Annotated[float | None, typer.Option(
+        help="Quality budget: perplexity increase the recommendation may cost.")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Quantise, evaluate and time a grid of settings; write report.md, pareto.png and
+    results.json, and recommend the cheapest variant within a quality budget."""
+    set_quiet(quiet)
+    cells = report_mod.grid(_csv(methods, str), _csv(bits, int), _csv(group_sizes, int))
+    settings = report_mod.Settings(eval_tokens, tuple(_csv(tasks, str)) if tasks else (), limit)
+    if settings.tasks:
+        try:
+            harness.resolve_tasks(list(settings.tasks))
+        except harness.TaskError as e:
+            raise CompressError(str(e)) from None
+    result = report_mod.run(model, cells, out, settings,
+                            report_mod.Budget(max_kl, max_dppl, price_per_hour))
+    out_console.print(report_mod.markdown(result), markup=False, highlight=False)
+    out_console.print(f"wrote {out / 'report.md'}, {out / 'pareto.png'}, "
+                      f"{out / 'results.json'}")
+
+
+def _csv(text: str, kind: type) -> list:
+    try:
+        return [kind(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise CompressError(f"{text!r}: expected a comma-separated list of {kind.__name__}") \
+            from None
 
 
 @app.command()

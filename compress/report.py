@@ -1,0 +1,372 @@
+"""`compress report`: the grid of quantise -> eval -> bench, as one table, one plot and one
+recommendation.
+
+Every cell (method x bits x group size, plus the unquantised baseline) is quantised into
+`<out>/checkpoints/<label>`, evaluated against the baseline (compress.evaluation, whose
+results cache also serves here) and timed in a fresh process (prefill and batch-1 decode
+tokens/s, peak memory). A finished cell is written to `<out>/cells/<label>.json` with
+the settings that produced it; a later run with the same settings reuses it, so a killed
+report resumes and a report with one more method runs only the new cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import compress
+from compress import data, decoder, evaluation, models, pipeline
+from compress.errors import CompressError
+from compress.formats import checkpoint
+from compress.progress import status
+from compress.quant import QuantScheme
+from compress.recipe import METHODS, Recipe
+
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    bits: int
+    group_size: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}-w{self.bits}" + (
+            "-channel" if self.group_size == -1 else f"g{self.group_size}")
+
+    def recipe(self) -> Recipe:
+        return Recipe(self.method, QuantScheme(self.bits, self.group_size, True))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every cell is measured with (part of each cell's cache key)."""
+
+    eval_tokens: int = 16384
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    prompt_tokens: int = 256
+    decode_tokens: int = 64
+
+
+@dataclass
+class Budget:
+    max_kl: float | None = None
+    max_dppl: float | None = None
+    price_per_hour: float | None = None
+
+    def allows(self, row: dict) -> bool:
+        return ((self.max_kl is None or row["kl_mean"] <= self.max_kl)
+                and (self.max_dppl is None or row["delta_ppl"] <= self.max_dppl))
+
+
+@dataclass
+class Report:
+    model: str
+    rows: list[dict]  # baseline first, then the cells in grid order
+    recommended: dict | None
+    budget: Budget
+    settings: Settings
+    seconds: float
+    reused: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"schema_version": 1, "model": self.model, "settings": asdict(self.settings),
+                "budget": asdict(self.budget), "rows": self.rows,
+                "recommended": None if self.recommended is None else self.recommended["label"],
+                "seconds": self.seconds, "reused_cells": self.reused,
+                "compress_version": compress.__version__}
+
+
+def grid(methods: list[str], bits: list[int], group_sizes: list[int]) -> list[Cell]:
+    for m in methods:
+        if m not in METHODS:
+            raise CompressError(f"unknown method {m!r}; available: {', '.join(METHODS)}")
+    return [Cell(m, b, g) for m in methods for b in bits for g in group_sizes]
+
+
+def run(model: str | Path | None, cells: list[Cell], out: str | Path,
+        settings: Settings = Settings(), budget: Budget | None = None) -> Report:
+    budget = budget or Budget()
+    started = time.perf_counter()
+    out = Path(out)
+    base = models.open_model(model)
+    if base.is_quantized:
+        raise CompressError(f"{base.path} is already quantised; report on the original model")
+    rows, reused = [], []
+    for label, cell in [(BASELINE, None), *((c.label, c) for c in cells)]:
+        key = _cell_key(base, cell, settings)
+        cached = out / "cells" / f"{label}.json"
+        if cached.is_file():
+            previous = json.loads(cached.read_text())
+            if previous.get("key") == key:
+                rows.append(previous["row"])
+                reused.append(label)
+                continue
+        status(f"report: {label}")
+        row = _measure(base, cell, out, settings)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_json(cached, {"key": key, "row": row})
+        rows.append(row)
+    for row in rows:
+        row["cost_per_1m_tokens"] = (None if budget.price_per_hour is None or
+                                     not row["decode_tok_s"] else
+                                     budget.price_per_hour / 3600 / row["decode_tok_s"] * 1e6)
+    candidates = [r for r in rows[1:] if budget.allows(r)]
+    # cheapest to serve: the most decode tokens per second (cost per token is price / speed),
+    # then the smallest checkpoint
+    recommended = max(candidates, key=lambda r: (r["decode_tok_s"], -r["checkpoint_bytes"]),
+                      default=None)
+    report = Report(base.name, rows, recommended, budget, settings,
+                    time.perf_counter() - started, reused)
+    write(report, out)
+    return report
+
+
+def _cell_key(base: models.ModelFiles, cell: Cell | None, settings: Settings) -> str:
+    payload = {"model": evaluation.model_identity(base),
+               "cell": None if cell is None else cell.recipe().to_dict(),
+               "settings": asdict(settings), "version": compress.__version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _measure(base: models.ModelFiles, cell: Cell | None, out: Path,
+             settings: Settings) -> dict:
+    started = time.perf_counter()
+    if cell is None:
+        path, quantise_s = base.path, 0.0
+    else:
+        path = out / "checkpoints" / cell.label
+        if not _complete_checkpoint(path, cell):
+            pipeline.quantize(base.path, cell.recipe(), path, overwrite=path.exists())
+        quantise_s = time.perf_counter() - started
+    started = time.perf_counter()
+    tasks = list(settings.tasks) or None
+    ev = evaluation.evaluate(path, base.path if cell is not None else "none",
+                             max_tokens=settings.eval_tokens, tasks=tasks,
+                             limit=settings.limit)
+    eval_s = time.perf_counter() - started
+    started = time.perf_counter()
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        speed = pool.submit(_speed, str(path), settings.prompt_tokens,
+                            settings.decode_tokens).result()
+    files = models.open_model(path)
+    size = sum((path / f).stat().st_size for f in files.tensors.files())
+    quantised_bits, quantised_weights = _quantised_bits(files)
+    m = ev.match
+    return {
+        "label": BASELINE if cell is None else cell.label,
+        "method": None if cell is None else cell.method,
+        "bits": None if cell is None else cell.bits,
+        "group_size": None if cell is None else cell.group_size,
+        "bits_per_weight": (quantised_bits / quantised_weights if quantised_weights
+                            else 8 * files.dtype.itemsize),
+        "checkpoint_bytes": size,
+        "ppl": ev.ppl.ppl,
+        "baseline_ppl": ev.baseline_ppl.ppl if ev.baseline_ppl else ev.ppl.ppl,
+        "delta_ppl": ev.ppl.ppl - (ev.baseline_ppl.ppl if ev.baseline_ppl else ev.ppl.ppl),
+        "kl_mean": m.kl_mean if m else 0.0,
+        "kl_p99": m.kl_p99 if m else 0.0,
+        "top1_agreement": m.top1_agreement if m else 1.0,
+        "tasks": {t.removeprefix("compress_"): s.get("acc", s.get("exact_match"))
+                  for t, s in ev.tasks.items()},
+        "eval_tokens": ev.ppl.tokens,
+        **speed,
+        "quantise_seconds": quantise_s, "eval_seconds": eval_s,
+        "speed_seconds": time.perf_counter() - started,
+    }
+
+
+def _complete_checkpoint(path: Path, cell: Cell) -> bool:
+    """A finished checkpoint of this cell's recipe (a killed quantisation leaves only
+    `<path>.partial`, which pipeline.quantize resumes)."""
+    try:
+        files = models.open_model(path)
+    except CompressError:
+        return False
+    return (files.manifest or {}).get("recipe") == cell.recipe().to_dict()
+
+
+def _quantised_bits(files: models.ModelFiles) -> tuple[int, int]:
+    """Stored bits of the quantised Linears (codes, scales, zeros, shapes) and their
+    weights."""
+    bits = weights = 0
+    for name in files.schemes:
+        out_f, in_f = files.linear_shape(name)
+        weights += out_f * in_f
+        bits += 8 * sum(files.tensors.nbytes(t) for t in files.tensors.with_prefix(name + "."))
+    return bits, weights
+
+
+class _PeakMemory:
+    """This process's peak resident memory from now on. A spawned child starts with its
+    parent's high-water mark (Linux copies it at fork, and getrusage keeps it across
+    exec), so the mark is reset through /proc/self/clear_refs where allowed; elsewhere
+    the peak is the largest of the samples taken."""
+
+    def __init__(self) -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.kernel_mark = True
+        except OSError:
+            self.kernel_mark = False
+        self.sampled = 0
+        self.sample()
+
+    def sample(self) -> None:
+        import psutil
+
+        self.sampled = max(self.sampled, psutil.Process().memory_info().rss)
+
+    def peak(self) -> int:
+        self.sample()
+        if self.kernel_mark:
+            status_lines = Path("/proc/self/status").read_text().splitlines()
+            hwm = next((int(line.split()[1]) * 1024 for line in status_lines
+                        if line.startswith("VmHWM:")), 0)
+            return max(hwm, self.sampled)
+        return self.sampled
+
+
+def _speed(path: str, prompt_tokens: int, decode_tokens: int) -> dict:
+    """Prefill and batch-1 decode tokens/s (best of two), and the peak memory of serving
+    it. Runs in a fresh process, so the peak is the model's own."""
+    import torch
+
+    from compress.progress import set_quiet
+
+    set_quiet(True)
+    memory = _PeakMemory()
+    model, files = decoder.load(path)
+    text = data.text_tokens(data.load_tokenizer(files.path)).tokens
+    prompt = text[:prompt_tokens].tolist()
+    params = decoder.SamplingParams(max_new_tokens=decode_tokens)
+    prefill = decode = 0.0
+    with torch.inference_mode():
+        for _ in range(2):
+            start = time.perf_counter()
+            model(torch.tensor([prompt]), last_only=True)
+            prefill = max(prefill, len(prompt) / (time.perf_counter() - start))
+            gen = decoder.generate(model, prompt[:32], params)
+            next(gen)
+            start = time.perf_counter()
+            steps = sum(1 for _ in gen)
+            decode = max(decode, steps / (time.perf_counter() - start))
+            memory.sample()
+    return {"prefill_tok_s": prefill, "decode_tok_s": decode,
+            "peak_rss_bytes": memory.peak(), "kernels": decoder.kernel_backends(model)}
+
+
+def write(report: Report, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_json(out / "results.json", report.to_dict())
+    plot(report, out / "pareto.png")
+    checkpoint.atomic_write_bytes(out / "report.md", markdown(report).encode())
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown(report: Report) -> str:
+    s = report.settings
+    task_names = sorted({t for r in report.rows for t in r["tasks"]})
+    head = ["variant", "bits/weight", "size MB", "Δppl", "KL mean", "top-1",
+            *[f"{t} acc" for t in task_names], "decode tok/s", "prefill tok/s", "peak MB",
+            "$ / 1M tokens"]
+    lines = [f"# Quality vs cost: {report.model}", "",
+             f"Perplexity and KL on {report.rows[0]['eval_tokens']:,} held-out tokens "
+             f"(512-token windows) against the unquantised model; decode = batch 1, "
+             f"{s.decode_tokens} new tokens; prefill = one {s.prompt_tokens}-token prompt; "
+             "peak = resident memory of a process serving the model"
+             + (f"; tasks on their first {s.limit} documents" if s.limit else "") + ".", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report.rows:
+        cells = [r["label"], _fmt(r["bits_per_weight"], ".2f"),
+                 _fmt(r["checkpoint_bytes"] / 1e6, ".1f"), _fmt(r["delta_ppl"], "+.3f"),
+                 _fmt(r["kl_mean"], ".4f"), _fmt(r["top1_agreement"], ".1%"),
+                 *[_fmt(r["tasks"].get(t), ".3f") for t in task_names],
+                 _fmt(r["decode_tok_s"], ".1f"), _fmt(r["prefill_tok_s"], ".0f"),
+                 _fmt(r["peak_rss_bytes"] / 1e6, ".0f"), _fmt(r.get("cost_per_1m_tokens"), ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    b = report.budget
+    limits = ", ".join(f"{k} ≤ {v}" for k, v in (("KL", b.max_kl), ("Δppl", b.max_dppl))
+                       if v is not None) or "no quality budget given"
+    rec = report.recommended
+    lines += ["", ("**Recommended:** " + (
+        f"`{rec['label']}` — the fastest (cheapest) to serve within {limits}: "
+        f"{rec['decode_tok_s']:.1f} tok/s, {rec['checkpoint_bytes'] / 1e6:.1f} MB, "
+        f"KL {rec['kl_mean']:.4f}, Δppl {rec['delta_ppl']:+.3f}." if rec else
+        f"no variant meets {limits}.")), "", "![quality vs cost](pareto.png)", "",
+        f"Report time {report.seconds:.0f} s"
+        + (f" (reused cells: {', '.join(report.reused)})" if report.reused else "") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_front(points: list[tuple[float, float]], smaller_x_better: bool) -> list[int]:
+    """Indices of points no other point beats in both coordinates (lower y is better)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(
+            (x2 <= x if smaller_x_better else x2 >= x) and y2 <= y and (x2, y2) != (x, y)
+            for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def plot(report: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report.rows
+    colours = {m: plt.cm.tab10(i) for i, m in enumerate(sorted(
+        {r["method"] for r in rows if r["method"]}))}
+    kl = [max(r["kl_mean"], 0.0) for r in rows]
+    floor = min([k for k in kl if k > 0] or [1e-4]) / 3
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    panels = ((axes[0], [r["checkpoint_bytes"] / 1e6 for r in rows], "checkpoint size (MB)",
+               True), (axes[1], [r["decode_tok_s"] for r in rows],
+                       "decode speed, batch 1 (tokens/s)", False))
+    for ax, xs, xlabel, smaller_better in panels:
+        ys = [k if k > 0 else floor for k in kl]
+        front = pareto_front(list(zip(xs, ys, strict=True)), smaller_better)
+        order = sorted(front, key=lambda i: xs[i])
+        ax.plot([xs[i] for i in order], [ys[i] for i in order], "--", color="grey",
+                label="Pareto front", zorder=1)
+        for i, r in enumerate(rows):
+            if r["label"] == BASELINE:
+                ax.scatter(xs[i], ys[i], marker="*", s=260, color="black", zorder=3,
+                           label=f"unquantised (KL 0, drawn at {floor:.0e})")
+                continue
+            ax.scatter(xs[i], ys[i], s=70, color=colours[r["method"]], zorder=2,
+                       edgecolors="red" if i in front else "none", linewidths=1.5,
+                       label=r["method"])
+            ax.annotate(r["label"].split("-", 1)[1], (xs[i], ys[i]), fontsize=8,
+                        textcoords="offset points", xytext=(5, 4))
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("KL(unquantised ‖ quantised), nats/token (lower is better)")
+        ax.grid(alpha=0.3, which="both")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
+    axes[0].set_title("quality loss vs size")
+    axes[1].set_title("quality loss vs speed")
+    fig.suptitle(f"{report.model}: quality vs cost (red edge: on the Pareto front)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+

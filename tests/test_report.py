@@ -1,0 +1,50 @@
+"""`compress report`: cells are measured once and reused; the recommendation honours the
+quality budget; the outputs are files a person can open."""
+
+import json
+
+import pytest
+
+from compress import report
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [(100, 1.0), (110, 0.5), (120, 0.8), (200, 0.01), (90, 2.0)]
+    assert sorted(report.pareto_front(points, smaller_x_better=True)) == [0, 1, 3, 4]
+    speeds = [(130, 0.4), (100, 0.002), (120, 1.6), (27, 0.0001)]
+    assert sorted(report.pareto_front(speeds, smaller_x_better=False)) == [0, 1, 3]
+
+
+def test_grid_refuses_unknown_methods():
+    from compress.errors import CompressError
+
+    with pytest.raises(CompressError, match="unknown method 'hqq'"):
+        report.grid(["rtn", "hqq"], [4], [128])
+
+
+@pytest.mark.slow
+def test_report_runs_the_grid_once_and_resumes_with_new_cells(tiny_llama, tmp_path):
+    settings = report.Settings(eval_tokens=512, decode_tokens=8, prompt_tokens=32)
+    out = tmp_path / "report"
+    budget = report.Budget(max_kl=1e9, price_per_hour=0.5)
+    first = report.run(tiny_llama, report.grid(["rtn"], [8], [32]), out, settings, budget)
+    assert [r["label"] for r in first.rows] == ["baseline", "rtn-w8g32"]
+    assert first.reused == []
+    for name in ("report.md", "pareto.png", "results.json"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    w8 = first.rows[1]
+    # 8-bit codes + an fp16 scale per 32 weights (+0.5) + shape tensors of tiny Linears
+    assert 8.5 < w8["bits_per_weight"] < 9.1 and w8["kl_mean"] > 0 and w8["decode_tok_s"] > 0
+    assert w8["cost_per_1m_tokens"] == pytest.approx(0.5 / 3600 / w8["decode_tok_s"] * 1e6)
+
+    second = report.run(tiny_llama, report.grid(["rtn"], [8, 4], [32]), out, settings,
+                        report.Budget(max_kl=w8["kl_mean"] * 1.01))
+    assert second.reused == ["baseline", "rtn-w8g32"]  # only the new cell ran
+    assert second.rows[1] == {**first.rows[1], "cost_per_1m_tokens": None}
+    w4 = second.rows[2]
+    assert w4["kl_mean"] > w8["kl_mean"] and w4["bits_per_weight"] < 5.1
+    assert second.recommended["label"] == "rtn-w8g32"  # w4 is over the KL budget
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["recommended"] == "rtn-w8g32" and len(saved["rows"]) == 3
+    assert "**Recommended:** `rtn-w8g32`" in (out / "report.md").read_text()
