@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from compress import data, decoder, models, pipeline
+import compress
+from compress import assets, data, decoder, models, pipeline, sensitivity
 from compress.errors import CompressError
 from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS, PerplexityResult
-from compress.evaluation import evaluate_perplexity, model_identity  # noqa: F401 (public)
-from compress.recipe import Recipe
+from compress.evaluation import evaluate_perplexity, model_identity
+from compress.formats import checkpoint
+from compress.progress import status
+from compress.quant import QuantScheme, allocate
+from compress.recipe import Override, Recipe
 from compress.serving import bench
 from compress.serving.speculative import SpeculativeDecoder
 
@@ -37,12 +43,25 @@ def quantize(
     evaluate: bool = True,
     eval_tokens: int = DEFAULT_MAX_TOKENS,
     ctx: int = DEFAULT_CTX,
+    target_bits: float | None = None,
+    options: tuple[sensitivity.Option, ...] = sensitivity.DEFAULT_OPTIONS,
 ) -> QuantizeSummary:
-    """Quantise, then (optionally) measure perplexity before and after on held-out text."""
+    """Quantise, then (optionally) measure perplexity before and after on held-out text.
+
+    `target_bits`: choose each Linear's setting among `options` (mixed precision) so the
+    average stored bits per weight stay within it; the recipe's scheme and overrides are
+    replaced by that choice, which is written to the checkpoint as its recipe.yaml (plus
+    allocation.json: the sensitivity table and the choice)."""
     files = models.open_model(model)
-    out = Path(out) if out is not None else default_out_dir(files.name, recipe)
+    out = Path(out) if out is not None else default_out_dir(files.name, recipe, target_bits)
+    notes = None
+    if target_bits is not None:
+        pipeline.check_inputs(files, out, overwrite)  # before minutes of measuring
+        recipe, allocation = allocated_recipe(files, recipe, target_bits, options,
+                                              calibration_data)
+        notes = {"allocation.json": allocation}
     result = pipeline.quantize(model, recipe, out, overwrite=overwrite, resume=resume,
-                               calibration_data=calibration_data)
+                               calibration_data=calibration_data, notes=notes)
     fallbacks: dict[str, int] = {}
     for name, scheme in models.open_model(out).schemes.items():
         asked = recipe.scheme_for(name)
@@ -58,8 +77,67 @@ def quantize(
                            time.perf_counter() - started, fallbacks)
 
 
-def default_out_dir(model_name: str, recipe: Recipe) -> Path:
+def default_out_dir(model_name: str, recipe: Recipe, target_bits: float | None = None) -> Path:
+    if target_bits is not None:
+        return Path("out") / f"{model_name}-{recipe.method}-mixed-{target_bits:g}b"
     return Path("out") / f"{model_name}-{recipe.label}"
+
+
+def sensitivity_table(files: models.ModelFiles, options: tuple[sensitivity.Option, ...],
+                      calibration_data: str | Path | None = None,
+                      seed: int = 0) -> sensitivity.Sensitivity:
+    """`sensitivity.measure` of a model on 16 x 256 calibration tokens, cached by the
+    model's bytes, those tokens and the options."""
+    calib = data.calibration_set(data.load_tokenizer(files.path), calibration_data,
+                                 samples=16, seqlen=256, seed=seed)
+    key = {"model": model_identity(files), "options": [o.label for o in options],
+           "tokens": calib.sha256, "method": sensitivity.METHOD,
+           "version": compress.__version__}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    path = assets.cache_root() / "results" / "sensitivity" / f"{digest}.json"
+    try:
+        return sensitivity.Sensitivity(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        pass  # not measured yet, or a damaged cache entry: measure again
+    status(f"Measuring each Linear's sensitivity to {len(options)} settings "
+           "(one calibration pass; cached for later runs)")
+    table = sensitivity.measure(files.path, calib, options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_json(path, table.to_dict())
+    return table
+
+
+def allocated_recipe(files: models.ModelFiles, base: Recipe, target_bits: float,
+                     options: tuple[sensitivity.Option, ...] = sensitivity.DEFAULT_OPTIONS,
+                     calibration_data: str | Path | None = None) -> tuple[Recipe, dict]:
+    """`base` with every decoder-layer Linear's setting chosen for `target_bits` average
+    stored bits per weight (codes and scales), and a record of how."""
+    bits, _, weights_per = sensitivity.costs(files, options, files.linear_names())
+    weights = sum(weights_per.values())
+    cheapest = sum(min(b.values()) for b in bits.values()) / weights
+    if cheapest > target_bits:
+        raise CompressError(f"--target-bits {target_bits:g} is below the cheapest option "
+                            f"set ({cheapest:.3f} bits/weight with "
+                            f"{', '.join(o.label for o in options)})")
+    table = sensitivity_table(files, options, calibration_data, base.calibration.seed)
+    choice = allocate.allocate(table.losses, table.bits, target_bits * weights)
+    counts = Counter(choice.values())
+    common = sensitivity.Option.parse(counts.most_common(1)[0][0])
+    scheme = QuantScheme(common.bits, common.group_size, base.scheme.symmetric)
+    overrides = tuple(
+        Override(name, QuantScheme(opt.bits, opt.group_size, base.scheme.symmetric))
+        for name, label in choice.items() if label != common.label
+        for opt in [sensitivity.Option.parse(label)])
+    recipe = replace(base, scheme=scheme, overrides=overrides)
+    achieved = sum(table.bits[n][label] for n, label in choice.items()) / weights
+    return recipe, {
+        "target_bits_per_weight": target_bits, "bits_per_weight": achieved,
+        "estimated_kl": sum(table.losses[n][label] for n, label in choice.items()),
+        "counts": dict(counts.most_common()), "choice": choice,
+        "sensitivity": f"{sensitivity.METHOD} (compress/sensitivity.py), KL on "
+                       f"{table.tokens} calibration tokens; RTN rounding",
+        "losses": table.losses,
+    }
 
 
 @dataclass(frozen=True)

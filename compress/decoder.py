@@ -415,9 +415,15 @@ class CausalLM(nn.Module):
             raise CompressError(f"sequence of {furthest} tokens exceeds the "
                                 f"model's {self.cfg.max_positions} positions")
         x = self.model.embed_tokens(tokens).to(self.dtype)
-        cos, sin = self.rotary(start, tokens.shape[1])
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, start, cache, i)
+        return self.logits_from(0, x, start, cache, last_only)
+
+    def logits_from(self, first_layer: int, x: torch.Tensor, start: int | torch.Tensor = 0,
+                    cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits from the residual stream x (B, S, D) entering layer `first_layer`:
+        re-running only the layers after a change (sensitivity measurements)."""
+        cos, sin = self.rotary(start, x.shape[1])
+        for i in range(first_layer, len(self.model.layers)):
+            x = self.model.layers[i](x, cos, sin, start, cache, i)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
@@ -425,6 +431,16 @@ class CausalLM(nn.Module):
             head = self.model.embed_tokens.weight
             return F.linear(x.to(head.dtype), head).to(self.dtype)
         return self.lm_head(x.to(self.head_dtype)).to(self.dtype)
+
+    def layer_inputs(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """The residual stream entering each layer (no cache, positions from 0)."""
+        x = self.model.embed_tokens(tokens).to(self.dtype)
+        cos, sin = self.rotary(0, tokens.shape[1])
+        inputs = []
+        for i, layer in enumerate(self.model.layers):
+            inputs.append(x)
+            x = layer(x, cos, sin, 0, None, i)
+        return inputs
 
     @property
     def head_dtype(self) -> torch.dtype:

@@ -147,6 +147,10 @@ def resolve(name_or_path: str | Path | None) -> tuple[Path, str]:
         name = assets.DEFAULT_MODEL if name_or_path is None else str(name_or_path)
         return assets.bundled_model_dir(name), name
     path = Path(name_or_path).expanduser()
+    from compress import hub  # only when a Hub id is given does the client load
+
+    if not path.exists() and hub.is_repo_id(str(name_or_path)):
+        return hub.download(str(name_or_path)), str(name_or_path).split("/")[-1]
     if not path.exists():
         raise CompressError(
             f"model {str(name_or_path)!r} is neither a directory nor a bundled model "

@@ -95,17 +95,26 @@ def identity(files: models.ModelFiles, recipe: Recipe, calib: data.CalibrationSe
     }
 
 
-def quantize(model: str | Path | None, recipe: Recipe, out: str | Path,
-             overwrite: bool = False, resume: bool = False,
-             calibration_data: str | Path | None = None) -> QuantizeResult:
-    """Quantise `model` (directory or bundled name) with `recipe` into directory `out`."""
-    started = time.perf_counter()
-    out = Path(out)
-    files = models.open_model(model)
+def check_inputs(files: models.ModelFiles, out: Path, overwrite: bool) -> None:
+    """The checks worth failing on before any long work: a dense source, a usable `out`."""
     if files.is_quantized:
         raise CompressError(f"{files.path} is already quantised; start from the original "
                             "model directory")
     checkpoint.check_output_dir(out, overwrite)
+
+
+def quantize(model: str | Path | None, recipe: Recipe, out: str | Path,
+             overwrite: bool = False, resume: bool = False,
+             calibration_data: str | Path | None = None,
+             notes: dict[str, object] | None = None) -> QuantizeResult:
+    """Quantise `model` (directory or bundled name) with `recipe` into directory `out`.
+
+    `notes`: extra JSON files (name -> content) written into the checkpoint and its
+    manifest, such as how a mixed-precision recipe was chosen."""
+    started = time.perf_counter()
+    out = Path(out)
+    files = models.open_model(model)
+    check_inputs(files, out, overwrite)
     schemes = plan(files, recipe)
     calib = None
     if recipe.calibrated:
@@ -159,7 +168,7 @@ def quantize(model: str | Path | None, recipe: Recipe, out: str | Path,
     for reason in sorted({v["awq"]["skipped"] for v in logs.values()
                           if "skipped" in v.get("awq", {})}):
         status(f"AWQ: {reason}; that group was rounded without scaling")
-    _write_metadata(files, recipe, schemes, partial, weight_map, calib, logs)
+    _write_metadata(files, recipe, schemes, partial, weight_map, calib, logs, notes or {})
     for leftover in [PROGRESS, *(p.name for p in partial.glob("activations-*"))]:
         (partial / leftover).unlink(missing_ok=True)
     checkpoint.publish(partial, out, overwrite)
@@ -315,7 +324,8 @@ class _CalibratedLayers:
 
 def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],
                     partial: Path, weight_map: dict[str, str],
-                    calib: data.CalibrationSet | None, logs: dict[str, dict]) -> None:
+                    calib: data.CalibrationSet | None, logs: dict[str, dict],
+                    notes: dict[str, object]) -> None:
     config = dict(files.config)
     if files.arch.lm_head in schemes and files.tied_embeddings:
         config["tie_word_embeddings"] = False  # the head is now its own packed tensor
@@ -334,6 +344,9 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
     side = checkpoint.copy_side_files(files.path, partial)
     checkpoint.atomic_write_bytes(partial / "recipe.yaml", recipe.to_yaml().encode())
     listed = ["config.json", checkpoint.INDEX, "recipe.yaml", *side, *set(weight_map.values())]
+    for name, content in notes.items():
+        checkpoint.atomic_write_json(partial / name, content)
+        listed.append(name)
     if logs:
         checkpoint.atomic_write_json(partial / QUANT_LOG, {
             "method": recipe.method,

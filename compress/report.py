@@ -1,7 +1,8 @@
 """`compress report`: the grid of quantise -> eval -> bench, as one table, one plot and one
 recommendation.
 
-Every cell (method x bits x group size, plus the unquantised baseline) is quantised into
+Every cell (method x bits x group size, mixed-precision cells at average bit budgets, and
+the unquantised baseline) is quantised into
 `<out>/checkpoints/<label>`, evaluated against the baseline (compress.evaluation, whose
 results cache also serves here) and timed in a fresh process (prefill and batch-1 decode
 tokens/s, peak memory). A finished cell is written to `<out>/cells/<label>.json` with
@@ -32,17 +33,29 @@ BASELINE = "baseline"
 
 @dataclass(frozen=True)
 class Cell:
+    """One variant: a uniform scheme (bits, group size), or with `target_bits` a mixed
+    allocation (`quantize --target-bits`) among the default options."""
+
     method: str
-    bits: int
-    group_size: int
+    bits: int | None = None
+    group_size: int | None = None
+    target_bits: float | None = None
 
     @property
     def label(self) -> str:
+        if self.target_bits is not None:
+            return f"{self.method}-mixed{self.target_bits:g}b"
         return f"{self.method}-w{self.bits}" + (
             "-channel" if self.group_size == -1 else f"g{self.group_size}")
 
-    def recipe(self) -> Recipe:
-        return Recipe(self.method, QuantScheme(self.bits, self.group_size, True))
+    def recipe(self, base: models.ModelFiles) -> tuple[Recipe, dict | None]:
+        """The recipe to quantise with, and (mixed) the allocation record to keep with it."""
+        if self.target_bits is None:
+            return Recipe(self.method, QuantScheme(self.bits, self.group_size, True)), None
+        from compress import api  # api drives report's CLI peers; import on use
+
+        recipe, allocation = api.allocated_recipe(base, Recipe(self.method), self.target_bits)
+        return recipe, {"allocation.json": allocation}
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,12 @@ def grid(methods: list[str], bits: list[int], group_sizes: list[int]) -> list[Ce
     return [Cell(m, b, g) for m in methods for b in bits for g in group_sizes]
 
 
+def mixed_cells(methods: list[str], target_bits: list[float]) -> list[Cell]:
+    """Mixed-precision cells: each method at each average bits/weight."""
+    grid(methods, [], [])  # validates the methods
+    return [Cell(m, target_bits=t) for m in methods for t in target_bits]
+
+
 def run(model: str | Path | None, cells: list[Cell], out: str | Path,
         settings: Settings = Settings(), budget: Budget | None = None) -> Report:
     budget = budget or Budget()
@@ -132,7 +151,7 @@ def run(model: str | Path | None, cells: list[Cell], out: str | Path,
 
 def _cell_key(base: models.ModelFiles, cell: Cell | None, settings: Settings) -> str:
     payload = {"model": evaluation.model_identity(base),
-               "cell": None if cell is None else cell.recipe().to_dict(),
+               "cell": None if cell is None else asdict(cell),
                "settings": asdict(settings), "version": compress.__version__}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -144,8 +163,9 @@ def _measure(base: models.ModelFiles, cell: Cell | None, out: Path,
         path, quantise_s = base.path, 0.0
     else:
         path = out / "checkpoints" / cell.label
-        if not _complete_checkpoint(path, cell):
-            pipeline.quantize(base.path, cell.recipe(), path, overwrite=path.exists())
+        recipe, notes = cell.recipe(base)
+        if not _complete_checkpoint(path, recipe):
+            pipeline.quantize(base.path, recipe, path, overwrite=path.exists(), notes=notes)
         quantise_s = time.perf_counter() - started
     started = time.perf_counter()
     tasks = list(settings.tasks) or None
@@ -166,6 +186,7 @@ def _measure(base: models.ModelFiles, cell: Cell | None, out: Path,
         "method": None if cell is None else cell.method,
         "bits": None if cell is None else cell.bits,
         "group_size": None if cell is None else cell.group_size,
+        "target_bits": None if cell is None else cell.target_bits,
         "bits_per_weight": (quantised_bits / quantised_weights if quantised_weights
                             else 8 * files.dtype.itemsize),
         "checkpoint_bytes": size,
@@ -184,14 +205,14 @@ def _measure(base: models.ModelFiles, cell: Cell | None, out: Path,
     }
 
 
-def _complete_checkpoint(path: Path, cell: Cell) -> bool:
-    """A finished checkpoint of this cell's recipe (a killed quantisation leaves only
+def _complete_checkpoint(path: Path, recipe: Recipe) -> bool:
+    """A finished checkpoint of `recipe` (a killed quantisation leaves only
     `<path>.partial`, which pipeline.quantize resumes)."""
     try:
         files = models.open_model(path)
     except CompressError:
         return False
-    return (files.manifest or {}).get("recipe") == cell.recipe().to_dict()
+    return (files.manifest or {}).get("recipe") == recipe.to_dict()
 
 
 def _quantised_bits(files: models.ModelFiles) -> tuple[int, int]:
@@ -348,9 +369,11 @@ def plot(report: Report, path: Path) -> None:
                 ax.scatter(xs[i], ys[i], marker="*", s=260, color="black", zorder=3,
                            label=f"unquantised (KL 0, drawn at {floor:.0e})")
                 continue
+            mixed = r.get("target_bits") is not None
             ax.scatter(xs[i], ys[i], s=70, color=colours[r["method"]], zorder=2,
+                       marker="D" if mixed else "o",
                        edgecolors="red" if i in front else "none", linewidths=1.5,
-                       label=r["method"])
+                       label=r["method"] + (" mixed precision" if mixed else ""))
             ax.annotate(r["label"].split("-", 1)[1], (xs[i], ys[i]), fontsize=8,
                         textcoords="offset points", xytext=(5, 4))
         ax.set_yscale("log")

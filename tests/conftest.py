@@ -96,3 +96,46 @@ def tiny_factory(tmp_path_factory, bundled_dir):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_factory) -> Path:
     return tiny_factory("llama")
+
+
+class _NoSleep:
+    """The `time` module minus `sleep`, for the Hub client's retry loop only."""
+
+    def __getattr__(self, name: str) -> object:
+        import time
+
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        pass
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A Hugging Face Hub on loopback (tests/hub_server.py) with the client pointed at it."""
+    from hub_server import FakeHub
+
+    with FakeHub(tmp_path / "hub") as fake:
+        fake.configure_client(monkeypatch, tmp_path / "hf-cache")
+        yield fake
+    assert not fake.server_errors, fake.server_errors[0]
+
+
+@pytest.fixture
+def api(hub):
+    from hub_server import HUB_TOKEN
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=hub.endpoint, token=HUB_TOKEN)
+
+
+@pytest.fixture
+def no_backoff_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client's and our retry waits skipped: only the number of tries matters."""
+    from huggingface_hub.utils import _http as hf_http
+
+    from compress import hub as compress_hub
+
+    monkeypatch.setattr(hf_http, "time", _NoSleep())
+    monkeypatch.setattr(compress_hub, "RETRY_DELAY_S", 0.0)

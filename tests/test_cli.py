@@ -63,12 +63,22 @@ def test_sampled_generation_is_reproducible_from_cli(tiny_llama):
     (["--method", "awq", "--awq-grid", "0"], r"AWQ grid must be a positive integer"),
     (["--method", "gptq", "--calib-samples", "0"], r"calibration samples must be a positive"),
     (["--method", "gptq", "--damp", "2"], r"GPTQ damp must be in \(0, 1\)"),
+    (["--target-bits", "2", "--options", "w3g32,w8"], r"--target-bits 2 is below the "
+                                                      r"cheapest option set"),
+    (["--target-bits", "4", "--options", "w5g32"], r"bits=5 is not supported"),
+    (["--target-bits", "4", "--options", "int4"], r"--options 'int4': give labels like"),
 ])
 def test_quantize_bad_options(tiny_llama, tmp_path, args, pattern):
     out = tmp_path / "q"
     proc = run("quantize", tiny_llama, *args, "--out", out, "--no-eval")
     assert_one_line_error(proc, pattern)
     assert not out.exists() and not (tmp_path / "q.partial").exists()
+
+
+def test_unknown_flag_is_a_usage_error_not_a_traceback(tiny_llama):
+    proc = run("quantize", tiny_llama, "--no-evaluate")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "No such option: --no-evaluate" in proc.stderr
 
 
 def test_quantize_missing_and_non_model_dirs(tmp_path):

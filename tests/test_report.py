@@ -48,3 +48,20 @@ def test_report_runs_the_grid_once_and_resumes_with_new_cells(tiny_llama, tmp_pa
     saved = json.loads((out / "results.json").read_text())
     assert saved["recommended"] == "rtn-w8g32" and len(saved["rows"]) == 3
     assert "**Recommended:** `rtn-w8g32`" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_report_includes_mixed_precision_cells(tiny_llama, tmp_path):
+    settings = report.Settings(eval_tokens=512, decode_tokens=8, prompt_tokens=32)
+    cells = report.mixed_cells(["rtn"], [6.0])
+    assert [c.label for c in cells] == ["rtn-mixed6b"]
+    result = report.run(tiny_llama, cells, tmp_path / "r", settings)
+    mixed = result.rows[1]
+    assert mixed["target_bits"] == 6.0 and mixed["bits"] is None
+    # measured from the stored tensors: within the budget (+ shape tensors of tiny Linears)
+    assert 4 < mixed["bits_per_weight"] < 6.1 and mixed["kl_mean"] > 0
+    checkpoint = tmp_path / "r" / "checkpoints" / "rtn-mixed6b"
+    assert json.loads((checkpoint / "allocation.json").read_text())["target_bits_per_weight"] \
+        == 6.0
+    again = report.run(tiny_llama, cells, tmp_path / "r", settings)
+    assert again.reused == ["baseline", "rtn-mixed6b"]
