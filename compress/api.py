@@ -15,7 +15,7 @@ from compress import assets, data, decoder, models, pipeline, sensitivity
 from compress.errors import CompressError
 from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS, PerplexityResult
 from compress.evaluation import evaluate_perplexity, model_identity
-from compress.formats import checkpoint
+from compress.formats import checkpoint, pickle_import
 from compress.progress import status
 from compress.quant import QuantScheme, allocate
 from compress.recipe import Override, Recipe
@@ -45,13 +45,19 @@ def quantize(
     ctx: int = DEFAULT_CTX,
     target_bits: float | None = None,
     options: tuple[sensitivity.Option, ...] = sensitivity.DEFAULT_OPTIONS,
+    allow_pickle: bool = False,
 ) -> QuantizeSummary:
     """Quantise, then (optionally) measure perplexity before and after on held-out text.
 
     `target_bits`: choose each Linear's setting among `options` (mixed precision) so the
     average stored bits per weight stay within it; the recipe's scheme and overrides are
     replaced by that choice, which is written to the checkpoint as its recipe.yaml (plus
-    allocation.json: the sensitivity table and the choice)."""
+    allocation.json: the sensitivity table and the choice).
+
+    `allow_pickle`: a model with only `pytorch_model.bin` weights is first converted to a
+    safetensors copy in the cache with torch's weights-only loader."""
+    if allow_pickle:
+        model = pickle_import.safetensors_copy(models.resolve(model)[0], assets.cache_root())
     files = models.open_model(model)
     out = Path(out) if out is not None else default_out_dir(files.name, recipe, target_bits)
     notes = None

@@ -79,6 +79,9 @@ def quantize(
     seed: Annotated[int, typer.Option(help="Seed choosing the calibration windows.")] = 0,
     recipe: Annotated[Path | None, typer.Option(
         help="YAML recipe; replaces the method, scheme, GPTQ, AWQ and sample flags.")] = None,
+    allow_pickle: Annotated[bool, typer.Option(
+        help="Accept a model whose weights are pickle files (pytorch_model.bin): converted "
+             "once to safetensors with torch's weights-only loader.")] = False,
     target_bits: Annotated[float | None, typer.Option(
         help="Mixed precision: choose each Linear's bits and group size so the average "
              "stored bits per weight (codes + scales) stay within this, losing the least "
@@ -116,7 +119,7 @@ def quantize(
             from None
     summary = api.quantize(model, spec, out, overwrite=overwrite, resume=resume,
                            calibration_data=calib, evaluate=evaluate, eval_tokens=eval_tokens,
-                           target_bits=target_bits, options=choices)
+                           target_bits=target_bits, options=choices, allow_pickle=allow_pickle)
     _print_quantize_summary(summary)
 
 

@@ -10,6 +10,7 @@ so a checkpoint loads by name; a test holds the greedy tokens equal to transform
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,19 +44,35 @@ class DecoderConfig:
 
     @classmethod
     def from_hf(cls, c: dict) -> DecoderConfig:
-        heads = int(c["num_attention_heads"])
+        heads = _config_int(c, "num_attention_heads")
+        hidden = _config_int(c, "hidden_size")
         window = c.get("sliding_window") if c.get("use_sliding_window", True) else None
+        eps = c.get("rms_norm_eps", 1e-6)
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 <= eps < math.inf:
+            raise CompressError(f"config.json has rms_norm_eps={eps!r}; expected a small "
+                                "non-negative number such as 1e-6: fix or re-download it")
         return cls(
-            vocab_size=int(c["vocab_size"]),
-            hidden_size=int(c["hidden_size"]),
-            num_layers=int(c["num_hidden_layers"]),
+            vocab_size=_config_int(c, "vocab_size"),
+            hidden_size=hidden,
+            num_layers=_config_int(c, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=int(c.get("num_key_value_heads") or heads),
-            head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
-            norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            max_positions=int(c.get("max_position_embeddings", 2048)),
-            sliding_window=int(window) if window else None,
+            num_kv_heads=_config_int(c, "num_key_value_heads", heads),
+            head_dim=_config_int(c, "head_dim", hidden // heads or None),
+            norm_eps=float(eps),
+            max_positions=_config_int(c, "max_position_embeddings", 2048),
+            sliding_window=_config_int(c, "sliding_window") if window else None,
         )
+
+
+def _config_int(c: dict, key: str, default: int | None = None) -> int:
+    """config.json's `key` as a positive integer; `default` when it is absent or null."""
+    value = c.get(key)
+    if value is None and default is not None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise CompressError(f"config.json has {key}={value!r}; expected a positive integer: "
+                            "fix or re-download it")
+    return value
 
 
 class RMSNorm(nn.Module):
@@ -491,22 +508,35 @@ def _linear(files: models.ModelFiles, name: str, dtype: torch.dtype, device) -> 
 
 def rope_frequencies(path: Path, head_dim: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and cos/sin scale, computed by transformers for the config."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    params = getattr(config, "rope_parameters", None) or {
-        "rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)}
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        theta = float(params["rope_theta"])
-        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        return inv, 1.0
-    if rope_type in _DYNAMIC_ROPE or rope_type not in ROPE_INIT_FUNCTIONS:
-        raise CompressError(f"RoPE type {rope_type!r} is not supported by the decoder; "
-                            "supported: default, linear, llama3, yarn")
-    inv, scale = ROPE_INIT_FUNCTIONS[rope_type](config)
-    return inv.to(torch.float32), float(scale)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        params = getattr(config, "rope_parameters", None) or {
+            "rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)}
+        rope_type = params.get("rope_type", "default")
+        if rope_type == "default":
+            theta = params.get("rope_theta")
+            if isinstance(theta, bool) or not isinstance(theta, int | float) or not (
+                    1 < theta < math.inf):
+                raise CompressError(f"config.json of {path} has rope_theta={theta!r}; expected "
+                                    "a number above 1 such as 10000.0: fix or re-download it")
+            exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+            return 1.0 / (float(theta) ** exponents), 1.0
+        if rope_type in _DYNAMIC_ROPE or rope_type not in ROPE_INIT_FUNCTIONS:
+            raise CompressError(f"RoPE type {rope_type!r} is not supported by the decoder; "
+                                "supported: default, linear, llama3, yarn")
+        inv, scale = ROPE_INIT_FUNCTIONS[rope_type](config)
+        return inv.to(torch.float32), float(scale)
+    # transformers checks every field of config.json (strict dataclasses, ValueError for bad
+    # values); garbage in the fields it does not type-check fails inside it as TypeError,
+    # LookupError or AttributeError (dtype [] is indexed, dtype "" is getattr(torch, "")).
+    except (StrictDataclassError, ValueError, TypeError, LookupError, AttributeError) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise CompressError(f"config.json of {path} is rejected by transformers "
+                            f"({type(e).__name__}: {detail}); fix or re-download it") from None
 
 
 def build_layer(files: models.ModelFiles, index: int, dtype: torch.dtype,
@@ -531,6 +561,9 @@ def _norm(files: models.ModelFiles, name: str, cfg: DecoderConfig, dtype: torch.
 
 def embedding(files: models.ModelFiles, dtype: torch.dtype, device="cpu") -> nn.Embedding:
     weight = files.tensors.get(f"{files.arch.embed}.weight").to(device=device, dtype=dtype)
+    if weight.dim() != 2:
+        raise CompressError(f"{files.arch.embed}.weight has shape {tuple(weight.shape)}; "
+                            "expected a 2-D embedding table: the checkpoint is corrupt")
     module = nn.Embedding(weight.shape[0], weight.shape[1], device="meta")
     module.weight = nn.Parameter(weight, requires_grad=False)
     return module
@@ -571,6 +604,22 @@ def default_head_dtype(files: models.ModelFiles, device: torch.device | str,
     return dtype
 
 
+def check_shapes(files: models.ModelFiles, cfg: DecoderConfig) -> None:
+    """config.json against the weights' headers, before anything is sized from the config
+    (RoPE tables from head_dim) or a mismatch fails mid-forward."""
+    p = files.arch.layer_prefix(0)
+    q = files.linear_shape(p + "self_attn.q_proj")
+    k = files.linear_shape(p + "self_attn.k_proj")
+    want_q = (cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+    want_k = (cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size)
+    if q != want_q or k != want_k or cfg.num_heads % cfg.num_kv_heads:
+        raise CompressError(
+            f"config.json of {files.path} does not match its weights: {cfg.num_heads} heads, "
+            f"{cfg.num_kv_heads} key/value heads of {cfg.head_dim} and hidden size "
+            f"{cfg.hidden_size} need q_proj {want_q} and k_proj {want_k}, the weights have "
+            f"{q} and {k}; re-download the model or re-quantise it")
+
+
 def build(files: models.ModelFiles, device: torch.device | str = "cpu",
           dtype: torch.dtype | None = None, head_dtype: torch.dtype | None = None) -> CausalLM:
     """Instantiate the decoder from an opened model directory (dense or packed).
@@ -582,6 +631,7 @@ def build(files: models.ModelFiles, device: torch.device | str = "cpu",
     if files.is_quantized and torch.device(device).type == "cpu":
         prepare_cpu_kernel()
     cfg = DecoderConfig.from_hf(files.config)
+    check_shapes(files, cfg)
     layers = [build_layer(files, i, dtype, device) for i in range(cfg.num_layers)]
     lm_head = None if files.tied_embeddings else _linear(files, files.arch.lm_head, outer,
                                                           device)

@@ -68,6 +68,14 @@ def download(repo_id: str, revision: str | None = None) -> Path:
                             "cache (HF_HUB_OFFLINE is set, so it was not downloaded)")
     try:
         with online():
+            from huggingface_hub import HfApi
+
+            unsafe = [f for f in HfApi().list_repo_files(repo_id, revision=revision)
+                      if not is_safe_relative(f)]
+            if unsafe:  # the listing names where files land: never outside the snapshot
+                raise CompressError(f"{repo_id} lists file names that escape the download "
+                                    f"folder ({', '.join(map(repr, unsafe[:3]))}); refusing "
+                                    "to download it")
             return Path(snapshot_download(repo_id, revision=revision))
     except HfHubHTTPError as e:
         if getattr(e.response, "status_code", None) in (401, 404):
@@ -81,6 +89,13 @@ def download(repo_id: str, revision: str | None = None) -> Path:
             raise
         raise CompressError(f"{repo_id} is not a local directory, and the Hub could not be "
                             f"reached ({type(e).__name__}: {e})") from None
+
+
+def is_safe_relative(name: str) -> bool:
+    """A relative POSIX path that stays below its root (no '..', absolute or drive parts)."""
+    parts = name.split("/")
+    return (bool(name) and not name.startswith("/") and "\\" not in name and ":" not in name
+            and all(p not in ("", ".", "..") for p in parts))
 
 
 @dataclass(frozen=True)

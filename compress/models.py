@@ -122,7 +122,7 @@ class ModelFiles:
         """(out_features, in_features) of a Linear, dense or packed, without loading it.
         A tied output head has the embedding table's shape."""
         if name in self.schemes:
-            return tuple(int(v) for v in self.tensors.get(f"{name}.weight_shape").tolist())
+            return pack_quantized.read_shape(name, self.tensors.get)
         if name == self.arch.lm_head and self.tied_embeddings:
             name = self.arch.embed
         shape = self.tensors.shape(f"{name}.weight")
@@ -135,7 +135,11 @@ class ModelFiles:
         if name in self.schemes:
             return pack_quantized.from_tensors(name, self.tensors.get, self.tensors.__contains__,
                                                self.schemes[name])
-        return self.tensors.get(f"{name}.weight")
+        weight = self.tensors.get(f"{name}.weight")
+        if weight.dim() != 2:
+            raise CompressError(f"{name}.weight has shape {tuple(weight.shape)}; expected a 2-D "
+                                "Linear weight: the checkpoint is corrupt")
+        return weight
 
     def optional(self, name: str) -> torch.Tensor | None:
         return self.tensors.get(name) if name in self.tensors else None
@@ -169,18 +173,27 @@ def open_model(name_or_path: str | Path | None, verify: bool = True) -> ModelFil
         raise CompressError(f"{path} has no config.json; is it a Hugging Face model directory?")
     try:
         config = json.loads(config_file.read_text())
-    except ValueError as e:
-        raise CompressError(f"{config_file} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise CompressError(f"{config_file} is not valid JSON ({e}); re-download the model or "
+                            "re-quantise it") from None
     if not isinstance(config, dict):
         raise CompressError(f"{config_file} does not hold a JSON object")
     arch = architecture_for(config.get("model_type"))
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
-        if not isinstance(config.get(key), int):
-            raise CompressError(f"{config_file} lacks an integer {key!r}")
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CompressError(f"{config_file} lacks a positive integer {key!r} (it has "
+                                f"{value!r}); re-download the model or re-quantise it")
     manifest = checkpoint.read_manifest(path)
     if manifest is not None and verify:
         checkpoint.verify(path, manifest)
     model = ModelFiles(path, name, config, arch, checkpoint.SafetensorsDir(path), manifest)
+    # Checked against the weights before anything counts on it (1e18 layers would be as
+    # many module names).
+    last = arch.layer_prefix(model.num_layers - 1)
+    if not any(model.tensors.with_prefix(last)):
+        raise CompressError(f"{config_file} says {model.num_layers} layers, but the weights "
+                            f"have no {last}*; the config does not belong to these weights")
     if config.get("quantization_config"):
         candidates = [*model.linear_names(), arch.lm_head]
         model.schemes = pack_quantized.parse_quantization_config(

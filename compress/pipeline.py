@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,9 @@ from compress.recipe import Recipe
 PROGRESS = "progress.json"
 QUANT_LOG = "quantization_log.json"
 CALIB_BATCH = 8  # calibration samples per forward chunk
+# Test hook (tests/faults): a stage name here stops the process (SIGSTOP) when it gets there,
+# so a test can kill it at exactly that point. See `_pause_point` for the stage names.
+FAULT_PAUSE_ENV = "COMPRESS_FAULT_PAUSE_AT"
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,9 @@ def quantize(model: str | Path | None, recipe: Recipe, out: str | Path,
 
     partial = out.with_name(out.name + ".partial")
     run_id = identity(files, recipe, calib)
+    _pause_point("prepared")
     state = _open_partial(partial, run_id, resume, overwrite)
+    _pause_point("opened")
     layer_fn = (_CalibratedLayers(files, recipe, schemes, calib, partial, state)
                 if calib is not None else _RTNLayers(files, schemes))
 
@@ -147,8 +154,10 @@ def quantize(model: str | Path | None, recipe: Recipe, out: str | Path,
         checkpoint.atomic_save_safetensors(partial / shard, tensors)
         weight_map.update(dict.fromkeys(tensors, shard))
         layer_fn.commit(i)
+        _pause_point(f"layer-{i}-saved")
         state["done"][shard] = {"file": _file_record(partial / shard), "log": log}
         checkpoint.atomic_write_json(partial / PROGRESS, state)
+        _pause_point(f"layer-{i}-done")
         layer_fn.cleanup(i)
         if log:
             worst = max(v["relative_error"] for v in log.values())
@@ -169,9 +178,17 @@ def quantize(model: str | Path | None, recipe: Recipe, out: str | Path,
                           if "skipped" in v.get("awq", {})}):
         status(f"AWQ: {reason}; that group was rounded without scaling")
     _write_metadata(files, recipe, schemes, partial, weight_map, calib, logs, notes or {})
-    for leftover in [PROGRESS, *(p.name for p in partial.glob("activations-*"))]:
-        (partial / leftover).unlink(missing_ok=True)
+    _pause_point("metadata")
+    # and the temp files of writes a killed run left (ours `.<name>.*.tmp`, safetensors'
+    # own `.tmp*`): no checkpoint file is hidden
+    for leftover in [*partial.glob("activations-*"), *partial.glob(".*")]:
+        leftover.unlink(missing_ok=True)
+    _pause_point("publish")
     checkpoint.publish(partial, out, overwrite)
+    _pause_point("published")
+    # progress.json goes only now: a run killed before the rename resumes instead of finding
+    # a finished `.partial` it cannot read. Killed just before this line, `out` is complete.
+    (out / PROGRESS).unlink(missing_ok=True)
 
     fp16_bytes = sum(2 * math.prod(files.tensors.shape(n)) for n in files.tensors.names())
     packed_bytes = sum((out / f).stat().st_size for f in set(weight_map.values()))
@@ -186,8 +203,29 @@ def quantize(model: str | Path | None, recipe: Recipe, out: str | Path,
                           files.arch.lm_head in schemes)
 
 
+def _pause_point(stage: str) -> None:
+    """Stop here if `COMPRESS_FAULT_PAUSE_AT` names this stage (tests/faults kill the stopped
+    process). Stages, in order: prepared (inputs checked, calibration data ready, nothing
+    written), opened (`<out>.partial` and its progress.json exist), layer-<i>-saved (layer
+    i's shard and the next layer's inputs are written, progress.json not yet), layer-<i>-done
+    (progress.json records layer i), metadata (every file written), publish (leftovers
+    removed, about to rename), published (`<out>` is the new checkpoint, its progress.json
+    not yet removed)."""
+    if os.environ.get(FAULT_PAUSE_ENV) == stage:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 def _shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def require_finite(name: str, tensor: torch.Tensor) -> None:
+    """Rounding a NaN or Inf gives garbage codes silently: refuse, naming the tensor."""
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise CompressError(f"{name} holds {bad} NaN/Inf value{'s' * (bad > 1)}: the source "
+                            "model is corrupt or overflowed its dtype; re-download or "
+                            "re-export it")
 
 
 class _RTNLayers:
@@ -214,7 +252,9 @@ class _RTNLayers:
         return tensors
 
     def _quantized(self, module: str, weight: str) -> dict[str, torch.Tensor]:
-        qw = rtn.quantize(self.files.tensors.get(weight), self.schemes[module], self.files.dtype)
+        w = self.files.tensors.get(weight)
+        require_finite(weight, w)
+        qw = rtn.quantize(w, self.schemes[module], self.files.dtype)
         return pack_quantized.to_tensors(module, qw)
 
     def commit(self, i: int) -> None:
@@ -257,6 +297,9 @@ class _CalibratedLayers:
         x = self._inputs(i)
         layer = decoder.build_layer(self.files, i, torch.float32)
         prefix = self.files.arch.layer_prefix(i)
+        for n in self.files.arch.layer_linears:
+            if prefix + n in self.schemes:
+                require_finite(f"{prefix}{n}.weight", layer.get_submodule(n).weight)
         cos, sin = self.rotary(0, x.shape[1])
         quantized: dict[str, QuantizedWeight] = {}
         log: dict[str, dict] = {}
@@ -394,15 +437,20 @@ def _open_partial(partial: Path, run_id: dict, resume: bool, overwrite: bool) ->
         if previous == run_id:
             status(f"Resuming {partial}: {len(state['done'])} layer(s) already done")
             return state
-        if not overwrite:
+        # stopped (killed, disk full) before its first progress.json: nothing in it to keep
+        empty = previous is None and partial.is_dir() and all(
+            p.name.startswith(".") for p in partial.iterdir())
+        if not overwrite and not empty:
             what = ("it is unreadable" if previous is None else
                     "it differs in " + "; ".join(_differences(previous, run_id)))
             raise CompressError(f"{partial} holds an interrupted run that cannot be resumed "
                                 f"({what}); pass --overwrite to discard it")
-        shutil.rmtree(partial)
+        with checkpoint.writing(partial):
+            shutil.rmtree(partial)
     elif resume:
         raise CompressError(f"nothing to resume: {partial} does not exist")
-    partial.mkdir(parents=True)
+    with checkpoint.writing(partial):
+        partial.mkdir(parents=True)
     checkpoint.atomic_write_json(f, fresh)
     return fresh
 

@@ -99,7 +99,7 @@ class Recipe:
             if pattern.startswith("re:"):
                 try:
                     re.compile(pattern[3:])
-                except re.error as e:
+                except (re.error, RecursionError, OverflowError) as e:  # nesting, {huge}
                     raise CompressError(f"bad regex in recipe pattern {pattern!r}: {e}") from None
 
     def scheme_for(self, name: str) -> QuantScheme | None:
@@ -145,8 +145,8 @@ class Recipe:
         allowed = {"version", "method", "scheme", "ignore", "overrides", "gptq", "awq",
                    "calibration"}
         unknown = set(data) - allowed
-        if unknown:
-            raise CompressError(f"{source}: unknown keys {sorted(unknown)}; allowed: "
+        if unknown:  # YAML keys may be numbers or null too: sorted as text
+            raise CompressError(f"{source}: unknown keys {sorted(unknown, key=str)}; allowed: "
                                 f"{', '.join(sorted(allowed - {'version'}))}")
         version = data.get("version", RECIPE_VERSION)
         if version != RECIPE_VERSION:
@@ -156,6 +156,9 @@ class Recipe:
         ignore = data.get("ignore", ["lm_head"])
         if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
             raise CompressError(f"{source}: ignore must be a list of name patterns")
+        if not isinstance(data.get("overrides") or [], list):
+            raise CompressError(f"{source}: overrides must be a list of "
+                                "{pattern, bits, group_size, symmetric} mappings")
         overrides = []
         for i, item in enumerate(data.get("overrides") or []):
             if not isinstance(item, dict) or not isinstance(item.get("pattern"), str):
@@ -180,9 +183,10 @@ class Recipe:
             raise CompressError(f"recipe {path} does not exist")
         try:
             data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
+        # ValueError: not UTF-8, or an integer of over 4300 digits; RecursionError: nesting
+        except (yaml.YAMLError, ValueError, RecursionError) as e:
             raise CompressError(f"recipe {path} is not valid YAML "
-                                f"({str(e).splitlines()[0]})") from None
+                                f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
         return cls.from_dict(data, str(path))
 
 
@@ -193,7 +197,7 @@ def _section(cls, data: object, where: str):
     allowed = {f.name for f in fields(cls)}
     unknown = set(data) - allowed
     if unknown:
-        raise CompressError(f"{where}: unknown keys {sorted(unknown)}; allowed: "
+        raise CompressError(f"{where}: unknown keys {sorted(unknown, key=str)}; allowed: "
                             f"{', '.join(sorted(allowed))}")
     try:
         return cls(**data)

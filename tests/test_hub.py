@@ -200,3 +200,22 @@ def test_cli_push_and_generate_from_the_hub_id(checkpoint, hub, tmp_path):
     missing = _cli("generate", "test-user/never-pushed", "--prompt", "x",
                    env={**env, "HF_HUB_OFFLINE": "1"})
     assert missing.returncode == 2 and "nor in the Hugging Face cache" in missing.stderr
+
+
+def test_a_listing_with_escaping_file_names_is_refused(checkpoint, hub):
+    _push(checkpoint, hub)
+    # a hostile server: the tree of main gains an entry pointing outside the snapshot
+    repo = hub._repos["models/" + REPO]
+    tree = repo["commits"][repo["branches"]["main"]]["tree"]
+    tree["../../escaped.json"] = dict(tree["config.json"])
+    with pytest.raises(CompressError, match=r"escape the download folder \('\.\./\.\./"):
+        models.resolve(REPO)
+    assert not any(p.name == "escaped.json" for p in hub.root.parent.rglob("escaped.json"))
+
+
+@pytest.mark.parametrize("name,safe", [
+    ("model.safetensors", True), ("sub/dir/x.json", True), ("../x", False),
+    ("a/../../x", False), ("/etc/passwd", False), ("C:x", False), ("a\\..\\x", False),
+    ("", False), ("a//b", False)])
+def test_safe_relative_names(name, safe):
+    assert compress_hub.is_safe_relative(name) is safe

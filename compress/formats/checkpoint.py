@@ -17,10 +17,14 @@ leaves a directory that looks complete.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import glob
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -72,19 +76,48 @@ def _temp_beside(path: Path) -> str:
     return tmp
 
 
+# OS errors while writing that the user can fix: the problem, and what to do.
+_WRITE_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free some space, then re-run the same "
+                   "command to continue"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space, then re-run the same command to "
+                   "continue"),
+    errno.EFBIG: ("file too large for the file size limit (ulimit -f) or the file system",
+                  "raise the limit or write to another file system"),
+    errno.EROFS: ("read-only file system", "choose a writable location"),
+    errno.EACCES: ("permission denied", "choose a writable location or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a writable location or fix its "
+                  "permissions"),
+}
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Within this block, an OS error the user can fix (disk full, read-only, permissions,
+    file size limit) becomes one CompressError naming `path`, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITE_ERRORS:
+            raise
+        problem, fix = _WRITE_ERRORS[e.errno]
+        raise CompressError(f"cannot write {path}: {problem}; {fix}") from None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temp file in the same directory and a rename."""
-    tmp = _temp_beside(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with writing(path):
+        tmp = _temp_beside(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def atomic_write_json(path: Path, obj: object) -> None:
@@ -93,14 +126,36 @@ def atomic_write_json(path: Path, obj: object) -> None:
 
 def atomic_save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     """safetensors file written to a temp name and renamed into place."""
-    tmp = _temp_beside(path)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with writing(path):
+        tmp = _temp_beside(path)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                      metadata={"format": "pt"})
+            os.replace(tmp, path)
+        except BaseException as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            # safetensors' writer reports an OS error as text: "... (os error 28)"
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if isinstance(e, SafetensorError) and code is not None:
+                raise OSError(int(code[1]), str(e)) from None
+            raise
+
+
+def _reason(e: BaseException) -> str:
+    """A library's error text, fit for a one-line message: safetensors quotes a corrupt
+    header's bytes, which may hold newlines (or megabytes)."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _check_file_name(name: object, listed_in: str) -> None:
+    """A file that an index or manifest lists must be a plain name in the checkpoint's own
+    directory: `../x` or `/etc/x` would make us read (or hash) a file outside it."""
+    if (not isinstance(name, str) or not name or name.startswith(".") or not name.isprintable()
+            or any(c in name for c in "/\\") or len(name.encode()) > 255):
+        raise CompressError(f"{listed_in} names an unsafe file {name!r} (only plain file names "
+                            "inside the checkpoint are allowed); re-download or re-quantise it")
 
 
 class SafetensorsDir:
@@ -112,8 +167,14 @@ class SafetensorsDir:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise CompressError(f"{index} is not a valid safetensors index ({e})") from None
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
+                raise CompressError(f"{index} is not a valid safetensors index ({e}); "
+                                    "re-download or re-quantise it") from None
+            if not isinstance(weight_map, dict):
+                raise CompressError(f"{index} is not a valid safetensors index (weight_map is "
+                                    "not a mapping); re-download or re-quantise it")
+            for file in weight_map.values():
+                _check_file_name(file, str(index))
         elif (self.path / SINGLE).is_file():
             weight_map = None
         else:
@@ -121,7 +182,8 @@ class SafetensorsDir:
                 raise CompressError(
                     f"{self.path} holds only pickle weights (pytorch_model.bin), which can run "
                     "code when loaded; convert it to safetensors first "
-                    "(transformers: model.save_pretrained(dir, safe_serialization=True))"
+                    "(transformers: model.save_pretrained(dir, safe_serialization=True)), or "
+                    "pass --allow-pickle to `compress quantize`"
                 )
             raise CompressError(f"{self.path} has no safetensors weights "
                                 f"({SINGLE} or {INDEX}); is it a model directory?")
@@ -139,7 +201,8 @@ class SafetensorsDir:
             try:
                 self._handles[file] = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError) as e:
-                raise CompressError(f"weight file {path} is corrupt or truncated ({e}); "
+                raise CompressError(f"weight file {path} is corrupt or truncated "
+                                    f"({_reason(e)}); "
                                     "re-download or re-quantise it") from None
         return self._handles[file]
 
@@ -166,19 +229,31 @@ class SafetensorsDir:
             return handle.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise CompressError(f"tensor {name} in {self.path / self.weight_map[name]} could "
-                                f"not be read ({e}); the file is corrupt") from None
+                                f"not be read ({_reason(e)}); the file is corrupt") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of a tensor, read from the header without loading it."""
-        if name not in self.weight_map:
-            raise CompressError(f"tensor {name} is missing from {self.path}")
-        return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
+        return tuple(self._slice(name).get_shape())
 
     def nbytes(self, name: str) -> int:
         """Stored size of a tensor, from the header."""
-        tensor_slice = self._open(self.weight_map[name]).get_slice(name)
-        itemsize = _DTYPE_BYTES[tensor_slice.get_dtype()]
-        return itemsize * math.prod(tensor_slice.get_shape())
+        tensor_slice = self._slice(name)
+        dtype = tensor_slice.get_dtype()
+        if dtype not in _DTYPE_BYTES:  # safetensors knows more (F4, C64, ...) than we write
+            raise CompressError(f"tensor {name!r} in {self.path / self.weight_map[name]} has "
+                                f"dtype {dtype}, which compress does not store; the file is "
+                                "corrupt or not from compress quantize")
+        return _DTYPE_BYTES[dtype] * math.prod(tensor_slice.get_shape())
+
+    def _slice(self, name: str):
+        if name not in self.weight_map:
+            raise CompressError(f"tensor {name} is missing from {self.path}")
+        handle = self._open(self.weight_map[name])
+        try:  # the index may name a tensor that its file lacks
+            return handle.get_slice(name)
+        except SafetensorError as e:
+            raise CompressError(f"tensor {name!r} in {self.path / self.weight_map[name]} could "
+                                f"not be read ({_reason(e)}); the file is corrupt") from None
 
     def with_prefix(self, prefix: str) -> Iterator[str]:
         return (k for k in self.weight_map if k.startswith(prefix))
@@ -189,7 +264,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise CompressError(f"{path} is corrupt or truncated ({e})") from None
+        raise CompressError(f"{path} is corrupt or truncated ({_reason(e)}); re-download or "
+                            "re-create it") from None
 
 
 def safetensors_keys(path: Path) -> list[str]:
@@ -198,7 +274,8 @@ def safetensors_keys(path: Path) -> list[str]:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
     except (SafetensorError, OSError) as e:
-        raise CompressError(f"{path} is corrupt or truncated ({e})") from None
+        raise CompressError(f"{path} is corrupt or truncated ({_reason(e)}); re-download or "
+                            "re-create it") from None
 
 
 def read_manifest(path: Path) -> dict | None:
@@ -207,16 +284,36 @@ def read_manifest(path: Path) -> dict | None:
     if not f.is_file():
         return None
     try:
-        return json.loads(f.read_text())
-    except ValueError as e:
+        manifest = json.loads(f.read_text())
+    except (ValueError, RecursionError) as e:
         raise CompressError(f"{f} is not valid JSON ({e}); the checkpoint is corrupt") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CompressError(f"{f} is malformed ({problem}); the checkpoint is corrupt: re-run "
+                            "compress quantize")
+    return manifest
+
+
+def _manifest_problem(manifest: object) -> str | None:
+    """What is wrong with the structure that `verify` (and anything reading the file list)
+    relies on: {"files": {name: {"bytes": int, "sha256": str}}}."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "'files' is not a mapping of file name to size and sha256"
+    for name, entry in files.items():
+        size = entry.get("bytes") if isinstance(entry, dict) else None
+        if (not isinstance(size, int) or isinstance(size, bool)
+                or not isinstance(entry.get("sha256"), str)):
+            return f"the entry of {name!r} lacks an integer 'bytes' or a string 'sha256'"
+    return None
 
 
 def verify(path: Path, manifest: Mapping) -> None:
     """Check every file the manifest lists: present, same size, same sha256."""
     for name, entry in manifest.get("files", {}).items():
-        if "/" in name or "\\" in name or name.startswith("."):
-            raise CompressError(f"manifest of {path} names an unsafe file {name!r}")
+        _check_file_name(name, f"manifest of {path}")
         f = Path(path) / name
         if not f.is_file():
             raise CompressError(f"{f} is missing (listed in {MANIFEST}); the checkpoint is "
@@ -240,25 +337,54 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in SIDE_FILES:
         if (Path(src) / name).is_file():
-            shutil.copyfile(Path(src) / name, Path(dst) / name)
+            with writing(Path(dst) / name):
+                shutil.copyfile(Path(src) / name, Path(dst) / name)
             copied.append(name)
     return copied
 
 
 def publish(partial: Path, out: Path, overwrite: bool) -> None:
-    """Move a finished `partial` directory to `out` in one rename (replacing it if allowed)."""
+    """Move a finished `partial` directory to `out` in one rename (replacing it if allowed).
+
+    A replaced `out` is swapped with `partial` in one step where the system can, so that a
+    run killed meanwhile leaves `out` holding the old or the new checkpoint, never neither."""
     out = Path(out)
-    old = None
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if out.exists():
-        if not overwrite:
+    with writing(out):
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if not out.exists():
+            os.replace(partial, out)
+        elif not overwrite:
             raise CompressError(f"{out} already exists; pass --overwrite or choose another --out")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(partial, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        elif _exchange(partial, out):
+            shutil.rmtree(partial, ignore_errors=True)  # now the old checkpoint
+        else:  # two renames: killed between them, the old checkpoint is left at `old`
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(partial, out)
+        # the old checkpoint, and any that a run killed in the fallback above left behind
+        for stale in out.parent.glob(f".{glob.escape(out.name)}.old-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the
+    C library, kernel or file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):  # not glibc, or not Linux
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:

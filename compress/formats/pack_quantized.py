@@ -46,10 +46,7 @@ def from_tensors(
     name: str, get: Callable[[str], torch.Tensor], has: Callable[[str], bool], scheme: QuantScheme
 ) -> QuantizedWeight:
     """Read module `name`'s packed weight back, checking every shape against the scheme."""
-    shape = tuple(int(v) for v in get(f"{name}.weight_shape").tolist())
-    if len(shape) != 2 or min(shape) <= 0:
-        raise CompressError(f"{name}.weight_shape is {shape}: the checkpoint is corrupt")
-    out_features, in_features = shape
+    out_features, in_features = read_shape(name, get)
     groups = num_groups(in_features, scheme.group_size)
     packed = get(f"{name}.weight_packed")
     scales = get(f"{name}.weight_scale")
@@ -67,6 +64,19 @@ def from_tensors(
         _check_shape(name, "weight_g_idx", g_idx, (in_features,), torch.int32)
     return QuantizedWeight(packed, scales, zeros, g_idx, scheme.bits, scheme.group_size,
                            (out_features, in_features), scheme.symmetric)
+
+
+def read_shape(name: str, get: Callable[[str], torch.Tensor]) -> tuple[int, int]:
+    """(out_features, in_features) of packed module `name`, from its weight_shape tensor."""
+    stored = get(f"{name}.weight_shape")
+    # Any dtype or shape reads from a file: only two positive integers are a shape.
+    if stored.dtype not in (torch.int64, torch.int32) or tuple(stored.shape) != (2,):
+        raise CompressError(f"{name}.weight_shape is {stored.dtype} {tuple(stored.shape)}, "
+                            "expected int64 (2,): the checkpoint is corrupt")
+    shape = tuple(int(v) for v in stored.tolist())
+    if min(shape) <= 0:
+        raise CompressError(f"{name}.weight_shape is {shape}: the checkpoint is corrupt")
+    return shape
 
 
 def _check_shape(name: str, what: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | None):
@@ -138,6 +148,9 @@ def parse_quantization_config(
     config: Mapping, linear_names: Iterable[str]
 ) -> dict[str, QuantScheme]:
     """Module name -> scheme for every Linear the block quantises (exact > regex > class)."""
+    if not isinstance(config, Mapping):
+        raise CompressError(f"quantization_config is a {type(config).__name__}, not a mapping: "
+                            "config.json is corrupt; re-download or re-quantise the checkpoint")
     if config.get("quant_method") != "compressed-tensors":
         raise CompressError(
             f"quant_method {config.get('quant_method')!r} is not supported; this loader reads "
@@ -146,21 +159,31 @@ def parse_quantization_config(
     if config.get("format", FORMAT) != FORMAT:
         raise CompressError(f"compressed-tensors format {config.get('format')!r} is not "
                             f"supported; only {FORMAT!r} is")
+    config_groups = config.get("config_groups") or {}
+    if not isinstance(config_groups, Mapping):
+        raise CompressError("quantization_config config_groups is not a mapping of group name "
+                            "to group: config.json is corrupt; re-download or re-quantise it")
     groups = []
-    for key, group in (config.get("config_groups") or {}).items():
-        try:
-            w = group["weights"]
-            if w.get("type", "int") != "int" or w.get("dynamic"):
-                raise CompressError(f"config group {key}: only static int weights are supported")
-            if group.get("input_activations"):
-                raise CompressError(f"config group {key}: activation quantisation is not supported")
-            strategy = w.get("strategy")
-            group_size = -1 if strategy == "channel" else int(w["group_size"])
-            scheme = QuantScheme(int(w["num_bits"]), group_size, bool(w.get("symmetric", True)))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CompressError(f"quantization_config group {key} is malformed ({e!r})") from None
-        groups.append((list(group.get("targets") or []), scheme))
-    ignore = list(config.get("ignore") or [])
+    for key, group in config_groups.items():
+        w = group.get("weights") if isinstance(group, Mapping) else None
+        if not isinstance(w, Mapping):
+            raise CompressError(f"quantization_config group {key!r} is malformed (no 'weights' "
+                                "mapping); re-download or re-quantise the checkpoint")
+        if w.get("type", "int") != "int" or w.get("dynamic"):
+            raise CompressError(f"config group {key!r}: only static int weights are supported")
+        if group.get("input_activations"):
+            raise CompressError(f"config group {key!r}: activation quantisation is not supported")
+        strategy = w.get("strategy")
+        if strategy not in (None, "group", "channel"):
+            raise CompressError(f"config group {key!r}: weight strategy {strategy!r} is not "
+                                "supported; this loader reads 'group' and 'channel'")
+        group_size = -1 if strategy == "channel" else w.get("group_size")
+        try:  # the values are checked as strictly as a recipe's: no 4.0 bits or "true"
+            scheme = QuantScheme(w.get("num_bits"), group_size, w.get("symmetric", True))
+        except CompressError as e:
+            raise CompressError(f"quantization_config group {key!r} is malformed ({e})") from None
+        groups.append((_patterns(group.get("targets"), f"config group {key!r} targets"), scheme))
+    ignore = _patterns(config.get("ignore"), "quantization_config ignore")
     schemes = {}
     for name in linear_names:
         if _rank(name, ignore) is not None:
@@ -171,6 +194,23 @@ def parse_quantization_config(
         if best is not None:
             schemes[name] = best[1]
     return schemes
+
+
+def _patterns(value: object, where: str) -> list[str]:
+    """A list of module names, "re:" regexes or "Linear" (None: empty), checked up front."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise CompressError(f"quantization_config: {where} must be a list of module names or "
+                            "'re:' patterns; config.json is corrupt")
+    for t in value:
+        if t.startswith("re:"):
+            try:
+                re.compile(t[3:])
+            except (re.error, RecursionError, OverflowError) as e:  # nesting, {huge}
+                raise CompressError(f"quantization_config: {where} has a bad regex {t!r} ({e}); "
+                                    "config.json is corrupt") from None
+    return value
 
 
 def _rank(name: str, targets: Iterable[str]) -> int | None:

@@ -39,7 +39,8 @@ class GPTQConfig:
     mse_clip: bool = False
 
     def __post_init__(self) -> None:
-        if not 0 < self.damp < 1:
+        if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or not (
+                0 < self.damp < 1):
             raise CompressError(f"GPTQ damp must be in (0, 1), got {self.damp!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or (
                 self.block_size < 1):
@@ -120,6 +121,9 @@ def quantize_shared_input(
     if not torch.isfinite(hessian).all():
         raise CompressError(f"the calibration Hessian of {name} contains NaN/Inf (activations "
                             "overflowed?); check the model's dtype and calibration data")
+    if not all(bool(torch.isfinite(w).all()) for w in weights):
+        raise CompressError(f"the weights of {name} contain NaN/Inf; the source model is "
+                            "corrupt or overflowed its dtype")
     sizes = [w.shape[0] for w in weights]
     stacked = _quantize_rows(torch.cat([w.to(torch.float32) for w in weights]), hessian,
                              scheme, cfg, scale_dtype, name)

@@ -23,7 +23,8 @@ class QuantScheme:
     symmetric: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or (
+                self.bits not in SUPPORTED_BITS):  # 4.0 == 4, but is no bit count
             raise CompressError(
                 f"bits={self.bits!r} is not supported; choose one of "
                 f"{', '.join(map(str, SUPPORTED_BITS))}"
