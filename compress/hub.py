@@ -128,9 +128,8 @@ def local_files(directory: Path) -> list[LocalFile]:
     listed = [LocalFile(name, meta["bytes"], meta["sha256"])
               for name, meta in sorted(files.manifest["files"].items())]
     extra = [checkpoint.MANIFEST, CARD, *[n for n in EXTRAS if (directory / n).is_file()]]
-    for name in extra:
-        data = (directory / name).read_bytes()
-        listed.append(LocalFile(name, len(data), hashlib.sha256(data).hexdigest()))
+    for name, meta in checkpoint.file_entries(directory, extra).items():
+        listed.append(LocalFile(name, meta["bytes"], meta["sha256"]))
     return listed
 
 

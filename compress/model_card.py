@@ -15,13 +15,12 @@ from pathlib import Path
 
 import yaml
 
-from compress import assets
+from compress import assets, hub
 from compress.errors import CompressError
 from compress.formats import checkpoint
 
 EVAL_FILE = "eval.json"
 REPORT_DIR = "report"
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def write(directory: str | Path, repo_id: str | None = None, eval_json: Path | None = None,
@@ -145,7 +144,7 @@ def _base_hub_id(base: dict, directory: Path) -> str | None:
         return bundled.hub_id
     config = json.loads((directory / "config.json").read_text())
     name = config.get("_name_or_path", "")
-    return name if _REPO_ID.fullmatch(name) and not Path(name).exists() else None
+    return name if isinstance(name, str) and hub.is_repo_id(name) else None
 
 
 def _license(base: dict, directory: Path) -> str | None:
