@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -491,7 +492,12 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 def _linear(files: models.ModelFiles, name: str, dtype: torch.dtype, device) -> nn.Module:
     weight = files.linear_weight(name)
     bias = files.optional(f"{name}.bias")
-    bias = None if bias is None else bias.to(device=device, dtype=dtype)
+    if bias is not None:
+        models.require_finite(f"{name}.bias", bias)
+        bias = bias.to(device=device, dtype=dtype)
+    # The float tensors a forward multiplies by: a NaN or Inf there (a bit flip that
+    # kept the file's structure) would come out as NaN text, not as an error. (Packed
+    # scales are range-checked when read.)
     if isinstance(weight, QuantizedWeight):
         moved = QuantizedWeight(
             weight.qweight.to(device), weight.scales.to(device),
@@ -499,6 +505,7 @@ def _linear(files: models.ModelFiles, name: str, dtype: torch.dtype, device) -> 
             None if weight.g_idx is None else weight.g_idx.to(device),
             weight.bits, weight.group_size, weight.shape, weight.symmetric)
         return QuantLinear(moved, bias)
+    models.require_finite(f"{name}.weight", weight)
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     lin.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
     if bias is not None:
@@ -555,12 +562,15 @@ def build_layer(files: models.ModelFiles, index: int, dtype: torch.dtype,
 
 def _norm(files: models.ModelFiles, name: str, cfg: DecoderConfig, dtype: torch.dtype,
           device) -> RMSNorm:
-    return RMSNorm(files.tensors.get(f"{name}.weight").to(device=device, dtype=dtype),
-                   cfg.norm_eps)
+    weight = files.tensors.get(f"{name}.weight")
+    models.require_finite(f"{name}.weight", weight)
+    return RMSNorm(weight.to(device=device, dtype=dtype), cfg.norm_eps)
 
 
 def embedding(files: models.ModelFiles, dtype: torch.dtype, device="cpu") -> nn.Embedding:
-    weight = files.tensors.get(f"{files.arch.embed}.weight").to(device=device, dtype=dtype)
+    weight = files.tensors.get(f"{files.arch.embed}.weight")
+    models.require_finite(f"{files.arch.embed}.weight", weight)
+    weight = weight.to(device=device, dtype=dtype)
     if weight.dim() != 2:
         raise CompressError(f"{files.arch.embed}.weight has shape {tuple(weight.shape)}; "
                             "expected a 2-D embedding table: the checkpoint is corrupt")
@@ -605,19 +615,63 @@ def default_head_dtype(files: models.ModelFiles, device: torch.device | str,
 
 
 def check_shapes(files: models.ModelFiles, cfg: DecoderConfig) -> None:
-    """config.json against the weights' headers, before anything is sized from the config
-    (RoPE tables from head_dim) or a mismatch fails mid-forward."""
-    p = files.arch.layer_prefix(0)
+    """config.json against the stored shape of every Linear (a packed one's weight_shape,
+    which its packed tensors are checked against when read), norm, bias and the embedding,
+    before anything is sized from the config (RoPE tables from head_dim) or a mismatch
+    (a damaged or swapped tensor in any layer, another model's config) fails mid-forward
+    as a torch shape error."""
+    arch = files.arch
+    q_out, kv_out, hidden = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
+                             cfg.hidden_size)
+    p = arch.layer_prefix(0)
     q = files.linear_shape(p + "self_attn.q_proj")
     k = files.linear_shape(p + "self_attn.k_proj")
-    want_q = (cfg.num_heads * cfg.head_dim, cfg.hidden_size)
-    want_k = (cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size)
-    if q != want_q or k != want_k or cfg.num_heads % cfg.num_kv_heads:
+    if q != (q_out, hidden) or k != (kv_out, hidden) or cfg.num_heads % cfg.num_kv_heads:
         raise CompressError(
             f"config.json of {files.path} does not match its weights: {cfg.num_heads} heads, "
             f"{cfg.num_kv_heads} key/value heads of {cfg.head_dim} and hidden size "
-            f"{cfg.hidden_size} need q_proj {want_q} and k_proj {want_k}, the weights have "
-            f"{q} and {k}; re-download the model or re-quantise it")
+            f"{hidden} need q_proj {(q_out, hidden)} and k_proj {(kv_out, hidden)}, the "
+            f"weights have {q} and {k}; re-download the model or re-quantise it")
+    # absent from a config: every layer must agree with layer 0
+    inter = _config_int(files.config, "intermediate_size",
+                        files.linear_shape(p + "mlp.gate_proj")[0])
+    want = {"self_attn.q_proj": (q_out, hidden), "self_attn.k_proj": (kv_out, hidden),
+            "self_attn.v_proj": (kv_out, hidden), "self_attn.o_proj": (hidden, q_out),
+            "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+            "mlp.down_proj": (hidden, inter)}
+    for i in range(cfg.num_layers):
+        p = arch.layer_prefix(i)
+        for n in arch.layer_linears:
+            _check_linear(files, p + n, want[n])
+        for n in arch.norms:
+            _check_tensor(files, f"{p}{n}.weight", (hidden,))
+    _check_tensor(files, f"{arch.final_norm}.weight", (hidden,))
+    _check_tensor(files, f"{arch.embed}.weight", (cfg.vocab_size, hidden))
+    if not files.tied_embeddings:
+        _check_linear(files, arch.lm_head, (cfg.vocab_size, hidden))
+
+
+def _check_linear(files: models.ModelFiles, name: str, want: tuple[int, int]) -> None:
+    packed = name in files.schemes
+    stored = f"{name}.weight_shape" if packed else f"{name}.weight"
+    have = files.linear_shape(name)
+    if have != want:
+        _mismatch(files, stored, f"{'says' if packed else 'is'} {have}", want)
+    if f"{name}.bias" in files.tensors:
+        _check_tensor(files, f"{name}.bias", (want[0],))
+
+
+def _check_tensor(files: models.ModelFiles, name: str, want: tuple[int, ...]) -> None:
+    have = files.tensors.shape(name)
+    if have != want:
+        _mismatch(files, name, f"is {have}", want)
+
+
+def _mismatch(files: models.ModelFiles, tensor: str, have: str, want: tuple) -> NoReturn:
+    shard = files.tensors.weight_map.get(tensor, "?")
+    raise CompressError(f"{tensor} in {files.path / shard} {have}, but config.json implies "
+                        f"{want}: the file is damaged or does not belong to this config; "
+                        "re-download the model or re-quantise it")
 
 
 def build(files: models.ModelFiles, device: torch.device | str = "cpu",

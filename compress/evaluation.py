@@ -230,7 +230,8 @@ def resolve_baseline(files: models.ModelFiles, baseline: str | Path | None) -> s
     try:
         return str(models.open_model(base["name"]).path)  # a bundled model, re-prepared
     except CompressError:
-        raise CompressError(f"the checkpoint's base model {base['path']} is gone; pass "
+        # repr: the path comes from the manifest and may hold a newline (one-line errors)
+        raise CompressError(f"the checkpoint's base model {base['path']!r} is gone; pass "
                             "--baseline DIR, or --baseline none") from None
 
 

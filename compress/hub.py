@@ -35,7 +35,22 @@ RETRY_DELAY_S = 2.0
 
 
 def is_repo_id(name: str) -> bool:
-    return REPO_ID.fullmatch(name) is not None and not Path(name).exists()
+    return well_formed_repo_id(name) and not Path(name).exists()
+
+
+def well_formed_repo_id(name: str) -> bool:
+    """ORG/NAME as the Hub allows it. REPO_ID alone lets through names the client refuses
+    with its own ValueError (`a/b..c`, `a/b-`, over 96 characters), which reached users as
+    a traceback."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if REPO_ID.fullmatch(name) is None:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -141,7 +156,7 @@ def push(directory: str | Path, repo_id: str, *, private: bool = False,
     from compress import model_card
 
     directory = Path(directory)
-    if not REPO_ID.fullmatch(repo_id):
+    if not well_formed_repo_id(repo_id):
         raise CompressError(f"--repo {repo_id!r} is not of the form ORG/NAME")
     model_card.write(directory, **(card_extras or {}))
     files = local_files(directory)

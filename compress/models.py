@@ -66,6 +66,15 @@ LLAMA_FAMILY = Architecture("llama-family", ("llama", "mistral", "qwen2"))
 ARCHITECTURES = (LLAMA_FAMILY,)
 
 
+def require_finite(name: str, tensor: torch.Tensor, holder: str = "model") -> None:
+    """Rounding or multiplying a NaN or Inf gives garbage silently: refuse, naming the
+    tensor (`holder` says whose: "source model" when quantising, else "model")."""
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise CompressError(f"{name} holds {bad} NaN/Inf value{'s' * (bad > 1)}: the {holder} "
+                            "is corrupt or overflowed its dtype; re-download or re-export it")
+
+
 def supported_model_types() -> list[str]:
     return sorted(t for arch in ARCHITECTURES for t in arch.model_types)
 

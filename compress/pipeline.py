@@ -34,7 +34,7 @@ import torch
 import compress
 from compress import awq_layer, data, decoder, models
 from compress.errors import CompressError
-from compress.formats import checkpoint, pack_quantized
+from compress.formats import checkpoint, manifest, pack_quantized
 from compress.progress import status, track
 from compress.quant import QuantizedWeight, QuantScheme, gptq, rtn
 from compress.recipe import Recipe
@@ -94,6 +94,9 @@ def identity(files: models.ModelFiles, recipe: Recipe, calib: data.CalibrationSe
         "model_config_sha256": hashlib.sha256((files.path / "config.json").read_bytes())
         .hexdigest(),
         "model_weight_files": {f: (files.path / f).stat().st_size for f in files.tensors.files()},
+        # sizes match for another model of the same shapes (the same path, re-downloaded
+        # or replaced): resuming on its weights would mix two models' layers
+        "model_weights_sample_sha256": files.tensors.sample_sha256(),
         "recipe": recipe.to_dict(),
         "calibration": None if calib is None else calib.describe(),
         "compress_version": compress.__version__,
@@ -101,10 +104,13 @@ def identity(files: models.ModelFiles, recipe: Recipe, calib: data.CalibrationSe
 
 
 def check_inputs(files: models.ModelFiles, out: Path, overwrite: bool) -> None:
-    """The checks worth failing on before any long work: a dense source, a usable `out`."""
+    """The checks worth failing on before any long work: a dense source whose every
+    tensor fits its config.json (a damaged later layer would otherwise fail deep inside
+    calibration), a usable `out`."""
     if files.is_quantized:
         raise CompressError(f"{files.path} is already quantised; start from the original "
                             "model directory")
+    decoder.check_shapes(files, decoder.DecoderConfig.from_hf(files.config))
     checkpoint.check_output_dir(out, overwrite)
 
 
@@ -220,12 +226,7 @@ def _shard_name(i: int, n: int) -> str:
 
 
 def require_finite(name: str, tensor: torch.Tensor) -> None:
-    """Rounding a NaN or Inf gives garbage codes silently: refuse, naming the tensor."""
-    bad = int((~torch.isfinite(tensor)).sum())
-    if bad:
-        raise CompressError(f"{name} holds {bad} NaN/Inf value{'s' * (bad > 1)}: the source "
-                            "model is corrupt or overflowed its dtype; re-download or "
-                            "re-export it")
+    models.require_finite(name, tensor, "source model")
 
 
 class _RTNLayers:
@@ -398,9 +399,9 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
         })
         listed.append(QUANT_LOG)
     source_info = files.path / "compress_source.json"
-    manifest = {
-        "format": "compress-checkpoint",
-        "format_version": 1,
+    record = {
+        "format": manifest.FORMAT,
+        "format_version": manifest.FORMAT_VERSION,
         "library": {"compress": compress.__version__, "torch": torch.__version__,
                     "compressed_tensors": pack_quantized.COMPRESSED_TENSORS_VERSION},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -416,7 +417,7 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
                     for s in set(schemes.values())},
         "files": checkpoint.file_entries(partial, listed),
     }
-    checkpoint.atomic_write_json(partial / checkpoint.MANIFEST, manifest)
+    checkpoint.atomic_write_json(partial / checkpoint.MANIFEST, record)
 
 
 def _open_partial(partial: Path, run_id: dict, resume: bool, overwrite: bool) -> dict:
@@ -430,10 +431,9 @@ def _open_partial(partial: Path, run_id: dict, resume: bool, overwrite: bool) ->
     if partial.exists():
         try:
             state = json.loads(f.read_text())
-            previous = state["identity"]
-            assert isinstance(state["done"], dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError):
-            previous, state = None, None
+        except (OSError, ValueError, RecursionError):
+            state = None
+        previous = state["identity"] if _valid_progress(state) else None
         if previous == run_id:
             status(f"Resuming {partial}: {len(state['done'])} layer(s) already done")
             return state
@@ -455,6 +455,36 @@ def _open_partial(partial: Path, run_id: dict, resume: bool, overwrite: bool) ->
     return fresh
 
 
+def _valid_progress(state: object) -> bool:
+    """progress.json has the structure resuming indexes: an identity mapping, per layer
+    {"file": {"bytes", "sha256"} | None, "log": {module: {"relative_error": number, ...}}}
+    and the saved activations' records. Anything else (a damaged or hand-edited file) is
+    treated as unreadable, which --overwrite discards, rather than failing mid-resume."""
+    if not isinstance(state, dict) or not isinstance(state.get("identity"), dict):
+        return False
+    done, saved = state.get("done"), state.get("activations", {})
+    if not isinstance(done, dict) or not isinstance(saved, dict):
+        return False
+    records = [*saved.values(), *(e.get("file") if isinstance(e, dict) else 0
+                                  for e in done.values())]
+    if not all(r is None or (isinstance(r, dict) and set(r) == {"bytes", "sha256"})
+               for r in records):
+        return False
+    logs = [e.get("log") or {} for e in done.values()]
+    return all(isinstance(log, dict) and all(_valid_log(v) for v in log.values())
+               for log in logs)
+
+
+def _valid_log(entry: object) -> bool:
+    """One module's quantisation log: what the summary and quantization_log.json read."""
+    if not isinstance(entry, dict):
+        return False
+    error = entry.get("relative_error")
+    awq = entry.get("awq", {})
+    return (isinstance(error, int | float) and not isinstance(error, bool)
+            and isinstance(awq, dict) and isinstance(awq.get("skipped", ""), str))
+
+
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     diffs = []
     for key in sorted(set(a) | set(b)):
@@ -462,8 +492,19 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
         if isinstance(x, dict) and isinstance(y, dict):
             diffs += _differences(x, y, f"{prefix}{key}.")
         elif x != y:
-            diffs.append(f"{prefix}{key}: {x!r} -> {y!r}")
+            diffs.append(f"{prefix}{key}: {_short(x)} -> {_short(y)}")
     return diffs
+
+
+def _short(value: object) -> str:
+    """A value for the one-line message: a sha256 by its first 12 digits."""
+    text = repr(value)
+    return text[:13] + "...'" if _is_digest(value) else text
+
+
+def _is_digest(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(
+        c in "0123456789abcdef" for c in value)
 
 
 def _file_record(path: Path) -> dict | None:

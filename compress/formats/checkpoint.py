@@ -35,11 +35,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from compress.errors import CompressError
+from compress.formats.manifest import check as check_manifest
 
 MANIFEST = "compress_manifest.json"
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2,
                 "BF16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1,
                 "F8_E5M2": 1}
+# sample_sha256: tensors up to _SAMPLE_WHOLE bytes are read whole, of others two samples
+# of at least _SAMPLE_BYTES each
+_SAMPLE_WHOLE, _SAMPLE_BYTES = 64 << 10, 4 << 10
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
@@ -131,6 +135,9 @@ def atomic_save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> 
         try:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
                       metadata={"format": "pt"})
+            # safetensors writes its own 0600 temp file and renames it over `tmp`: the mode
+            # set by _temp_beside is gone, so set it again (else shards end up 0600)
+            os.chmod(tmp, _FILE_MODE)
             os.replace(tmp, path)
         except BaseException as e:
             with contextlib.suppress(FileNotFoundError):
@@ -258,6 +265,36 @@ class SafetensorsDir:
     def with_prefix(self, prefix: str) -> Iterator[str]:
         return (k for k in self.weight_map if k.startswith(prefix))
 
+    def sample_sha256(self) -> str:
+        """sha256 of every tensor's name, dtype, shape and a sample of its values: all of a
+        small tensor, else its first and middle rows (a few KB each).
+
+        Sizes and headers are the same for another model of the same shapes (a fine-tune,
+        another seed); its values are not, and a fine-tune or merged adapter changes nearly
+        every value of a tensor it touches, so two rows of each tell them apart. Hashing
+        every byte would read the whole model on each run; this reads a few KB a tensor."""
+        h = hashlib.sha256()
+        for name in sorted(self.weight_map):
+            part = self._slice(name)
+            shape, dtype = part.get_shape(), part.get_dtype()
+            h.update(f"{name}\0{dtype}\0{shape}\0".encode())
+            # a source model may hold dtypes we never write: sized at 8 bytes, not refused
+            size = _DTYPE_BYTES.get(dtype, 8) * math.prod(shape)
+            try:
+                if size <= _SAMPLE_WHOLE:
+                    samples = [self.get(name)]
+                else:  # whole rows of at least _SAMPLE_BYTES (many elements of a 1-D one)
+                    rows, mid = max(1, _SAMPLE_BYTES * shape[0] // size), shape[0] // 2
+                    samples = [part[0:rows], part[mid:mid + rows]]
+            except (SafetensorError, OSError) as e:
+                raise CompressError(f"tensor {name} in {self.path / self.weight_map[name]} "
+                                    f"could not be read ({_reason(e)}); the file is "
+                                    "corrupt") from None
+            for t in samples:
+                h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        self.release()  # the pages read stay resident otherwise (see `release`)
+        return h.hexdigest()
+
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of one safetensors file (small internal files, e.g. saved activations)."""
@@ -279,35 +316,16 @@ def safetensors_keys(path: Path) -> list[str]:
 
 
 def read_manifest(path: Path) -> dict | None:
-    """The manifest of a checkpoint we wrote, or None for a plain HF directory."""
+    """The manifest of a checkpoint we wrote, with the fields its readers use checked, or
+    None for a plain HF directory."""
     f = Path(path) / MANIFEST
     if not f.is_file():
         return None
     try:
-        manifest = json.loads(f.read_text())
+        data = json.loads(f.read_text())
     except (ValueError, RecursionError) as e:
         raise CompressError(f"{f} is not valid JSON ({e}); the checkpoint is corrupt") from None
-    problem = _manifest_problem(manifest)
-    if problem:
-        raise CompressError(f"{f} is malformed ({problem}); the checkpoint is corrupt: re-run "
-                            "compress quantize")
-    return manifest
-
-
-def _manifest_problem(manifest: object) -> str | None:
-    """What is wrong with the structure that `verify` (and anything reading the file list)
-    relies on: {"files": {name: {"bytes": int, "sha256": str}}}."""
-    if not isinstance(manifest, dict):
-        return "not a JSON object"
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        return "'files' is not a mapping of file name to size and sha256"
-    for name, entry in files.items():
-        size = entry.get("bytes") if isinstance(entry, dict) else None
-        if (not isinstance(size, int) or isinstance(size, bool)
-                or not isinstance(entry.get("sha256"), str)):
-            return f"the entry of {name!r} lacks an integer 'bytes' or a string 'sha256'"
-    return None
+    return check_manifest(data, str(f))
 
 
 def verify(path: Path, manifest: Mapping) -> None:

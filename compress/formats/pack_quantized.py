@@ -62,8 +62,34 @@ def from_tensors(
     _check_shape(name, "weight_scale", scales, (out_features, groups), None)
     if g_idx is not None:
         _check_shape(name, "weight_g_idx", g_idx, (in_features,), torch.int32)
+        # each entry indexes a column of weight_scale: out of range, the kernels fail at
+        # the first forward (or read another row's memory on a GPU)
+        if not 0 <= int(g_idx.min()) <= int(g_idx.max()) < groups:
+            raise CompressError(f"{name}.weight_g_idx holds groups outside 0..{groups - 1}: "
+                                "the checkpoint is corrupt; re-download or re-quantise it")
+    _check_scale_range(name, scales, scheme.bits)
     return QuantizedWeight(packed, scales, zeros, g_idx, scheme.bits, scheme.group_size,
                            (out_features, in_features), scheme.symmetric)
+
+
+FLOAT16_MAX = 65504.0
+
+
+def _check_scale_range(name: str, scales: torch.Tensor, bits: int) -> None:
+    """Every dequantised weight (q - z) * s, |q - z| <= 2**bits - 1, must fit float16, the
+    dtype GPU inference computes in. Round-to-nearest scales are about (max - min) /
+    (2**bits - 1), so this refuses only rows whose weights would span more than float16's
+    range (beyond about ±32,752, far outside any trained model's weights); such a scale,
+    or a NaN/Inf one, is a damaged file that would compute Inf/NaN logits (found by the
+    fuzz's forward pass: scales of 3e38 loaded and gave Inf)."""
+    if not bool(torch.isfinite(scales).all()):
+        raise CompressError(f"{name}.weight_scale holds NaN/Inf values: the checkpoint is "
+                            "corrupt; re-download or re-quantise it")
+    largest = float(scales.float().abs().max()) if scales.numel() else 0.0
+    if largest * ((1 << bits) - 1) > FLOAT16_MAX:
+        raise CompressError(f"{name}.weight_scale holds {largest:.3g}: its dequantised weights "
+                            f"would exceed float16's range ({FLOAT16_MAX:g}); the checkpoint "
+                            "is corrupt: re-download or re-quantise it")
 
 
 def read_shape(name: str, get: Callable[[str], torch.Tensor]) -> tuple[int, int]:
@@ -80,7 +106,10 @@ def read_shape(name: str, get: Callable[[str], torch.Tensor]) -> tuple[int, int]
 
 
 def _check_shape(name: str, what: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | None):
-    if tuple(t.shape) != tuple(shape) or (dtype is not None and t.dtype != dtype):
+    """`dtype` None: any floating type (scales). An integer scale, such as float16 bytes
+    relabelled int16, would load and compute garbage without any error."""
+    wrong_type = not t.is_floating_point() if dtype is None else t.dtype != dtype
+    if tuple(t.shape) != tuple(shape) or wrong_type:
         raise CompressError(
             f"{name}.{what} is {t.dtype} {tuple(t.shape)}, expected "
             f"{dtype or 'float'} {tuple(shape)}: the checkpoint is corrupt or was written "

@@ -3,10 +3,12 @@
 Four parsers, each fed mutated copies of real files:
 
 - safetensors shards and their index, through `decoder.load(dir)` (which is
-  `open_model(dir)`: config, manifest, headers; then `build`: every tensor);
-- config.json with its quantization_config, through `decoder.load(dir)`;
+  `open_model(dir)`: config, manifest, headers; then `build`: every tensor) and a
+  3-token forward whose logits must be finite;
+- config.json with its quantization_config, the same way;
 - recipe YAML, through `Recipe.from_yaml` (plus what a recipe is used for right after);
-- compress_manifest.json, through `open_model(dir)` (`read_manifest` + `verify`).
+- compress_manifest.json, through `open_model(dir)` (`read_manifest` + `verify`) and what
+  reads its other fields (the model card, `compress eval`'s baseline, the caches' key).
 
 The files come from quantising the tiny test model (a 512-token vocabulary, so that the
 embedding shard stays small: every input rewrites a file, and open_model hashes every
@@ -47,12 +49,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import make_tiny_model
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
-from compress import api, decoder, models
+from compress import api, decoder, evaluation, hub, model_card, models
 from compress.errors import CompressError
 from compress.formats import checkpoint
 from compress.quant import QuantScheme
@@ -67,10 +72,14 @@ REPORT = ROOT / "benchmarks" / "results" / "fuzz.json"
 SENTINEL_DIR = "outside-sentinel"  # beside the checkpoint: no input may make us open it
 # What each parser's inputs go through (recorded in the report).
 TARGETS = {
-    "safetensors": "a shard or the index mutated; decoder.load(dir), SafetensorsDir "
+    "safetensors": "a shard or the index mutated; decoder.load(dir) and a 3-token forward "
+                   "(finite logits), SafetensorsDir "
                    "names/shape/nbytes, safetensors_keys and load_tensors of the shard",
-    "config.json": "config.json (with quantization_config) mutated; decoder.load(dir)",
-    "manifest": "compress_manifest.json mutated; models.open_model(dir) (read_manifest, verify)",
+    "config.json": "config.json (with quantization_config) mutated; decoder.load(dir) and "
+                   "a 3-token forward (finite logits)",
+    "manifest": "compress_manifest.json mutated; models.open_model(dir) (read_manifest, verify), "
+                "then its readers: model_card.render, evaluation.resolve_baseline and "
+                "model_identity",
     "recipe": "a YAML document, or a shipped recipe mutated; Recipe.from_yaml, scheme_for, "
               "label, to_yaml and back",
 }
@@ -578,6 +587,10 @@ def workspaces(tmp_path_factory) -> Iterator[dict[str, Workspace]]:
     """Two quantised checkpoints: the default recipe (symmetric INT4, lm_head dense), and
     an asymmetric mix (zero points, INT8 per-channel down_proj, quantised lm_head)."""
     tmp = tmp_path_factory.mktemp("fuzz")
+    # Loading a packed checkpoint builds the CPU kernel the first time (10-60 s): done here,
+    # as inside an input the time limit would cut the compile short and leave torch's build
+    # lock behind, on which every later build then waits for ever.
+    decoder.prepare_cpu_kernel()
     recipes = {
         "sym": Recipe(),
         "asym": Recipe("rtn", QuantScheme(4, 32, False), ignore=(),
@@ -609,7 +622,14 @@ def _evil_names(ws: Workspace) -> tuple[str, ...]:
 
 
 def _load(path: Path) -> None:
-    decoder.load(path)  # open_model(path) (config, manifest, headers), then every tensor
+    """open_model(path) (config, manifest, headers), then every tensor, then a forward:
+    a file that loads must also compute (scales relabelled I32 once loaded "fine" and
+    produced outputs ~1e6), and compute finite logits."""
+    model, _ = decoder.load(path)
+    with torch.inference_mode():
+        logits = model(torch.tensor([[1, 2, 3]]))
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError("a checkpoint that loaded computed NaN/Inf logits")
 
 
 # ------------------------------------------------------------------ safetensors shards
@@ -881,16 +901,38 @@ def test_fuzz_config(workspaces):
 # ------------------------------------------------------------------------- manifest
 
 
+# The fields besides `files` that readers index; an RTN checkpoint has no calibration, so
+# inputs that mutate it start from this one (what a GPTQ run records).
+_MANIFEST_FIELDS = ("recipe", "base_model", "library", "calibration", "format",
+                    "format_version")
+_CALIBRATION = {"source": "bundled calibration split", "text_sha256": "0" * 64,
+                "tokens_sha256": "1" * 64, "samples": 8, "seqlen": 32}
+
+
 @st.composite
 def _manifest_input(draw, spaces: dict[str, Workspace]) -> tuple:
     ws = spaces[_pick(draw, sorted(spaces))]
     log: list[str] = [ws.path.parent.name]
     raw = ws.pristine[checkpoint.MANIFEST]
     manifest = json.loads(raw)
-    kind = draw(st.sampled_from(("tree", "tree", "evil", "evil", "bytes", "deep")))
+    kind = draw(st.sampled_from(("tree", "tree", "fields", "fields", "evil", "evil", "bytes",
+                                 "deep")))
     evil = ws.evil_names
     if kind == "tree":
         data = json.dumps(draw(_mutated_tree(manifest, log, ("files",), evil))).encode()
+    elif kind == "fields":  # one of the other fields: its inside, or the field itself
+        name = _pick(draw, _MANIFEST_FIELDS)
+        if name == "calibration":
+            manifest[name] = copy.deepcopy(_CALIBRATION)
+        if isinstance(manifest.get(name), dict | list) and draw(st.booleans()):
+            manifest = draw(_mutated_tree(manifest, log, (name,)))
+        elif draw(_USUALLY):
+            manifest[name] = _nudge(draw, manifest.get(name))
+            log.append(f"nudge {name} = {manifest[name]!r:.120}")
+        else:
+            manifest.pop(name, None)
+            log.append(f"delete {name}")
+        data = json.dumps(manifest).encode()
     elif kind == "evil":
         name = draw(evil)
         secret = ws.pristine_secret  # the right size and sha256: only opening it could tell
@@ -910,24 +952,39 @@ def _manifest_input(draw, spaces: dict[str, Workspace]) -> tuple:
     return ws, data, log
 
 
-def _run_manifest(n: int, spaces: dict[str, Workspace]) -> None:
+def _offline_download(repo_id: str, revision: str | None = None):
+    """hub.download in the fuzz: a base model name may look like a Hub id, and no input may
+    reach the network (offline, the real one raises this CompressError too)."""
+    raise CompressError(f"{repo_id} is not a local directory (fuzz: offline)")
+
+
+def _use_manifest(path: Path) -> None:
+    """open_model (read_manifest, verify), then every reader of the manifest's other fields."""
+    files = models.open_model(path)
+    evaluation.model_identity(files)
+    evaluation.resolve_baseline(files, "auto")
+    model_card.render(path)
+
+
+def _run_manifest(n: int, spaces: dict[str, Workspace], monkeypatch) -> None:
     tally = Tally("manifest", "hypothesis" if n >= FULL else "hypothesis_smoke")
+    monkeypatch.setattr(hub, "download", _offline_download)
 
     def one(value):
         ws, data, log = value
         ws.apply({checkpoint.MANIFEST: data})
-        tally.run(lambda: models.open_model(ws.path), lambda: "; ".join(log))
+        tally.run(lambda: _use_manifest(ws.path), lambda: "; ".join(log))
 
     _fuzz(tally, _manifest_input(spaces), n, one)
 
 
-def test_fuzz_manifest_smoke(workspaces):
-    _run_manifest(SMOKE, workspaces)
+def test_fuzz_manifest_smoke(workspaces, monkeypatch):
+    _run_manifest(SMOKE, workspaces, monkeypatch)
 
 
 @pytest.mark.slow
-def test_fuzz_manifest(workspaces):
-    _run_manifest(FULL, workspaces)
+def test_fuzz_manifest(workspaces, monkeypatch):
+    _run_manifest(FULL, workspaces, monkeypatch)
 
 
 # --------------------------------------------------------------------------- recipes
@@ -1091,6 +1148,48 @@ def _edit_tensor(name: str, dtype: str | None = None, shape: list | None = None,
     return files
 
 
+def _edit_shard(tensor: str, edit: Callable[[dict], object]) -> Callable[[Workspace], dict]:
+    """The shard holding `tensor`, its tensors (name -> torch.Tensor) edited by `edit`: a
+    well-formed file whose tensors disagree with config.json."""
+    def files(ws: Workspace) -> dict[str, bytes]:
+        index = json.loads(ws.pristine[checkpoint.INDEX])
+        shard = index["weight_map"][tensor]
+        tensors = safetensors_load(ws.pristine[shard])
+        edit(tensors)
+        index["weight_map"].update(dict.fromkeys(tensors, shard))  # an added tensor listed
+        return {shard: safetensors_save(tensors, metadata={"format": "pt"}),
+                checkpoint.INDEX: json.dumps(index).encode()}
+
+    return files
+
+
+def _swap(a: str, b: str) -> Callable[[dict], None]:
+    """Every packed tensor of module `a` swapped with `b`'s (each module self-consistent)."""
+    def edit(tensors: dict) -> None:
+        for suffix in ("weight_packed", "weight_scale", "weight_shape"):
+            tensors[f"{a}.{suffix}"], tensors[f"{b}.{suffix}"] = (tensors[f"{b}.{suffix}"],
+                                                                  tensors[f"{a}.{suffix}"])
+    return edit
+
+
+def _drop_last_row(module: str) -> Callable[[dict], None]:
+    """Module's output truncated by a row, its weight_shape saying so (self-consistent)."""
+    def edit(tensors: dict) -> None:
+        for suffix in ("weight_packed", "weight_scale"):
+            tensors[f"{module}.{suffix}"] = tensors[f"{module}.{suffix}"][:-1].clone()
+        tensors[f"{module}.weight_shape"] = tensors[f"{module}.weight_shape"] - torch.tensor(
+            [1, 0])
+    return edit
+
+
+def _bad_g_idx(module: str, in_features: int) -> Callable[[dict], None]:
+    def edit(tensors: dict) -> None:
+        g_idx = torch.zeros(in_features, dtype=torch.int32)
+        g_idx[-1] = 1000
+        tensors[f"{module}.weight_g_idx"] = g_idx
+    return edit
+
+
 def _weight_map(edit: Callable[[dict], object]) -> Callable[[Workspace], dict]:
     return _edit_json(checkpoint.INDEX, lambda index: edit(index["weight_map"]))
 
@@ -1115,7 +1214,7 @@ def _deep(name: str) -> Callable[[Workspace], dict]:
     return lambda ws: {name: _deeply_nested(b"[", b"]", 100_000)}
 
 
-_L0 = "model.layers.0."
+_L0, _L1 = "model.layers.0.", "model.layers.1."
 # (checkpoint, files to write (manifest entries then updated), what the CompressError says).
 # Each of these ended in another exception (or a file opened outside the checkpoint) before.
 FOUND = {
@@ -1140,12 +1239,15 @@ FOUND = {
     "weight-shape-scalar": ("sym", _edit_tensor(_L0 + "mlp.up_proj.weight_shape", "BF16", [],
                                                 data=b"\x00\x40"),
                             r"weight_shape is torch.bfloat16 \(\)"),
+    "scale-int32": ("sym", _edit_tensor(_L1 + "mlp.up_proj.weight_scale", "I32"),
+                    r"up_proj.weight_scale is torch.int32 \(160, 1\), expected float"),
     "header-text-newline": ("sym", _edit_tensor(_L0 + "mlp.up_proj.weight_shape", "X\nY"),
                             r"corrupt or truncated \(.*unknown variant `X Y`"),
     "dense-head-1d": ("sym", _edit_tensor("lm_head.weight", shape=[512 * 64]),
                       r"lm_head.weight has shape \(32768,\); expected a 2-D"),
     "embedding-1d": ("sym", _edit_tensor("model.embed_tokens.weight", shape=[512 * 64]),
-                     r"embed_tokens.weight has shape \(32768,\); expected a 2-D"),
+                     r"embed_tokens.weight in .* is \(32768,\), but config.json implies "
+                     r"\(512, 64\)"),
     "manifest-not-object": ("sym", _edit_json(checkpoint.MANIFEST, lambda m: [m], replace=True),
                             r"malformed \(not a JSON object"),
     "manifest-files-list": ("sym", _manifest(lambda m: m.__setitem__("files", [])),
@@ -1156,8 +1258,56 @@ FOUND = {
         "config.json", "x")), r"entry of 'config.json' lacks"),
     "manifest-long-name": ("sym", _manifest(lambda m: m["files"].__setitem__(
         "a" * 300, {"bytes": 1, "sha256": "0"})), r"unsafe file 'aaaa"),
+    "manifest-recipe-list": ("sym", _manifest(lambda m: m.__setitem__("recipe", [])),
+                             r"malformed \(recipe must be a mapping"),
+    "manifest-recipe-no-scheme": ("sym", _manifest(lambda m: m["recipe"].pop("scheme")),
+                                  r"recipe lacks its method, or its scheme's bits"),
+    "manifest-recipe-bits-str": ("sym", _manifest(lambda m: m["recipe"]["scheme"].__setitem__(
+        "bits", "4")), r"malformed \(recipe: scheme: bits='4' is not supported"),
+    "manifest-base-model-str": ("sym", _manifest(lambda m: m.__setitem__("base_model", "x")),
+                                r"'base_model' lacks string name, path"),
+    "manifest-base-path-null": ("sym", _manifest(lambda m: m["base_model"].__setitem__(
+        "path", None)), r"'base_model' lacks string name, path"),
+    "manifest-source-list": ("sym", _manifest(lambda m: m["base_model"].__setitem__(
+        "source", [1])), r"'base_model.source' is not a mapping"),
+    "manifest-no-library": ("sym", _manifest(lambda m: m.pop("library")),
+                            r"'library' lacks the compress version"),
+    "manifest-calibration-list": ("sym", _manifest(lambda m: m.__setitem__("calibration", [1])),
+                                  r"'calibration' lacks string source"),
+    "manifest-format-other": ("sym", _manifest(lambda m: m.__setitem__("format", "gguf")),
+                              r"'format' is 'gguf', not 'compress-checkpoint'"),
+    "manifest-format-version-str": ("sym", _manifest(lambda m: m.__setitem__(
+        "format_version", "1")), r"'format_version' is '1', not a positive integer"),
+    "manifest-format-version-newer": ("sym", _manifest(lambda m: m.__setitem__(
+        "format_version", 2)), r"format_version 2, newer than this compress reads \(1\); "
+        "upgrade compress"),
     "manifest-deep": ("sym", _deep(checkpoint.MANIFEST), r"compress_manifest.json is not valid "
                       "JSON"),
+    "layer-1-swapped": ("sym", _edit_shard(_L1 + "mlp.down_proj.weight_packed", _swap(
+        _L1 + "self_attn.k_proj", _L1 + "mlp.down_proj")), r"model.layers.1.self_attn.k_proj."
+        r"weight_shape in .*model-00002-of-00003.safetensors says \(64, 160\), but config.json "
+        r"implies \(32, 64\)"),
+    "layer-1-truncated": ("sym", _edit_shard(_L1 + "mlp.up_proj.weight_packed", _drop_last_row(
+        _L1 + "mlp.up_proj")), r"layers.1.mlp.up_proj.weight_shape .* says \(159, 64\), but "
+        r"config.json implies \(160, 64\)"),
+    "layer-1-norm-truncated": ("sym", _edit_shard(_L1 + "input_layernorm.weight", lambda t: (
+        t.__setitem__(_L1 + "input_layernorm.weight", t[_L1 + "input_layernorm.weight"][:-1]
+                      .clone()))), r"layers.1.input_layernorm.weight .* is \(63,\), but "
+        r"config.json implies \(64,\)"),
+    "g-idx-out-of-range": ("sym", _edit_shard(_L1 + "mlp.up_proj.weight_packed", _bad_g_idx(
+        _L1 + "mlp.up_proj", 64)), r"layers.1.mlp.up_proj.weight_g_idx holds groups outside "
+        r"0\.\.0"),
+    # Bit flips that keep the file well-formed but put NaN/Inf where a forward multiplies:
+    # these loaded and produced NaN logits (found by the forward added to the fuzz).
+    "scale-nan": ("sym", _edit_shard(_L1 + "mlp.up_proj.weight_scale", lambda t: t[
+        _L1 + "mlp.up_proj.weight_scale"].view(-1)[3:4].fill_(float("nan"))),
+        r"layers.1.mlp.up_proj.weight_scale holds NaN/Inf values: the checkpoint is corrupt"),
+    "scale-huge": ("sym", _edit_shard(_L1 + "mlp.up_proj.weight_scale", lambda t: t[
+        _L1 + "mlp.up_proj.weight_scale"].view(-1)[:1].fill_(3e4)),
+        r"up_proj.weight_scale holds 3e\+04: its dequantised weights would exceed float16"),
+    "norm-inf": ("sym", _edit_shard(_L1 + "input_layernorm.weight", lambda t: t[
+        _L1 + "input_layernorm.weight"][:2].fill_(float("inf"))),
+        r"layers.1.input_layernorm.weight holds 2 NaN/Inf values: the model is corrupt"),
     "config-deep": ("sym", _deep("config.json"), r"config.json is not valid JSON"),
     "layers-huge": ("sym", _config("num_hidden_layers", 10**18),
                     r"says 1000000000000000000 layers, but the weights have no"),
@@ -1259,6 +1409,7 @@ def atheris_main(argv: list[str]) -> None:
 
     parser, out, sources, flags = argv[0], Path(argv[1]), json.loads(argv[2]), argv[3:]
     checkpoint.safe_open = _watched(checkpoint.safe_open)
+    hub.download = _offline_download
     spaces = {name: Workspace(Path(src), out / "work" / name / "ckpt")
               for name, src in sources.items()}
     ws = spaces["sym" if parser in ("safetensors", "manifest") else "asym"]
@@ -1274,7 +1425,7 @@ def atheris_main(argv: list[str]) -> None:
             tally.run(lambda: _load(ws.path), lambda: repr(data[:300]))
         elif parser == "manifest":
             ws.apply({checkpoint.MANIFEST: data})
-            tally.run(lambda: models.open_model(ws.path), lambda: repr(data[:300]))
+            tally.run(lambda: _use_manifest(ws.path), lambda: repr(data[:300]))
         else:
             recipe.write_bytes(data)
             tally.run(lambda: _use_recipe(recipe), lambda: repr(data[:300]))

@@ -40,7 +40,8 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tiny_llama, tmp_path, 
     model = _poisoned_copy(tiny_llama, tmp_path, tensor, value)
     recipe = Recipe.from_dict({"method": method, "calibration": {"samples": 4, "seqlen": 32}}
                               if method != "rtn" else {"method": "rtn"})
-    with pytest.raises(CompressError, match=rf"{tensor} holds 1 NaN/Inf value: the source "
+    # RTN reads the weight itself; calibrated methods build the layer first (decoder)
+    with pytest.raises(CompressError, match=rf"{tensor} holds 1 NaN/Inf value: the (source )?"
                                             r"model is corrupt"):
         api.quantize(model, recipe, tmp_path / "out", evaluate=False)
     assert not (tmp_path / "out").exists()

@@ -1,5 +1,7 @@
 """The bundled model's logits through every backend agree with the reference backend."""
 
+import dataclasses
+
 import pytest
 import torch
 from compress.kernels import native
@@ -51,7 +53,9 @@ def test_logits_agree_with_reference(packed_models, scheme, backend, dtype, monk
         from compress.kernels import triton_qmm
         # The interpreter's cost is per program and per loop step: whole tiles keep the
         # 30-layer model to seconds. Masking and split-K are covered by the unit tests.
-        monkeypatch.setattr(triton_qmm, "_INTERPRET_GEMV", {"BM": 16, "BN": 256, "BK": 256})
+        chosen = triton_qmm.fused_config
+        monkeypatch.setattr(triton_qmm, "fused_config", lambda *a: dataclasses.replace(
+            chosen(*a), bn=256, splits=1))
     ref = logits(packed_models / scheme, "reference", torch.float32, monkeypatch)
     got = logits(packed_models / scheme, backend, dtype, monkeypatch)
     # 30 layers of matmuls on 15-bit integer (cpu-native), bfloat16 (cpu-torch-ops) or
