@@ -178,8 +178,8 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the chat template.")] = False,
     ignore_eos: Annotated[bool, typer.Option(help="Generate all tokens, even past EOS.")] = False,
     device: Annotated[str, typer.Option(
-        help="cpu, or cuda for the Triton kernels. COMPRESS_KERNEL=reference|cpu|triton "
-             "forces a kernel.")] = "cpu",
+        help="cpu, or cuda for the Triton kernels. COMPRESS_KERNEL=reference|cpu|triton|"
+             "dense forces a kernel (dense: dequantise once, full-size matmuls).")] = "cpu",
     compile: Annotated[bool, typer.Option(
         "--compile", help="Compile the decode step with torch.compile: 1.3-1.4x tokens/s on "
                           "CPU after a one-time compile of about a minute.")] = False,

@@ -2,8 +2,9 @@
 
 Automatic choice: Triton on CUDA, torch's weight-only ops on CPU (cpu.py), the float32
 reference otherwise or where the chosen backend cannot serve a weight's layout.
-`COMPRESS_KERNEL=reference|cpu|triton` forces one; a forced backend that cannot serve a
-weight is an error naming why, never a silent fallback.
+`COMPRESS_KERNEL=reference|cpu|triton|dense` forces one; a forced backend that cannot
+serve a weight is an error naming why, never a silent fallback. `dense` is never chosen
+automatically: it gives up the packed weights' memory saving for dense matmul speed.
 
 Backends repack once (`prepare`) and then run many times (`run`); callers that keep
 a Linear around (QuantLinear) hold the `Kernel` that `prepare` returns.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from . import cpu, reference
 from .weights import PackedWeights
@@ -42,6 +44,40 @@ class _Reference:
                                 group_size=w.group_size, in_features=w.in_features, bias=bias)
 
 
+class _Dense:
+    """Dequantise once per activation dtype, then plain `F.linear`: the speed of the
+    unquantised model's matmuls (faster than our Triton kernels on a GPU today, see
+    benchmarks/README.md) at the unquantised model's memory, held beside the packed
+    weights. For users who quantised for quality or for a later deployment, not for
+    memory."""
+
+    @staticmethod
+    def unsupported(w: PackedWeights, device: torch.device) -> str | None:
+        return None
+
+    @staticmethod
+    def prepare(w: PackedWeights) -> _DenseWeights:
+        return _DenseWeights(w)
+
+    @staticmethod
+    def linear(x: torch.Tensor, w: _DenseWeights, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, w.dense(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class _DenseWeights:
+    def __init__(self, packed: PackedWeights) -> None:
+        self.packed = packed
+        self._by_dtype: dict[torch.dtype, torch.Tensor] = {}
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._by_dtype:
+            w = self.packed
+            self._by_dtype[dtype] = reference.dequantize(
+                w.qweight, w.scales, w.zeros, w.g_idx, bits=w.bits, group_size=w.group_size,
+                in_features=w.in_features, dtype=dtype)
+        return self._by_dtype[dtype]
+
+
 def _triton() -> Any:
     try:
         from . import triton_qmm
@@ -52,7 +88,7 @@ def _triton() -> Any:
 
 @functools.cache
 def backends() -> dict[str, Any]:
-    found: dict[str, Any] = {"reference": _Reference, "cpu": cpu}
+    found: dict[str, Any] = {"reference": _Reference, "cpu": cpu, "dense": _Dense}
     triton_backend = _triton()
     if triton_backend is not None:
         found["triton"] = triton_backend

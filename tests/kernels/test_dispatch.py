@@ -31,7 +31,7 @@ def test_layout_the_cpu_ops_cannot_serve_falls_back_to_reference(monkeypatch):
         kernels.backend_name(odd, CPU)
 
 
-@pytest.mark.parametrize("name", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("name", ["reference", "cpu", "triton", "dense"])
 def test_forcing_each_backend(monkeypatch, name):
     monkeypatch.setenv("COMPRESS_KERNEL", name)
     w = random_weights(48, 64, 4, 32, False, False, 1)
@@ -39,6 +39,23 @@ def test_forcing_each_backend(monkeypatch, name):
     kernel = kernels.prepare(w, CPU)
     assert kernel.backend == name
     assert relative_error(kernels.run(kernel, x), reference_output(x, w)) < 1e-2
+
+
+def test_dense_is_only_forced_and_dequantises_once_per_dtype(monkeypatch):
+    w = random_weights(48, 64, 3, 32, False, True, 4)
+    monkeypatch.delenv("COMPRESS_KERNEL", raising=False)
+    assert kernels.backend_name(w, CPU) != "dense"
+    monkeypatch.setenv("COMPRESS_KERNEL", "dense")
+    kernel = kernels.prepare(w, CPU)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(kernels.run(kernel, x), reference_output(x, w),
+                               rtol=1e-5, atol=1e-5)
+    first = kernel.payload.dense(torch.float32)
+    kernels.run(kernel, x)
+    assert kernel.payload.dense(torch.float32) is first  # cached, not rebuilt per call
+    half = kernels.run(kernel, x.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16
+    assert relative_error(half, reference_output(x.to(torch.bfloat16), w)) < 1e-2
 
 
 def test_forced_unknown_backend_is_a_clear_error(monkeypatch):

@@ -26,6 +26,7 @@ PATHS = {
     "cpu-native": ("cpu", "1", "cpu-native-vnni" if native.has_vnni() else "cpu-native"),
     "cpu-torch-ops": ("cpu", "0", "cpu-torch-ops"),
     "triton": ("triton", "1", "triton"),
+    "dense": ("dense", "1", "dense"),
 }
 
 
@@ -45,6 +46,7 @@ def logits(path, backend, dtype, monkeypatch):
 @pytest.mark.parametrize("scheme,backend,dtype", [
     ("w4g128-asym", "cpu-native", torch.float32), ("w8-sym", "cpu-native", torch.float32),
     ("w4g128-asym", "cpu-torch-ops", torch.float32), ("w8-sym", "cpu-torch-ops", torch.float32),
+    ("w4g128-asym", "dense", torch.float32),
     # One interpreted whole-model run (~50 s); 8-bit Triton is covered by the unit tests.
     ("w4g128-asym", "triton", torch.float16),
 ])
