@@ -274,13 +274,17 @@ def prepare(w: PackedWeights) -> TritonWeights:
     return TritonWeights(packed, perm, fast)
 
 
+def _block_columns(w: PackedWeights) -> int:
+    """Columns per K block: 128, or the group when smaller (a block must lie in one group)."""
+    return min(128, _group_block(w) or 128)
+
+
 def fused_config(n: int, k: int, m: int, w: PackedWeights,
                  device: torch.device) -> FusedConfig:
     """Heuristic launch shape for `_fused_kernel`, read off `kernels_gpu.py --sweep` on an
     H200 (benchmarks/README.md): 64-wide tiles, 128-column blocks, and K split until the
     grid holds about two programs per SM."""
-    group = _group_block(w)
-    bk = 128 if group == 0 else min(128, group)
+    bk = _block_columns(w)
     if interpreting():  # one program per output tile: the interpreter pays per program
         return FusedConfig(bn=32, bk=bk, splits=2 if k >= 2 * bk else 1)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -308,8 +312,7 @@ def dequantize(prepared: TritonWeights, dtype: torch.dtype) -> torch.Tensor:
     # whole-word kernel made W4 g128 1.2-1.4x faster than the general one, but W8
     # per-channel 1.5-1.7x slower (benchmarks/README.md).
     if prepared.fused and w.bits <= 4:
-        bn, bk = (32, fused_config(n, k, n, w, w.device).bk) if interpreting() else (
-            64, min(128, _group_block(w) or 128))
+        bn, bk = 32 if interpreting() else 64, _block_columns(w)
         _dequant_words_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
             w.qweight, w.scales, zeros, dense, n, k, w.qweight.stride(0), w.qweight.shape[1],
             w.scales.shape[1], BITS=w.bits, GROUP_SIZE=_group_block(w),
