@@ -69,13 +69,37 @@ def prepared_bytes(kernel: kernels.Kernel) -> int:
 
 def payload_bytes(payload: object) -> int:
     """Bytes one matmul reads from a prepared weight of any backend."""
+    return sum(t.nbytes for t in payload_tensors(payload))
+
+
+def payload_tensors(payload: object) -> list[torch.Tensor]:
+    """The tensors one matmul reads from a prepared weight of any backend."""
     if isinstance(payload, native.NativePrepared):
-        return payload.nbytes
-    if isinstance(payload, cpu.Int4Prepared):
-        return payload.packed.nbytes + payload.scales_zeros.nbytes
-    if isinstance(payload, cpu.Int8Prepared):
-        return sum(q.nbytes + s.nbytes for _, _, q, s in payload.segments)
-    if isinstance(payload, kernels.PackedWeights):
-        return sum(t.nbytes for t in (payload.qweight, payload.scales, payload.zeros,
-                                      payload.g_idx) if t is not None)
-    raise TypeError(f"unknown prepared weight {type(payload).__name__}")
+        parts = [payload.weight, payload.scales, payload.offsets]
+    elif isinstance(payload, cpu.Int4Prepared):
+        parts = [payload.packed, payload.scales_zeros]
+    elif isinstance(payload, cpu.Int8Prepared):
+        parts = [t for _, _, q, s in payload.segments for t in (q, s)]
+    elif isinstance(payload, kernels.PackedWeights):
+        parts = [payload.qweight, payload.scales, payload.zeros, payload.g_idx]
+    else:
+        raise TypeError(f"unknown prepared weight {type(payload).__name__}")
+    return [t for t in parts if t is not None]
+
+
+def read_seconds(tensors: list[torch.Tensor]) -> float:
+    """Best time of reading `tensors` once each, in order, with one streaming reduction per
+    tensor and nothing else: what a step built of these calls costs if its kernels did no
+    arithmetic at all (reductions over int64 views, which run at the DRAM read speed of
+    the float sum in memory_bandwidth; an odd tail of under 8 bytes is skipped)."""
+    words = []
+    for t in tensors:
+        flat = t.detach().reshape(-1).view(torch.uint8)
+        whole = flat.numel() // 8 * 8
+        if whole:
+            words.append(flat[:whole].view(torch.int64))
+
+    def read() -> None:
+        for w in words:
+            w.sum()
+    return best_seconds(read, repeats=5, min_time=0.1)

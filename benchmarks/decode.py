@@ -18,6 +18,12 @@ The roofline is the bytes one decode step must read (every prepared packed weigh
 output head, the KV cache at the run's mean length) over the DRAM read bandwidth, sampled
 every round (the highest sample is used, see _speed.BandwidthLog). llama.cpp runs in its
 own venv (see peer_llamacpp.py) with the same thread count. Run on an idle machine.
+
+Each round also times a "read-only step" per quantised model: the same tensors a decode
+step reads, in the same order and pieces, each read once by a streaming reduction with no
+arithmetic. That is the ceiling of any kernel keeping this model's call structure (one
+call per Linear, torch's per-call overhead included) on this machine, and it says how
+much of the roofline is within reach at all.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _speed import BandwidthLog, prepared_bytes
+from _speed import BandwidthLog, payload_tensors, read_seconds
 from compress.kernels import native
 from foundation import PROMPT
 
@@ -56,26 +62,44 @@ RECIPES = {
 }
 
 
-def step_bytes(model: decoder.CausalLM, context: int) -> dict:
-    """Bytes read by one decode step, by part (after a forward has prepared the kernels)."""
-    weights = 0
-    fused = set()
+def step_tensors(model: decoder.CausalLM, context: int) -> dict[str, list[torch.Tensor]]:
+    """What one decode step reads, by part, in call order (after a forward has prepared the
+    kernels): every prepared packed weight (a fused q/k/v or gate/up once) and dense
+    Linear, the tied output head, the norms, and a KV cache `context` positions long."""
+    fused = {}
+    members = set()
     for module in model.modules():
         for shared in vars(module).values():
             if isinstance(shared, SharedInputLinears) and shared._kernel is not None:
-                weights += prepared_bytes(shared._kernel)
-                fused.update(shared._members)
+                fused[shared._members[0]] = shared._kernel
+                members.update(shared._members)
+    weights = []
     for module in model.modules():
-        if isinstance(module, QuantLinear) and module not in fused:
-            weights += prepared_bytes(module.kernel(model.device))
+        if module in fused:
+            weights += payload_tensors(fused[module].payload)
+        elif isinstance(module, QuantLinear) and module not in members:
+            weights += payload_tensors(module.kernel(model.device).payload)
         elif isinstance(module, torch.nn.Linear):
-            weights += module.weight.nbytes
-    head = model.model.embed_tokens.weight.nbytes if model.lm_head is None else 0
-    norms = sum(p.nbytes for n, p in model.named_parameters() if n.endswith("norm.weight"))
-    c = model.cfg
-    kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * context * model.dtype.itemsize
+            weights.append(module.weight)
+    head = [model.model.embed_tokens.weight] if model.lm_head is None else []
+    norms = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
+    cache = model.new_cache(1, context)
     return {"packed_and_dense_linears": weights, "output_head": head, "norms": norms,
-            "kv_cache": kv, "total": weights + head + norms + kv}
+            "kv_cache": [*cache.k, *cache.v]}
+
+
+def step_bytes(parts: dict[str, list[torch.Tensor]]) -> dict:
+    """Bytes read by one decode step, by part, and in total."""
+    sizes = {part: sum(t.nbytes for t in tensors) for part, tensors in parts.items()}
+    return {**sizes, "total": sum(sizes.values())}
+
+
+def read_only(parts: dict[str, list[torch.Tensor]]) -> Callable[[], float]:
+    """Steps/s of a "decode step" that only reads what a real one reads, in the same
+    order and pieces (one reduction per tensor, no arithmetic, nothing else): the ceiling
+    of any kernel that keeps this model's call structure on this machine."""
+    tensors = [t for part in parts.values() for t in part]
+    return lambda: 1.0 / read_seconds(tensors)
 
 
 def llama_cpp_round(python: Path, new_tokens: int, work: Path) -> dict | None:
@@ -168,9 +192,10 @@ def main() -> None:
         dense = prepared(base, prompt)
         models = {name: prepared(work / name, prompt) for name in RECIPES}
         torch_ops = prepared(work / "int4", prompt, use_native=False)
-        bytes_per_token = {"fp32": step_bytes(dense, context),
-                           "int4_torch_ops": step_bytes(torch_ops, context),
-                           **{n: step_bytes(m, context) for n, m in models.items()}}
+        parts = {"fp32": step_tensors(dense, context),
+                 "int4_torch_ops": step_tensors(torch_ops, context),
+                 **{n: step_tensors(m, context) for n, m in models.items()}}
+        bytes_per_token = {name: step_bytes(p) for name, p in parts.items()}
         contenders = {"transformers_fp32": transformers_fp32(base, prompt, args.new_tokens),
                       "compress_fp32": ours(dense, prompt, args.new_tokens),
                       "int4_torch_ops": ours(torch_ops, prompt, args.new_tokens)}
@@ -182,6 +207,8 @@ def main() -> None:
             compiled()  # compiles (inductor's disk cache makes later runs of this quicker)
             compile_seconds[name] = time.perf_counter() - start
             contenders[f"{name}_compiled"] = compiled
+        for name in ("int4", "int4_head8", "int8"):
+            contenders[f"{name}_read_only"] = read_only(parts[name])
 
         samples: dict[str, list[float]] = {name: [] for name in contenders}
         peer_rounds = []
@@ -210,7 +237,8 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "batch": 1, "new_tokens": args.new_tokens,
         "prompt_tokens": len(prompt), "bandwidth": bandwidth.to_dict(),
-        "cpu_kernel": "ours, avx512-vnni" if native.has_vnni() else "ours, portable C++",
+        "cpu_kernel": ("ours, " + ("avx512-vnni" if native.has_vnni() else "portable C++")
+                       + (", OpenMP threads" if native.threaded() else ", one thread")),
         "rounds": args.rounds, "statistic": "median over interleaved rounds",
         "decode_tok_s": speeds, "decode_tok_s_samples": samples,
         "bytes_per_token": bytes_per_token, "roofline_tok_s": roofline,
@@ -230,6 +258,14 @@ def main() -> None:
                                             / roofline["int4_head8"]),
         "int4_over_int4_torch_ops": speeds["int4"] / speeds["int4_torch_ops"],
         "fp32_of_roofline": speeds["compress_fp32"] / roofline["fp32"],
+        # the ceiling of this call structure: reading the step's bytes, nothing else
+        **{f"{k}_read_only_of_roofline": speeds[f"{k}_read_only"] / roofline[k]
+           for k in ("int4", "int4_head8", "int8")},
+        "int4_of_read_only": speeds["int4"] / speeds["int4_read_only"],
+        "int4_compiled_of_read_only": speeds["int4_compiled"] / speeds["int4_read_only"],
+        "int4_head8_compiled_of_read_only": (speeds["int4_head8_compiled"]
+                                             / speeds["int4_head8_read_only"]),
+        "int8_compiled_of_read_only": speeds["int8_compiled"] / speeds["int8_read_only"],
     }
     peer = peer_rounds[-1] if peer_rounds else None
     if peer:
@@ -252,7 +288,10 @@ def main() -> None:
             ("int4_torch_ops", "ours INT4, torch's op", "int4_torch_ops"),
             ("int4_head8", "ours INT4 + INT8 head", "int4_head8"),
             ("int4_head8_compiled", "  + --compile", "int4_head8"),
-            ("int8", "ours INT8", "int8"), ("int8_compiled", "  + --compile", "int8")]:
+            ("int8", "ours INT8", "int8"), ("int8_compiled", "  + --compile", "int8"),
+            ("int4_read_only", "INT4 bytes, read only", "int4"),
+            ("int4_head8_read_only", "INT4+8 bytes, read only", "int4_head8"),
+            ("int8_read_only", "INT8 bytes, read only", "int8")]:
         mb = bytes_per_token[kind]["total"] / 1e6
         print(f"{label:<24}{speeds[key]:>8.1f}{mb:>10.1f}{roofline[kind]:>10.1f}"
               f"{speeds[key] / roofline[kind]:>12.0%}")
@@ -267,6 +306,11 @@ def main() -> None:
           f"{report['int4_compiled_over_fp32']:.2f}x compiled (goal >= 3)")
     print(f"INT4 of DRAM roofline: {report['int4_of_roofline']:.0%} eager, "
           f"{report['int4_compiled_of_roofline']:.0%} compiled (goal >= 60%)")
+    print("A step that only reads its bytes (same pieces, no arithmetic) reaches "
+          f"{report['int4_read_only_of_roofline']:.0%} (INT4), "
+          f"{report['int4_head8_read_only_of_roofline']:.0%} (INT4 + INT8 head), "
+          f"{report['int8_read_only_of_roofline']:.0%} (INT8) of the roofline; compiled "
+          f"INT4 is {report['int4_compiled_of_read_only']:.0%} of that ceiling")
     if peer:
         print(f"INT4 / llama.cpp Q4_0: {report['int4_over_llama_cpp_q4_0']:.2f}x eager, "
               f"{report['int4_compiled_over_llama_cpp_q4_0']:.2f}x compiled (goal >= 0.8)")

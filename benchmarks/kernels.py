@@ -8,9 +8,10 @@ down) and its output head, at M = 1 (decode), 16, 128 and 512 rows. Weights are 
 W4 g128 / W8 per-channel codes; time does not depend on the values. Each packed weight
 is timed through the CPU backend's kernels without its dense switch for many rows
 (`native`: ours, `torch_ops`: torch's int4/int8 ops, the fallback) and through what the
-dispatcher runs (`cpu`: dense bf16 from M >= 256). The weights stay in cache between
-calls here; benchmarks/decode.py measures them streamed from DRAM. GB/s counts the bytes
-of the weight as each path stores it; the same-run ratios are the figures to read.
+dispatcher runs (`cpu`: dense bf16 from M >= cpu.DENSE_MIN_ROWS = 512). The weights stay
+in cache between calls here; benchmarks/decode.py measures them streamed from DRAM. GB/s
+counts the bytes of the weight as each path stores it; the same-run ratios are the
+figures to read.
 """
 
 from __future__ import annotations
@@ -23,30 +24,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _shapes import SHAPES, random_packed
 from _speed import best_seconds, memory_bandwidth, payload_bytes, prepared_bytes
 from compress.kernels import cpu, native
 
 from compress import kernels
 
 HERE = Path(__file__).parent
-SHAPES = {  # name: (N, K)
-    "q_proj/o_proj": (576, 576), "k_proj/v_proj": (192, 576), "qkv fused": (960, 576),
-    "gate/up": (1536, 576), "gate_up fused": (3072, 576), "down_proj": (576, 1536),
-}
 ROWS = (1, 16, 128, 512)
-
-
-def random_packed(n: int, k: int, bits: int, group: int) -> kernels.PackedWeights:
-    """Random codes; a group size that does not divide K shrinks as the pipeline does
-    (128 over K = 576 becomes 64)."""
-    while group > 32 and k % group:
-        group //= 2
-    gen = torch.Generator().manual_seed(n * k + bits)
-    half = 1 << (bits - 1)
-    codes = torch.randint(-half, half, (n, k), generator=gen, dtype=torch.int8)
-    groups = 1 if group == -1 else -(-k // group)
-    scales = (torch.rand(n, groups, generator=gen) * 0.01).to(torch.float16)
-    return kernels.PackedWeights(kernels.pack(codes, bits), scales, None, None, bits, group, k)
 
 
 def bench_shape(n: int, k: int, m: int, with_reference: bool) -> dict:
@@ -100,6 +85,7 @@ def main() -> None:
                   + f"{ratio:>16.2f}x{r['int4_g128_cpu']['speedup_vs_fp32']:>16.2f}x")
     report = {"benchmark": "kernels (CPU)", "torch": torch.__version__,
               "native_kernel": "avx512-vnni" if native.has_vnni() else "portable",
+              "native_threads": "OpenMP" if native.threaded() else "one",
               "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "bandwidth": memory_bandwidth(),
               "results": results}

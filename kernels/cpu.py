@@ -17,7 +17,7 @@ weight-only ops, with the weights repacked once at load time.
   scalar path ~20x slower, measured in benchmarks/kernels.py), so they compute in
   bfloat16 whatever the input dtype: W4A16 semantics, relative error around 1e-2 (scales
   rounded to bfloat16).
-* Many rows at once (prefill, evaluation: M >= DENSE_MIN_ROWS): the weight is dequantised
+* Many rows at once (prefill, evaluation: M >= dense_min_rows): the weight is dequantised
   to bfloat16 for that call and multiplied densely, since a GEMM amortises the weight over
   the rows while the weight-only kernels cost time linear in M.
 
@@ -47,7 +47,11 @@ _OPS = torch.ops.aten
 INT4_GROUP_SIZES = (256, 128, 64, 32)
 _ROW_MULTIPLE = 16
 _INT8_COLUMN_MULTIPLE = 32
-DENSE_MIN_ROWS = 256
+# Rows from which dequantise + bf16 GEMM beats the weight-only kernels. Below 512 rows
+# ours won on every SmolLM2 shape (4-bit q/k/v, gate/up, down; 8-bit gate/up and the
+# 49152-row head; benchmarks/kernels.py, 2026-11-26); torch's ops lose from 256.
+DENSE_MIN_ROWS = 512
+TORCH_OPS_DENSE_MIN_ROWS = 256
 COMPUTE_DTYPE = torch.bfloat16
 
 
@@ -185,11 +189,18 @@ def linear(x: torch.Tensor, prepared: Prepared,
     """y = x @ W.T (+ bias) for x [..., K] of any float dtype; returns x's dtype."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, prepared.in_features)
-    many_rows = x2.shape[0] >= DENSE_MIN_ROWS
+    many_rows = x2.shape[0] >= dense_min_rows(prepared)
     y = dense(x2, prepared.source) if many_rows else weight_only(x2, prepared)
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.reshape(*lead, prepared.out_features)
+
+
+def dense_min_rows(prepared: Prepared) -> int:
+    """Rows from which `linear` multiplies densely rather than from the packed codes."""
+    if isinstance(prepared, native.NativePrepared):
+        return DENSE_MIN_ROWS
+    return TORCH_OPS_DENSE_MIN_ROWS
 
 
 def dense(x2: torch.Tensor, w: PackedWeights) -> torch.Tensor:

@@ -9,6 +9,8 @@ KL a W8 model loses on real text.) It serves 2/3/4-bit codes (as 4-bit) and 8-bi
 any group size (runs of a group's columns are padded to blocks of 32), symmetric or
 asymmetric, act-order by gathering input columns.
 
+Its tiles are split over torch's threads (OpenMP, sharing torch's runtime; see OPENMP).
+
 The extension is compiled with the machine's C++ compiler (-O3 -march=native) into
 ~/.cache/compress/kernels/<hash>/ (COMPRESS_HOME moves it) the first time it is needed
 (about 10 s), and reused after. Without a compiler, or where the build fails,
@@ -48,9 +50,14 @@ SOURCE = Path(__file__).parent / "csrc" / "qlinear_cpu.cpp"
 ENV = "COMPRESS_NATIVE"
 ROWS, BLOCK = 16, 32
 FLAGS = ["-O3", "-march=native", "-std=c++17"]
+# at::parallel_for is a header template: built without OpenMP it runs on one thread, as
+# this kernel did until 2026-11 (one of two cores idle during decode). Linked with
+# -fopenmp it shares torch's own libgomp (same soname, already loaded), so one thread
+# pool serves both. Where the compiler cannot, the kernel is built single-threaded.
+OPENMP = ["-fopenmp"]
 
 
-def _build_dir() -> Path:
+def _build_dir(openmp: bool = True) -> Path:
     # compress's cache (COMPRESS_HOME, as compress.assets.cache_root reads it)
     home = os.environ.get("COMPRESS_HOME")
     root = Path(home) if home else Path.home() / ".cache" / "compress"
@@ -59,7 +66,8 @@ def _build_dir() -> Path:
     with contextlib.suppress(OSError):
         cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith(("flags", "Features"))), "")
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(),
+    flags = FLAGS + (OPENMP if openmp else [])
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(flags).encode(),
                                      torch.__version__.encode(), cpu.encode()])).hexdigest()
     return root / "kernels" / f"qlinear_cpu-{key[:16]}"
 
@@ -73,6 +81,9 @@ def _load() -> str | None:
     if disabled():
         return f"{ENV}=0"
     return _build()
+
+
+_threaded: list[bool] = []  # set by _build: whether the loaded kernel uses OpenMP
 
 
 @functools.cache
@@ -90,13 +101,29 @@ def _build() -> str | None:
     quiet.setLevel(logging.ERROR)  # its compiler-version notes are not for our users
     try:
         from torch.utils.cpp_extension import load
-        build = _build_dir()
-        build.mkdir(parents=True, exist_ok=True)
-        load("compress_qlinear_cpu", [str(SOURCE)], extra_cflags=FLAGS,
-             build_directory=str(build), is_python_module=False, verbose=False)
-    except Exception as e:  # the compiler failing surfaces as several exception types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"compiling the CPU kernel failed: {first[:200]}"
+        failure = None
+        for openmp in (True, False):
+            build = _build_dir(openmp)
+            build.mkdir(parents=True, exist_ok=True)
+            refused = build / "failed"  # not retried by every later process
+            if openmp and refused.exists():
+                continue
+            extra = OPENMP if openmp else []
+            try:
+                load("compress_qlinear_cpu" + ("_omp" if openmp else ""), [str(SOURCE)],
+                     extra_cflags=FLAGS + extra, extra_ldflags=extra,
+                     build_directory=str(build), is_python_module=False, verbose=False)
+            except Exception as e:  # the compiler failing surfaces as several types
+                failure = e
+                if openmp:
+                    with contextlib.suppress(OSError):
+                        refused.write_text(str(e)[-2000:])
+                continue
+            _threaded.append(openmp)
+            break
+        else:
+            first = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
+            return f"compiling the CPU kernel failed: {first[:200]}"
     finally:
         quiet.setLevel(level)
     torch.library.register_fake("compress_cpu::qlinear")(_qlinear_shape)
@@ -111,12 +138,18 @@ def _qlinear_shape(x, weight, scales, offsets, block_group, columns, bits, out_f
 def built() -> bool:
     """Whether the extension is loaded or already compiled for this machine (so the next
     `unavailable()` will not spend ~10 s compiling it)."""
-    return _build.cache_info().currsize > 0 or any(_build_dir().glob("*.so"))
+    return _build.cache_info().currsize > 0 or any(
+        any(_build_dir(openmp).glob("*.so")) for openmp in (True, False))
 
 
 def unavailable() -> str | None:
     """Why the native kernel cannot be used here (None: it can). Builds it on first call."""
     return _load()
+
+
+def threaded() -> bool:
+    """Whether the loaded kernel splits its work over torch's threads (built with OpenMP)."""
+    return _load() is None and _threaded[-1]
 
 
 def has_vnni() -> bool:

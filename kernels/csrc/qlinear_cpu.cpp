@@ -52,6 +52,7 @@ constexpr int64_t kRows = 16;
 constexpr int64_t kBlock = 32;
 constexpr int64_t kMaxRowsTogether = 4;  // activation rows sharing one pass over a tile
 constexpr int64_t kPrefetchBytes = 16384;  // measured best of 4-64 KiB
+constexpr int64_t kMinWorkPerThread = 65536;  // weight bytes x rows
 
 // The activations as integers, in buffers kept per calling thread: a decode step makes
 // ~100 small calls, and allocating these each time was a measurable share of them.
@@ -281,8 +282,11 @@ template <typename S>
 void run_tiles(const Problem& p, bool portable) {
   const int64_t tiles = p.n_pad / kRows;
   // Split the tiles between threads, rows within a thread: every weight byte is read from
-  // memory once per call whatever M is.
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  // memory once per call whatever M is. A thread gets at least kMinWorkPerThread bytes x
+  // rows: below that, waking a second thread costs more than it saves (k/v at M = 1).
+  const int64_t tile_work = p.blocks * (p.bits == 4 ? 4 : 8) * 64 * p.m;
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, tile_work));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t i = 0; i < p.m; i += kMaxRowsTogether) {
         const int64_t rows = std::min(kMaxRowsTogether, p.m - i);

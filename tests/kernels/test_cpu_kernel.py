@@ -7,7 +7,7 @@ bfloat16 (scales rounded to bfloat16, ~3e-3 measured); see kernels/cpu.py for wh
 
 import pytest
 import torch
-from compress.kernels import cpu
+from compress.kernels import cpu, native
 from packed_cases import random_weights, reference_output, relative_error
 
 from compress import kernels
@@ -72,8 +72,9 @@ def test_non_cpu_device_is_refused():
 def test_many_rows_take_the_dense_path_and_match_reference(bits, group_size, act_order,
                                                            monkeypatch):
     w = random_weights(67, 200, bits, group_size, False, act_order, seed=bits + group_size)
-    x = torch.randn(cpu.DENSE_MIN_ROWS + 3, 200, generator=torch.Generator().manual_seed(4))
     prepared = cpu.prepare(w)
+    rows = cpu.dense_min_rows(prepared) + 3
+    x = torch.randn(rows, 200, generator=torch.Generator().manual_seed(4))
     # Poisoned weight-only kernels: the result can only come from the dense path.
     monkeypatch.setattr(cpu, "weight_only", lambda *a: torch.full((1,), float("nan")))
     y = cpu.linear(x, prepared)
@@ -82,3 +83,17 @@ def test_many_rows_take_the_dense_path_and_match_reference(bits, group_size, act
     assert relative_error(dense, kernels.dequantize(
         w.qweight, w.scales, w.zeros, w.g_idx, bits=bits, group_size=group_size,
         in_features=200)) < BOUND
+
+
+@pytest.mark.parametrize("use_native", ["1", "0"])
+def test_rows_below_the_cut_over_stay_on_the_packed_codes(use_native, monkeypatch):
+    monkeypatch.setenv("COMPRESS_NATIVE", use_native)
+    w = random_weights(40, 128, 4, 32, False, False, seed=11)
+    prepared = cpu.prepare(w)
+    rows = cpu.dense_min_rows(prepared) - 1
+    assert rows == (cpu.DENSE_MIN_ROWS if use_native == "1" and native.unavailable() is None
+                    else cpu.TORCH_OPS_DENSE_MIN_ROWS) - 1
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(11))
+    # A poisoned dense path: the result can only come from the weight-only kernel.
+    monkeypatch.setattr(cpu, "dense", lambda *a: torch.full((1,), float("nan")))
+    assert relative_error(cpu.linear(x, prepared), reference_output(x, w)) < BOUND

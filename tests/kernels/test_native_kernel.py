@@ -11,6 +11,11 @@ Every call runs with the output poisoned with NaN, so an element the tiles miss 
 Both the AVX512-VNNI loops (where the build has them) and the portable loops are tested.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from compress.kernels import cpu, native
@@ -79,6 +84,50 @@ def test_vnni_and_portable_loops_agree():
     p = native.prepare(w)
     torch.testing.assert_close(native.matmul(x, p), native.matmul(x, p, portable=True),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="GCC's OpenMP is the Linux default")
+def test_kernel_is_built_with_threads():
+    # Without OpenMP at::parallel_for runs on one thread: the kernel was built that way
+    # and left half of a 2-core machine idle during decode until this was caught.
+    assert native.threaded()
+
+
+def test_threads_split_tiles_without_changing_results():
+    w = random_weights(520, 576, 4, 128, False, False, seed=9)  # 33 tiles: uneven split
+    x = torch.randn(1, 576, generator=torch.Generator().manual_seed(9))
+    p = native.prepare(w)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.matmul(x, p, poison=True)
+        torch.set_num_threads(max(2, threads))
+        many = native.matmul(x, p, poison=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)  # each output row is one thread's, whatever the split
+    assert relative_error(many, reference_output(x, w)) < FLOAT32_BOUND
+
+
+def test_without_openmp_the_kernel_builds_single_threaded(tmp_path):
+    # A fresh process and cache: a compiler refusing the OpenMP flag still gets our
+    # kernel, on one thread, and later processes do not retry the OpenMP build.
+    script = (
+        "from compress.kernels import native\n"
+        "from packed_cases import random_weights, reference_output, relative_error\n"
+        "import torch\n"
+        "native.OPENMP = ['-fno-such-openmp-flag']\n"
+        "print(native.unavailable(), native.threaded())\n"
+        "w = random_weights(40, 96, 4, 32, False, False, 3)\n"
+        "x = torch.randn(2, 96)\n"
+        "print(relative_error(native.matmul(x, native.prepare(w)), reference_output(x, w))"
+        " < 1e-4)\n")
+    env = {**os.environ, "COMPRESS_HOME": str(tmp_path / "cache")}
+    env.pop("COMPRESS_NATIVE", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, cwd=Path(__file__).parent, check=True).stdout.splitlines()
+    assert out == ["None False", "True"]
+    assert len(list((tmp_path / "cache" / "kernels").glob("*/failed"))) == 1
 
 
 def test_zero_and_sparse_activations():
