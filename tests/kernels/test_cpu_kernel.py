@@ -97,3 +97,16 @@ def test_rows_below_the_cut_over_stay_on_the_packed_codes(use_native, monkeypatc
     # A poisoned dense path: the result can only come from the weight-only kernel.
     monkeypatch.setattr(cpu, "dense", lambda *a: torch.full((1,), float("nan")))
     assert relative_error(cpu.linear(x, prepared), reference_output(x, w)) < BOUND
+
+
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 64, False), (3, 32, True),
+                                                       (8, -1, False)])
+def test_dequantising_by_row_slices_matches_whole(bits, group_size, act_order, monkeypatch):
+    w = random_weights(67, 200, bits, group_size, False, act_order, seed=bits * 3)
+    whole = cpu.dequantize_bf16(w)  # 67 x 200 fits one slice
+    monkeypatch.setattr(cpu, "DEQUANTIZE_CHUNK", 8 * 200)  # slices of 8 rows, 3 left over
+    sliced = cpu.dequantize_bf16(w)
+    assert torch.equal(sliced, whole)
+    assert relative_error(sliced, kernels.dequantize(
+        w.qweight, w.scales, w.zeros, w.g_idx, bits=bits, group_size=group_size,
+        in_features=200)) < BOUND
