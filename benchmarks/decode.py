@@ -8,15 +8,17 @@ and llama.cpp, in one run.
 Batch 1, greedy, prefill excluded. The bundled model is quantised with RTN (the
 kernels' speed does not depend on how the codes were chosen) to W4 g128, W4 g128 with
 the output head at W8 (llama.cpp Q4_0's split), and W8 per-channel; each runs through
-the dispatcher's default CPU path (our kernel), eager and compiled, and INT4 also
-through torch's int4 op (the fallback, `COMPRESS_NATIVE=0`).
+the dispatcher's default CPU path (our kernel), eager, with `--compile` (torch.compile)
+and with `--aot` (compiled ahead of time, compress.aot), and INT4 also through torch's
+int4 op (the fallback, `COMPRESS_NATIVE=0`).
 
 This VM's speed drifts by up to 2x within minutes (its DRAM bandwidth was seen at 33 to
 82 GB/s), so every contender, llama.cpp included, is timed once per round over
 `--rounds` interleaved rounds, and the median is reported (all samples are in the JSON).
 The roofline is the bytes one decode step must read (every prepared packed weight, the
 output head, the KV cache at the run's mean length) over the DRAM read bandwidth, sampled
-every round (the highest sample is used, see _speed.BandwidthLog). llama.cpp runs in its
+every round (the highest sample is used, see _speed.BandwidthLog; the "same round" share
+divides each round's speed by that round's own sample instead). llama.cpp runs in its
 own venv (see peer_llamacpp.py) with the same thread count. Run on an idle machine.
 
 Each round also times a "read-only step" per quantised model: the same tensors a decode
@@ -94,6 +96,15 @@ def step_bytes(parts: dict[str, list[torch.Tensor]]) -> dict:
     return {**sizes, "total": sum(sizes.values())}
 
 
+def byte_kind(contender: str) -> str:
+    """The bytes_per_token entry a contender reads ("int4_compiled" -> "int4")."""
+    if contender in ("transformers_fp32", "compress_fp32"):
+        return "fp32"
+    for suffix in ("_compiled", "_aot", "_read_only"):
+        contender = contender.removesuffix(suffix)
+    return contender
+
+
 def read_only(parts: dict[str, list[torch.Tensor]]) -> Callable[[], float]:
     """Steps/s of a "decode step" that only reads what a real one reads, in the same
     order and pieces (one reduction per tensor, no arithmetic, nothing else): the ceiling
@@ -117,12 +128,12 @@ def llama_cpp_round(python: Path, new_tokens: int, work: Path) -> dict | None:
 
 
 def ours(model: decoder.CausalLM, prompt: list[int], new_tokens: int,
-         compile: bool = False) -> Callable[[], float]:
+         compile: bool = False, aot: bool = False) -> Callable[[], float]:
     """One timed generation: decode tokens/s after the prefill's first token."""
     params = decoder.SamplingParams(max_new_tokens=new_tokens)
 
     def run() -> float:
-        gen = decoder.generate(model, prompt, params, compile=compile)
+        gen = decoder.generate(model, prompt, params, compile=compile, aot=aot)
         next(gen)
         start = time.perf_counter()
         steps = sum(1 for _ in gen)
@@ -207,13 +218,20 @@ def main() -> None:
             compiled()  # compiles (inductor's disk cache makes later runs of this quicker)
             compile_seconds[name] = time.perf_counter() - start
             contenders[f"{name}_compiled"] = compiled
+            ahead = ours(model, prompt, args.new_tokens, aot=True)
+            start = time.perf_counter()
+            ahead()  # compiles (once per process and cache length)
+            compile_seconds[f"{name}_aot"] = time.perf_counter() - start
+            contenders[f"{name}_aot"] = ahead
         for name in ("int4", "int4_head8", "int8"):
             contenders[f"{name}_read_only"] = read_only(parts[name])
 
         samples: dict[str, list[float]] = {name: [] for name in contenders}
         peer_rounds = []
+        round_reads = []
         for r in range(args.rounds):
             read = bandwidth.sample()["read_gb_s"]
+            round_reads.append(read)
             for name, run in contenders.items():
                 samples[name].append(run())
             if with_llama:
@@ -230,6 +248,12 @@ def main() -> None:
     speeds = {name: statistics.median(v) for name, v in samples.items()}
     read = bandwidth.peak_read_gb_s * 1e9
     roofline = {k: read / v["total"] for k, v in bytes_per_token.items()}
+    # The same share against each round's own bandwidth sample (median over rounds): the
+    # peak sample above is what the VM can do at its best, this is what it did then.
+    same_round = {name: statistics.median(
+        tok_s * bytes_per_token[byte_kind(name)]["total"] / (gb_s * 1e9)
+        for tok_s, gb_s in zip(v, round_reads, strict=True))
+        for name, v in samples.items() if byte_kind(name) in bytes_per_token}
     hf = speeds["transformers_fp32"]
     report = {
         "benchmark": "decode", "model": "smollm2-135m (bundled)",
@@ -242,16 +266,21 @@ def main() -> None:
         "rounds": args.rounds, "statistic": "median over interleaved rounds",
         "decode_tok_s": speeds, "decode_tok_s_samples": samples,
         "bytes_per_token": bytes_per_token, "roofline_tok_s": roofline,
+        "round_read_gb_s": round_reads, "of_roofline_same_round": same_round,
         "compile_seconds": compile_seconds,  # the first compiled generation, compile included
         "int4_over_fp32": speeds["int4"] / hf,
         "int8_over_fp32": speeds["int8"] / hf,
         "int4_head8_over_fp32": speeds["int4_head8"] / hf,
         "int4_compiled_over_fp32": speeds["int4_compiled"] / hf,
+        "int4_aot_over_fp32": speeds["int4_aot"] / hf,
         "int8_compiled_over_fp32": speeds["int8_compiled"] / hf,
         "int4_of_roofline": speeds["int4"] / roofline["int4"],
         "int8_of_roofline": speeds["int8"] / roofline["int8"],
         "int4_compiled_of_roofline": speeds["int4_compiled"] / roofline["int4"],
         "int8_compiled_of_roofline": speeds["int8_compiled"] / roofline["int8"],
+        **{f"{k}_aot_of_roofline": speeds[f"{k}_aot"] / roofline[k]
+           for k in ("int4", "int4_head8", "int8")},
+        "int4_aot_of_read_only": speeds["int4_aot"] / speeds["int4_read_only"],
         "int4_torch_ops_of_roofline": speeds["int4_torch_ops"] / roofline["int4_torch_ops"],
         "int4_head8_of_roofline": speeds["int4_head8"] / roofline["int4_head8"],
         "int4_head8_compiled_of_roofline": (speeds["int4_head8_compiled"]
@@ -280,32 +309,50 @@ def main() -> None:
         report["int4_head8_compiled_over_llama_cpp_q4_0"] = speeds["int4_head8_compiled"] / q4
         report["int8_over_llama_cpp_q8_0"] = speeds["int8"] / q8
         report["int8_compiled_over_llama_cpp_q8_0"] = speeds["int8_compiled"] / q8
-    print(f"\n{'path':<24}{'tok/s':>8}{'MB/token':>10}{'roofline':>10}{'of roofline':>13}")
+        report["int4_aot_over_llama_cpp_q4_0"] = speeds["int4_aot"] / q4
+        report["int4_head8_aot_over_llama_cpp_q4_0"] = speeds["int4_head8_aot"] / q4
+        report["int8_aot_over_llama_cpp_q8_0"] = speeds["int8_aot"] / q8
+        for quant, r in peer["results"].items():  # its file's bytes as the bytes per token
+            v = samples[f"llama_cpp_{quant}"]
+            if len(v) == len(round_reads):
+                same_round[f"llama_cpp_{quant}"] = statistics.median(
+                    t * r["file_bytes"] / (g * 1e9) for t, g in zip(v, round_reads, strict=True))
+    print(f"\n{'path':<24}{'tok/s':>8}{'MB/token':>10}{'roofline':>10}{'of roofline':>13}"
+          f"{'same round':>12}")
     for key, label, kind in [
             ("transformers_fp32", "transformers fp32", "fp32"),
             ("compress_fp32", "ours fp32", "fp32"),
             ("int4", "ours INT4", "int4"), ("int4_compiled", "  + --compile", "int4"),
+            ("int4_aot", "  + --aot", "int4"),
             ("int4_torch_ops", "ours INT4, torch's op", "int4_torch_ops"),
             ("int4_head8", "ours INT4 + INT8 head", "int4_head8"),
             ("int4_head8_compiled", "  + --compile", "int4_head8"),
+            ("int4_head8_aot", "  + --aot", "int4_head8"),
             ("int8", "ours INT8", "int8"), ("int8_compiled", "  + --compile", "int8"),
+            ("int8_aot", "  + --aot", "int8"),
             ("int4_read_only", "INT4 bytes, read only", "int4"),
             ("int4_head8_read_only", "INT4+8 bytes, read only", "int4_head8"),
             ("int8_read_only", "INT8 bytes, read only", "int8")]:
         mb = bytes_per_token[kind]["total"] / 1e6
         print(f"{label:<24}{speeds[key]:>8.1f}{mb:>10.1f}{roofline[kind]:>10.1f}"
-              f"{speeds[key] / roofline[kind]:>12.0%}")
+              f"{speeds[key] / roofline[kind]:>12.0%}{same_round[key]:>12.0%}")
     if peer:
         for quant, r in peer["results"].items():
+            share = same_round.get(f"llama_cpp_{quant}")
             print(f"{'llama.cpp ' + quant:<24}{speeds['llama_cpp_' + quant]:>8.1f}"
-                  f"{r['file_bytes'] / 1e6:>10.1f} (file)")
+                  f"{r['file_bytes'] / 1e6:>10.1f} (file)"
+                  + (f"{share:>23.0%}" if share is not None else ""))
     print("\nDRAM read samples (GB/s): "
           + ", ".join(f"{b:.1f}" for b in bandwidth.to_dict()["read_gb_s_samples"]))
     print(f"INT4 ours / torch's int4 op: {report['int4_over_int4_torch_ops']:.2f}x eager")
     print(f"INT4 / transformers fp32: {report['int4_over_fp32']:.2f}x eager, "
-          f"{report['int4_compiled_over_fp32']:.2f}x compiled (goal >= 3)")
+          f"{report['int4_compiled_over_fp32']:.2f}x compiled, "
+          f"{report['int4_aot_over_fp32']:.2f}x --aot (goal >= 3)")
     print(f"INT4 of DRAM roofline: {report['int4_of_roofline']:.0%} eager, "
-          f"{report['int4_compiled_of_roofline']:.0%} compiled (goal >= 60%)")
+          f"{report['int4_compiled_of_roofline']:.0%} compiled, "
+          f"{report['int4_aot_of_roofline']:.0%} --aot (goal >= 60%); against each round's "
+          f"own bandwidth {same_round['int4']:.0%}, {same_round['int4_compiled']:.0%} and "
+          f"{same_round['int4_aot']:.0%}")
     print("A step that only reads its bytes (same pieces, no arithmetic) reaches "
           f"{report['int4_read_only_of_roofline']:.0%} (INT4), "
           f"{report['int4_head8_read_only_of_roofline']:.0%} (INT4 + INT8 head), "
@@ -313,10 +360,12 @@ def main() -> None:
           f"INT4 is {report['int4_compiled_of_read_only']:.0%} of that ceiling")
     if peer:
         print(f"INT4 / llama.cpp Q4_0: {report['int4_over_llama_cpp_q4_0']:.2f}x eager, "
-              f"{report['int4_compiled_over_llama_cpp_q4_0']:.2f}x compiled (goal >= 0.8)")
+              f"{report['int4_compiled_over_llama_cpp_q4_0']:.2f}x compiled, "
+              f"{report['int4_aot_over_llama_cpp_q4_0']:.2f}x --aot (goal >= 0.8)")
         print("INT4 + INT8 head (Q4_0's split) / llama.cpp Q4_0: "
               f"{report['int4_head8_over_llama_cpp_q4_0']:.2f}x eager, "
-              f"{report['int4_head8_compiled_over_llama_cpp_q4_0']:.2f}x compiled")
+              f"{report['int4_head8_compiled_over_llama_cpp_q4_0']:.2f}x compiled, "
+              f"{report['int4_head8_aot_over_llama_cpp_q4_0']:.2f}x --aot")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
 

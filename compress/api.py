@@ -153,7 +153,7 @@ class GenerationStats:
     prefill_seconds: float
     decode_seconds: float
     kernels: tuple[str, ...] = ()
-    compile_seconds: float = 0.0  # decode steps that compiled (--compile), not in decode_*
+    compile_seconds: float = 0.0  # decode steps that compiled (--compile, --aot), not in decode_*
     compile_steps: int = 0
     acceptance_rate: float | None = None  # speculative decoding: accepted / proposed
 
@@ -170,14 +170,14 @@ class Generation:
     def __init__(self, model: str | Path | None, prompt: str, params: decoder.SamplingParams,
                  chat: bool = False, stop_at_eos: bool = True, device: str = "cpu",
                  compile: bool = False, draft: str | Path | None = None,
-                 draft_tokens: int = 4, kv_int8: bool = False):
+                 draft_tokens: int = 4, kv_int8: bool = False, aot: bool = False):
         self.model, files = decoder.load(model, device=device)
-        self.compile, self.kv_int8 = compile, kv_int8
+        self.compile, self.kv_int8, self.aot = compile, kv_int8, aot
         self.speculative = None
         if draft is not None:
-            if compile or kv_int8:
-                raise CompressError("--draft runs eager with a float KV cache; drop --compile "
-                                    "and --kv-cache int8")
+            if compile or kv_int8 or aot:
+                raise CompressError("--draft runs eager with a float KV cache; drop --compile, "
+                                    "--aot and --kv-cache int8")
             self.speculative = SpeculativeDecoder(self.model, decoder.load(draft, device)[0],
                                                   draft_tokens)
         self.tokenizer = data.load_tokenizer(files.path)
@@ -193,7 +193,7 @@ class Generation:
             tokens = self.speculative.generate(self.prompt_ids, self.params)
         else:
             tokens = decoder.generate(self.model, self.prompt_ids, self.params, self.compile,
-                                      kv_int8=self.kv_int8)
+                                      kv_int8=self.kv_int8, aot=self.aot)
         for token in tokens:
             arrivals.append(time.perf_counter())
             if token in self.params.stop_token_ids:
@@ -201,8 +201,9 @@ class Generation:
             yield token
         end = time.perf_counter()
         first_at = arrivals[0] if arrivals else end
-        # with --compile, the 2 steps after the prefill compile: timed apart
-        compile_steps = min(decoder.COMPILING_STEPS, len(arrivals) - 1) if self.compile else 0
+        # with --compile, the 2 steps after the prefill compile (--aot: the first): timed apart
+        compiling = decoder.COMPILING_STEPS if self.compile else 1 if self.aot else 0
+        compile_steps = min(compiling, len(arrivals) - 1)
         steady_at = arrivals[compile_steps] if arrivals else end
         self.stats = GenerationStats(len(self.prompt_ids), len(arrivals), first_at - start,
                                      end - steady_at, tuple(decoder.kernel_backends(self.model)),

@@ -236,7 +236,9 @@ def attention_mask(start: int | torch.Tensor, q_len: int, k_len: int, window: in
         if window is not None:
             allowed &= k_pos > q_pos - window
         return allowed
-    if (window is None or k_len <= window) and (q_len == 1 or q_len == k_len):
+    # export (compress.aot) traces one program for every position: it keeps the window
+    windowed = window is not None and (torch.compiler.is_exporting() or k_len > window)
+    if not windowed and (q_len == 1 or q_len == k_len):
         return None
     end = start + q_len  # keys cover positions end - k_len .. end - 1 (cache or not)
     q_pos = torch.arange(start, end, device=device)[:, None]
@@ -793,11 +795,17 @@ def _compiled_call(step, *args, steady: bool) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate(model: CausalLM, prompt: list[int], params: SamplingParams,
-             compile: bool = False, kv_int8: bool = False) -> Iterator[int]:
+             compile: bool = False, kv_int8: bool = False, aot: bool = False
+             ) -> Iterator[int]:
     """Yield new tokens one at a time (prefill once, then one cached step per token).
 
-    `compile` runs the decode steps through `compiled_step` (the prefill stays eager);
-    `kv_int8` keeps the KV cache in int8 (see KVCache)."""
+    `compile` runs the decode steps through `compiled_step`, `aot` through a step compiled
+    ahead of time (compress.aot; the first decode step compiles it); the prefill stays
+    eager. `kv_int8` keeps the KV cache in int8 (see KVCache)."""
+    if compile and aot:
+        raise CompressError("choose one of --compile and --aot")
+    if aot and kv_int8:
+        raise CompressError("--aot serves a float KV cache; drop --kv-cache int8")
     if not prompt:
         raise CompressError("the prompt is empty; give at least one token of text")
     total = len(prompt) + params.max_new_tokens
@@ -810,7 +818,12 @@ def generate(model: CausalLM, prompt: list[int], params: SamplingParams,
         generator = torch.Generator(device=model.device).manual_seed(params.seed)
     # One spare position: the cache is never read in full, which would be a contiguous
     # slice, a new guard, and a third compile on the last step.
-    cache = model.new_cache(1, total + 1, quantized=kv_int8)
+    length = total + 1
+    if aot:
+        from compress import aot as ahead_of_time  # imports this module
+
+        length = ahead_of_time.cache_length(length, model.cfg.max_positions)
+    cache = model.new_cache(1, length, quantized=kv_int8)
     tokens = torch.tensor([prompt], device=model.device)
     logits = model(tokens, 0, cache, last_only=True)[:, -1]
     step = compiled_step(model) if compile else model
@@ -820,7 +833,11 @@ def generate(model: CausalLM, prompt: list[int], params: SamplingParams,
         yield int(token)
         if int(token) in params.stop_token_ids:
             return
-        if compile:
+        if aot:
+            if i == 0:
+                step = ahead_of_time.compiled_step(model, cache)
+            logits = step(token.view(1, 1), pos, cache)[:, -1]
+        elif compile:
             logits = _compiled_call(step, token.view(1, 1), pos, cache,
                                     steady=i >= COMPILING_STEPS)[:, -1]
         else:

@@ -48,6 +48,15 @@ def test_quantize_generate_eval_on_tiny_model(tiny_llama, tmp_path):
     assert result["tokens"] == 4 * 63 and result["ppl"] > 1
 
 
+@pytest.mark.slow
+def test_generate_ahead_of_time_matches_eager(tiny_llama):
+    args = ("generate", tiny_llama, "-p", "Once upon", "-n", "10", "--ignore-eos")
+    eager, aot = run(*args, "-q"), run(*args, "--aot")
+    assert aot.returncode == 0, aot.stderr
+    assert aot.stdout == eager.stdout
+    assert "compiling took" in aot.stderr  # the compile is timed apart from decoding
+
+
 def test_sampled_generation_is_reproducible_from_cli(tiny_llama):
     args = ("generate", tiny_llama, "-p", "Once", "-n", "10", "--temperature", "0.8",
             "--top-p", "0.9", "--seed", "3", "--ignore-eos", "-q")

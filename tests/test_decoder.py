@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from compress import decoder
+from compress.errors import CompressError
 
 ARCHS = [
     ("llama", {}),
@@ -142,3 +143,42 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_llama, tmp_path):
     assert compiled == eager
     again = list(decoder.generate(model, [1, 17, 400, 9, 3], params, compile=True))
     assert again == list(decoder.generate(model, [1, 17, 400, 9, 3], params))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type,overrides", [
+    ("llama", {}), ("qwen2", {}),  # qwen2: q/k/v biases
+    ("mistral", {"sliding_window": 8}),  # decode past the window: a masked step
+])
+def test_ahead_of_time_decode_gives_the_eager_tokens(tiny_factory, tmp_path, model_type,
+                                                      overrides):
+    from compress import pipeline
+    from compress.quant import QuantScheme
+    from compress.recipe import Recipe
+
+    out = tmp_path / "w4"
+    pipeline.quantize(tiny_factory(model_type, **overrides),
+                      Recipe("rtn", QuantScheme(4, 32, False)), out)
+    model, _ = decoder.load(out)
+    params = decoder.SamplingParams(max_new_tokens=12)
+    for prompt in ([1, 17, 400, 9], [5, 6, 7]):
+        eager = list(decoder.generate(model, prompt, params))
+        assert list(decoder.generate(model, prompt, params, aot=True)) == eager
+    assert len(model.__dict__["_aot_steps"]) == 1  # both runs fit one cache bucket
+
+
+def test_ahead_of_time_decode_refuses_what_it_cannot_serve(tiny_llama):
+    model, _ = decoder.load(tiny_llama)
+    params = decoder.SamplingParams(max_new_tokens=2)
+    with pytest.raises(CompressError, match="choose one of --compile and --aot"):
+        next(decoder.generate(model, [1, 2], params, compile=True, aot=True))
+    with pytest.raises(CompressError, match="drop --kv-cache int8"):
+        next(decoder.generate(model, [1, 2], params, kv_int8=True, aot=True))
+
+
+def test_ahead_of_time_cache_lengths_come_in_buckets():
+    from compress import aot
+
+    assert aot.cache_length(1, 8192) == aot.cache_length(aot.BUCKET, 8192) == aot.BUCKET
+    assert aot.cache_length(aot.BUCKET + 1, 8192) == 2 * aot.BUCKET
+    assert aot.cache_length(300, 299) == 300  # never past the model's positions + 1 spare
