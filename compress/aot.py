@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line
 from compress.progress import status
 
 BUCKET = 256
@@ -60,18 +60,20 @@ def compiled_step(model: nn.Module, cache) -> Callable[[torch.Tensor, int, objec
     -> logits (1, 1, vocab)."""
     if cache.quantized or cache.batch != 1:
         raise ValueError("the ahead-of-time step serves batch 1 with a float KV cache")
-    run = model.__dict__.get("_aot_steps", {}).get(cache.max_len)
-    if run is None:
-        run = _compile(model, cache)
+    compiled = model.__dict__.get("_aot_steps", {}).get(cache.max_len)
+    if compiled is None:
+        compiled = _compile(model, cache)
         # stored after compiling: export puts the module's attributes back as they were
-        model.__dict__.setdefault("_aot_steps", {})[cache.max_len] = run  # not a submodule
+        # (with its work directory: the loaded library's files last as long as the model)
+        model.__dict__.setdefault("_aot_steps", {})[cache.max_len] = compiled  # not a submodule
+    runner = compiled[0]
 
     def step(tokens: torch.Tensor, position: int, kv) -> torch.Tensor:
-        return run(tokens, torch.tensor(position), kv.k, kv.v)
+        return runner(tokens, torch.tensor(position), kv.k, kv.v)
     return step
 
 
-def _compile(model: nn.Module, cache) -> Callable:
+def _compile(model: nn.Module, cache) -> tuple[Callable, tempfile.TemporaryDirectory]:
     workdir = tempfile.TemporaryDirectory(prefix="compress-aot-")
     tokens = torch.zeros(1, 1, dtype=torch.long, device=model.device)
     with torch.inference_mode():  # prepares the kernels (on first use) outside the export
@@ -87,11 +89,7 @@ def _compile(model: nn.Module, cache) -> Callable:
             runner = torch._inductor.aoti_load_package(package)
     except Exception as e:  # export and inductor fail in many ways, deep inside
         workdir.cleanup()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CompressError(f"compiling the decode step ahead of time failed "
-                            f"({type(e).__name__}: {first[:200]}); run without --aot") from e
-
-    def run(*args):
-        return runner(*args)
-    run.workdir = workdir  # the loaded library's files last as long as the step
-    return run
+                            f"({type(e).__name__}: {first_line(e)[:200]}); run without "
+                            "--aot") from e
+    return runner, workdir

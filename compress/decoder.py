@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress import models
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line
 from compress.nn import QuantLinear, SharedInputLinears
 from compress.progress import status
 from compress.quant import QuantizedWeight
@@ -788,8 +788,8 @@ def _compiled_call(step, *args, steady: bool) -> torch.Tensor:
             warnings.simplefilter("ignore", UserWarning)
             return step(*args)
     except Exception as e:  # compiler failures surface as many types, deep inside inductor
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CompressError(f"torch.compile failed ({type(e).__name__}: {first[:200]}); it "
+        raise CompressError(f"torch.compile failed ({type(e).__name__}: "
+                            f"{first_line(e)[:200]}); it "
                             "needs a working C++ compiler on CPU; run without --compile") from e
 
 

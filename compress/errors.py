@@ -8,3 +8,10 @@ the fix; the CLI prints it without a traceback and exits non-zero.
 
 class CompressError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message ("" if it has none), for one-line errors
+    that quote a failure from deep inside a library."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""

@@ -169,11 +169,6 @@ class NativePrepared:
     out_features: int
     source: PackedWeights           # for the dense path of large M
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes one call reads from the prepared weight."""
-        return sum(t.nbytes for t in (self.weight, self.scales, self.offsets) if t is not None)
-
 
 def unsupported(w: PackedWeights) -> str | None:
     if w.bits > 4 and w.bits != 8:
