@@ -47,11 +47,12 @@ from compress.kernels import native
 from foundation import PROMPT
 
 import compress
-from compress import assets, data, decoder, pipeline
+from compress import assets, data, models, pipeline
 from compress.nn import QuantLinear, SharedInputLinears
 from compress.progress import set_quiet
 from compress.quant import QuantScheme
 from compress.recipe import Recipe
+from compress.serving import generation
 
 HERE = Path(__file__).parent
 LLAMA_PYTHON = Path("/tmp/llama-venv/bin/python")
@@ -64,7 +65,7 @@ RECIPES = {
 }
 
 
-def step_tensors(model: decoder.CausalLM, context: int) -> dict[str, list[torch.Tensor]]:
+def step_tensors(model: models.CausalLM, context: int) -> dict[str, list[torch.Tensor]]:
     """What one decode step reads, by part, in call order (after a forward has prepared the
     kernels): every prepared packed weight (a fused q/k/v or gate/up once) and dense
     Linear, the tied output head, the norms, and a KV cache `context` positions long."""
@@ -127,13 +128,13 @@ def llama_cpp_round(python: Path, new_tokens: int, work: Path) -> dict | None:
     return json.loads(out.read_text())
 
 
-def ours(model: decoder.CausalLM, prompt: list[int], new_tokens: int,
+def ours(model: models.CausalLM, prompt: list[int], new_tokens: int,
          compile: bool = False, aot: bool = False) -> Callable[[], float]:
     """One timed generation: decode tokens/s after the prefill's first token."""
-    params = decoder.SamplingParams(max_new_tokens=new_tokens)
+    params = generation.SamplingParams(max_new_tokens=new_tokens)
 
     def run() -> float:
-        gen = decoder.generate(model, prompt, params, compile=compile, aot=aot)
+        gen = generation.generate(model, prompt, params, compile=compile, aot=aot)
         next(gen)
         start = time.perf_counter()
         steps = sum(1 for _ in gen)
@@ -161,10 +162,10 @@ def transformers_fp32(path: Path, prompt: list[int], new_tokens: int) -> Callabl
     return run
 
 
-def prepared(path: Path, prompt: list[int], use_native: bool = True) -> decoder.CausalLM:
+def prepared(path: Path, prompt: list[int], use_native: bool = True) -> models.CausalLM:
     """A loaded model whose kernels are prepared (for `use_native=False`, on torch's ops:
     a kernel keeps the implementation it was prepared with)."""
-    model, _ = decoder.load(path)
+    model, _ = models.load(path)
     if not use_native:
         os.environ[native.ENV] = "0"
     try:
@@ -199,19 +200,19 @@ def main() -> None:
         work = Path(tmp)
         for name, recipe in RECIPES.items():
             pipeline.quantize(base, recipe, work / name)
-        decoder.prepare_cpu_kernel()
+        models.prepare_cpu_kernel()
         dense = prepared(base, prompt)
-        models = {name: prepared(work / name, prompt) for name in RECIPES}
+        packed = {name: prepared(work / name, prompt) for name in RECIPES}
         torch_ops = prepared(work / "int4", prompt, use_native=False)
         parts = {"fp32": step_tensors(dense, context),
                  "int4_torch_ops": step_tensors(torch_ops, context),
-                 **{n: step_tensors(m, context) for n, m in models.items()}}
+                 **{n: step_tensors(m, context) for n, m in packed.items()}}
         bytes_per_token = {name: step_bytes(p) for name, p in parts.items()}
         contenders = {"transformers_fp32": transformers_fp32(base, prompt, args.new_tokens),
                       "compress_fp32": ours(dense, prompt, args.new_tokens),
                       "int4_torch_ops": ours(torch_ops, prompt, args.new_tokens)}
         compile_seconds = {}
-        for name, model in models.items():
+        for name, model in packed.items():
             contenders[name] = ours(model, prompt, args.new_tokens)
             compiled = ours(model, prompt, args.new_tokens, compile=True)
             start = time.perf_counter()

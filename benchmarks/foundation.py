@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 import compress
-from compress import api, assets, data, decoder, pipeline
+from compress import api, assets, data, models, pipeline
 from compress.progress import set_quiet
 from compress.quant import QuantScheme
 from compress.recipe import Recipe
+from compress.serving import generation
 
 SETTINGS = [  # (label, bits, group size, symmetric)
     ("W8 per-channel sym", 8, -1, True),
@@ -38,13 +39,13 @@ def decode_speed_ours(model_dir: Path, prompt: list[int], new_tokens: int,
                       compile: bool = False) -> float:
     """Decode tokens/s of our KV-cache decoder (prefill excluded), best of two runs; with
     `compile`, after a warm-up run that compiles the step (its time is not counted)."""
-    model, _ = decoder.load(model_dir)
-    params = decoder.SamplingParams(max_new_tokens=new_tokens)
+    model, _ = models.load(model_dir)
+    params = generation.SamplingParams(max_new_tokens=new_tokens)
     if compile:
-        list(decoder.generate(model, prompt, params, compile=True))
+        list(generation.generate(model, prompt, params, compile=True))
     best = 0.0
     for _ in range(2):
-        gen = decoder.generate(model, prompt, params, compile=compile)
+        gen = generation.generate(model, prompt, params, compile=compile)
         next(gen)  # the prefill produces the first token
         start = time.perf_counter()
         steps = sum(1 for _ in gen)

@@ -57,10 +57,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_backend(path: Path, backend: str, dtype: torch.dtype, device: str) -> dict:
-    from compress import decoder
+    from compress import models
+    from compress.nn import kernel_backends
 
     os.environ["COMPRESS_KERNEL"] = backend
-    model, _ = decoder.load(path, device=device, dtype=dtype)
+    model, _ = models.load(path, device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     long_prompt = torch.randint(0, 4096, (1, 40), generator=gen).to(device)
     short_prompt = long_prompt[:, :8]
@@ -76,7 +77,7 @@ def run_backend(path: Path, backend: str, dtype: torch.dtype, device: str) -> di
             steps.append(logits.float())
     out["steps"] = torch.cat(steps)
     out["tokens"] = tokens
-    out["kernels"] = sorted(set(decoder.kernel_backends(model)))
+    out["kernels"] = sorted(set(kernel_backends(model)))
     return out
 
 

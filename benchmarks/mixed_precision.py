@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 import compress
-from compress import api, assets, evaluation, models, sensitivity
+from compress import api, assets, evaluation, models
+from compress.calibrate import sensitivity
 from compress.progress import set_quiet
 from compress.quant import QuantScheme
 from compress.recipe import Recipe

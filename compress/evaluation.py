@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import compress
-from compress import assets, data, decoder, kernels, models
+from compress import assets, data, kernels, models
 from compress.errors import CompressError
 from compress.evals import (
     DEFAULT_CTX,
@@ -113,7 +113,7 @@ class _ThroughKVCache(torch.nn.Module):
     """The model reading every window's keys and values back from a KV cache of the given
     kind, as decoding would: how the eval harness prices an INT8 cache."""
 
-    def __init__(self, model: decoder.CausalLM, quantized: bool):
+    def __init__(self, model: models.CausalLM, quantized: bool):
         super().__init__()
         self.model, self.quantized = model, quantized
 
@@ -123,7 +123,7 @@ class _ThroughKVCache(torch.nn.Module):
 
 
 def _served(files: models.ModelFiles, kv_cache: str) -> torch.nn.Module:
-    model = decoder.build(files)
+    model = models.build(files)
     return model if kv_cache == "model" else _ThroughKVCache(model, kv_cache == "int8")
 
 
@@ -150,7 +150,7 @@ def baseline_reference(files: models.ModelFiles, text: HeldOut,
         return Reference.from_tensors(load_file(path))
     status(f"Baseline {files.name}: next-token distributions over {len(text.windows)} "
            f"windows of {text.windows.ctx} tokens (cached for later runs)")
-    ref = distribution.reference(decoder.build(files), text.windows)
+    ref = distribution.reference(models.build(files), text.windows)
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_save_safetensors(path, ref.tensors())
     return ref

@@ -108,3 +108,14 @@ class SharedInputLinears:
                 for m in members]).to(device)
         weights = kernels.concat_outputs([m.packed_weights for m in members])
         self._kernel = kernels.prepare(weights, device)
+
+
+def kernel_backends(model: nn.Module) -> list[str]:
+    """Kernel implementations that served the packed matmuls so far (empty for a dense model)."""
+    found = set()
+    for module in model.modules():
+        candidates = [module, *(v for v in vars(module).values()
+                                if isinstance(v, SharedInputLinears))]
+        found.update(c.implementation for c in candidates
+                     if isinstance(c, QuantLinear | SharedInputLinears) and c.implementation)
+    return sorted(found)

@@ -29,19 +29,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
 import compress
-from compress import awq_layer, data, decoder, models
+from compress import data, models
+from compress.calibrate import layer as calibrate_layer
 from compress.errors import CompressError
 from compress.formats import checkpoint, manifest, pack_quantized
+from compress.models import layers
 from compress.progress import status, track
-from compress.quant import QuantizedWeight, QuantScheme, gptq, rtn
+from compress.quant import QuantScheme, rtn
 from compress.recipe import Recipe
 
 PROGRESS = "progress.json"
 QUANT_LOG = "quantization_log.json"
-CALIB_BATCH = 8  # calibration samples per forward chunk
 # Test hook (tests/faults): a stage name here stops the process (SIGSTOP) when it gets there,
 # so a test can kill it at exactly that point. See `_pause_point` for the stage names.
 FAULT_PAUSE_ENV = "COMPRESS_FAULT_PAUSE_AT"
@@ -110,7 +112,7 @@ def check_inputs(files: models.ModelFiles, out: Path, overwrite: bool) -> None:
     if files.is_quantized:
         raise CompressError(f"{files.path} is already quantised; start from the original "
                             "model directory")
-    decoder.check_shapes(files, decoder.DecoderConfig.from_hf(files.config))
+    models.check_shapes(files)
     checkpoint.check_output_dir(out, overwrite)
 
 
@@ -266,14 +268,14 @@ class _RTNLayers:
 
 
 class _CalibratedLayers:
-    """GPTQ, layer by layer, on calibration activations kept in `partial/activations-*.st`."""
+    """Calibrated methods, layer by layer, on activations kept in `partial/activations-*`."""
 
     def __init__(self, files: models.ModelFiles, recipe: Recipe,
                  schemes: dict[str, QuantScheme], calib: data.CalibrationSet, partial: Path,
                  state: dict):
         self.files, self.recipe, self.schemes, self.partial = files, recipe, schemes, partial
         self.calib, self.state = calib, state
-        self.rotary = decoder.rotary(files)
+        self.rope = models.rotary(files)(0, calib.samples.shape[1])
         self.hidden: torch.Tensor | None = None
 
     def _activations_file(self, i: int) -> Path:
@@ -283,9 +285,10 @@ class _CalibratedLayers:
         """The calibration activations entering layer i (computed, kept, or reloaded)."""
         if self.hidden is not None:
             return self.hidden
-        if i == 0:  # gather rows in the stored dtype: never the whole table in float32
+        if i == 0:
             table = self.files.tensors.get(f"{self.files.arch.embed}.weight")
-            return torch.nn.functional.embedding(self.calib.samples, table).to(torch.float32)
+            return layers.embed(table, self.calib.samples, torch.float32,
+                                self.files.decoder_config)
         saved = self._activations_file(i)
         expected = self.state.get("activations", {}).get(saved.name)
         if expected is None or expected != _file_record(saved):
@@ -296,45 +299,15 @@ class _CalibratedLayers:
     @torch.no_grad()
     def __call__(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
         x = self._inputs(i)
-        layer = decoder.build_layer(self.files, i, torch.float32)  # refuses NaN/Inf weights
+        layer = models.build_layer(self.files, i, torch.float32)  # refuses NaN/Inf weights
         prefix = self.files.arch.layer_prefix(i)
-        cos, sin = self.rotary(0, x.shape[1])
-        quantized: dict[str, QuantizedWeight] = {}
-        log: dict[str, dict] = {}
-        if self.recipe.uses_awq:
-            log = awq_layer.transform(layer, self.files.arch, prefix, x, cos, sin, self.schemes,
-                                      self.recipe.awq, self.files.dtype, CALIB_BATCH)
-
-        def quantize_group(names: tuple[str, ...], inputs) -> None:
-            todo = [n for n in names if prefix + n in self.schemes]
-            if not todo:
-                return
-            if self.recipe.rounding == "rtn":  # AWQ already chose ranges; inputs unused
-                for n in todo:
-                    module = layer.get_submodule(n)
-                    quantized[prefix + n] = rtn.quantize(module.weight, self.schemes[prefix + n],
-                                                         self.files.dtype)
-                    module.weight.data = quantized[prefix + n].dequantize()
-                return
-            acc = gptq.HessianAccumulator(inputs[0].shape[-1])
-            for chunk in inputs:
-                acc.add(chunk)
-            hessian = acc.hessian()
-            for scheme in dict.fromkeys(self.schemes[prefix + n] for n in todo):
-                same = [n for n in todo if self.schemes[prefix + n] == scheme]
-                modules = [layer.get_submodule(n) for n in same]
-                results = gptq.quantize_shared_input(
-                    [m.weight for m in modules], hessian, scheme, self.recipe.gptq,
-                    self.files.dtype, name=prefix + "+".join(same))
-                for n, module, result in zip(same, modules, results, strict=True):
-                    quantized[prefix + n] = result.weight
-                    module.weight.data = result.weight.dequantize()  # later groups see it
-                    log.setdefault(prefix + n, {}).update(
-                        relative_error=result.relative_error, damp=result.damp,
-                        dead_columns=result.dead_columns, tokens=acc.n)
-
-        x = layer.calibrate(x, cos, sin, quantize_group, CALIB_BATCH)
-        self.hidden = x
+        # Suspended calibration forwards may hold a quarter of the free memory; beyond
+        # that, chunks are recomputed (same bits, more time).
+        budget = max(x.nbytes, psutil.virtual_memory().available // 4)
+        quantized, log = calibrate_layer.quantize_layer(
+            layer, lambda chunk: layer(chunk, self.rope), x, self.files.arch, prefix,
+            self.schemes, self.recipe, self.files.dtype, budget)
+        self.hidden = x  # overwritten in place with the layer's output
         tensors: dict[str, torch.Tensor] = {}
         for name in sorted(self.files.tensors.with_prefix(prefix)):
             module, _, leaf = name.rpartition(".")

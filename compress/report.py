@@ -21,12 +21,14 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import compress
-from compress import data, decoder, evaluation, models, pipeline
+from compress import data, evaluation, models, pipeline
 from compress.errors import CompressError
 from compress.formats import checkpoint
+from compress.nn import kernel_backends
 from compress.progress import status
 from compress.quant import QuantScheme
 from compress.recipe import METHODS, Recipe
+from compress.serving import generation
 
 BASELINE = "baseline"
 
@@ -265,24 +267,24 @@ def _speed(path: str, prompt_tokens: int, decode_tokens: int) -> dict:
 
     set_quiet(True)
     memory = _PeakMemory()
-    model, files = decoder.load(path)
+    model, files = models.load(path)
     text = data.text_tokens(data.load_tokenizer(files.path)).tokens
     prompt = text[:prompt_tokens].tolist()
-    params = decoder.SamplingParams(max_new_tokens=decode_tokens)
+    params = generation.SamplingParams(max_new_tokens=decode_tokens)
     prefill = decode = 0.0
     with torch.inference_mode():
         for _ in range(2):
             start = time.perf_counter()
             model(torch.tensor([prompt]), last_only=True)
             prefill = max(prefill, len(prompt) / (time.perf_counter() - start))
-            gen = decoder.generate(model, prompt[:32], params)
+            gen = generation.generate(model, prompt[:32], params)
             next(gen)
             start = time.perf_counter()
             steps = sum(1 for _ in gen)
             decode = max(decode, steps / (time.perf_counter() - start))
             memory.sample()
     return {"prefill_tok_s": prefill, "decode_tok_s": decode,
-            "peak_rss_bytes": memory.peak(), "kernels": decoder.kernel_backends(model)}
+            "peak_rss_bytes": memory.peak(), "kernels": kernel_backends(model)}
 
 
 def write(report: Report, out: Path) -> None:

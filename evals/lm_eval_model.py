@@ -19,13 +19,14 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from transformers import AutoConfig
 
-from compress import data, decoder
+from compress import data, models
+from compress.serving import generation
 
 
 class _DecoderAsHF(torch.nn.Module):
     """What HFLM touches of a transformers model, served by our decoder."""
 
-    def __init__(self, model: decoder.CausalLM, path: Path):
+    def __init__(self, model: models.CausalLM, path: Path):
         super().__init__()
         self.decoder = model
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -58,7 +59,7 @@ class CompressLM(HFLM):
     def __init__(self, pretrained: str, batch_size: int | str = 8, device: str | None = None,
                  max_length: int | None = None, max_gen_toks: int = 256, **kwargs):
         device = device or "cpu"
-        model, files = decoder.load(pretrained, device=device)
+        model, files = models.load(pretrained, device=device)
         self.checkpoint = files
         self._max_gen_toks = int(max_gen_toks)
         super().__init__(pretrained=_DecoderAsHF(model, files.path),
@@ -81,7 +82,7 @@ class CompressLM(HFLM):
         mask = generation_kwargs.pop("attention_mask", None)
         sample = bool(generation_kwargs.get("do_sample")) and \
             float(generation_kwargs.get("temperature") or 0) > 0
-        params = decoder.SamplingParams(
+        params = generation.SamplingParams(
             max_new_tokens=max(1, max_length - context.shape[1]),
             temperature=float(generation_kwargs.get("temperature") or 0) if sample else 0.0,
             top_k=int(generation_kwargs.get("top_k") or 0) if sample else 0,
@@ -91,7 +92,7 @@ class CompressLM(HFLM):
         for i in range(context.shape[0]):
             prompt = context[i][mask[i].bool()] if mask is not None else context[i]
             new: list[int] = []
-            for token in decoder.generate(self._model.decoder, prompt.tolist(), params):
+            for token in generation.generate(self._model.decoder, prompt.tolist(), params):
                 if token in params.stop_token_ids:
                     break
                 new.append(token)

@@ -39,9 +39,9 @@ def exact_kernels(monkeypatch):
 
 def exact_load(path):
     """Our decoder computing everything in float32 (see `exact_kernels`)."""
-    from compress import decoder
+    from compress import models
 
-    return decoder.load(path, dtype=torch.float32, head_dtype=torch.float32)[0]
+    return models.load(path, dtype=torch.float32, head_dtype=torch.float32)[0]
 
 
 @pytest.fixture(scope="session")
@@ -53,8 +53,35 @@ def bundled_dir() -> Path:
         pytest.fail(f"bundled assets are not installed ({e}); run `compress setup` first")
 
 
+# One tiny configuration per supported model type, exercising the family's features:
+# sliding windows shorter than the test sequences, q/k norms, soft-capping, per-layer-type
+# RoPE (Gemma-3's global layers with linear scaling), partial rotary (Phi-3), fused
+# projections. `norm_noise` perturbs every 1-D parameter (norm weights, biases), so that
+# Gemma's (1 + w) norms and Qwen2's biases are not their identity initialisation.
+ARCH_CASES = {
+    "llama": {},
+    "mistral": {"sliding_window": 24},
+    "qwen2": {"norm_noise": 0.1},  # q/k/v biases
+    "qwen3": {"head_dim": 16, "use_sliding_window": True, "sliding_window": 8,
+              "max_window_layers": 1, "norm_noise": 0.1},
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8,
+               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "tie_word_embeddings": True, "norm_noise": 0.1},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8,
+                    "layer_types": ["sliding_attention", "full_attention"],
+                    "rope_parameters": {
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                        "full_attention": {"rope_type": "linear", "rope_theta": 1e6,
+                                           "factor": 8.0}},
+                    "tie_word_embeddings": True, "norm_noise": 0.1},
+    "phi3": {"sliding_window": 8, "norm_noise": 0.1, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+    "olmo2": {"norm_noise": 0.1},
+}
+
+
 def make_tiny_model(path: Path, tokenizer_dir: Path, model_type: str = "llama",
-                    seed: int = 0, **overrides) -> Path:
+                    seed: int = 0, norm_noise: float = 0.0, **overrides) -> Path:
     """A random-weight decoder of `model_type` saved as a HF directory with a real tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -72,6 +99,8 @@ def make_tiny_model(path: Path, tokenizer_dir: Path, model_type: str = "llama",
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+            elif norm_noise:
+                p.add_(torch.randn_like(p) * norm_noise)
     model.save_pretrained(path)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
@@ -91,6 +120,12 @@ def tiny_factory(tmp_path_factory, bundled_dir):
         return made[key]
 
     return factory
+
+
+@pytest.fixture(scope="session", params=sorted(ARCH_CASES))
+def tiny_arch(request, tiny_factory) -> tuple[str, Path]:
+    """(model type, a tiny checkpoint of it) for every supported model type."""
+    return request.param, tiny_factory(request.param, **ARCH_CASES[request.param])
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ import torch
 from conftest import exact_load
 from transformers import AutoModelForCausalLM
 
-from compress import api, awq_layer, decoder, models, pipeline, progress
+from compress import api, models, pipeline, progress
+from compress.calibrate import awq as awq_layer
 from compress.quant import QuantScheme
 from compress.quant.awq import AWQConfig
 from compress.recipe import CalibrationConfig, Recipe
@@ -36,18 +37,17 @@ def logits(model, seed=1):
 @pytest.mark.parametrize("kv_heads", [2, 4])  # grouped-query attention, and not
 def test_folding_random_scales_leaves_logits_unchanged(tiny_factory, kv_heads):
     path = tiny_factory("llama", num_key_value_heads=kv_heads)
-    model, files = decoder.load(path, dtype=torch.float32)
+    model, files = models.load(path, dtype=torch.float32)
     before = logits(model)
     gen = torch.Generator().manual_seed(2)
     folded = 0
     for layer in model.model.layers:
-        for producer_name, group in files.arch.scale_folds:
-            linears = [layer.get_submodule(n) for n in group]
-            producer = layer.get_submodule(producer_name)
-            if awq_layer._fold_problem(producer, producer_name, linears[0].in_features):
+        for fold in files.arch.scale_folds:
+            linears = [layer.get_submodule(n) for n in fold.group]
+            if awq_layer._fold_problem(layer, fold, linears[0].in_features):
                 continue
             s = torch.rand(linears[0].in_features, generator=gen) * 4 + 0.25
-            awq_layer._fold(producer, linears, s)
+            awq_layer._fold(layer, fold, linears, s, torch.float32)
             folded += 1
     assert folded == len(model.model.layers) * (3 if kv_heads == 2 else 4)
     torch.testing.assert_close(logits(model), before, rtol=1e-4, atol=1e-4)
@@ -57,16 +57,17 @@ def test_folding_random_scales_leaves_logits_unchanged(tiny_factory, kv_heads):
 def test_transform_without_clipping_changes_no_logits(tiny_factory, kv_heads):
     """AWQ's search and folds are function-preserving; only rounding and clipping are not."""
     path = tiny_factory("llama", num_key_value_heads=kv_heads)
-    model, files = decoder.load(path, dtype=torch.float32)
+    model, files = models.load(path, dtype=torch.float32)
     before = logits(model)
     schemes = {f"{files.arch.layer_prefix(i)}{n}": QuantScheme(3, 32, True)
                for i in range(files.num_layers) for n in files.arch.layer_linears}
     x = outlier_inputs(model.cfg.hidden_size)
-    cos, sin = model.rotary(0, x.shape[1])
+    rope = model.rotary(0, x.shape[1])
     alphas = []
     for i, layer in enumerate(model.model.layers):
-        log = awq_layer.transform(layer, files.arch, files.arch.layer_prefix(i), x, cos, sin,
-                                  schemes, AWQConfig(clip=False), torch.float32, batch=2)
+        log = awq_layer.transform(layer, lambda c, layer=layer: layer(c, rope), list(x.split(2)),
+                                  files.arch, files.arch.layer_prefix(i), schemes,
+                                  AWQConfig(clip=False), torch.float32)
         o_proj = log[f"{files.arch.layer_prefix(i)}self_attn.o_proj"]["awq"]
         assert ("skipped" in o_proj) == (kv_heads == 2)
         alphas += [v["awq"]["alpha"] for v in log.values() if "alpha" in v["awq"]]
@@ -102,7 +103,8 @@ def test_unfoldable_group_is_logged_and_still_rounded(tiny_llama, tmp_path, caps
     entry = log["model.layers.0.self_attn.o_proj"]
     assert "grouped-query attention" in entry["awq"]["skipped"]
     assert 0 < entry["relative_error"] < 1  # rounded all the same
-    assert "AWQ: self_attn.v_proj has 32 outputs" in capsys.readouterr().err
+    assert ("AWQ: self_attn.o_proj: self_attn.v_proj gives 32 outputs but the group reads 64"
+            in capsys.readouterr().err)
     assert "alpha" in log["model.layers.0.mlp.down_proj"]["awq"]
 
 

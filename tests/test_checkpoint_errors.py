@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from compress import decoder, models, pipeline
+from compress import models, pipeline
 from compress.errors import CompressError
 from compress.formats import checkpoint
 from compress.quant import QuantScheme
@@ -43,7 +43,8 @@ def test_unsupported_architecture(tiny_llama, tmp_path):
     config["model_type"] = "gpt2"
     (tmp_path / "m/config.json").write_text(json.dumps(config))
     with pytest.raises(CompressError, match=r"unsupported architecture 'gpt2'; supported model "
-                       "types: llama, mistral, qwen2"):
+                       r"types: gemma2, gemma3_text, llama, mistral, olmo2, phi3, qwen2, qwen3 "
+                       r"\(adding one: docs/architectures.md\)"):
         models.open_model(tmp_path / "m")
 
 
@@ -65,7 +66,7 @@ def test_truncated_plain_safetensors(tiny_llama, tmp_path):
     weights = tmp_path / "m/model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CompressError, match=r"corrupt or truncated"):
-        decoder.load(tmp_path / "m")
+        models.load(tmp_path / "m")
 
 
 def test_truncated_shard_in_our_checkpoint(quantized):
@@ -105,4 +106,4 @@ def test_missing_tensor_without_manifest(quantized):
     (quantized / checkpoint.INDEX).write_text(json.dumps(index))
     with pytest.raises(CompressError, match=r"model.layers.0.mlp.up_proj.weight_scale is "
                        "missing"):
-        decoder.load(quantized)
+        models.load(quantized)

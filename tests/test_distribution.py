@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from compress.evals import distribution
 from compress.evals.perplexity import scored_logits
 
-from compress import assets, decoder, evaluation, models, pipeline
+from compress import assets, evaluation, models, pipeline
 from compress.quant import QuantScheme
 from compress.recipe import Recipe
 
@@ -27,7 +27,7 @@ def bundled_w4(bundled_dir, tmp_path_factory):
 def test_a_model_against_itself_has_zero_kl(tiny_llama):
     files = models.open_model(tiny_llama)
     text = evaluation.held_out(files, None, 64, 512)
-    model = decoder.load(tiny_llama)[0]
+    model = models.load(tiny_llama)[0]
     match = distribution.compare(model, text.windows, distribution.reference(model,
                                                                              text.windows))
     assert match.kl_mean == 0 and match.kl_max == 0 and match.top1_agreement == 1.0
@@ -37,7 +37,7 @@ def test_a_model_against_itself_has_zero_kl(tiny_llama):
 
 @pytest.mark.slow
 def test_estimate_matches_the_full_vocabulary_kl(bundled_dir, bundled_w4, bundled_text):
-    base, quant = decoder.load(bundled_dir)[0], decoder.load(bundled_w4)[0]
+    base, quant = models.load(bundled_dir)[0], models.load(bundled_w4)[0]
     full = torch.cat([
         (p.exp() * (p - q)).sum(-1) for (lp, _), (lq, _) in zip(
             scored_logits(base, bundled_text.windows), scored_logits(quant, bundled_text.windows),

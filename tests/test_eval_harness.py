@@ -13,7 +13,7 @@ from lm_eval.tasks import TaskManager
 from test_cli import assert_one_line_error, run
 from transformers import AutoModelForCausalLM
 
-from compress import data, decoder, models, pipeline
+from compress import data, models, pipeline
 from compress.quant import QuantScheme
 from compress.recipe import Recipe
 
@@ -61,7 +61,7 @@ def test_sliding_window_perplexity_matches_transformers(bundled_dir):
     windows = data.eval_windows(tokens, 256, None, stride=128)
     assert windows.tokens.shape == (4, 256) and windows.scored == 255 + 3 * 128
     assert torch.equal(windows.tokens[1], tokens[128:384])  # every token scored once
-    ours = perplexity(decoder.load(bundled_dir)[0], windows)
+    ours = perplexity(models.load(bundled_dir)[0], windows)
     ref = AutoModelForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval()
     total = 0.0
     with torch.no_grad():

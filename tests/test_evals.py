@@ -7,7 +7,7 @@ import torch
 from compress.evals import perplexity
 from transformers import AutoModelForCausalLM
 
-from compress import api, data, decoder, pipeline
+from compress import api, data, models, pipeline
 from compress.errors import CompressError
 from compress.quant import QuantScheme
 from compress.recipe import Recipe
@@ -29,7 +29,7 @@ def test_bundled_perplexity_matches_transformers(bundled_dir):
     tokenizer = data.load_tokenizer(bundled_dir)
     text = data.text_tokens(tokenizer)
     windows = data.eval_windows(text.tokens, 512, 1024)
-    ours = perplexity(decoder.load(bundled_dir)[0], windows)
+    ours = perplexity(models.load(bundled_dir)[0], windows)
 
     ref = AutoModelForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval()
     nlls = []

@@ -17,8 +17,8 @@ from hub_server import HUB_TOKEN
 from huggingface_hub import constants, snapshot_download
 
 from compress import api as compress_api
-from compress import decoder, model_card, models
 from compress import hub as compress_hub
+from compress import model_card, models, sources
 from compress.errors import CompressError
 from compress.quant import QuantScheme
 from compress.recipe import Recipe
@@ -40,7 +40,7 @@ def _push(directory, hub_server, **kwargs):
 
 
 def _logits(path):
-    model = decoder.load(path, dtype=torch.float32, head_dtype=torch.float32)[0]
+    model = models.load(path, dtype=torch.float32, head_dtype=torch.float32)[0]
     with torch.no_grad():
         return model(torch.arange(1, 33).unsqueeze(0))
 
@@ -58,12 +58,12 @@ def test_push_download_and_load_give_identical_logits(checkpoint, hub, tmp_path)
     local = snapshot_download(REPO, endpoint=hub.endpoint, cache_dir=tmp_path / "dl")
     torch.testing.assert_close(_logits(local), _logits(checkpoint), rtol=0, atol=0)
     # the same through a Hub id, then offline from the client's cache
-    by_id = models.resolve(REPO)[0]
+    by_id = sources.resolve(REPO)[0]
     assert by_id.is_dir() and (by_id / "model.safetensors.index.json").is_file()
     before = len(hub.requests)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(constants, "HF_HUB_OFFLINE", True)
-        assert models.resolve(REPO)[0] == by_id
+        assert sources.resolve(REPO)[0] == by_id
     assert len(hub.requests) == before
     torch.testing.assert_close(_logits(by_id), _logits(checkpoint), rtol=0, atol=0)
 
@@ -209,7 +209,7 @@ def test_a_listing_with_escaping_file_names_is_refused(checkpoint, hub):
     tree = repo["commits"][repo["branches"]["main"]]["tree"]
     tree["../../escaped.json"] = dict(tree["config.json"])
     with pytest.raises(CompressError, match=r"escape the download folder \('\.\./\.\./"):
-        models.resolve(REPO)
+        sources.resolve(REPO)
     assert not any(p.name == "escaped.json" for p in hub.root.parent.rglob("escaped.json"))
 
 

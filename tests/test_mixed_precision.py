@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from compress import api, data, decoder, models, sensitivity
+from compress import api, data, models
+from compress.calibrate import sensitivity
 from compress.errors import CompressError
 from compress.quant import QuantScheme, rtn
 from compress.recipe import Recipe
@@ -17,7 +18,7 @@ OPTIONS = tuple(sensitivity.Option.parse(o) for o in ("w3g32", "w4g32", "w8"))
 
 
 def test_rerunning_from_a_layer_equals_the_full_forward(tiny_llama):
-    model = decoder.load(tiny_llama, dtype=torch.float32, head_dtype=torch.float32)[0]
+    model = models.load(tiny_llama, dtype=torch.float32, head_dtype=torch.float32)[0]
     tokens = torch.randint(0, 1000, (2, 24))
     with torch.no_grad():
         full = model(tokens)
@@ -37,7 +38,7 @@ def test_option_labels_round_trip_and_bad_ones_are_refused():
 def table(tiny_llama):
     files = models.open_model(tiny_llama)
     calib = data.calibration_set(data.load_tokenizer(files.path), None, 4, 64, 0)
-    return files, calib, sensitivity.measure(tiny_llama, calib, OPTIONS, kl_samples=2)
+    return files, calib, sensitivity.measure(files, calib, OPTIONS, kl_samples=2)
 
 
 def test_sensitivity_matches_a_direct_measurement(table):
@@ -50,7 +51,7 @@ def test_sensitivity_matches_a_direct_measurement(table):
         assert t.bits[name]["w4g32"] == out_f * (in_f * 4 + in_f // 32 * 32)
     # The reference option's loss is the KL of the whole model with only that Linear
     # rounded, measured here independently with full forwards.
-    model = decoder.build(files, dtype=torch.float32, head_dtype=torch.float32)
+    model = models.build(files, dtype=torch.float32, head_dtype=torch.float32)
     name = "model.layers.1.self_attn.o_proj"
     linear = dict(model.named_modules())[name]
     tokens = calib.samples[:2]

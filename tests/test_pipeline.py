@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import exact_load
 
-from compress import decoder, models, pipeline
+from compress import models, pipeline
 from compress.errors import CompressError
 from compress.formats import checkpoint
 from compress.quant import QuantScheme, rtn
@@ -144,7 +144,7 @@ def test_mixed_recipe_roundtrips_and_runs(tiny_llama, tmp_path):
     files = models.open_model(out)
     assert files.schemes["model.layers.1.mlp.down_proj"] == QuantScheme(8, -1, True)
     assert files.schemes["model.layers.1.mlp.up_proj"] == QuantScheme(4, 32, True)
-    model = decoder.build(files)
+    model = models.build(files)
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
 
 

@@ -8,18 +8,18 @@ import random
 import pytest
 import torch
 
-from compress import decoder, pipeline
+from compress import models, pipeline
 from compress.errors import CompressError
 from compress.quant import QuantScheme
 from compress.recipe import Recipe
-from compress.serving import Engine, PrefixCache, Request, slots_for_budget
+from compress.serving import Engine, PrefixCache, Request, generation, slots_for_budget
 from compress.serving.speculative import SpeculativeDecoder
 
-GREEDY = decoder.SamplingParams(max_new_tokens=10)
+GREEDY = generation.SamplingParams(max_new_tokens=10)
 
 
 def alone(model, prompt, params):
-    return list(decoder.generate(model, prompt, params))
+    return list(generation.generate(model, prompt, params))
 
 
 def random_prompts(n, seed, lo=3, hi=40, vocab=49152):
@@ -31,12 +31,12 @@ def random_prompts(n, seed, lo=3, hi=40, vocab=49152):
 def packed(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("serving") / "w4"
     pipeline.quantize(tiny_llama, Recipe("rtn", QuantScheme(4, 32, True)), out)
-    return decoder.load(out)[0]
+    return models.load(out)[0]
 
 
 def test_batched_requests_equal_each_run_alone(packed):
     prompts = random_prompts(7, seed=1)
-    params = [decoder.SamplingParams(max_new_tokens=n) for n in (1, 4, 9, 2, 12, 6, 3)]
+    params = [generation.SamplingParams(max_new_tokens=n) for n in (1, 4, 9, 2, 12, 6, 3)]
     engine = Engine(packed, slots=3, max_len=64)
     for p, pp in zip(prompts, params, strict=True):
         engine.submit(Request(p, pp))
@@ -64,7 +64,7 @@ def test_stop_tokens_end_a_request_and_free_its_slot(packed):
     prompt = random_prompts(1, seed=3)[0]
     free_run = alone(packed, prompt, GREEDY)
     stop = free_run[3]
-    params = decoder.SamplingParams(max_new_tokens=10, stop_token_ids=(stop,))
+    params = generation.SamplingParams(max_new_tokens=10, stop_token_ids=(stop,))
     engine = Engine(packed, slots=1, max_len=64)
     engine.submit(Request(prompt, params))
     engine.submit(Request(prompt, GREEDY))  # waits for the single slot
@@ -75,7 +75,7 @@ def test_stop_tokens_end_a_request_and_free_its_slot(packed):
 
 def test_seeded_sampling_is_per_request_and_independent_of_batching(packed):
     prompts = random_prompts(4, seed=4)
-    params = decoder.SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.95, seed=11)
+    params = generation.SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.95, seed=11)
     runs = []
     for slots in (1, 4):
         engine = Engine(packed, slots=slots, max_len=64)
@@ -121,7 +121,7 @@ def test_requests_that_cannot_fit_are_refused_in_one_line(packed):
 
 
 def test_int8_kv_cache_stays_close_to_the_float_cache(bundled_dir):
-    model = decoder.load(bundled_dir)[0]
+    model = models.load(bundled_dir)[0]
     tokens = torch.arange(1000, 1200)[None]
     with torch.inference_mode():
         exact = model(tokens, 0, model.new_cache(1, 200)).log_softmax(-1)
@@ -134,11 +134,11 @@ def test_int8_kv_cache_stays_close_to_the_float_cache(bundled_dir):
 
 
 def test_speculative_greedy_equals_the_verifier_token_for_token(tiny_llama, packed):
-    target = decoder.load(tiny_llama)[0]
+    target = models.load(tiny_llama)[0]
     for k in (1, 3, 5):
         spec = SpeculativeDecoder(target, packed, k=k)
         for prompt in random_prompts(3, seed=7 + k):
-            params = decoder.SamplingParams(max_new_tokens=17)
+            params = generation.SamplingParams(max_new_tokens=17)
             assert list(spec.generate(prompt, params)) == alone(target, prompt, params)
         assert 0 < spec.stats.accepted <= spec.stats.proposed
 
@@ -148,9 +148,9 @@ def test_speculative_sampling_has_the_verifiers_distribution(tiny_factory, tmp_p
     """Chi-square test on a 16-token vocabulary: the first two sampled tokens' joint
     distribution from speculative decoding against the verifier's exact one."""
     path = tiny_factory("llama", seed=3, vocab_size=16)
-    target = decoder.load(path)[0]
+    target = models.load(path)[0]
     pipeline.quantize(path, Recipe("rtn", QuantScheme(2, 32, True)), tmp_path / "w2")
-    draft = decoder.load(tmp_path / "w2")[0]  # a poor draft: many rejections
+    draft = models.load(tmp_path / "w2")[0]  # a poor draft: many rejections
     prompt = [3, 9, 4]
     with torch.inference_mode():
         first = target(torch.tensor([prompt])).softmax(-1)[0, -1]
@@ -161,7 +161,7 @@ def test_speculative_sampling_has_the_verifiers_distribution(tiny_factory, tmp_p
     counts = torch.zeros(256, dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
     for _i in range(n):
-        seeded = decoder.SamplingParams(max_new_tokens=2, temperature=1.0,
+        seeded = generation.SamplingParams(max_new_tokens=2, temperature=1.0,
                                         seed=int(torch.randint(0, 2**31, (), generator=gen)))
         a, b = spec.generate(prompt, seeded)
         counts[a * 16 + b] += 1

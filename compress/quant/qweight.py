@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,14 @@ class QuantizedWeight:
             self.qweight, self.scales, self.zeros, self.g_idx, bits=self.bits,
             group_size=self.group_size, in_features=self.in_features, dtype=dtype,
         )
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """The same weight with its tensors on `device`."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+        return dataclasses.replace(self, qweight=self.qweight.to(device),
+                                   scales=self.scales.to(device), zeros=move(self.zeros),
+                                   g_idx=move(self.g_idx))
 
     def rows(self, start: int, stop: int) -> QuantizedWeight:
         """Output rows start..stop-1 as their own weight (codes are packed along `in`)."""

@@ -21,9 +21,10 @@ from pathlib import Path
 import psutil
 import torch
 
-from compress.decoder import CausalLM, SamplingParams
 from compress.errors import CompressError
+from compress.models import CausalLM
 from compress.progress import track
+from compress.serving.generation import SamplingParams
 
 from .engine import Completion, Engine, Request, slots_for_budget
 

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compress.decoder import CausalLM, KVCache, SamplingParams, sample
 from compress.errors import CompressError
+from compress.models import CausalLM, KVCache
+from compress.serving.generation import SamplingParams, sample
 
 from .prefix_cache import PrefixCache
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.decoder import KVCache
+from compress.models import KVCache
 
 KV_FIELDS = ("k", "v", "k_scale", "v_scale")
 

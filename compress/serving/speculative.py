@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.decoder import CausalLM, SamplingParams, sample, sampling_probs
 from compress.errors import CompressError
+from compress.models import CausalLM
+from compress.serving.generation import SamplingParams, sample, sampling_probs
 
 
 @dataclass

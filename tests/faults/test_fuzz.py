@@ -2,7 +2,7 @@
 
 Four parsers, each fed mutated copies of real files:
 
-- safetensors shards and their index, through `decoder.load(dir)` (which is
+- safetensors shards and their index, through `models.load(dir)` (which is
   `open_model(dir)`: config, manifest, headers; then `build`: every tensor) and a
   3-token forward whose logits must be finite;
 - config.json with its quantization_config, the same way;
@@ -57,7 +57,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from compress import api, decoder, evaluation, hub, model_card, models
+from compress import api, evaluation, hub, model_card, models
 from compress.errors import CompressError
 from compress.formats import checkpoint
 from compress.quant import QuantScheme
@@ -72,10 +72,10 @@ REPORT = ROOT / "benchmarks" / "results" / "fuzz.json"
 SENTINEL_DIR = "outside-sentinel"  # beside the checkpoint: no input may make us open it
 # What each parser's inputs go through (recorded in the report).
 TARGETS = {
-    "safetensors": "a shard or the index mutated; decoder.load(dir) and a 3-token forward "
+    "safetensors": "a shard or the index mutated; models.load(dir) and a 3-token forward "
                    "(finite logits), SafetensorsDir "
                    "names/shape/nbytes, safetensors_keys and load_tensors of the shard",
-    "config.json": "config.json (with quantization_config) mutated; decoder.load(dir) and "
+    "config.json": "config.json (with quantization_config) mutated; models.load(dir) and "
                    "a 3-token forward (finite logits)",
     "manifest": "compress_manifest.json mutated; models.open_model(dir) (read_manifest, verify), "
                 "then its readers: model_card.render, evaluation.resolve_baseline and "
@@ -590,7 +590,7 @@ def workspaces(tmp_path_factory) -> Iterator[dict[str, Workspace]]:
     # Loading a packed checkpoint builds the CPU kernel the first time (10-60 s): done here,
     # as inside an input the time limit would cut the compile short and leave torch's build
     # lock behind, on which every later build then waits for ever.
-    decoder.prepare_cpu_kernel()
+    models.prepare_cpu_kernel()
     recipes = {
         "sym": Recipe(),
         "asym": Recipe("rtn", QuantScheme(4, 32, False), ignore=(),
@@ -625,7 +625,7 @@ def _load(path: Path) -> None:
     """open_model(path) (config, manifest, headers), then every tensor, then a forward:
     a file that loads must also compute (scales relabelled I32 once loaded "fine" and
     produced outputs ~1e6), and compute finite logits."""
-    model, _ = decoder.load(path)
+    model, _ = models.load(path)
     with torch.inference_mode():
         logits = model(torch.tensor([[1, 2, 3]]))
     if not torch.isfinite(logits).all():
@@ -1393,7 +1393,7 @@ _ATHERIS_BOOT = """
 import sys
 import atheris
 with atheris.instrument_imports(include=["compress", "yaml"]):
-    import compress.decoder, compress.models, compress.recipe
+    import compress.models, compress.recipe
 sys.path[:0] = sys.argv[1:3]
 del sys.argv[1:3]
 import test_fuzz

@@ -6,7 +6,7 @@ import pytest
 import torch
 from compress.kernels import native
 
-from compress import decoder, pipeline
+from compress import models, pipeline
 from compress.quant import QuantScheme
 from compress.recipe import Recipe
 
@@ -34,7 +34,7 @@ def logits(path, backend, dtype, monkeypatch):
     forced, use_native, implementation = PATHS[backend]
     monkeypatch.setenv("COMPRESS_KERNEL", forced)
     monkeypatch.setenv("COMPRESS_NATIVE", use_native)
-    model, _ = decoder.load(path, dtype=dtype)
+    model, _ = models.load(path, dtype=dtype)
     with torch.inference_mode():
         out = model(torch.arange(1000, 1012)[None]).float()
     assert {m.kernel(torch.device("cpu")).implementation

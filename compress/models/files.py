@@ -1,69 +1,21 @@
-"""The only module that knows architectures: where layers, Linears and norms live.
-
-Adding an architecture is one `Architecture` entry in `ARCHITECTURES`. Everything else
-(pipeline, quantisers, formats, decoder) asks this module by role, never by name.
-"""
+"""A model directory opened once: config now, tensors when asked."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from compress import assets
+from compress import sources
 from compress.errors import CompressError
 from compress.formats import checkpoint, pack_quantized
 from compress.quant import QuantizedWeight, QuantScheme
 
-
-@dataclass(frozen=True)
-class Architecture:
-    """Tensor-name layout of one family of decoder-only checkpoints (HF names).
-
-    `linear_groups` lists a decoder layer's Linears in execution order, grouped by the
-    input they share: the true-sequential order calibrated quantisers follow.
-    """
-
-    name: str
-    model_types: tuple[str, ...]
-    layers: str = "model.layers"
-    embed: str = "model.embed_tokens"
-    final_norm: str = "model.norm"
-    lm_head: str = "lm_head"
-    linear_groups: tuple[tuple[str, ...], ...] = (
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    )
-    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
-    # For AWQ: the op producing each group's input, which absorbs the inverse of the group's
-    # input-channel scales (a norm in its weight, a Linear in its output rows). A fold whose
-    # shapes do not line up (v_proj -> o_proj under grouped-query attention) is skipped.
-    scale_folds: tuple[tuple[str, tuple[str, ...]], ...] = (
-        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("self_attn.v_proj", ("self_attn.o_proj",)),
-        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        ("mlp.up_proj", ("mlp.down_proj",)),
-    )
-    # Linears whose outputs become attention scores: output error is a poor proxy for them,
-    # so AWQ's clipping search leaves them alone (as the reference implementation does).
-    clip_exempt: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
-
-    @property
-    def layer_linears(self) -> tuple[str, ...]:
-        return tuple(name for group in self.linear_groups for name in group)
-
-    def layer_prefix(self, index: int) -> str:
-        return f"{self.layers}.{index}."
-
-
-# Llama, Mistral and Qwen2 share one layout; biases (Qwen2's q/k/v) are found from the
-# tensors present, not from the name.
-LLAMA_FAMILY = Architecture("llama-family", ("llama", "mistral", "qwen2"))
-ARCHITECTURES = (LLAMA_FAMILY,)
+from .arch import Architecture, architecture_for
+from .config import DecoderConfig, decoder_config
 
 
 def require_finite(name: str, tensor: torch.Tensor, holder: str = "model") -> None:
@@ -75,23 +27,10 @@ def require_finite(name: str, tensor: torch.Tensor, holder: str = "model") -> No
                             "is corrupt or overflowed its dtype; re-download or re-export it")
 
 
-def supported_model_types() -> list[str]:
-    return sorted(t for arch in ARCHITECTURES for t in arch.model_types)
-
-
-def architecture_for(model_type: str | None) -> Architecture:
-    for arch in ARCHITECTURES:
-        if model_type in arch.model_types:
-            return arch
-    raise CompressError(
-        f"unsupported architecture {model_type!r}; supported model types: "
-        f"{', '.join(supported_model_types())}"
-    )
-
-
 @dataclass
 class ModelFiles:
-    """A model directory opened lazily: config now, tensors when asked."""
+    """A model directory opened lazily: config now, tensors when asked. Open it once per
+    command (`open_model`) and hand the object on."""
 
     path: Path
     name: str
@@ -122,10 +61,41 @@ class ModelFiles:
         stored = any(self.tensors.with_prefix(self.arch.lm_head + "."))
         return bool(self.config.get("tie_word_embeddings", False)) and not stored
 
+    @cached_property
+    def hf_config(self):
+        """transformers' config object for config.json (never remote code)."""
+        from huggingface_hub.errors import StrictDataclassError
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.path, trust_remote_code=False)
+        # transformers checks every field of config.json (strict dataclasses, ValueError for
+        # bad values); garbage in the fields it does not type-check fails inside it as
+        # TypeError, LookupError or AttributeError (dtype [] is indexed, dtype "" is
+        # getattr(torch, "")).
+        except (StrictDataclassError, ValueError, TypeError, LookupError, AttributeError) as e:
+            detail = " ".join(str(e).split())[:300]
+            raise CompressError(f"config.json of {self.path} is rejected by transformers "
+                                f"({type(e).__name__}: {detail}); fix or re-download it"
+                                ) from None
+
+    @cached_property
+    def decoder_config(self) -> DecoderConfig:
+        # the raw integers are checked before transformers parses the config
+        return decoder_config(self.config, self.arch, lambda: self.hf_config)
+
     def linear_names(self) -> list[str]:
         """Every Linear inside the decoder layers, layer by layer, in execution order."""
         return [self.arch.layer_prefix(i) + n for i in range(self.num_layers)
                 for n in self.arch.layer_linears]
+
+    def layer_of(self, name: str) -> int:
+        """The decoder layer a module name belongs to."""
+        head = self.arch.layers + "."
+        index = name.removeprefix(head).split(".", 1)[0] if name.startswith(head) else ""
+        if not index.isdigit() or int(index) >= self.num_layers:
+            raise CompressError(f"{name} is not inside a decoder layer")
+        return int(index)
 
     def linear_shape(self, name: str) -> tuple[int, int]:
         """(out_features, in_features) of a Linear, dense or packed, without loading it.
@@ -154,29 +124,7 @@ class ModelFiles:
         return self.tensors.get(name) if name in self.tensors else None
 
 
-def resolve(name_or_path: str | Path | None) -> tuple[Path, str]:
-    """Directory and display name for a model argument (None: the bundled default)."""
-    if name_or_path is None or str(name_or_path) in assets.BUNDLED_MODELS:
-        name = assets.DEFAULT_MODEL if name_or_path is None else str(name_or_path)
-        return assets.bundled_model_dir(name), name
-    path = Path(name_or_path).expanduser()
-    from compress import hub  # only when a Hub id is given does the client load
-
-    if not path.exists() and hub.is_repo_id(str(name_or_path)):
-        return hub.download(str(name_or_path)), str(name_or_path).split("/")[-1]
-    if not path.exists():
-        raise CompressError(
-            f"model {str(name_or_path)!r} is neither a directory nor a bundled model "
-            f"(bundled: {', '.join(assets.BUNDLED_MODELS)})"
-        )
-    if not path.is_dir():
-        raise CompressError(f"{path} is a file; pass the model's directory")
-    return path, path.resolve().name
-
-
-def open_model(name_or_path: str | Path | None, verify: bool = True) -> ModelFiles:
-    """Open a model directory (HF or ours) or a bundled model, reading only config and headers."""
-    path, name = resolve(name_or_path)
+def read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CompressError(f"{path} has no config.json; is it a Hugging Face model directory?")
@@ -187,6 +135,14 @@ def open_model(name_or_path: str | Path | None, verify: bool = True) -> ModelFil
                             "re-quantise it") from None
     if not isinstance(config, dict):
         raise CompressError(f"{config_file} does not hold a JSON object")
+    return config
+
+
+def open_model(name_or_path: str | Path | None, verify: bool = True) -> ModelFiles:
+    """Open a model directory (HF or ours) or a bundled model, reading only config and headers."""
+    path, name = sources.resolve(name_or_path)
+    config = read_config(path)
+    config_file = path / "config.json"
     arch = architecture_for(config.get("model_type"))
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
         value = config.get(key)

@@ -26,9 +26,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from compress import data, decoder, models
+from compress import data, models
 from compress.progress import track
 from compress.quant import QuantScheme, rtn
+from compress.quant.gptq import HessianAccumulator
+
+from . import capture
 
 
 @dataclass(frozen=True)
@@ -85,46 +88,38 @@ def stored_bits(out_features: int, in_features: int, scheme: QuantScheme,
 
 
 @torch.no_grad()
-def _input_hessians(model: decoder.CausalLM, names: list[str], tokens: torch.Tensor,
+def _input_hessians(model: models.CausalLM, names: list[str], tokens: torch.Tensor,
                     batch: int) -> dict[str, torch.Tensor]:
-    modules = dict(model.named_modules())
-    hessians: dict[str, torch.Tensor] = {}
+    hessians: dict[str, HessianAccumulator] = {}
 
-    def on_input(name):
-        def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            h = x.T @ x
-            hessians[name] = hessians[name] + h if name in hessians else h
-        return hook
+    def record(name: str, x: torch.Tensor) -> None:
+        if name not in hessians:
+            hessians[name] = HessianAccumulator(x.shape[-1])
+        hessians[name].add(x)
 
-    handles = [modules[n].register_forward_pre_hook(on_input(n)) for n in names]
-    try:
+    with capture.observe(model, names, record):
         for chunk in track(tokens.split(batch), desc="sensitivity: inputs", unit="batch"):
             model(chunk)
-    finally:
-        for h in handles:
-            h.remove()
-    return hessians
+    return {name: acc.hessian() for name, acc in hessians.items()}
 
 
 def _output_error(w: torch.Tensor, h: torch.Tensor, scheme: QuantScheme,
                   scale_dtype: torch.dtype) -> float:
     delta = (rtn.fake_quantize(w, scheme, scale_dtype) - w).double()
-    return float(((delta @ h) * delta).sum())
+    return float(((delta @ h.double()) * delta).sum())
 
 
 REFERENCE = Option(4, 128)
 METHOD = "measured KL at w4g128, scaled by Hessian-weighted error"  # in the cache key
 
 
-def measure(model_dir, calib: data.CalibrationSet,
+def measure(files: models.ModelFiles, calib: data.CalibrationSet,
             options: tuple[Option, ...] = DEFAULT_OPTIONS, kl_samples: int = 2,
             batch: int = 4, names: list[str] | None = None) -> Sensitivity:
     """Estimated KL cost (module doc) of every decoder-layer Linear (or `names`) at every
     option: H from all of `calib`'s windows, the measured KL from its first
     `kl_samples`."""
-    files = models.open_model(model_dir)
-    model = decoder.build(files, dtype=torch.float32, head_dtype=torch.float32)
+    model = models.build(files, dtype=torch.float32, head_dtype=torch.float32)
     names = names or files.linear_names()
     hessians = _input_hessians(model, names, calib.samples, batch)
     modules = dict(model.named_modules())
@@ -132,8 +127,6 @@ def measure(model_dir, calib: data.CalibrationSet,
     with torch.no_grad():
         inputs = model.layer_inputs(kl_tokens)
         reference = F.log_softmax(model.logits_from(0, inputs[0]).float(), dim=-1)
-    layer_of = {n: next(i for i in range(files.num_layers)
-                        if n.startswith(files.arch.layer_prefix(i))) for n in names}
     losses = {}
     for name in track(names, desc="sensitivity: Linears", unit="linear"):
         linear = modules[name]
@@ -142,7 +135,7 @@ def measure(model_dir, calib: data.CalibrationSet,
         ref_scheme = REFERENCE.scheme(name, in_f)
         with torch.no_grad():
             linear.weight.copy_(rtn.fake_quantize(w, ref_scheme, files.dtype))
-            i = layer_of[name]
+            i = files.layer_of(name)
             logq = F.log_softmax(model.logits_from(i, inputs[i]).float(), dim=-1)
             linear.weight.copy_(w)
         kl_ref = float((reference.exp() * (reference - logq)).sum(-1).mean())

@@ -1,0 +1,97 @@
+"""Calibrated quantisation of one decoder layer: transforms (AWQ), then rounding group by
+group in the architecture's true-sequential order (GPTQ, or nearest after AWQ).
+
+The layer is our own decoder layer, run through its own forward: `capture` gives each
+group's inputs, computed with every earlier group already quantised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from compress.models import Architecture
+from compress.quant import QuantizedWeight, QuantScheme, gptq, rtn
+from compress.recipe import Recipe
+
+from . import awq, capture
+
+CALIB_BATCH = 8  # calibration samples per forward chunk
+
+
+class _Group:
+    """The quantisable Linears of one group and where their results go."""
+
+    def __init__(self, layer: nn.Module, prefix: str, names: list[str],
+                 schemes: dict[str, QuantScheme], scale_dtype: torch.dtype,
+                 quantized: dict[str, QuantizedWeight], log: dict[str, dict]):
+        self.layer, self.prefix, self.names = layer, prefix, names
+        self.schemes = [schemes[prefix + n] for n in names]
+        self.modules = [layer.get_submodule(n) for n in names]
+        self.scale_dtype, self.quantized, self.log = scale_dtype, quantized, log
+
+    def replace(self, i: int, weight: QuantizedWeight, **info: object) -> None:
+        """Linear i is now `weight`: recorded, and what every later group computes with."""
+        name = self.prefix + self.names[i]
+        self.quantized[name] = weight
+        self.modules[i].weight.data = weight.dequantize()
+        if info:
+            self.log.setdefault(name, {}).update(info)
+
+
+def round_to_nearest(group: _Group, inputs: Iterator[torch.Tensor], recipe: Recipe) -> None:
+    """RTN of the (transformed) weights: the inputs are not needed."""
+    for i, (module, scheme) in enumerate(zip(group.modules, group.schemes, strict=True)):
+        group.replace(i, rtn.quantize(module.weight, scheme, group.scale_dtype))
+
+
+def round_gptq(group: _Group, inputs: Iterator[torch.Tensor], recipe: Recipe) -> None:
+    """GPTQ on the group's shared input Hessian; Linears with the same scheme in one pass."""
+    acc = gptq.HessianAccumulator(group.modules[0].in_features)
+    for x in inputs:
+        acc.add(x)
+    hessian = acc.hessian()
+    for scheme in dict.fromkeys(group.schemes):
+        same = [i for i, s in enumerate(group.schemes) if s == scheme]
+        results = gptq.quantize_shared_input(
+            [group.modules[i].weight for i in same], hessian, scheme, recipe.gptq,
+            group.scale_dtype, name=group.prefix + "+".join(group.names[i] for i in same))
+        for i, result in zip(same, results, strict=True):
+            group.replace(i, result.weight, relative_error=result.relative_error,
+                          damp=result.damp, dead_columns=result.dead_columns, tokens=acc.n)
+
+
+ROUNDINGS: dict[str, Callable[[_Group, Iterator[torch.Tensor], Recipe], None]] = {
+    "rtn": round_to_nearest,
+    "gptq": round_gptq,
+}
+
+
+@torch.no_grad()
+def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
+                   x: torch.Tensor, arch: Architecture, prefix: str,
+                   schemes: dict[str, QuantScheme], recipe: Recipe, scale_dtype: torch.dtype,
+                   memory_budget: int) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
+    """Quantise `layer` (module names as in the table; full names under `prefix`) on the
+    calibration activations x (N, S, D) entering it, which are overwritten in place with
+    the activations leaving it. `forward(chunk)` runs the layer. Returns the packed
+    weights and the per-Linear log."""
+    chunks = list(x.split(CALIB_BATCH))
+    log: dict[str, dict] = {}
+    if recipe.uses_awq:
+        log = awq.transform(layer, forward, chunks, arch, prefix, schemes, recipe.awq,
+                            scale_dtype)
+    quantized: dict[str, QuantizedWeight] = {}
+    round_group = ROUNDINGS[recipe.rounding]
+
+    def on_group(names: tuple[str, ...], inputs: Iterator[torch.Tensor]) -> None:
+        todo = [n for n in names if prefix + n in schemes]
+        if todo:
+            round_group(_Group(layer, prefix, todo, schemes, scale_dtype, quantized, log),
+                        inputs, recipe)
+
+    capture.true_sequential(layer, forward, chunks, arch.linear_groups, on_group,
+                            memory_budget)
+    return quantized, log
