@@ -13,7 +13,7 @@ SHAPES = {  # name: (N, K)
 }
 
 
-def random_packed(n: int, k: int, bits: int, group: int) -> kernels.PackedWeights:
+def random_packed(n: int, k: int, bits: int, group: int) -> kernels.QuantizedWeight:
     """Random codes; a group size that does not divide K shrinks as the pipeline does
     (128 over K = 576 becomes 64)."""
     while group > 32 and k % group:
@@ -23,4 +23,5 @@ def random_packed(n: int, k: int, bits: int, group: int) -> kernels.PackedWeight
     codes = torch.randint(-half, half, (n, k), generator=gen, dtype=torch.int8)
     groups = 1 if group == -1 else -(-k // group)
     scales = (torch.rand(n, groups, generator=gen) * 0.01).to(torch.float16)
-    return kernels.PackedWeights(kernels.pack(codes, bits), scales, None, None, bits, group, k)
+    return kernels.QuantizedWeight(kernels.pack(codes, bits), scales, None, None, bits, group,
+                                   (n, k))

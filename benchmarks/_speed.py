@@ -80,7 +80,7 @@ def payload_tensors(payload: object) -> list[torch.Tensor]:
         parts = [payload.packed, payload.scales_zeros]
     elif isinstance(payload, cpu.Int8Prepared):
         parts = [t for _, _, q, s in payload.segments for t in (q, s)]
-    elif isinstance(payload, kernels.PackedWeights):
+    elif isinstance(payload, kernels.QuantizedWeight):
         parts = [payload.qweight, payload.scales, payload.zeros, payload.g_idx]
     else:
         raise TypeError(f"unknown prepared weight {type(payload).__name__}")

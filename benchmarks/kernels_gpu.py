@@ -77,9 +77,9 @@ def _packed(n: int, k: int, bits: int, group: int, dev: torch.device):
     half = 1 << (bits - 1)
     codes = torch.randint(-half, half, (n, k), dtype=torch.int8)
     groups = 1 if group == -1 else k // group
-    return triton_qmm.prepare(kernels.PackedWeights(
+    return triton_qmm.prepare(kernels.QuantizedWeight(
         kernels.pack(codes, bits).to(dev), (torch.rand(n, groups) * 0.01).to(dev, torch.float16),
-        None, None, bits, group, k))
+        None, None, bits, group, (n, k)))
 
 
 def sweep_candidates(k: int, group: int, m: int):

@@ -31,18 +31,13 @@ class QuantLinear(nn.Module):
 
     @property
     def quantized_weight(self) -> QuantizedWeight:
+        """The weight these buffers hold (on whatever device they are)."""
         return QuantizedWeight(self.qweight, self.scales, self.zeros, self.g_idx, self.bits,
-                               self.group_size, (self.out_features, self.in_features),
-                               self.zeros is None)
-
-    @property
-    def packed_weights(self) -> kernels.PackedWeights:
-        return kernels.PackedWeights(self.qweight, self.scales, self.zeros, self.g_idx,
-                                     self.bits, self.group_size, self.in_features)
+                               self.group_size, (self.out_features, self.in_features))
 
     def kernel(self, device: torch.device) -> kernels.Kernel:
         if self._kernel is None or not self._kernel.serves(device):
-            self._kernel = kernels.prepare(self.packed_weights, device)
+            self._kernel = kernels.prepare(self.quantized_weight, device)
         return self._kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (..., out)
@@ -84,7 +79,7 @@ class SharedInputLinears:
         if members != self._members:
             self._members, self._kernel = members, None
             self._fusable = (all(isinstance(m, QuantLinear) for m in members)
-                             and kernels.concat_outputs([m.packed_weights for m in members])
+                             and kernels.concat_outputs([m.quantized_weight for m in members])
                              is not None)
         if not self._fusable:
             return [m(x) for m in members]
@@ -106,7 +101,7 @@ class SharedInputLinears:
             self._bias = torch.cat([
                 m.bias if m.bias is not None else torch.zeros(m.out_features, device=device)
                 for m in members]).to(device)
-        weights = kernels.concat_outputs([m.packed_weights for m in members])
+        weights = kernels.concat_outputs([m.quantized_weight for m in members])
         self._kernel = kernels.prepare(weights, device)
 
 

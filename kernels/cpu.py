@@ -33,6 +33,7 @@ with the same permutation on every call.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from . import native
 from .layout import boundaries, column_runs, gather_index, padded_columns
 from .packing import unpack
-from .weights import PackedWeights
+from .weights import QuantizedWeight
 
 _OPS = torch.ops.aten
 INT4_GROUP_SIZES = (256, 128, 64, 32)
@@ -67,7 +68,7 @@ class Int4Prepared:
     gather: torch.Tensor | None   # op column -> input column (K: a zero), see _gather
     in_features: int
     out_features: int
-    source: PackedWeights         # for the dense path of large M
+    source: QuantizedWeight         # for the dense path of large M
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,7 +78,7 @@ class Int8Prepared:
     gather: torch.Tensor | None
     in_features: int
     out_features: int
-    source: PackedWeights
+    source: QuantizedWeight
 
 
 def _int4_group(k: int, group_starts: torch.Tensor) -> int | None:
@@ -92,7 +93,7 @@ def _int4_group(k: int, group_starts: torch.Tensor) -> int | None:
     return None if best is None else best[1]
 
 
-def unsupported(w: PackedWeights, device: torch.device) -> str | None:
+def unsupported(w: QuantizedWeight, device: torch.device) -> str | None:
     """Why this backend cannot serve `w` on `device`, or None if it can."""
     if device.type != "cpu":
         return f"the CPU kernels need CPU tensors, got {device}"
@@ -101,7 +102,7 @@ def unsupported(w: PackedWeights, device: torch.device) -> str | None:
     return torch_ops_unsupported(w)
 
 
-def torch_ops_unsupported(w: PackedWeights) -> str | None:
+def torch_ops_unsupported(w: QuantizedWeight) -> str | None:
     """Why torch's int4/int8 ops cannot serve `w`, or None if they can."""
     if not available():
         return "this torch build lacks the int4/int8 weight-only CPU ops"
@@ -118,14 +119,14 @@ def torch_ops_unsupported(w: PackedWeights) -> str | None:
 Prepared = native.NativePrepared | Int4Prepared | Int8Prepared
 
 
-def prepare(w: PackedWeights) -> Prepared:
+def prepare(w: QuantizedWeight) -> Prepared:
     """`w` repacked for our kernel where it is available, else for torch's ops."""
     if native.unsupported(w) is None:
         return native.prepare(w)
     return prepare_for_torch_ops(w)
 
 
-def prepare_for_torch_ops(w: PackedWeights) -> Int4Prepared | Int8Prepared:
+def prepare_for_torch_ops(w: QuantizedWeight) -> Int4Prepared | Int8Prepared:
     reason = torch_ops_unsupported(w)
     if reason:
         raise ValueError(reason)
@@ -139,7 +140,7 @@ def implementation(prepared: Prepared) -> str:
     return "cpu-torch-ops"
 
 
-def _prepare_int4(w: PackedWeights) -> Int4Prepared:
+def _prepare_int4(w: QuantizedWeight) -> Int4Prepared:
     n, k = w.out_features, w.in_features
     perm, groups = w.column_order()
     group = _int4_group(k, boundaries(groups))
@@ -164,7 +165,7 @@ def _prepare_int4(w: PackedWeights) -> Int4Prepared:
                         group, gather_index(columns, k), k, n, w)
 
 
-def _prepare_int8(w: PackedWeights) -> Int8Prepared:
+def _prepare_int8(w: QuantizedWeight) -> Int8Prepared:
     n, k = w.out_features, w.in_features
     order, groups, starts, ends = column_runs(w)
     # The int8 op reads past the end of rows whose length is not a multiple of 16
@@ -203,7 +204,7 @@ def dense_min_rows(prepared: Prepared) -> int:
     return TORCH_OPS_DENSE_MIN_ROWS
 
 
-def dense(x2: torch.Tensor, w: PackedWeights) -> torch.Tensor:
+def dense(x2: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     """x2 [M, K] @ W.T through a bfloat16 GEMM on the dequantised weight, in x2's dtype."""
     return F.linear(x2.to(COMPUTE_DTYPE), dequantize_bf16(w)).to(x2.dtype)
 
@@ -242,7 +243,7 @@ def _int8(x2: torch.Tensor, p: Int8Prepared) -> torch.Tensor:
 DEQUANTIZE_CHUNK = 1 << 18  # weights per slice of rows: its temporaries stay in cache
 
 
-def dequantize_bf16(w: PackedWeights) -> torch.Tensor:
+def dequantize_bf16(w: QuantizedWeight) -> torch.Tensor:
     """Dense bfloat16 [N, K] weight: float32 arithmetic per group (no [N, K] index
     gathers unless act-order needs them), rounded once.
 
@@ -255,14 +256,14 @@ def dequantize_bf16(w: PackedWeights) -> torch.Tensor:
     out = torch.empty(n, k, dtype=COMPUTE_DTYPE, device=w.device)
     for start in range(0, n, rows):
         end = min(n, start + rows)
-        part = PackedWeights(w.qweight[start:end], w.scales[start:end],
-                             None if w.zeros is None else w.zeros[start:end], w.g_idx,
-                             w.bits, w.group_size, k)
+        part = dataclasses.replace(  # views: no copy of the rows
+            w, qweight=w.qweight[start:end], scales=w.scales[start:end],
+            zeros=None if w.zeros is None else w.zeros[start:end], shape=(end - start, k))
         out[start:end] = _dequantize_rows(part)
     return out
 
 
-def _dequantize_rows(w: PackedWeights) -> torch.Tensor:
+def _dequantize_rows(w: QuantizedWeight) -> torch.Tensor:
     n, k = w.out_features, w.in_features
     codes = unpack(w.qweight, w.bits, k).to(torch.float32)
     scales = w.scales.to(torch.float32)

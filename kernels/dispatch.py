@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu, reference
-from .weights import PackedWeights
+from .weights import QuantizedWeight
 
 ENV = "COMPRESS_KERNEL"
 
@@ -31,15 +31,15 @@ class _Reference:
     """The oracle as a backend: dequantise in float32 on every call, multiply."""
 
     @staticmethod
-    def unsupported(w: PackedWeights, device: torch.device) -> str | None:
+    def unsupported(w: QuantizedWeight, device: torch.device) -> str | None:
         return None
 
     @staticmethod
-    def prepare(w: PackedWeights) -> PackedWeights:
+    def prepare(w: QuantizedWeight) -> QuantizedWeight:
         return w
 
     @staticmethod
-    def linear(x: torch.Tensor, w: PackedWeights, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
         return reference.linear(x, w.qweight, w.scales, w.zeros, w.g_idx, bits=w.bits,
                                 group_size=w.group_size, in_features=w.in_features, bias=bias)
 
@@ -52,11 +52,11 @@ class _Dense:
     memory."""
 
     @staticmethod
-    def unsupported(w: PackedWeights, device: torch.device) -> str | None:
+    def unsupported(w: QuantizedWeight, device: torch.device) -> str | None:
         return None
 
     @staticmethod
-    def prepare(w: PackedWeights) -> _DenseWeights:
+    def prepare(w: QuantizedWeight) -> _DenseWeights:
         return _DenseWeights(w)
 
     @staticmethod
@@ -65,7 +65,7 @@ class _Dense:
 
 
 class _DenseWeights:
-    def __init__(self, packed: PackedWeights) -> None:
+    def __init__(self, packed: QuantizedWeight) -> None:
         self.packed = packed
         self._by_dtype: dict[torch.dtype, torch.Tensor] = {}
 
@@ -100,7 +100,7 @@ def requested() -> str:
     return os.environ.get(ENV, "").strip().lower()
 
 
-def choose(w: PackedWeights, device: torch.device) -> str:
+def choose(w: QuantizedWeight, device: torch.device) -> str:
     """The backend that serves `w` on `device` (honours COMPRESS_KERNEL)."""
     available = backends()
     forced = requested()
@@ -138,7 +138,7 @@ class Kernel:
         return device == self.device and requested() == self.forced
 
 
-def prepare(w: PackedWeights, device: torch.device | None = None) -> Kernel:
+def prepare(w: QuantizedWeight, device: torch.device | None = None) -> Kernel:
     device = torch.device(device) if device is not None else w.device
     name = choose(w, device)
     backend = backends()[name]
@@ -150,7 +150,7 @@ def run(kernel: Kernel, x: torch.Tensor, bias: torch.Tensor | None = None) -> to
     return kernel.fn(x, kernel.payload, bias)
 
 
-def backend_name(w: PackedWeights, device: torch.device | None = None) -> str:
+def backend_name(w: QuantizedWeight, device: torch.device | None = None) -> str:
     return choose(w, torch.device(device) if device is not None else w.device)
 
 
@@ -168,5 +168,6 @@ def linear(
 ) -> torch.Tensor:
     """One-shot y = x @ W.T (+ bias): prepares on every call, so hold a `Kernel` instead
     wherever the same weight is used twice."""
-    w = PackedWeights(qweight, scales, zeros, g_idx, bits, group_size, in_features)
+    w = QuantizedWeight(qweight, scales, zeros, g_idx, bits, group_size,
+                        (qweight.shape[0], in_features))
     return run(prepare(w, x.device), x, bias)

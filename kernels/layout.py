@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .weights import PackedWeights
+from .weights import QuantizedWeight
 
 
 def boundaries(sorted_groups: torch.Tensor) -> torch.Tensor:
@@ -13,7 +13,7 @@ def boundaries(sorted_groups: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(sorted_groups[1:] != sorted_groups[:-1]).flatten() + 1
 
 
-def column_runs(w: PackedWeights) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+def column_runs(w: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
     """(order, sorted groups, run starts, run ends): the columns in an order where every
     group is one contiguous run [start, end), and the group of each position."""
     perm, groups = w.column_order()

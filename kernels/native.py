@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from .layout import column_runs, gather_index, padded_columns
 from .packing import unpack
-from .weights import PackedWeights
+from .weights import QuantizedWeight
 
 SOURCE = Path(__file__).parent / "csrc" / "qlinear_cpu.cpp"
 ENV = "COMPRESS_NATIVE"
@@ -167,10 +167,10 @@ class NativePrepared:
     bits: int                       # 4 (serving 2, 3, 4) or 8
     in_features: int
     out_features: int
-    source: PackedWeights           # for the dense path of large M
+    source: QuantizedWeight           # for the dense path of large M
 
 
-def unsupported(w: PackedWeights) -> str | None:
+def unsupported(w: QuantizedWeight) -> str | None:
     if w.bits > 4 and w.bits != 8:
         return f"{w.bits}-bit weights have no native CPU kernel (supported: 2, 3, 4, 8)"
     return unavailable()
@@ -182,7 +182,7 @@ def _interleave(rows: torch.Tensor, tiles: int) -> torch.Tensor:
     return padded.view(tiles, ROWS, -1).transpose(1, 2).contiguous()
 
 
-def prepare(w: PackedWeights) -> NativePrepared:
+def prepare(w: QuantizedWeight) -> NativePrepared:
     reason = unsupported(w)
     if reason:
         raise ValueError(reason)

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .packing import pack, unpack
-from .weights import PackedWeights
+from .weights import QuantizedWeight
 
 FUSED_MAX_M = 128  # up to here the fused kernel; above, dequantise + cuBLAS (see module doc)
 
@@ -212,7 +212,7 @@ class TritonWeights:
     layout (else every M goes through the general dequantise + cuBLAS).
     """
 
-    packed: PackedWeights
+    packed: QuantizedWeight
     perm: torch.Tensor | None
     fused: bool
 
@@ -225,7 +225,7 @@ class TritonWeights:
         return self.packed.out_features
 
 
-def unsupported(w: PackedWeights, device: torch.device) -> str | None:
+def unsupported(w: QuantizedWeight, device: torch.device) -> str | None:
     if device.type != "cuda" and not interpreting():
         return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1), got {device}"
     if w.bits > 8:
@@ -233,20 +233,20 @@ def unsupported(w: PackedWeights, device: torch.device) -> str | None:
     return None
 
 
-def _group_block(w: PackedWeights) -> int:
+def _group_block(w: QuantizedWeight) -> int:
     """Columns per scale group the fused kernel sees (0: one group spans K)."""
     return w.group_size if 0 < w.group_size < w.in_features else 0
 
 
-def _contiguous_groups(w: PackedWeights) -> tuple[PackedWeights, torch.Tensor | None]:
+def _contiguous_groups(w: QuantizedWeight) -> tuple[QuantizedWeight, torch.Tensor | None]:
     """The weight with its columns sorted by group and that column order (None: already
     sorted). Unchanged when there is no act-order, or when sorting does not give runs of
     `group_size` columns (a hand-made g_idx), which then keeps its g_idx."""
     if w.g_idx is None:
         return w, None
     if w.scales.shape[1] == 1:  # one group: the column order does not matter
-        return PackedWeights(w.qweight, w.scales, w.zeros, None, w.bits, w.group_size,
-                             w.in_features), None
+        return QuantizedWeight(w.qweight, w.scales, w.zeros, None, w.bits, w.group_size,
+                               w.shape), None
     if _group_block(w) == 0:
         return w, None
     perm, groups = w.column_order()
@@ -257,29 +257,29 @@ def _contiguous_groups(w: PackedWeights) -> tuple[PackedWeights, torch.Tensor | 
     if perm is not None:
         codes = codes[:, perm]
     qweight = pack(codes.cpu(), w.bits).to(w.qweight.device)
-    return PackedWeights(qweight, w.scales, w.zeros, None, w.bits, w.group_size,
-                         w.in_features), perm
+    return QuantizedWeight(qweight, w.scales, w.zeros, None, w.bits, w.group_size,
+                           w.shape), perm
 
 
-def prepare(w: PackedWeights) -> TritonWeights:
+def prepare(w: QuantizedWeight) -> TritonWeights:
     contiguous, perm = _contiguous_groups(w)
-    packed = PackedWeights(
+    packed = QuantizedWeight(
         contiguous.qweight.contiguous(), contiguous.scales.contiguous(),
         None if contiguous.zeros is None else contiguous.zeros.to(torch.int8).contiguous(),
         None if contiguous.g_idx is None else contiguous.g_idx.to(torch.int32).contiguous(),
-        contiguous.bits, contiguous.group_size, contiguous.in_features)
+        contiguous.bits, contiguous.group_size, contiguous.shape)
     group = _group_block(packed)
     fast = (32 % packed.bits == 0 and packed.g_idx is None
             and (group == 0 or (group >= 32 and group & (group - 1) == 0)))
     return TritonWeights(packed, perm, fast)
 
 
-def _block_columns(w: PackedWeights) -> int:
+def _block_columns(w: QuantizedWeight) -> int:
     """Columns per K block: 128, or the group when smaller (a block must lie in one group)."""
     return min(128, _group_block(w) or 128)
 
 
-def fused_config(n: int, k: int, m: int, w: PackedWeights,
+def fused_config(n: int, k: int, m: int, w: QuantizedWeight,
                  device: torch.device) -> FusedConfig:
     """Heuristic launch shape for `_fused_kernel`, read off `kernels_gpu.py --sweep` on an
     H200 (benchmarks/README.md): 64-wide tiles, 128-column blocks, and K split until the
@@ -326,7 +326,7 @@ def dequantize(prepared: TritonWeights, dtype: torch.dtype) -> torch.Tensor:
     return dense
 
 
-def fused(x2: torch.Tensor, w: PackedWeights, config: FusedConfig,
+def fused(x2: torch.Tensor, w: QuantizedWeight, config: FusedConfig,
           out: torch.Tensor | None = None, partials: torch.Tensor | None = None
           ) -> torch.Tensor:
     """The fused launch for M <= FUSED_MAX_M; `partials` [splits, M, N] float32 may be

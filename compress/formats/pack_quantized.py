@@ -69,7 +69,7 @@ def from_tensors(
                                 "the checkpoint is corrupt; re-download or re-quantise it")
     _check_scale_range(name, scales, scheme.bits)
     return QuantizedWeight(packed, scales, zeros, g_idx, scheme.bits, scheme.group_size,
-                           (out_features, in_features), scheme.symmetric)
+                           (out_features, in_features))
 
 
 FLOAT16_MAX = 65504.0

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from compress.errors import CompressError
+from compress.kernels import QuantizedWeight
 from compress.progress import status
 
 from . import rtn
-from .qweight import QuantizedWeight
 from .scheme import QuantScheme
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .qweight import QuantizedWeight, num_groups
+from compress.kernels import QuantizedWeight, num_groups
+
 from .scheme import QuantScheme
 
 

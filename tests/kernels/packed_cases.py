@@ -32,14 +32,14 @@ def expected_weight(codes, scales, zeros, g_idx, group_size):
 
 
 def random_weights(n: int, k: int, bits: int, group_size: int, symmetric: bool,
-                   act_order: bool, seed: int) -> kernels.PackedWeights:
+                   act_order: bool, seed: int) -> kernels.QuantizedWeight:
     gen = torch.Generator().manual_seed(seed)
     codes, scales, zeros, g_idx = make_packed(n, k, bits, group_size, symmetric, act_order, gen)
-    return kernels.PackedWeights(kernels.pack(codes, bits), scales, zeros, g_idx, bits,
-                                 group_size, k)
+    return kernels.QuantizedWeight(kernels.pack(codes, bits), scales, zeros, g_idx, bits,
+                                   group_size, (n, k))
 
 
-def reference_output(x: torch.Tensor, w: kernels.PackedWeights) -> torch.Tensor:
+def reference_output(x: torch.Tensor, w: kernels.QuantizedWeight) -> torch.Tensor:
     """float32 oracle output for x of any float dtype."""
     return kernels.reference.linear(x.to(torch.float32), w.qweight, w.scales, w.zeros,
                                     w.g_idx, bits=w.bits, group_size=w.group_size,

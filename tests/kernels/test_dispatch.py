@@ -73,7 +73,7 @@ def test_triton_without_cuda_or_interpreter_is_refused(monkeypatch):
 
 def test_quant_linear_follows_the_forced_backend(monkeypatch):
     w = random_weights(48, 64, 8, -1, True, False, 2)
-    qw = QuantizedWeight(w.qweight, w.scales, None, None, 8, -1, (48, 64), True)
+    qw = QuantizedWeight(w.qweight, w.scales, None, None, 8, -1, (48, 64))
     layer = QuantLinear(qw)
     x = torch.randn(2, 64)
     monkeypatch.setenv("COMPRESS_KERNEL", "reference")

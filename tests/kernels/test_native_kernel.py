@@ -30,7 +30,7 @@ EXACT_BOUND, FLOAT32_BOUND, BOUND = 1e-5, 1e-4, 1e-2
 LEVELS = 127.0 * 128.0
 
 
-def rounded_activations(x: torch.Tensor, w: kernels.PackedWeights) -> torch.Tensor:
+def rounded_activations(x: torch.Tensor, w: kernels.QuantizedWeight) -> torch.Tensor:
     """x [M, K] as the kernel sees it: columns in the prepared order, each block of 32
     rounded to integers in [-16256, 16256] with scale amax / 16256 (float32 arithmetic, as
     in the C++), back in the original column order (padding dropped)."""
