@@ -7,9 +7,23 @@ Python, and never let pip pull another torch). Recreate it with:
     echo "torch==2.13.0" > /tmp/peer-constraints.txt
     /tmp/peer-venv/bin/pip install -c /tmp/peer-constraints.txt llmcompressor==0.14.0.1
 
+Where torch 2.13.0+cpu lives in a venv rather than in the system Python (e.g. the
+project's /work/venv), --system-site-packages cannot reach it (a venv made from a venv's
+python points at the base interpreter). Make the peer venv from the base interpreter and
+append that venv's site-packages with a .pth file instead; the peer venv's own packages
+still come first on sys.path, and pip leaves the other venv untouched (it only reads it):
+
+    /root/.pyenv/versions/3.11.7/bin/python -m venv /tmp/peer-venv  # = /work/venv's "home"
+    echo /work/venv/lib/python3.11/site-packages \
+        > /tmp/peer-venv/lib/python3.11/site-packages/work-venv.pth
+    echo "torch==2.13.0" > /tmp/peer-constraints.txt
+    /tmp/peer-venv/bin/pip install -c /tmp/peer-constraints.txt llmcompressor==0.14.0.1
+
 That gives, inside the venv only: llmcompressor 0.14.0.1, transformers 5.17.0 and
 compressed-tensors 0.19.0 (llmcompressor pins these; they shadow the system 5.24 /
-0.20.0), huggingface_hub 1.33.0; torch, datasets, accelerate come from the system.
+0.20.0), huggingface_hub 1.33.0, auto-round 0.15.1; torch, datasets, accelerate come
+from the system (or the .pth'd venv). transformers 5.17 loads both bundled models'
+converted directories (Gemma3ForCausalLM included) with the same logits as 5.24.
 
 Run (does not import the `compress` package; no hub access, HF_HUB_OFFLINE=1):
 
@@ -17,9 +31,20 @@ Run (does not import the `compress` package; no hub access, HF_HUB_OFFLINE=1):
         --model /root/.cache/compress/models/smollm2-135m-0.1.2-fp16 \
         --calib-ids /tmp/calib128.pt --out /tmp/peer-out-w4 --json /tmp/peer-w4.json
 
---calib-ids is a .pt int64 tensor [n_samples, seqlen]; all samples are used, in order.
-Schemes (symmetric int, lm_head not quantised): w4 / w3 = group 64 for q/k/v/o/gate/up
-(in_features 576, not divisible by 128) and group 128 for down_proj; w8 = per-channel.
+Gemma-3-270M (the `gemma3-270m` bundled model), W4 g128 everywhere:
+
+    /tmp/peer-venv/bin/python benchmarks/peer_llmcompressor.py --method gptq --scheme w4g128 \
+        --model /root/.cache/compress/models/gemma3-270m-1.0.0-fp16 \
+        --calib-ids /tmp/gemma-calib128.pt --out /tmp/peer-gemma-w4g128 \
+        --json /tmp/peer-gemma-w4g128.json
+
+--calib-ids is a .pt int64 tensor [n_samples, seqlen]; all samples are used, in order
+(for Gemma, make it with compress.data.calibration_set, which starts every sample with BOS).
+Schemes (symmetric int, lm_head and embeddings not quantised): w4 / w3 = SmolLM2's layout,
+group 64 for q/k/v/o/gate/up (in_features 576, not divisible by 128) and group 128 for
+down_proj; w4g128 = group 128 for every Linear of the decoder layers (Gemma-3-270M: in
+features 640/1024/2048; refused if a targeted Linear's in_features is not a multiple of
+128); w8 = per-channel.
 --actorder none|weight ("weight" = "static"; llm-compressor's own default; "group"/"dynamic"
 is rejected by GPTQ in 0.14: "Only 'weight' and 'static' are supported").
 GPTQ settings: dampening_frac 0.01, block_size 128, sequential (layer-by-layer)
@@ -34,10 +59,17 @@ absmax / ((2**b - 1) / 2), e.g. absmax / 7.5 at 4 bits.
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import sys
 import time
+
+# Run as a script, this folder is sys.path[0], and its kernels.py shadows the `kernels`
+# package that transformers probes for at import ("Could not import module
+# 'PreTrainedModel'"). Nothing here imports from this folder, so drop it.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -81,9 +113,25 @@ def config_groups(scheme: str) -> dict:
             "group_576": {"targets": [SMALL], "weights": weights(bits, "group", 64)},
             "group_1536": {"targets": [DOWN], "weights": weights(bits, "group", 128)},
         }
+    if scheme == "w4g128":
+        return {"group_128": {"targets": [SMALL, DOWN], "weights": weights(4, "group", 128)}}
     if scheme == "w8":
         return {"channel": {"targets": [SMALL, DOWN], "weights": weights(8, "channel")}}
     raise ValueError(scheme)
+
+
+def check_group_sizes(model: torch.nn.Module, groups: dict) -> None:
+    """Refuse a group size that does not divide a targeted Linear's in_features (a uniform
+    g128 scheme fits Gemma-3-270M, not SmolLM2's 576-wide projections)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        for group in groups.values():
+            size = group["weights"].get("group_size")
+            hit = any(re.fullmatch(t.removeprefix("re:"), name) for t in group["targets"])
+            if hit and size and module.in_features % size:
+                raise SystemExit(f"{name}: in_features {module.in_features} is not a multiple "
+                                 f"of group size {size}; use --scheme w4 for this model")
 
 
 def main() -> None:
@@ -93,7 +141,7 @@ def main() -> None:
     ap.add_argument("--calib-ids", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--scheme", choices=["w4", "w3", "w8"], default="w4")
+    ap.add_argument("--scheme", choices=["w4", "w3", "w4g128", "w8"], default="w4")
     ap.add_argument("--actorder", choices=["none", "weight"], default="none")
     dtypes = ["float16", "bfloat16", "float32"]
     ap.add_argument("--dtype", choices=dtypes, default="float32",
@@ -119,6 +167,7 @@ def main() -> None:
     t_load = time.perf_counter() - t_load
 
     groups = config_groups(args.scheme)
+    check_group_sizes(model, groups)
     if args.method == "gptq":
         recipe = GPTQModifier(
             config_groups=groups,
@@ -178,6 +227,8 @@ def main() -> None:
             "torch": torch.__version__,
             "python": sys.version.split()[0],
         },
+        "model": os.path.abspath(args.model),
+        "model_type": model.config.model_type,
         "out": os.path.abspath(args.out),
     }
     text = json.dumps(result, indent=2)
