@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from _child import run_measured
 
-from compress import api, assets, data
+from compress import assets, data, evaluation
 
 HERE = Path(__file__).parent
 PEER_PYTHON = Path("/tmp/peer-venv/bin/python")  # see benchmarks/peer_llmcompressor.py
@@ -33,7 +33,7 @@ def quantize(method: str, bits: int, group: int, extra: list[str], out: Path,
     if method != "rtn":
         cmd += ["--calib-samples", str(calib_samples), "--calib-seqlen", str(calib_seqlen)]
     seconds, rss = run_child(cmd)
-    ppl = api.evaluate_perplexity(out, max_tokens=eval_tokens)
+    ppl = evaluation.evaluate_perplexity(out, max_tokens=eval_tokens)
     return {"seconds": seconds, "peak_rss_bytes": rss, "ppl": ppl.ppl}
 
 
@@ -56,7 +56,7 @@ def peer(method: str, bits: int, actorder: str, calib_ids: Path, work: Path, nam
                            "--calib-ids", str(calib_ids), "--scheme", f"w{bits}",
                            "--out", str(out), "--actorder", actorder, "--json", str(report)])
     info = json.loads(report.read_text())
-    ppl = api.evaluate_perplexity(out, max_tokens=eval_tokens).ppl
+    ppl = evaluation.evaluate_perplexity(out, max_tokens=eval_tokens).ppl
     return {**info, "process_seconds": wall, "process_peak_rss_bytes": rss, "ppl": ppl}
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from _quantbench import HERE, PEER_PYTHON, calibration_ids, peer, quantize, write_report
 
-from compress import api, assets
+from compress import assets, evaluation
 from compress.progress import set_quiet
 
 SETTINGS = {"w4g128": (4, 128), "w3g128": (3, 128)}  # symmetric, as every method defaults
@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     set_quiet(True)
 
-    fp16 = api.evaluate_perplexity(assets.bundled_model_dir(), max_tokens=args.eval_tokens)
+    fp16 = evaluation.evaluate_perplexity(assets.bundled_model_dir(), max_tokens=args.eval_tokens)
     work = Path(tempfile.mkdtemp(prefix="compress-awq-bench-"))
     rows: dict = {}
     calib = (args.calib_samples, args.calib_seqlen, args.eval_tokens)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import compress
-from compress import api, assets, data, models, pipeline
+from compress import assets, data, evaluation, models, pipeline
 from compress.progress import set_quiet
 from compress.quant import QuantScheme
 from compress.recipe import Recipe
@@ -86,14 +86,14 @@ def main() -> None:
     base = assets.bundled_model_dir()
     tokenizer = data.load_tokenizer(base)
     prompt = tokenizer(PROMPT).input_ids
-    baseline = api.evaluate_perplexity(base, max_tokens=args.eval_tokens)
+    baseline = evaluation.evaluate_perplexity(base, max_tokens=args.eval_tokens)
     rows = []
     work = Path(tempfile.mkdtemp(prefix="compress-bench-"))
     dirs = {}
     for label, bits, group, sym in SETTINGS:
         out = work / label.replace(" ", "_")
         result = pipeline.quantize(base, Recipe("rtn", QuantScheme(bits, group, sym)), out)
-        ppl = api.evaluate_perplexity(out, max_tokens=args.eval_tokens)
+        ppl = evaluation.evaluate_perplexity(out, max_tokens=args.eval_tokens)
         dirs[label] = out
         rows.append({
             "setting": label, "bits": bits, "group_size": group, "symmetric": sym,

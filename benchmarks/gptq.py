@@ -18,7 +18,7 @@ from pathlib import Path
 
 from _quantbench import HERE, PEER_PYTHON, calibration_ids, peer, quantize, write_report
 
-from compress import api, assets
+from compress import assets, evaluation
 from compress.progress import set_quiet
 
 SETTINGS = {  # name -> (bits, group size, extra gptq flags); act-order (static) is default
@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     set_quiet(True)
 
-    fp16 = api.evaluate_perplexity(assets.bundled_model_dir(), max_tokens=args.eval_tokens)
+    fp16 = evaluation.evaluate_perplexity(assets.bundled_model_dir(), max_tokens=args.eval_tokens)
     work = Path(tempfile.mkdtemp(prefix="compress-gptq-bench-"))
     rows: dict = {}
     peers: dict = {}

@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import compress
-from compress import assets, data, models, pipeline, sources
+from compress import assets, data, evaluation, models, pipeline, sources
 from compress.calibrate import sensitivity
 from compress.errors import CompressError
-from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS, PerplexityResult
-from compress.evaluation import evaluate_perplexity, model_identity
+from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS
+from compress.evaluation import model_identity
 from compress.formats import checkpoint, pickle_import
 from compress.nn import kernel_backends
 from compress.progress import status
@@ -29,8 +29,7 @@ from compress.serving.speculative import SpeculativeDecoder
 class QuantizeSummary:
     result: pipeline.QuantizeResult
     source_name: str
-    baseline: PerplexityResult | None
-    quantized: PerplexityResult | None
+    evaluation: evaluation.EvalReport | None  # the checkpoint against its source
     eval_seconds: float
     group_fallbacks: dict[str, int]  # "128->64" -> number of Linears
 
@@ -68,21 +67,21 @@ def quantize(
         recipe, allocation = allocated_recipe(files, recipe, target_bits, options,
                                               calibration_data)
         notes = {"allocation.json": allocation}
-    result = pipeline.quantize(model, recipe, out, overwrite=overwrite, resume=resume,
+    result = pipeline.quantize(files, recipe, out, overwrite=overwrite, resume=resume,
                                calibration_data=calibration_data, notes=notes)
+    packed = models.open_model(out)
     fallbacks: dict[str, int] = {}
-    for name, scheme in models.open_model(out).schemes.items():
+    for name, scheme in packed.schemes.items():
         asked = recipe.scheme_for(name)
         if asked is not None and asked.group_size != scheme.group_size:
             key = f"{asked.group_size}->{scheme.group_size}"
             fallbacks[key] = fallbacks.get(key, 0) + 1
-    baseline = quantized = None
+    report = None
     started = time.perf_counter()
-    if evaluate:
-        baseline = evaluate_perplexity(model, ctx=ctx, max_tokens=eval_tokens)
-        quantized = evaluate_perplexity(out, ctx=ctx, max_tokens=eval_tokens)
-    return QuantizeSummary(result, files.name, baseline, quantized,
-                           time.perf_counter() - started, fallbacks)
+    if evaluate:  # one pass of each model: both perplexities and the KL between them
+        report = evaluation.evaluate(packed, files, ctx=ctx, max_tokens=eval_tokens)
+    return QuantizeSummary(result, files.name, report, time.perf_counter() - started,
+                           fallbacks)
 
 
 def default_out_dir(model_name: str, recipe: Recipe, target_bits: float | None = None) -> Path:

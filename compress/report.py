@@ -162,16 +162,19 @@ def _measure(base: models.ModelFiles, cell: Cell | None, out: Path,
              settings: Settings) -> dict:
     started = time.perf_counter()
     if cell is None:
-        path, quantise_s = base.path, 0.0
+        files, quantise_s = base, 0.0
     else:
         path = out / "checkpoints" / cell.label
         recipe, notes = cell.recipe(base)
-        if not _complete_checkpoint(path, recipe):
-            pipeline.quantize(base.path, recipe, path, overwrite=path.exists(), notes=notes)
+        files = _complete_checkpoint(path, recipe)
+        if files is None:
+            pipeline.quantize(base, recipe, path, overwrite=path.exists(), notes=notes)
+            files = models.open_model(path)
         quantise_s = time.perf_counter() - started
+    path = files.path
     started = time.perf_counter()
     tasks = list(settings.tasks) or None
-    ev = evaluation.evaluate(path, base.path if cell is not None else "none",
+    ev = evaluation.evaluate(files, base if cell is not None else "none",
                              max_tokens=settings.eval_tokens, tasks=tasks,
                              limit=settings.limit)
     eval_s = time.perf_counter() - started
@@ -179,7 +182,6 @@ def _measure(base: models.ModelFiles, cell: Cell | None, out: Path,
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
         speed = pool.submit(_speed, str(path), settings.prompt_tokens,
                             settings.decode_tokens).result()
-    files = models.open_model(path)
     size = sum((path / f).stat().st_size for f in files.tensors.files())
     quantised_bits, quantised_weights = _quantised_bits(files)
     m = ev.match
@@ -207,14 +209,14 @@ def _measure(base: models.ModelFiles, cell: Cell | None, out: Path,
     }
 
 
-def _complete_checkpoint(path: Path, recipe: Recipe) -> bool:
-    """A finished checkpoint of `recipe` (a killed quantisation leaves only
-    `<path>.partial`, which pipeline.quantize resumes)."""
+def _complete_checkpoint(path: Path, recipe: Recipe) -> models.ModelFiles | None:
+    """The finished checkpoint of `recipe` at `path`, opened, or None (a killed
+    quantisation leaves only `<path>.partial`, which pipeline.quantize resumes)."""
     try:
         files = models.open_model(path)
     except CompressError:
-        return False
-    return (files.manifest or {}).get("recipe") == recipe.to_dict()
+        return None
+    return files if (files.manifest or {}).get("recipe") == recipe.to_dict() else None
 
 
 def _quantised_bits(files: models.ModelFiles) -> tuple[int, int]:

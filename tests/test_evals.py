@@ -7,7 +7,7 @@ import torch
 from compress.evals import perplexity
 from transformers import AutoModelForCausalLM
 
-from compress import api, data, models, pipeline
+from compress import data, evaluation, models, pipeline
 from compress.errors import CompressError
 from compress.quant import QuantScheme
 from compress.recipe import Recipe
@@ -48,8 +48,8 @@ def test_quantisation_costs_perplexity_in_order(bundled_dir, tmp_path):
     for bits, group_size in [(8, -1), (4, 128), (2, 64)]:
         out = tmp_path / f"w{bits}"
         pipeline.quantize(bundled_dir, Recipe("rtn", QuantScheme(bits, group_size, True)), out)
-        results[bits] = api.evaluate_perplexity(out, max_tokens=1024, use_cache=False).ppl
-    base = api.evaluate_perplexity(bundled_dir, max_tokens=1024, use_cache=False).ppl
+        results[bits] = evaluation.evaluate_perplexity(out, max_tokens=1024, use_cache=False).ppl
+    base = evaluation.evaluate_perplexity(bundled_dir, max_tokens=1024, use_cache=False).ppl
     assert abs(results[8] / base - 1) < 0.02
     assert base * 1.05 < results[4] < base * 1.6
     assert results[2] > base * 10
@@ -61,9 +61,9 @@ def test_results_are_cached_by_model_bytes(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(assets, "cache_root", lambda: tmp_path / "cache")
     text = tmp_path / "t.txt"
     text.write_text("Some words to score, again and again. " * 40)
-    first = api.evaluate_perplexity(tiny_llama, text, ctx=32, max_tokens=128)
+    first = evaluation.evaluate_perplexity(tiny_llama, text, ctx=32, max_tokens=128)
     assert len(list((tmp_path / "cache/results/ppl").glob("*.json"))) == 1
-    again = api.evaluate_perplexity(tiny_llama, text, ctx=32, max_tokens=128)
+    again = evaluation.evaluate_perplexity(tiny_llama, text, ctx=32, max_tokens=128)
     assert again == first
-    api.evaluate_perplexity(tiny_llama, text, ctx=16, max_tokens=128)
+    evaluation.evaluate_perplexity(tiny_llama, text, ctx=16, max_tokens=128)
     assert len(list((tmp_path / "cache/results/ppl").glob("*.json"))) == 2

@@ -138,8 +138,12 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def open_model(name_or_path: str | Path | None, verify: bool = True) -> ModelFiles:
-    """Open a model directory (HF or ours) or a bundled model, reading only config and headers."""
+def open_model(name_or_path: ModelFiles | str | Path | None, verify: bool = True) -> ModelFiles:
+    """Open a model directory (HF or ours) or a bundled model, reading only config and
+    headers (and checking a checkpoint's manifest hashes). An already opened model is
+    returned as it is: a command opens each model once and passes the object on."""
+    if isinstance(name_or_path, ModelFiles):
+        return name_or_path
     path, name = sources.resolve(name_or_path)
     config = read_config(path)
     config_file = path / "config.json"
