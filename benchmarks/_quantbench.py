@@ -25,9 +25,10 @@ def run_child(cmd: list[str]) -> tuple[float, int]:
 
 
 def quantize(method: str, bits: int, group: int, extra: list[str], out: Path,
-             calib_samples: int, calib_seqlen: int, eval_tokens: int) -> dict:
+             calib_samples: int, calib_seqlen: int, eval_tokens: int,
+             model: str = assets.DEFAULT_MODEL) -> dict:
     """`compress quantize` in a child process, then perplexity of what it wrote."""
-    cmd = [sys.executable, "-m", "compress.cli", "quantize", "--method", method,
+    cmd = [sys.executable, "-m", "compress.cli", "quantize", model, "--method", method,
            "--bits", str(bits), "--group-size", str(group), "--out", str(out), "--overwrite",
            "--no-eval", "-q", *extra]
     if method != "rtn":
@@ -37,9 +38,10 @@ def quantize(method: str, bits: int, group: int, extra: list[str], out: Path,
     return {"seconds": seconds, "peak_rss_bytes": rss, "ppl": ppl.ppl}
 
 
-def calibration_ids(work: Path, samples: int, seqlen: int) -> Path:
+def calibration_ids(work: Path, samples: int, seqlen: int,
+                    model: str = assets.DEFAULT_MODEL) -> Path:
     """Our calibration windows as token ids, for the peer to consume verbatim."""
-    base = assets.bundled_model_dir()
+    base = assets.bundled_model_dir(model)
     calib = data.calibration_set(data.load_tokenizer(base), None, samples, seqlen, 0)
     work.mkdir(parents=True, exist_ok=True)
     path = work / "calib_ids.pt"
@@ -48,12 +50,13 @@ def calibration_ids(work: Path, samples: int, seqlen: int) -> Path:
 
 
 def peer(method: str, bits: int, actorder: str, calib_ids: Path, work: Path, name: str,
-         eval_tokens: int, peer_python: Path = PEER_PYTHON) -> dict:
+         eval_tokens: int, peer_python: Path = PEER_PYTHON, model: str = assets.DEFAULT_MODEL,
+         scheme: str | None = None) -> dict:
     """llm-compressor's modifier on the same model and ids, scored by our harness."""
     out, report = work / f"peer-{method}-{name}", work / f"peer-{method}-{name}.json"
     wall, rss = run_child([str(peer_python), str(HERE / "peer_llmcompressor.py"),
-                           "--method", method, "--model", str(assets.bundled_model_dir()),
-                           "--calib-ids", str(calib_ids), "--scheme", f"w{bits}",
+                           "--method", method, "--model", str(assets.bundled_model_dir(model)),
+                           "--calib-ids", str(calib_ids), "--scheme", scheme or f"w{bits}",
                            "--out", str(out), "--actorder", actorder, "--json", str(report)])
     info = json.loads(report.read_text())
     ppl = evaluation.evaluate_perplexity(out, max_tokens=eval_tokens).ppl

@@ -60,7 +60,8 @@ def _kernels_key() -> dict:
     # the fast kernels round activations: their numbers differ in the 4th digit, so which
     # kernels would serve is part of every key
     return {"kernel": kernels.dispatch.requested() or "auto",
-            "native_cpu": kernels.native.unavailable() is None}
+            "native_cpu": kernels.native.unavailable() is None,
+            "dense_dtype": str(kernels.cpu.dense_dtype())}
 
 
 def _cache_file(kind: str, key: dict, suffix: str = ".json") -> Path:

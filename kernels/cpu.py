@@ -34,6 +34,7 @@ with the same permutation on every call.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -204,9 +205,49 @@ def dense_min_rows(prepared: Prepared) -> int:
     return TORCH_OPS_DENSE_MIN_ROWS
 
 
+@functools.cache
+def native_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` (bfloat16, float16) matrices natively (AVX512-BF16,
+    AVX512-FP16, AMX). Without, oneDNN emulates them: a 512-row bfloat16 GEMM ran ~6x
+    slower than the float32 one on an AVX2-only EPYC."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
+
+
+def dense_dtype() -> torch.dtype:
+    """The GEMM dtype of the dense path: bfloat16 where it is native, else float32."""
+    return COMPUTE_DTYPE if native_half(COMPUTE_DTYPE) else torch.float32
+
+
 def dense(x2: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
-    """x2 [M, K] @ W.T through a bfloat16 GEMM on the dequantised weight, in x2's dtype."""
-    return F.linear(x2.to(COMPUTE_DTYPE), dequantize_bf16(w)).to(x2.dtype)
+    """x2 [M, K] @ W.T through one GEMM on the dequantised weight (`dense_dtype`), in x2's
+    dtype."""
+    dtype = dense_dtype()
+    return F.linear(x2.to(dtype), dequantize_dense(w, dtype)).to(x2.dtype)
+
+
+HALF_WIDEN_MIN_ROWS = 64  # below, a half GEMV/GEMM beats widening the weight (AVX2 EPYC)
+WIDEN_CHUNK = 1 << 24  # weights widened to float32 at a time
+
+
+def half_linear(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x2 [M, K] @ weight.T in float32 for a dense half-precision weight (an embedding table
+    used as the output head). Where the CPU lacks native half GEMMs and M is large enough
+    to pay for it, the weight is widened to float32 a slice of rows at a time (whole, a
+    262144 x 640 table would be a 0.7 GB temporary); else one half-precision call, which
+    reads half the bytes of float32 (what decoding one row at a time is bound by)."""
+    if native_half(weight.dtype) or x2.shape[0] < HALF_WIDEN_MIN_ROWS:
+        return F.linear(x2.to(weight.dtype), weight).to(torch.float32)
+    x32 = x2.to(torch.float32)
+    out = torch.empty(x2.shape[0], weight.shape[0], dtype=torch.float32, device=x2.device)
+    rows = max(1, WIDEN_CHUNK // weight.shape[1])
+    for start in range(0, weight.shape[0], rows):
+        end = min(weight.shape[0], start + rows)
+        out[:, start:end] = F.linear(x32, weight[start:end].to(torch.float32))
+    return out
 
 
 def weight_only(x2: torch.Tensor, prepared: Prepared) -> torch.Tensor:
@@ -243,8 +284,8 @@ def _int8(x2: torch.Tensor, p: Int8Prepared) -> torch.Tensor:
 DEQUANTIZE_CHUNK = 1 << 18  # weights per slice of rows: its temporaries stay in cache
 
 
-def dequantize_bf16(w: QuantizedWeight) -> torch.Tensor:
-    """Dense bfloat16 [N, K] weight: float32 arithmetic per group (no [N, K] index
+def dequantize_dense(w: QuantizedWeight, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
+    """Dense [N, K] weight in `dtype`: float32 arithmetic per group (no [N, K] index
     gathers unless act-order needs them), rounded once.
 
     Done a slice of rows at a time: whole, a 49152 x 576 head made ~0.5 GB of [N, K]
@@ -252,18 +293,18 @@ def dequantize_bf16(w: QuantizedWeight) -> torch.Tensor:
     n, k = w.out_features, w.in_features
     rows = max(1, DEQUANTIZE_CHUNK // k)
     if n <= rows:
-        return _dequantize_rows(w)
-    out = torch.empty(n, k, dtype=COMPUTE_DTYPE, device=w.device)
+        return _dequantize_rows(w, dtype)
+    out = torch.empty(n, k, dtype=dtype, device=w.device)
     for start in range(0, n, rows):
         end = min(n, start + rows)
         part = dataclasses.replace(  # views: no copy of the rows
             w, qweight=w.qweight[start:end], scales=w.scales[start:end],
             zeros=None if w.zeros is None else w.zeros[start:end], shape=(end - start, k))
-        out[start:end] = _dequantize_rows(part)
+        out[start:end] = _dequantize_rows(part, dtype)
     return out
 
 
-def _dequantize_rows(w: QuantizedWeight) -> torch.Tensor:
+def _dequantize_rows(w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     n, k = w.out_features, w.in_features
     codes = unpack(w.qweight, w.bits, k).to(torch.float32)
     scales = w.scales.to(torch.float32)
@@ -273,11 +314,11 @@ def _dequantize_rows(w: QuantizedWeight) -> torch.Tensor:
         if zeros is not None:
             codes -= zeros[:, groups]
         codes *= scales[:, groups]
-        return codes.to(COMPUTE_DTYPE)
+        return codes.to(dtype)
     size = k if w.group_size <= 0 else w.group_size
     padded = scales.shape[1] * size  # a last, shorter group is padded, then cut off
     grouped = F.pad(codes, (0, padded - k)).view(n, -1, size)
     if zeros is not None:
         grouped -= zeros.unsqueeze(-1)
     grouped *= scales.unsqueeze(-1)
-    return grouped.view(n, padded)[:, :k].to(COMPUTE_DTYPE)
+    return grouped.view(n, padded)[:, :k].to(dtype)

@@ -49,6 +49,36 @@ def test_quantize_generate_eval_on_tiny_model(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3"])
+def test_every_command_serves_another_family(tiny_factory, tmp_path, model_type):
+    """quantize (GPTQ) -> generate (eager and --aot) -> eval -> bench on a family with
+    per-layer windows and RoPE, (1 + w) norms and q/k norms, or fused projections."""
+    from conftest import ARCH_CASES
+
+    src, out = tiny_factory(model_type, **ARCH_CASES[model_type]), tmp_path / "q"
+    proc = run("quantize", src, "--method", "gptq", "--bits", "4", "--group-size", "32",
+               "--calib-samples", "4", "--calib-seqlen", "32", "--out", out, "--no-eval", "-q")
+    assert proc.returncode == 0, proc.stderr
+    args = ("generate", out, "-p", "Once upon a time", "-n", "12", "--ignore-eos")
+    eager, aot = run(*args, "-q"), run(*args, "--aot")
+    assert eager.returncode == 0 and aot.returncode == 0, aot.stderr
+    assert eager.stdout.strip() and aot.stdout == eager.stdout
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    report = tmp_path / "eval.json"
+    proc = run("eval", out, "--text", text, "--ctx", "64", "--max-tokens", "256", "--json",
+               report, "-q")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(report.read_text())
+    assert result["kl_mean"] > 0 and result["baseline_ppl"] > 1 and result["ppl"] > 1
+    bench = tmp_path / "bench.json"
+    proc = run("bench", out, "--batch-sizes", "1,2", "--requests", "4", "--prompt-len", "16",
+               "--output-len", "8", "--json", bench, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["batch_size"] for r in json.loads(bench.read_text())["results"]] == [1, 2]
+
+
+@pytest.mark.slow
 def test_generate_ahead_of_time_matches_eager(tiny_llama):
     args = ("generate", tiny_llama, "-p", "Once upon", "-n", "10", "--ignore-eos")
     eager, aot = run(*args, "-q"), run(*args, "--aot")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.errors import CompressError
+from compress.kernels import cpu as cpu_kernels
 from compress.nn import SharedInputLinears
 
 from .arch import Architecture
@@ -405,6 +406,19 @@ class Rotary(nn.Module):
         return emb.cos() * scale, emb.sin() * scale
 
 
+def _dense_head(x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., D) @ weight.T (+ bias) for a dense output head (or the tied embedding table).
+    A half-precision head on CPU goes through `half_linear` (float32 logits; it widens the
+    head to float32 for many rows where the CPU has no native half GEMM)."""
+    if weight.device.type == "cpu" and weight.dtype in (torch.float16, torch.bfloat16):
+        rows = x.reshape(-1, x.shape[-1])
+        y = cpu_kernels.half_linear(rows, weight).view(*x.shape[:-1], weight.shape[0])
+    else:
+        y = F.linear(x.to(weight.dtype), weight)
+    return y if bias is None else y + bias
+
+
 class CausalLM(nn.Module):
     """tokens (B, S) at positions start..start+S-1 -> logits (B, S, vocab).
 
@@ -459,9 +473,10 @@ class CausalLM(nn.Module):
             x = x[:, -1:]
         x = self.model.norm(x)
         if self.lm_head is None:
-            head = self.model.embed_tokens.weight
-            logits = F.linear(x.to(head.dtype), head).to(self.dtype)
-        else:
+            logits = _dense_head(x, self.model.embed_tokens.weight, None).to(self.dtype)
+        elif isinstance(self.lm_head, nn.Linear):
+            logits = _dense_head(x, self.lm_head.weight, self.lm_head.bias).to(self.dtype)
+        else:  # packed: the kernels choose
             logits = self.lm_head(x.to(self.head_dtype)).to(self.dtype)
         cap = self.cfg.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap

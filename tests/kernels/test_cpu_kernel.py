@@ -79,7 +79,7 @@ def test_many_rows_take_the_dense_path_and_match_reference(bits, group_size, act
     monkeypatch.setattr(cpu, "weight_only", lambda *a: torch.full((1,), float("nan")))
     y = cpu.linear(x, prepared)
     assert relative_error(y, reference_output(x, w)) < BOUND
-    dense = cpu.dequantize_bf16(w)
+    dense = cpu.dequantize_dense(w)
     assert relative_error(dense, kernels.dequantize(
         w.qweight, w.scales, w.zeros, w.g_idx, bits=bits, group_size=group_size,
         in_features=200)) < BOUND
@@ -103,10 +103,30 @@ def test_rows_below_the_cut_over_stay_on_the_packed_codes(use_native, monkeypatc
                                                        (8, -1, False)])
 def test_dequantising_by_row_slices_matches_whole(bits, group_size, act_order, monkeypatch):
     w = random_weights(67, 200, bits, group_size, False, act_order, seed=bits * 3)
-    whole = cpu.dequantize_bf16(w)  # 67 x 200 fits one slice
+    whole = cpu.dequantize_dense(w)  # 67 x 200 fits one slice
     monkeypatch.setattr(cpu, "DEQUANTIZE_CHUNK", 8 * 200)  # slices of 8 rows, 3 left over
-    sliced = cpu.dequantize_bf16(w)
+    sliced = cpu.dequantize_dense(w)
     assert torch.equal(sliced, whole)
     assert relative_error(sliced, kernels.dequantize(
         w.qweight, w.scales, w.zeros, w.g_idx, bits=bits, group_size=group_size,
         in_features=200)) < BOUND
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, cpu.HALF_WIDEN_MIN_ROWS + 3])
+@pytest.mark.parametrize("native_half", [True, False])
+def test_half_precision_head_matches_float32(dtype, rows, native_half, monkeypatch):
+    """A half-precision output head: natively, or widened to float32 slice by slice (3
+    slices and a remainder here); float32 logits either way."""
+    monkeypatch.setattr(cpu, "native_half", lambda d: native_half)
+    monkeypatch.setattr(cpu, "WIDEN_CHUNK", 80 * 64)
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(250, 64, generator=gen).to(dtype)
+    x = torch.randn(rows, 64, generator=gen)
+    y = cpu.half_linear(x, weight)
+    assert y.dtype == torch.float32 and y.shape == (rows, 250)
+    if native_half or rows == 1:  # one half-precision call: x rounded to 3 digits or fewer
+        expected, bound = x.to(dtype).double() @ weight.double().T, 1e-2
+    else:  # widened: exact weights, float32 products
+        expected, bound = x.double() @ weight.double().T, 1e-5
+    assert relative_error(y, expected.float()) < bound
