@@ -9,6 +9,7 @@ parent that once held 7.5 GB reports at least 7.5 GB whatever it used.
 """
 
 import atexit
+import os
 import runpy
 import sys
 
@@ -24,12 +25,12 @@ def _write_peak(path: str) -> None:
 def main() -> None:
     path, target = sys.argv[1], sys.argv[2:]
     atexit.register(_write_peak, path)
+    # sys.path[0] as if the target had been run directly (this file's folder is there now)
     if target[0] == "-m":
-        sys.argv = [target[1], *target[2:]]
+        sys.argv, sys.path[0] = [target[1], *target[2:]], os.getcwd()
         runpy.run_module(target[1], run_name="__main__", alter_sys=True)
     else:
-        sys.argv = target
-        sys.path.insert(0, str(__import__("pathlib").Path(target[0]).resolve().parent))
+        sys.argv, sys.path[0] = target, os.path.dirname(os.path.abspath(target[0]))
         runpy.run_path(target[0], run_name="__main__")
 
 

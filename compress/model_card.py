@@ -147,10 +147,15 @@ def _base_hub_id(base: dict, directory: Path) -> str | None:
     return name if isinstance(name, str) and hub.is_repo_id(name) else None
 
 
+# Licence names our bundled sources carry -> the Hub's licence ids (the card's `license:`).
+HUB_LICENSES = {"gemma terms of use": "gemma"}
+
+
 def _license(base: dict, directory: Path) -> str | None:
     source = base.get("source") or {}
     if source.get("license"):
-        return source["license"].lower()
+        name = source["license"].lower()
+        return HUB_LICENSES.get(name, name)
     readme = Path(base.get("path", "")) / "README.md"
     if readme.is_file():
         match = re.match(r"---\n(.*?)\n---", readme.read_text(), re.S)

@@ -219,3 +219,8 @@ def test_a_listing_with_escaping_file_names_is_refused(checkpoint, hub):
     ("", False), ("a//b", False)])
 def test_safe_relative_names(name, safe):
     assert compress_hub.is_safe_relative(name) is safe
+
+
+def test_bundled_gemma_terms_map_to_the_hub_license_id(tmp_path):
+    base = {"source": {"license": "Gemma Terms of Use"}, "path": str(tmp_path)}
+    assert model_card._license(base, tmp_path) == "gemma"

@@ -27,7 +27,7 @@ class _Group:
     def __init__(self, layer: nn.Module, prefix: str, names: list[str],
                  schemes: dict[str, QuantScheme], scale_dtype: torch.dtype,
                  quantized: dict[str, QuantizedWeight], log: dict[str, dict]):
-        self.layer, self.prefix, self.names = layer, prefix, names
+        self.prefix, self.names = prefix, names
         self.schemes = [schemes[prefix + n] for n in names]
         self.modules = [layer.get_submodule(n) for n in names]
         self.scale_dtype, self.quantized, self.log = scale_dtype, quantized, log

@@ -167,7 +167,10 @@ def rope_frequencies(hf, path: Path, head_dim: int) -> dict[str, tuple[torch.Ten
     tables = {}
     for key in sorted(params) if keyed else [DEFAULT_ROPE]:
         p = params[key] if keyed else params
-        rope_type = p.get("rope_type", DEFAULT_ROPE)
+        rope_type = p.get("rope_type", DEFAULT_ROPE) if isinstance(p, dict) else None
+        if not isinstance(rope_type, str):
+            raise CompressError(f"config.json of {path} has rope_parameters that are not a "
+                                "mapping with a string rope_type: fix or re-download it")
         if rope_type == DEFAULT_ROPE:
             theta = p.get("rope_theta")
             if isinstance(theta, bool) or not isinstance(theta, int | float) or not (
@@ -187,6 +190,11 @@ def rope_frequencies(hf, path: Path, head_dim: int) -> dict[str, tuple[torch.Ten
             raise CompressError(f"RoPE type {rope_type!r} is not supported by the decoder; "
                                 "supported: default, linear, llama3, yarn")
         kwargs = {"layer_type": key} if keyed else {}
-        inv, scale = ROPE_INIT_FUNCTIONS[rope_type](hf, **kwargs)
+        try:
+            inv, scale = ROPE_INIT_FUNCTIONS[rope_type](hf, **kwargs)
+        except (KeyError, TypeError, ValueError, ArithmeticError) as e:
+            raise CompressError(f"config.json of {path} has {rope_type} RoPE parameters "
+                                f"transformers cannot use ({type(e).__name__}: {e}): fix "
+                                "them") from None
         tables[key] = (inv.to(torch.float32), float(scale))
     return tables

@@ -1319,6 +1319,11 @@ FOUND = {
     "eps-string": ("sym", _config("rms_norm_eps", "1e-05"), r"rms_norm_eps='1e-05'"),
     "rope-theta-null": ("sym", _edit_json("config.json", lambda c: c["rope_parameters"].update(
         rope_theta=None)), r"rope_theta=None; expected a number above 1"),
+    "rope-type-list": ("asym", _edit_json("config.json", lambda c: c["rope_parameters"].update(
+        rope_type=["default"])), r"rope_parameters that are not a mapping with a string"),
+    "rope-llama3-no-factor": ("sym", _edit_json("config.json", lambda c: c.__setitem__(
+        "rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5})),
+        r"rejected by transformers \(KeyError: .Missing required keys"),
     "transformers-strict-field": ("sym", _config("tie_word_embeddings", []),
                                   r"rejected by transformers \(StrictDataclass"),
     "transformers-dtype-list": ("sym", _config("dtype", []), r"rejected by transformers"),
