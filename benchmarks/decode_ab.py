@@ -1,7 +1,7 @@
 """Decode speed of one packed checkpoint under two source trees, as a ratio, in one run.
 
     python benchmarks/decode_ab.py --tree before=/path/to/old/checkout --tree after=.
-        [--rounds 5] [--tokens 128] [--aot | --compile | --eager]
+        [--rounds 5] [--tokens 128] [--mode aot|compile|eager]
 
 For a change that must not slow decoding (a refactor of the decoder, say): the bundled
 model's W4 g128 RTN checkpoint is made once (by the first tree), then every round runs

@@ -65,3 +65,17 @@ def test_report_includes_mixed_precision_cells(tiny_llama, tmp_path):
         == 6.0
     again = report.run(tiny_llama, cells, tmp_path / "r", settings)
     assert again.reused == ["baseline", "rtn-mixed6b"]
+
+
+@pytest.mark.slow
+def test_report_serves_a_family_with_per_layer_windows_and_offset_norms(tiny_factory,
+                                                                         tmp_path):
+    from conftest import ARCH_CASES
+
+    src = tiny_factory("gemma3_text", **ARCH_CASES["gemma3_text"])
+    settings = report.Settings(eval_tokens=512, decode_tokens=8, prompt_tokens=32)
+    result = report.run(src, report.grid(["rtn", "gptq"], [4], [32]), tmp_path / "r",
+                        settings)
+    assert [r["label"] for r in result.rows] == ["baseline", "rtn-w4g32", "gptq-w4g32"]
+    rtn, gptq = result.rows[1], result.rows[2]
+    assert rtn["kl_mean"] > 0 and gptq["kl_mean"] > 0 and gptq["decode_tok_s"] > 0

@@ -184,8 +184,9 @@ def attention_mask(start: int | torch.Tensor, q_len: int, k_len: int, window: in
         if window is not None:
             allowed &= k_pos > q_pos - window
         return allowed
-    # export (compress.serving.aot) traces one program for every position: it keeps the window
-    windowed = window is not None and (torch.compiler.is_exporting() or k_len > window)
+    # A compiled or exported step is one program for every position: it keeps the window
+    # mask throughout instead of guarding on k_len > window (a recompile mid-generation).
+    windowed = window is not None and (torch.compiler.is_compiling() or k_len > window)
     if not (windowed or explicit) and (q_len == 1 or q_len == k_len):
         return None
     end = start + q_len  # keys cover positions end - k_len .. end - 1 (cache or not)

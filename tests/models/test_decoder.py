@@ -118,13 +118,16 @@ def test_packed_model_on_cpu_keeps_a_half_precision_head(bundled_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_decode_gives_the_eager_tokens(tiny_llama, tmp_path):
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "phi3"])
+def test_compiled_decode_gives_the_eager_tokens(tiny_factory, tmp_path, model_type):
     from compress import pipeline
     from compress.quant import QuantScheme
     from compress.recipe import Recipe
 
     out = tmp_path / "w4"
-    pipeline.quantize(tiny_llama, Recipe("rtn", QuantScheme(4, 32, True)), out)
+    overrides = ARCH_CASES.get(model_type, {})
+    pipeline.quantize(tiny_factory(model_type, **overrides),
+                      Recipe("rtn", QuantScheme(4, 32, True)), out)
     model, _ = models.load(out)
     params = generation.SamplingParams(max_new_tokens=12)
     eager = list(generation.generate(model, [1, 17, 400, 9], params))
