@@ -160,11 +160,29 @@ def _print_quantize_summary(s: api.QuantizeSummary) -> None:
         mean = sum(r.errors.values()) / len(r.errors)
         out_console.print(f"relative output error per Linear: mean {mean:.4f}, worst "
                           f"{r.errors[worst]:.4f} ({worst}); all in {r.out}/quantization_log.json")
+    if r.experts:
+        _print_coverage(r.experts, r.out)
     if r.calibration:
         c = r.calibration
         out_console.print(f"calibration: {c['samples']} × {c['seqlen']} tokens from {c['source']}")
     if r.layers_resumed:
         out_console.print(f"resumed: {r.layers_resumed} layers came from an interrupted run.")
+
+
+def _print_coverage(experts: dict[str, dict], out: Path, shown: int = 3) -> None:
+    """The least-calibrated experts, and which of them the coverage rule rounded to
+    nearest: an expert few tokens reach is the one most likely to be quantised badly."""
+    from compress.calibrate.layer import MIN_EXPERT_TOKENS
+
+    least = sorted(experts, key=lambda e: experts[e]["tokens"])[:shown]
+    out_console.print(f"experts: {len(experts)} calibrated; fewest routed tokens: "
+                      + ", ".join(f"{e} ({experts[e]['tokens']})" for e in least))
+    uncovered = [e for e, c in experts.items() if c["rounding"] == "rtn"]
+    if uncovered:
+        out_console.print(f"{len(uncovered)} experts saw under {MIN_EXPERT_TOKENS} tokens and "
+                          f"were rounded to nearest instead of by GPTQ: "
+                          f"{', '.join(uncovered[:shown])}{' …' if len(uncovered) > shown else ''}"
+                          f" (all in {out}/quantization_log.json)")
 
 
 def _mb(n: int) -> str:

@@ -63,6 +63,7 @@ class QuantizeResult:
     calibration: dict | None = None
     errors: dict | None = None  # module -> relative output error (calibrated methods)
     head_quantized: bool = False  # the output head is among the quantised Linears
+    experts: dict | None = None  # expert -> its calibration coverage (`expert_coverage`)
 
     @property
     def size_ratio(self) -> float:
@@ -105,6 +106,14 @@ def identity(files: models.ModelFiles, recipe: Recipe, calib: data.CalibrationSe
     }
 
 
+def require_supported(files: models.ModelFiles, method: str) -> None:
+    """Refuse, before any work, a method this model's layers cannot take."""
+    if method.startswith("awq") and any(map(files.decoder_config.experts,
+                                              range(files.num_layers))):
+        raise CompressError(f"AWQ does not quantise mixture-of-experts layers yet "
+                            f"({files.arch.name}); use --method gptq or rtn")
+
+
 def check_inputs(files: models.ModelFiles, out: Path, overwrite: bool) -> None:
     """The checks worth failing on before any long work: a dense source whose every
     tensor fits its config.json (a damaged later layer would otherwise fail deep inside
@@ -129,6 +138,7 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     out = Path(out)
     files = models.open_model(model)
     check_inputs(files, out, overwrite)
+    require_supported(files, recipe.method)
     schemes = plan(files, recipe)
     calib = None
     if recipe.calibrated:
@@ -168,9 +178,9 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
         checkpoint.atomic_write_json(partial / PROGRESS, state)
         _pause_point(f"layer-{i}-done")
         layer_fn.cleanup(i)
-        if log:
-            worst = max(v["relative_error"] for v in log.values())
-            bar.set_postfix_str(f"max rel. error {worst:.4f}")
+        measured = [v["relative_error"] for v in log.values() if v["relative_error"] is not None]
+        if measured:
+            bar.set_postfix_str(f"max rel. error {max(measured):.4f}")
         del tensors
         files.tensors.release()  # else every layer read so far stays mapped, and resident
 
@@ -208,8 +218,29 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     return QuantizeResult(out, recipe, time.perf_counter() - started, fp16_bytes, packed_bytes,
                           len(schemes), resumed, linear_fp16, linear_packed,
                           None if calib is None else calib.describe(),
-                          {k: v["relative_error"] for k, v in logs.items()} or None,
-                          files.arch.lm_head in schemes)
+                          {k: v["relative_error"] for k, v in logs.items()
+                           if v.get("relative_error") is not None} or None,
+                          files.arch.lm_head in schemes, expert_coverage(files, logs) or None)
+
+
+def expert_coverage(files: models.ModelFiles, logs: dict[str, dict]) -> dict[str, dict]:
+    """Per expert (`model.layers.3.mlp.experts.7`): the calibration tokens routed to it,
+    its Linears' mean relative output error, and how it was rounded (the coverage rule
+    rounds an expert that saw too few tokens to nearest)."""
+    experts: dict[str, list[dict]] = {}
+    for name, entry in logs.items():
+        relative = name.removeprefix(files.arch.layer_prefix(files.layer_of(name)))
+        if files.arch.is_expert(relative) and "tokens" in entry:
+            experts.setdefault(name.rpartition(".")[0], []).append(entry)
+    coverage = {}
+    for expert, entries in experts.items():
+        errors = [e["relative_error"] for e in entries if e.get("relative_error") is not None]
+        coverage[expert] = {
+            "tokens": min(e["tokens"] for e in entries),
+            "relative_error": sum(errors) / len(errors) if errors else None,
+            "rounding": entries[0].get("rounding", "gptq"),
+        }
+    return dict(sorted(coverage.items(), key=lambda item: files.layer_of(item[0])))
 
 
 def _pause_point(stage: str) -> None:
@@ -306,7 +337,8 @@ class _CalibratedLayers:
         # that, chunks are recomputed (same bits, more time).
         budget = max(x.nbytes, psutil.virtual_memory().available // 4)
         quantized, log = calibrate_layer.quantize_layer(
-            layer, lambda chunk: layer(chunk, self.rope), x, self.files.arch, prefix,
+            layer, lambda chunk: layer(chunk, self.rope), x, self.files.arch,
+            self.files.layer_groups(i), prefix,
             self.schemes, self.recipe, self.files.dtype, budget)
         self.hidden = x  # overwritten in place with the layer's output
         tensors: dict[str, torch.Tensor] = {}
@@ -363,10 +395,13 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
         checkpoint.atomic_write_json(partial / name, content)
         listed.append(name)
     if logs:
+        coverage = expert_coverage(files, logs)
         checkpoint.atomic_write_json(partial / QUANT_LOG, {
             "method": recipe.method,
             "metric": "relative output error ||(W - W_q) X||^2 / ||W X||^2 on calibration X",
             "modules": dict(sorted(logs.items())),
+            **({"experts": coverage, "expert_min_tokens": calibrate_layer.MIN_EXPERT_TOKENS}
+               if coverage else {}),
         })
         listed.append(QUANT_LOG)
     source_info = files.path / "compress_source.json"
@@ -452,8 +487,10 @@ def _valid_log(entry: object) -> bool:
         return False
     error = entry.get("relative_error")
     awq = entry.get("awq", {})
-    return (isinstance(error, int | float) and not isinstance(error, bool)
-            and isinstance(awq, dict) and isinstance(awq.get("skipped", ""), str))
+    # None: an expert no calibration token reached (rounded to nearest, nothing to measure)
+    measured = (error is None and entry.get("tokens") == 0) or (
+        isinstance(error, int | float) and not isinstance(error, bool))
+    return measured and isinstance(awq, dict) and isinstance(awq.get("skipped", ""), str)
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:

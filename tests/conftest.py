@@ -77,6 +77,11 @@ ARCH_CASES = {
     "phi3": {"sliding_window": 8, "norm_noise": 0.1, "rope_parameters": {
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
     "olmo2": {"norm_noise": 0.1},
+    # 4 experts, 2 per token; Qwen3-MoE with a dense layer (mlp_only_layers) among them
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 24},
+    "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 64, "mlp_only_layers": [1], "norm_topk_prob": True,
+                  "norm_noise": 0.1},
 }
 
 
@@ -97,7 +102,7 @@ def make_tiny_model(path: Path, tokenizer_dir: Path, model_type: str = "llama",
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # HF init is ~N(0, 0.02): widen it so logits are not flat
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # Linears, and transformers' stacked experts
                 p.normal_(0, 0.08)
             elif norm_noise:
                 p.add_(torch.randn_like(p) * norm_noise)

@@ -68,11 +68,12 @@ def test_report_includes_mixed_precision_cells(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_report_serves_a_family_with_per_layer_windows_and_offset_norms(tiny_factory,
-                                                                         tmp_path):
+@pytest.mark.parametrize("model_type", ["gemma3_text", "qwen3_moe"])
+def test_report_serves_other_families(tiny_factory, tmp_path, model_type):
+    """Per-layer windows and (1 + w) norms; experts beside a dense layer."""
     from conftest import ARCH_CASES
 
-    src = tiny_factory("gemma3_text", **ARCH_CASES["gemma3_text"])
+    src = tiny_factory(model_type, **ARCH_CASES[model_type])
     settings = report.Settings(eval_tokens=512, decode_tokens=8, prompt_tokens=32)
     result = report.run(src, report.grid(["rtn", "gptq"], [4], [32]), tmp_path / "r",
                         settings)

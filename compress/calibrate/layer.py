@@ -19,6 +19,9 @@ from compress.recipe import Recipe
 from . import awq, capture
 
 CALIB_BATCH = 8  # calibration samples per forward chunk
+# An expert routed fewer calibration tokens than this is rounded to nearest instead of by
+# GPTQ: a Hessian from a handful of tokens fits them and nothing else.
+MIN_EXPERT_TOKENS = 128
 
 
 class _Group:
@@ -28,6 +31,7 @@ class _Group:
                  schemes: dict[str, QuantScheme], scale_dtype: torch.dtype,
                  quantized: dict[str, QuantizedWeight], log: dict[str, dict]):
         self.prefix, self.names = prefix, names
+        self.routed = False  # an expert's: it sees only the tokens routed to it
         self.schemes = [schemes[prefix + n] for n in names]
         self.modules = [layer.get_submodule(n) for n in names]
         self.scale_dtype, self.quantized, self.log = scale_dtype, quantized, log
@@ -52,6 +56,9 @@ def round_gptq(group: _Group, inputs: Iterator[torch.Tensor], recipe: Recipe) ->
     acc = gptq.HessianAccumulator(group.modules[0].in_features)
     for x in inputs:
         acc.add(x)
+    if group.routed and acc.n < MIN_EXPERT_TOKENS:
+        _round_uncovered(group, acc)
+        return
     hessian = acc.hessian()
     for scheme in dict.fromkeys(group.schemes):
         same = [i for i, s in enumerate(group.schemes) if s == scheme]
@@ -63,6 +70,18 @@ def round_gptq(group: _Group, inputs: Iterator[torch.Tensor], recipe: Recipe) ->
                           damp=result.damp, dead_columns=result.dead_columns, tokens=acc.n)
 
 
+def _round_uncovered(group: _Group, acc: gptq.HessianAccumulator) -> None:
+    """The coverage rule: a group that saw too few tokens (only an expert can: every
+    token reaches the others) is rounded to nearest, its error measured on what it saw."""
+    for i, (module, scheme) in enumerate(zip(group.modules, group.schemes, strict=True)):
+        weight = rtn.quantize(module.weight, scheme, group.scale_dtype)
+        error = (gptq.relative_output_error(module.weight, weight.dequantize(), acc.hessian())
+                 if acc.n else None)
+        group.replace(i, weight, relative_error=error, tokens=acc.n, rounding="rtn",
+                      reason=f"routed {acc.n} calibration tokens, under the minimum of "
+                             f"{MIN_EXPERT_TOKENS} for GPTQ")
+
+
 ROUNDINGS: dict[str, Callable[[_Group, Iterator[torch.Tensor], Recipe], None]] = {
     "rtn": round_to_nearest,
     "gptq": round_gptq,
@@ -71,13 +90,15 @@ ROUNDINGS: dict[str, Callable[[_Group, Iterator[torch.Tensor], Recipe], None]] =
 
 @torch.no_grad()
 def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
-                   x: torch.Tensor, arch: Architecture, prefix: str,
+                   x: torch.Tensor, arch: Architecture, groups: tuple[tuple[str, ...], ...],
+                   prefix: str,
                    schemes: dict[str, QuantScheme], recipe: Recipe, scale_dtype: torch.dtype,
                    memory_budget: int) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
-    """Quantise `layer` (module names as in the table; full names under `prefix`) on the
-    calibration activations x (N, S, D) entering it, which are overwritten in place with
-    the activations leaving it. `forward(chunk)` runs the layer. Returns the packed
-    weights and the per-Linear log."""
+    """Quantise `layer` (its Linear `groups` in true-sequential order, named as in the
+    table; full names under `prefix`) on the calibration activations x (N, S, D)
+    entering it, which are overwritten in place with the activations leaving it.
+    `forward(chunk)` runs the layer. Returns the packed weights and the per-Linear log
+    (for each Linear the tokens it saw: an expert sees only those routed to it)."""
     chunks = list(x.split(CALIB_BATCH))
     log: dict[str, dict] = {}
     if recipe.uses_awq:
@@ -89,9 +110,9 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
     def on_group(names: tuple[str, ...], inputs: Iterator[torch.Tensor]) -> None:
         todo = [n for n in names if prefix + n in schemes]
         if todo:
-            round_group(_Group(layer, prefix, todo, schemes, scale_dtype, quantized, log),
-                        inputs, recipe)
+            group = _Group(layer, prefix, todo, schemes, scale_dtype, quantized, log)
+            group.routed = arch.is_expert(todo[0])
+            round_group(group, inputs, recipe)
 
-    capture.true_sequential(layer, forward, chunks, arch.linear_groups, on_group,
-                            memory_budget)
+    capture.true_sequential(layer, forward, chunks, groups, on_group, memory_budget)
     return quantized, log

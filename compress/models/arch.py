@@ -32,6 +32,27 @@ class Fold:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """Where a mixture-of-experts MLP keeps its parts, relative to a decoder layer: the
+    router (a Linear from hidden size to one logit per expert) and expert e's
+    projections at `{block}.{experts}.{e}.<name>`. Each expert is a gated MLP
+    down(act(gate(x)) * up(x)) that reads only the tokens routed to it."""
+
+    block: str
+    router: str = "gate"
+    experts: str = "experts"
+    gate_up: tuple[str, str] = ("gate_proj", "up_proj")
+    down: str = "down_proj"
+
+    def expert(self, e: int) -> str:
+        return f"{self.block}.{self.experts}.{e}."
+
+    @property
+    def router_name(self) -> str:
+        return f"{self.block}.{self.router}"
+
+
+@dataclass(frozen=True)
 class Architecture:
     """Names and structure of one family of decoder-only checkpoints.
 
@@ -72,6 +93,8 @@ class Architecture:
     query_pre_attn_scalar: bool = False
     attn_softcap: bool = False
     final_softcap: bool = False
+    # Sparse layers' MLP (which layers are sparse, and how many experts, is config.json's)
+    moe: Experts | None = None
 
     def __post_init__(self) -> None:
         if len(self.qkv) not in (1, 3) or len(self.gate_up) not in (1, 2):
@@ -89,13 +112,29 @@ class Architecture:
 
     @property
     def linear_groups(self) -> tuple[tuple[str, ...], ...]:
-        """A layer's Linears grouped by the input they share, in execution order: the
-        true-sequential order of calibrated quantisers."""
-        return (self.qkv, (self.o_proj,), self.gate_up, (self.down_proj,))
+        """A dense layer's Linears grouped by the input they share, in execution order:
+        the true-sequential order of calibrated quantisers."""
+        return self.groups(0)
+
+    def groups(self, experts: int) -> tuple[tuple[str, ...], ...]:
+        """The groups of a layer with `experts` experts (0: a dense MLP). Experts run one
+        after another, each on its own tokens, so each one's gate/up and down are groups
+        of their own, in expert order; the router stays a dense Linear."""
+        if not experts:
+            return (self.qkv, (self.o_proj,), self.gate_up, (self.down_proj,))
+        if self.moe is None:
+            raise ValueError(f"{self.name} has no mixture-of-experts layout")
+        m = self.moe
+        per_expert = ((tuple(m.expert(e) + n for n in m.gate_up), (m.expert(e) + m.down,))
+                      for e in range(experts))
+        return (self.qkv, (self.o_proj,), *(g for pair in per_expert for g in pair))
 
     @property
     def layer_linears(self) -> tuple[str, ...]:
-        return tuple(name for group in self.linear_groups for name in group)
+        return self.linears(0)
+
+    def linears(self, experts: int) -> tuple[str, ...]:
+        return tuple(name for group in self.groups(experts) for name in group)
 
     @property
     def layer_norms(self) -> tuple[str, ...]:
@@ -130,6 +169,11 @@ class Architecture:
         q|k|v projection holds q and k, so it is exempt whole."""
         return self.qkv if self.fused_qkv else self.qkv[:2]
 
+    def is_expert(self, name: str) -> bool:
+        """Whether layer-relative Linear `name` belongs to an expert (sees routed tokens)."""
+        return self.moe is not None and name.startswith(
+            f"{self.moe.block}.{self.moe.experts}.")
+
     def layer_prefix(self, index: int) -> str:
         return f"{self.layers}.{index}."
 
@@ -153,6 +197,12 @@ ARCHITECTURES = (
     replace(LLAMA, name="olmo2", model_types=("olmo2",), attn_norm=None,
             attn_out_norm="post_attention_layernorm", mlp_norm=None,
             mlp_out_norm="post_feedforward_layernorm", qk_norm="projection"),
+    # Mixtral names its experts' projections w1 (gate), w3 (up) and w2 (down).
+    replace(LLAMA, name="mixtral", model_types=("mixtral",), moe=Experts(
+        "block_sparse_moe", gate_up=("w1", "w3"), down="w2")),
+    # Qwen3-MoE: dense layers (mlp_only_layers, decoder_sparse_step) keep Llama's MLP.
+    replace(LLAMA, name="qwen3_moe", model_types=("qwen3_moe",), qk_norm="head",
+            moe=Experts("mlp")),
 )
 
 GUIDE = "docs/architectures.md"

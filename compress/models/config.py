@@ -47,6 +47,15 @@ class DecoderConfig:
     embed_scale: float | None = None
     norm_offset: float = 0.0
     qk_norm: str | None = None
+    # Mixture of experts: per layer, its number of experts (0: a dense MLP)
+    layer_experts: tuple[int, ...] = ()
+    experts_per_token: int = 0
+    norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1
+    expert_intermediate: int = 0
+
+    def experts(self, layer: int) -> int:
+        """How many experts layer `layer` routes between (0: a dense MLP)."""
+        return self.layer_experts[layer] if self.layer_experts else 0
 
     def window(self, layer: int) -> int | None:
         """The sliding window of `layer` (None: it attends to every earlier position)."""
@@ -106,6 +115,7 @@ def decoder_config(raw: dict, arch: Architecture, parsed: Callable[[], object]
         raise CompressError(f"config.json's activation {activation!r} is not supported by the "
                             f"decoder; supported: {', '.join(ACTIVATIONS)}")
     scalar = _optional_number(hf, "query_pre_attn_scalar") if arch.query_pre_attn_scalar else None
+    moe = _experts(raw, hf, layers) if arch.moe else {}
     return DecoderConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -126,7 +136,39 @@ def decoder_config(raw: dict, arch: Architecture, parsed: Callable[[], object]
         embed_scale=math.sqrt(hidden) if arch.embed_scale else None,
         norm_offset=arch.norm_offset,
         qk_norm=arch.qk_norm,
+        **moe,
     )
+
+
+def _experts(raw: dict, hf, layers: int) -> dict:
+    """The mixture-of-experts fields: experts per layer as transformers assigns them
+    (Mixtral: every layer; Qwen-MoE: not the mlp_only_layers, and only every
+    decoder_sparse_step-th), experts chosen per token, whether their weights are
+    renormalised (Mixtral always; Qwen's norm_topk_prob), the experts' width."""
+    key = "num_local_experts" if "num_local_experts" in raw else "num_experts"
+    experts = config_int(raw, key)
+    top_k = config_int(raw, "num_experts_per_tok")
+    if top_k > experts:
+        raise CompressError(f"config.json routes each token to {top_k} of {experts} experts; "
+                            "num_experts_per_tok cannot exceed the experts: fix it")
+    step = config_int(raw, "decoder_sparse_step", 1)
+    dense = getattr(hf, "mlp_only_layers", None) or []
+    if not isinstance(dense, list | tuple) or any(
+            isinstance(i, bool) or not isinstance(i, int) for i in dense):
+        raise CompressError("config.json's mlp_only_layers must be a list of layer numbers; "
+                            "fix it")
+    width = "moe_intermediate_size" if "moe_intermediate_size" in raw else "intermediate_size"
+    norm = getattr(hf, "norm_topk_prob", True)
+    if not isinstance(norm, bool):
+        raise CompressError(f"config.json has norm_topk_prob={norm!r}; expected true or "
+                            "false: fix it")
+    return {
+        "layer_experts": tuple(0 if i in dense or (i + 1) % step else experts
+                               for i in range(layers)),
+        "experts_per_token": top_k,
+        "norm_topk_prob": norm,
+        "expert_intermediate": config_int(raw, width),
+    }
 
 
 def _layer_types(hf, layers: int, window: int | None) -> tuple[str, ...]:

@@ -87,7 +87,16 @@ class ModelFiles:
     def linear_names(self) -> list[str]:
         """Every Linear inside the decoder layers, layer by layer, in execution order."""
         return [self.arch.layer_prefix(i) + n for i in range(self.num_layers)
-                for n in self.arch.layer_linears]
+                for n in self.layer_linears(i)]
+
+    def layer_groups(self, index: int) -> tuple[tuple[str, ...], ...]:
+        """Layer `index`'s Linear groups in true-sequential order (layer-relative names):
+        a sparse layer's depend on its number of experts."""
+        experts = self.decoder_config.experts(index) if self.arch.moe else 0
+        return self.arch.groups(experts)
+
+    def layer_linears(self, index: int) -> tuple[str, ...]:
+        return tuple(n for group in self.layer_groups(index) for n in group)
 
     def layer_of(self, name: str) -> int:
         """The decoder layer a module name belongs to."""

@@ -320,14 +320,58 @@ class MLP(nn.Module):
         return slice(*bounds[part])
 
 
+class SparseMLP(nn.Module):
+    """A mixture of experts: the router scores every expert per token, the top k are
+    chosen (their softmax weights renormalised when the config says so), and each chosen
+    expert's output, times its weight, is summed. An expert runs only on the tokens
+    routed to it, and not at all when none are: a decode step reads k experts' weights."""
+
+    def __init__(self, cfg: DecoderConfig, router: tuple[str, nn.Module], experts: list[MLP],
+                 experts_name: str):
+        super().__init__()
+        self.add_module(*router)
+        self.add_module(experts_name, nn.ModuleList(experts))
+        self._router, self._experts = router[0], experts_name
+        self.top_k, self.renormalise = cfg.experts_per_token, cfg.norm_topk_prob
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, D) -> per token, the chosen experts' weights (T, k) and indices (T, k)."""
+        probs = getattr(self, self._router)(x).float().softmax(-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalise:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights.to(x.dtype), chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, chosen = self.route(x)
+        return self._run_experts(x, weights, chosen).view(shape)
+
+    # Which experts run depends on the data: torch.compile traces around this (the rest of
+    # the step stays compiled) instead of recompiling for every new choice of experts.
+    @torch.compiler.disable
+    def _run_experts(self, x: torch.Tensor, weights: torch.Tensor,
+                     chosen: torch.Tensor) -> torch.Tensor:
+        experts = getattr(self, self._experts)
+        out = torch.zeros_like(x)
+        # experts in index order, as transformers sums them: the same float additions
+        for e in torch.unique(chosen).tolist():
+            tokens, slot = torch.where(chosen == e)
+            y = experts[e](x[tokens]) * weights[tokens, slot, None]
+            out.index_add_(0, tokens, y.to(out.dtype))
+        return out
+
+
 class DecoderLayer(nn.Module):
     """x = x + attn_out_norm(attention(attn_norm(x))); x = x + mlp_out_norm(mlp(mlp_norm(x))),
     with the norms the architecture places (an absent one is the identity)."""
 
-    def __init__(self, arch: Architecture, attention: Attention, mlp: MLP,
+    def __init__(self, arch: Architecture, attention: Attention, mlp: MLP | SparseMLP,
                  norms: dict[str, RMSNorm]):
         super().__init__()
-        self._attn, self._mlp = _parent(arch.o_proj), _parent(arch.down_proj)
+        self._attn = _parent(arch.o_proj)
+        self._mlp = arch.moe.block if isinstance(mlp, SparseMLP) else _parent(arch.down_proj)
         self.add_module(self._attn, attention)
         self.add_module(self._mlp, mlp)
         for name, norm in norms.items():

@@ -15,7 +15,16 @@ from compress.quant import QuantizedWeight
 
 from .config import DecoderConfig, config_int, rope_frequencies
 from .files import ModelFiles, open_model, require_finite
-from .layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, RMSNorm, Rotary
+from .layers import (
+    MLP,
+    Attention,
+    Backbone,
+    CausalLM,
+    DecoderLayer,
+    RMSNorm,
+    Rotary,
+    SparseMLP,
+)
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -87,11 +96,26 @@ def build_layer(files: ModelFiles, index: int, dtype: torch.dtype,
                                        _leaves((arch.q_norm, arch.k_norm)), strict=True)]
     attention = Attention(cfg, index, linears((*arch.qkv, arch.o_proj)), _leaves(arch.qkv),
                           _leaves((arch.o_proj,))[0], *qk_norms)
-    mlp = MLP(cfg, linears((*arch.gate_up, arch.down_proj)), _leaves(arch.gate_up),
-              _leaves((arch.down_proj,))[0])
+    if cfg.experts(index):
+        mlp = _sparse_mlp(files, index, dtype, device)
+    else:
+        mlp = MLP(cfg, linears((*arch.gate_up, arch.down_proj)), _leaves(arch.gate_up),
+                  _leaves((arch.down_proj,))[0])
     places = (arch.attn_norm, arch.attn_out_norm, arch.mlp_norm, arch.mlp_out_norm)
     norms = {n: _norm(files, p + n, cfg, dtype, device) for n in places if n is not None}
     return DecoderLayer(arch, attention, mlp, norms)
+
+
+def _sparse_mlp(files: ModelFiles, index: int, dtype: torch.dtype, device) -> SparseMLP:
+    cfg, moe = files.decoder_config, files.arch.moe
+    p = files.arch.layer_prefix(index)
+    experts = []
+    for e in range(cfg.experts(index)):
+        names = (*moe.gate_up, moe.down)
+        experts.append(MLP(cfg, {n: _linear(files, p + moe.expert(e) + n, dtype, device)
+                                 for n in names}, list(moe.gate_up), moe.down))
+    router = (moe.router, _linear(files, p + moe.router_name, dtype, device))
+    return SparseMLP(cfg, router, experts, moe.experts)
 
 
 def embedding(files: ModelFiles, dtype: torch.dtype, device="cpu") -> nn.Embedding:
@@ -125,25 +149,34 @@ def prepare_cpu_kernel() -> str | None:
     return reason
 
 
-def expected_shapes(files: ModelFiles) -> dict[str, tuple[int, ...]]:
+def expected_shapes(files: ModelFiles, index: int = 0) -> dict[str, tuple[int, ...]]:
     """Layer-relative name -> the shape config.json implies, for every Linear and norm of
     a decoder layer."""
     cfg, arch = files.decoder_config, files.arch
     d, hd = cfg.hidden_size, cfg.head_dim
     q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    p = arch.layer_prefix(0)
-    # absent from a config: every layer must agree with layer 0
-    width = files.linear_shape(p + arch.gate_up[0])[0] // (2 if arch.fused_gate_up else 1)
-    inter = config_int(files.config, "intermediate_size", width)
-    want: dict[str, tuple[int, ...]] = {arch.o_proj: (d, q_out), arch.down_proj: (d, inter)}
+    want: dict[str, tuple[int, ...]] = {arch.o_proj: (d, q_out)}
+    experts = cfg.experts(index)
+    if experts:
+        moe, inter = arch.moe, cfg.expert_intermediate
+        want[moe.router_name] = (experts, d)
+        for e in range(experts):
+            want.update({moe.expert(e) + n: (inter, d) for n in moe.gate_up})
+            want[moe.expert(e) + moe.down] = (d, inter)
+    else:
+        # absent from a config: every dense layer must agree with this one
+        p = arch.layer_prefix(index)
+        width = files.linear_shape(p + arch.gate_up[0])[0] // (2 if arch.fused_gate_up else 1)
+        inter = config_int(files.config, "intermediate_size", width)
+        want[arch.down_proj] = (d, inter)
+        if arch.fused_gate_up:
+            want[arch.gate_up[0]] = (2 * inter, d)
+        else:
+            want.update(dict.fromkeys(arch.gate_up, (inter, d)))
     if arch.fused_qkv:
         want[arch.qkv[0]] = (q_out + 2 * kv_out, d)
     else:
         want.update(zip(arch.qkv, [(q_out, d), (kv_out, d), (kv_out, d)], strict=True))
-    if arch.fused_gate_up:
-        want[arch.gate_up[0]] = (2 * inter, d)
-    else:
-        want.update(dict.fromkeys(arch.gate_up, (inter, d)))
     for n in arch.layer_norms:
         want[n] = (d,)
     if arch.qk_norm == "head":
@@ -173,7 +206,8 @@ def check_shapes(files: ModelFiles) -> None:
             "or re-quantise it")
     for i in range(cfg.num_layers):
         p = arch.layer_prefix(i)
-        for n in arch.layer_linears:
+        want = expected_shapes(files, i) if i else want
+        for n in (*files.layer_linears(i), *([arch.moe.router_name] if cfg.experts(i) else ())):
             _check_linear(files, p + n, want[n])
         for n in arch.layer_norms:
             _check_tensor(files, f"{p}{n}.weight", want[n])

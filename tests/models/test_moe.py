@@ -1,0 +1,113 @@
+"""Mixture-of-experts layers: routing as transformers does it, every expert calibrated on
+the tokens routed to it, and the coverage rule for experts too few tokens reach.
+
+The tiny Mixtral and Qwen3-MoE checkpoints themselves are in `conftest.ARCH_CASES`, so
+`test_architectures.py` runs every dense-model check on them too (logits, KV cache,
+greedy tokens, each method, transformers' load of the packed checkpoint)."""
+
+import json
+
+import pytest
+import torch
+from conftest import ARCH_CASES
+from transformers import AutoModelForCausalLM
+
+from compress import data, models, pipeline
+from compress.calibrate.layer import MIN_EXPERT_TOKENS
+from compress.models.layers import SparseMLP
+from compress.quant import QuantScheme
+from compress.recipe import CalibrationConfig, Recipe
+
+CALIB = CalibrationConfig(samples=8, seqlen=64, seed=0)
+GPTQ = Recipe("gptq", QuantScheme(4, 32, True), calibration=CALIB)
+EXPERTS = ARCH_CASES["mixtral"]["num_local_experts"]
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral(tiny_factory):
+    return tiny_factory("mixtral", **ARCH_CASES["mixtral"])
+
+
+def test_routed_token_counts_equal_a_count_by_hand(tiny_mixtral, tmp_path, exact_kernels):
+    out = tmp_path / "q"
+    result = pipeline.quantize(tiny_mixtral, GPTQ, out)
+    coverage = json.loads((out / pipeline.QUANT_LOG).read_text())["experts"]
+    assert result.experts == coverage
+    assert len(coverage) == 2 * EXPERTS and all(c["rounding"] == "gptq"
+                                                 for c in coverage.values())
+    # By hand: layer 0's router logits, from transformers' load of the packed checkpoint
+    # (calibration quantised layer 0's attention before its MLP saw a token, as this does),
+    # on the calibration token ids, top 2 per token.
+    files = models.open_model(tiny_mixtral)
+    ids = data.calibration_set(data.load_tokenizer(files.path), None, CALIB.samples,
+                               CALIB.seqlen, CALIB.seed).samples
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(ids, output_router_logits=True).router_logits[0]
+    chosen = logits.float().softmax(-1).topk(2, dim=-1).indices
+    by_hand = torch.bincount(chosen.flatten(), minlength=EXPERTS).tolist()
+    ours = [coverage[f"model.layers.0.block_sparse_moe.experts.{e}"]["tokens"]
+            for e in range(EXPERTS)]
+    assert ours == by_hand and sum(ours) == 2 * ids.numel()
+
+
+def test_an_expert_no_token_reaches_is_rounded_to_nearest_and_reported(
+        tiny_mixtral, tmp_path, monkeypatch):
+    original = SparseMLP.route
+
+    def never_expert_3(self, x):
+        router = getattr(self, self._router)
+
+        class NeverThree(torch.nn.Module):
+            def forward(self, h):
+                return router(h).index_fill(-1, torch.tensor([3]), float("-inf"))
+
+        setattr(self, self._router, NeverThree())
+        try:
+            return original(self, x)
+        finally:
+            setattr(self, self._router, router)
+
+    monkeypatch.setattr(SparseMLP, "route", never_expert_3)
+    out = tmp_path / "q"
+    result = pipeline.quantize(tiny_mixtral, GPTQ, out)
+    log = json.loads((out / pipeline.QUANT_LOG).read_text())
+    for layer in range(2):
+        expert = f"model.layers.{layer}.block_sparse_moe.experts.3"
+        assert log["experts"][expert] == {"tokens": 0, "relative_error": None,
+                                          "rounding": "rtn"}
+        for linear in ("w1", "w2", "w3"):
+            entry = log["modules"][f"{expert}.{linear}"]
+            assert entry["rounding"] == "rtn" and "under the minimum" in entry["reason"]
+        others = [log["experts"][f"model.layers.{layer}.block_sparse_moe.experts.{e}"]
+                  for e in range(3)]
+        assert all(c["rounding"] == "gptq" and c["tokens"] >= MIN_EXPERT_TOKENS
+                   for c in others)
+    assert log["expert_min_tokens"] == MIN_EXPERT_TOKENS
+    assert result.experts["model.layers.0.block_sparse_moe.experts.3"]["rounding"] == "rtn"
+    # ... and the checkpoint still holds every expert, packed
+    assert sorted(models.open_model(out).schemes) == sorted(
+        models.open_model(out).linear_names())
+
+
+def test_decode_runs_only_the_chosen_experts(tiny_mixtral):
+    model, _ = models.load(tiny_mixtral)
+    calls = []
+    for layer in model.model.layers:
+        for e, expert in enumerate(layer.block_sparse_moe.experts):
+            expert.register_forward_pre_hook(lambda _m, args, e=e: calls.append(e))
+    with torch.no_grad():
+        model(torch.tensor([[5]]))
+    assert len(calls) == 2 * 2  # top-2 experts in each of 2 layers, no others
+
+
+def test_awq_refuses_experts_before_any_work(tiny_mixtral, tmp_path):
+    from compress import report
+    from compress.errors import CompressError
+
+    with pytest.raises(CompressError, match="AWQ does not quantise mixture-of-experts"):
+        pipeline.quantize(tiny_mixtral, Recipe("awq", QuantScheme(4, 32, True),
+                                               calibration=CALIB), tmp_path / "q")
+    with pytest.raises(CompressError, match="AWQ does not quantise mixture-of-experts"):
+        report.run(tiny_mixtral, report.grid(["rtn", "awq+gptq"], [4], [32]), tmp_path / "r")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "q").exists()
