@@ -78,6 +78,9 @@ def quantize(
     calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed choosing the calibration windows.")] = 0,
+    expert_tokens: Annotated[str, typer.Option(
+        help="Mixture of experts: calibrate each expert on the tokens routed to it "
+             "(routed), or on every token, keeping only routed outputs (all).")] = "routed",
     recipe: Annotated[Path | None, typer.Option(
         help="YAML recipe; replaces the method, scheme, GPTQ, AWQ and sample flags.")] = None,
     allow_pickle: Annotated[bool, typer.Option(
@@ -112,7 +115,8 @@ def quantize(
                       gptq=GPTQConfig(damp=damp, act_order=act_order,
                                       static_groups=static_groups, mse_clip=mse_clip),
                       awq=AWQConfig(grid=awq_grid, clip=awq_clip),
-                      calibration=CalibrationConfig(calib_samples, calib_seqlen, seed))
+                      calibration=CalibrationConfig(calib_samples, calib_seqlen, seed,
+                                                    expert_tokens))
     try:
         choices = tuple(sensitivity.Option.parse(o) for o in _csv(options, str))
     except ValueError:
@@ -160,7 +164,10 @@ def _print_quantize_summary(s: api.QuantizeSummary) -> None:
         mean = sum(r.errors.values()) / len(r.errors)
         out_console.print(f"relative output error per Linear: mean {mean:.4f}, worst "
                           f"{r.errors[worst]:.4f} ({worst}); all in {r.out}/quantization_log.json")
-    if r.experts:
+    if r.experts and r.recipe.calibration.expert_tokens == "all":
+        out_console.print(f"experts: {len(r.experts)} calibrated on every calibration token "
+                          "(--expert-tokens all)")
+    elif r.experts:
         _print_coverage(r.experts, r.out)
     if r.calibration:
         c = r.calibration

@@ -34,13 +34,19 @@ CALIBRATED_METHODS = ("gptq", "awq", "awq+gptq")
 RECIPE_VERSION = 1
 
 
+EXPERT_TOKENS = ("routed", "all")
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """How many calibration windows, how long, and the seed that picks them."""
+    """How many calibration windows, how long, and the seed that picks them.
+    `expert_tokens`: what a mixture-of-experts layer's experts calibrate on, the tokens
+    routed to each ("routed") or every token, only the routed outputs going on ("all")."""
 
     samples: int = 128
     seqlen: int = 512
     seed: int = 0
+    expert_tokens: str = "routed"
 
     def __post_init__(self) -> None:
         for name in ("samples", "seqlen", "seed"):
@@ -52,6 +58,15 @@ class CalibrationConfig:
                                     f"integer, got {value!r}")
         if self.seqlen < 2:
             raise CompressError("calibration seqlen must be at least 2 tokens")
+        if self.expert_tokens not in EXPERT_TOKENS:
+            raise CompressError(f"calibration expert_tokens must be one of "
+                                f"{', '.join(EXPERT_TOKENS)}, got {self.expert_tokens!r}")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if self.expert_tokens == "routed":  # the default, and what dense models have
+            del data["expert_tokens"]
+        return data
 
 
 @dataclass(frozen=True)
@@ -131,7 +146,7 @@ class Recipe:
         if self.rounding == "gptq":
             data["gptq"] = self.gptq.to_dict()
         if self.calibrated:
-            data["calibration"] = asdict(self.calibration)
+            data["calibration"] = self.calibration.to_dict()
         return data
 
     def to_yaml(self) -> str:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from compress.models import Architecture
+from compress.models.layers import SparseMLP
 from compress.quant import QuantizedWeight, QuantScheme, gptq, rtn
 from compress.recipe import Recipe
 
@@ -100,6 +101,9 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
     `forward(chunk)` runs the layer. Returns the packed weights and the per-Linear log
     (for each Linear the tokens it saw: an expert sees only those routed to it)."""
     chunks = list(x.split(CALIB_BATCH))
+    for module in layer.modules():
+        if isinstance(module, SparseMLP):
+            module.all_tokens = recipe.calibration.expert_tokens == "all"
     log: dict[str, dict] = {}
     if recipe.uses_awq:
         log = awq.transform(layer, forward, chunks, arch, prefix, schemes, recipe.awq,

@@ -333,6 +333,9 @@ class SparseMLP(nn.Module):
         self.add_module(experts_name, nn.ModuleList(experts))
         self._router, self._experts = router[0], experts_name
         self.top_k, self.renormalise = cfg.experts_per_token, cfg.norm_topk_prob
+        # Calibration may run every expert on every token (each still adds only its
+        # routed tokens' outputs): its Linears then see the whole input distribution.
+        self.all_tokens = False
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, D) -> per token, the chosen experts' weights (T, k) and indices (T, k)."""
@@ -356,10 +359,10 @@ class SparseMLP(nn.Module):
         experts = getattr(self, self._experts)
         out = torch.zeros_like(x)
         # experts in index order, as transformers sums them: the same float additions
-        for e in torch.unique(chosen).tolist():
+        for e in range(len(experts)) if self.all_tokens else torch.unique(chosen).tolist():
             tokens, slot = torch.where(chosen == e)
-            y = experts[e](x[tokens]) * weights[tokens, slot, None]
-            out.index_add_(0, tokens, y.to(out.dtype))
+            y = experts[e](x)[tokens] if self.all_tokens else experts[e](x[tokens])
+            out.index_add_(0, tokens, (y * weights[tokens, slot, None]).to(out.dtype))
         return out
 
 

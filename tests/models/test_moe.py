@@ -111,3 +111,20 @@ def test_awq_refuses_experts_before_any_work(tiny_mixtral, tmp_path):
     with pytest.raises(CompressError, match="AWQ does not quantise mixture-of-experts"):
         report.run(tiny_mixtral, report.grid(["rtn", "awq+gptq"], [4], [32]), tmp_path / "r")
     assert not (tmp_path / "r").exists() and not (tmp_path / "q").exists()
+
+
+def test_all_token_calibration_gives_every_expert_every_token(tiny_mixtral, tmp_path):
+    recipe = Recipe("gptq", QuantScheme(4, 32, True), calibration=CalibrationConfig(
+        samples=8, seqlen=64, seed=0, expert_tokens="all"))
+    out = tmp_path / "q"
+    result = pipeline.quantize(tiny_mixtral, recipe, out)
+    assert {c["tokens"] for c in result.experts.values()} == {8 * 64}
+    assert "expert_tokens: all" in (out / "recipe.yaml").read_text()
+    # the same routing picks the outputs; only the experts' Hessians, so roundings, differ
+    routed = pipeline.quantize(tiny_mixtral, GPTQ, tmp_path / "r")
+    assert {c["rounding"] for c in routed.experts.values()} == {"gptq"}
+    a, b = models.load(out)[0], models.load(tmp_path / "r")[0]
+    tokens = torch.tensor([[5, 17, 923, 4021, 77]])
+    with torch.no_grad():
+        assert not torch.equal(a(tokens), b(tokens))  # different Hessians, other roundings
+    assert (out / "recipe.yaml").read_text() != (tmp_path / "r/recipe.yaml").read_text()
