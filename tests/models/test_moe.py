@@ -128,3 +128,18 @@ def test_all_token_calibration_gives_every_expert_every_token(tiny_mixtral, tmp_
     with torch.no_grad():
         assert not torch.equal(a(tokens), b(tokens))  # different Hessians, other roundings
     assert (out / "recipe.yaml").read_text() != (tmp_path / "r/recipe.yaml").read_text()
+
+
+def test_expert_tokens_in_a_recipe(tmp_path):
+    from compress.errors import CompressError
+
+    spec = {"method": "gptq", "calibration": {"samples": 8, "expert_tokens": "all"}}
+    recipe = Recipe.from_dict(spec)
+    assert recipe.calibration.expert_tokens == "all"
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    # the default is not written: dense models' recipes stay as they were
+    assert "expert_tokens" not in Recipe("gptq").to_dict()["calibration"]
+    with pytest.raises(CompressError, match=r"expert_tokens must be one of routed, all, "
+                                            r"got 'some'") as raised:
+        Recipe.from_dict({"method": "gptq", "calibration": {"expert_tokens": "some"}})
+    assert "\n" not in str(raised.value)
