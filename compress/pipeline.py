@@ -108,8 +108,7 @@ def identity(files: models.ModelFiles, recipe: Recipe, calib: data.CalibrationSe
 
 def require_supported(files: models.ModelFiles, method: str) -> None:
     """Refuse, before any work, a method this model's layers cannot take."""
-    if method.startswith("awq") and any(map(files.decoder_config.experts,
-                                              range(files.num_layers))):
+    if method.startswith("awq") and files.decoder_config.has_experts:
         raise CompressError(f"AWQ does not quantise mixture-of-experts layers yet "
                             f"({files.arch.name}); use --method gptq or rtn")
 

@@ -131,10 +131,8 @@ class Architecture:
 
     @property
     def layer_linears(self) -> tuple[str, ...]:
-        return self.linears(0)
-
-    def linears(self, experts: int) -> tuple[str, ...]:
-        return tuple(name for group in self.groups(experts) for name in group)
+        """A dense layer's Linears (a sparse layer's: `ModelFiles.layer_linears`)."""
+        return tuple(name for group in self.linear_groups for name in group)
 
     @property
     def layer_norms(self) -> tuple[str, ...]:

@@ -57,6 +57,11 @@ class DecoderConfig:
         """How many experts layer `layer` routes between (0: a dense MLP)."""
         return self.layer_experts[layer] if self.layer_experts else 0
 
+    @property
+    def has_experts(self) -> bool:
+        """Whether any layer is a mixture of experts."""
+        return any(self.layer_experts)
+
     def window(self, layer: int) -> int | None:
         """The sliding window of `layer` (None: it attends to every earlier position)."""
         sliding = self.layer_types and self.layer_types[layer] == SLIDING

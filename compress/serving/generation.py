@@ -118,7 +118,7 @@ def generate(model: CausalLM, prompt: list[int], params: SamplingParams,
         raise CompressError("choose one of --compile and --aot")
     if aot and kv_int8:
         raise CompressError("--aot serves a float KV cache; drop --kv-cache int8")
-    if aot and any(map(model.cfg.experts, range(model.cfg.num_layers))):
+    if aot and model.cfg.has_experts:
         raise CompressError("--aot cannot export a mixture-of-experts model's routing (which "
                             "experts run depends on the token); use --compile")
     if not prompt:
