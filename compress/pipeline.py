@@ -106,13 +106,6 @@ def identity(files: models.ModelFiles, recipe: Recipe, calib: data.CalibrationSe
     }
 
 
-def require_supported(files: models.ModelFiles, method: str) -> None:
-    """Refuse, before any work, a method this model's layers cannot take."""
-    if method.startswith("awq") and files.decoder_config.has_experts:
-        raise CompressError(f"AWQ does not quantise mixture-of-experts layers yet "
-                            f"({files.arch.name}); use --method gptq or rtn")
-
-
 def check_inputs(files: models.ModelFiles, out: Path, overwrite: bool) -> None:
     """The checks worth failing on before any long work: a dense source whose every
     tensor fits its config.json (a damaged later layer would otherwise fail deep inside
@@ -137,7 +130,6 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     out = Path(out)
     files = models.open_model(model)
     check_inputs(files, out, overwrite)
-    require_supported(files, recipe.method)
     schemes = plan(files, recipe)
     calib = None
     if recipe.calibrated:
@@ -337,7 +329,7 @@ class _CalibratedLayers:
         budget = max(x.nbytes, psutil.virtual_memory().available // 4)
         quantized, log = calibrate_layer.quantize_layer(
             layer, lambda chunk: layer(chunk, self.rope), x, self.files.arch,
-            self.files.layer_groups(i), prefix,
+            self.files.layer_groups(i), self.files.layer_folds(i), prefix,
             self.schemes, self.recipe, self.files.dtype, budget)
         self.hidden = x  # overwritten in place with the layer's output
         tensors: dict[str, torch.Tensor] = {}

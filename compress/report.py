@@ -121,8 +121,6 @@ def run(model: str | Path | None, cells: list[Cell], out: str | Path,
     base = models.open_model(model)
     if base.is_quantized:
         raise CompressError(f"{base.path} is already quantised; report on the original model")
-    for method in dict.fromkeys(c.method for c in cells):
-        pipeline.require_supported(base, method)
     rows, reused = [], []
     for label, cell in [(BASELINE, None), *((c.label, c) for c in cells)]:
         key = _cell_key(base, cell, settings)

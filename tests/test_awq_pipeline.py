@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import exact_load
+from conftest import ARCH_CASES, exact_load
 from transformers import AutoModelForCausalLM
 
 from compress import evaluation, models, pipeline, progress
@@ -53,23 +53,26 @@ def test_folding_random_scales_leaves_logits_unchanged(tiny_factory, kv_heads):
     torch.testing.assert_close(logits(model), before, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kv_heads", [2, 4])
-def test_transform_without_clipping_changes_no_logits(tiny_factory, kv_heads):
+@pytest.mark.parametrize(("model_type", "overrides"), [
+    ("llama", {"num_key_value_heads": 2}), ("llama", {"num_key_value_heads": 4}),
+    ("mixtral", ARCH_CASES["mixtral"])])  # grouped-query attention, not, and experts
+def test_transform_without_clipping_changes_no_logits(tiny_factory, model_type, overrides):
     """AWQ's search and folds are function-preserving; only rounding and clipping are not."""
-    path = tiny_factory("llama", num_key_value_heads=kv_heads)
+    path = tiny_factory(model_type, **overrides)
     model, files = models.load(path, dtype=torch.float32)
     before = logits(model)
     schemes = {f"{files.arch.layer_prefix(i)}{n}": QuantScheme(3, 32, True)
-               for i in range(files.num_layers) for n in files.arch.layer_linears}
+               for i in range(files.num_layers) for n in files.layer_linears(i)}
     x = outlier_inputs(model.cfg.hidden_size)
     rope = model.rotary(0, x.shape[1])
     alphas = []
     for i, layer in enumerate(model.model.layers):
         log = awq_layer.transform(layer, lambda c, layer=layer: layer(c, rope), list(x.split(2)),
-                                  files.arch, files.arch.layer_prefix(i), schemes,
-                                  AWQConfig(clip=False), torch.float32)
+                                  files.arch, files.layer_groups(i), files.layer_folds(i),
+                                  files.arch.layer_prefix(i), schemes, AWQConfig(clip=False),
+                                  torch.float32, min_expert_tokens=1)
         o_proj = log[f"{files.arch.layer_prefix(i)}self_attn.o_proj"]["awq"]
-        assert ("skipped" in o_proj) == (kv_heads == 2)
+        assert ("skipped" in o_proj) == (model.cfg.num_kv_heads < model.cfg.num_heads)
         alphas += [v["awq"]["alpha"] for v in log.values() if "alpha" in v["awq"]]
     assert max(alphas) > 0  # some scales really moved, so the check below can fail
     torch.testing.assert_close(logits(model), before, rtol=1e-4, atol=1e-4)

@@ -2,7 +2,7 @@
 
 The layer is transformed in place, in float32, before any rounding: every group's
 input-channel scales are folded into the op that produces its input (the architecture
-table's `scale_folds`), so the model computes the same function, and each Linear's
+table's folds), so the model computes the same function, and each Linear's
 weight is clamped to its searched per-group range. The pipeline then rounds the
 transformed layer with RTN (`--method awq`) or GPTQ (`--method awq+gptq`).
 
@@ -29,16 +29,26 @@ from . import capture
 
 @torch.no_grad()
 def transform(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
-              chunks: Sequence[torch.Tensor], arch: Architecture, prefix: str,
-              schemes: dict[str, QuantScheme], cfg: awq.AWQConfig,
-              scale_dtype: torch.dtype) -> dict[str, dict]:
+              chunks: Sequence[torch.Tensor], arch: Architecture,
+              groups: Sequence[tuple[str, ...]], folds: Sequence[Fold], prefix: str,
+              schemes: dict[str, QuantScheme], cfg: awq.AWQConfig, scale_dtype: torch.dtype,
+              min_expert_tokens: int) -> dict[str, dict]:
     """Scale-search and fold every foldable group of `layer`, then clip; returns the log.
 
-    `schemes` maps full Linear names to their schemes (absent: stays dense). Statistics come
-    from one pass of the unmodified layer over the chunks (as in the reference AWQ);
+    `groups` and `folds` are the layer's (`ModelFiles.layer_groups`/`layer_folds`);
+    `schemes` maps full Linear names to their schemes (absent: stays dense). Statistics
+    come from one pass of the unmodified layer over the chunks (as in the reference AWQ);
     folding changes only each group's own input, whose Hessian is rescaled exactly rather
-    than re-measured.
+    than re-measured. An expert routed fewer than `min_expert_tokens` tokens takes no
+    part in any search (its statistics fit those tokens only): it is still scaled where
+    its input is, but neither its own scales nor its clipping are searched.
     """
+    # Every Linear reads its group's input; a fold's dense reader outside any group (the
+    # router, beside the experts' gate/ups) reads the same channels over all tokens.
+    reader = {name: group[0] for group in groups for name in group}
+    for fold in folds:
+        for name in fold.group:
+            reader.setdefault(name, name)
     stats: dict[str, tuple[HessianAccumulator, awq.InputMagnitude]] = {}
 
     def record(name: str, x: torch.Tensor) -> None:
@@ -48,40 +58,74 @@ def transform(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
         hessian.add(x)
         magnitude.add(x)
 
-    firsts = [group[0] for group in arch.linear_groups]
-    with capture.observe(layer, firsts, record):
+    with capture.observe(layer, dict.fromkeys(reader.values()), record):
         for chunk in chunks:
             forward(chunk)
-    folds = {fold.group: fold for fold in arch.scale_folds}
-    log: dict[str, dict] = {}
-    for group in arch.linear_groups:
-        group_schemes = [schemes.get(prefix + n) for n in group]
-        if all(s is None for s in group_schemes) or group[0] not in stats:
+    hessians = {name: acc.hessian() for name, (acc, _) in stats.items()}
+    tokens = {name: acc.n for name, (acc, _) in stats.items()}
+
+    def covered(name: str) -> bool:
+        """Whether `name`'s statistics count: every token reaches a dense Linear."""
+        return not arch.is_expert(name) or tokens.get(reader[name], 0) >= min_expert_tokens
+
+    entries: dict[str, dict] = {}  # Linear -> the log of the fold that scaled its input
+    for fold in folds:
+        names = fold.group
+        fold_schemes = [schemes.get(prefix + n) for n in names]
+        if all(scheme is None for scheme in fold_schemes):
             continue
-        linears = [layer.get_submodule(n) for n in group]
-        accumulator, magnitude = stats[group[0]]
-        hessian = accumulator.hessian()
-        fold = folds.get(group)
-        problem = ("no single op produces its input (it reads the residual stream)"
-                   if fold is None else _fold_problem(layer, fold, linears[0].in_features))
-        entry: dict = {"producer": None if fold is None else _label(fold)}
+        linears = [layer.get_submodule(n) for n in names]
+        scored = [i for i, n in enumerate(names)
+                  if fold_schemes[i] is not None and reader[n] in stats and covered(n)]
+        entry: dict = {"producer": _label(fold)}
+        problem = _fold_problem(layer, fold, linears[0].in_features)
+        if problem is None and not scored:
+            seen = max((tokens.get(reader[n], 0) for n in names), default=0)
+            problem = (f"routed {seen} calibration tokens, under the minimum of "
+                       f"{min_expert_tokens} for a scale search")
         if problem is None:
-            found = awq.search_scales([m.weight for m in linears], group_schemes, hessian,
-                                      magnitude.mean(), cfg, scale_dtype)
-            _fold(layer, fold, linears, found.scales, scale_dtype)
+            # The widest reader's inputs (the router's: all tokens) give mean |x|.
+            widest = max((reader[n] for n in names if reader[n] in stats), key=tokens.get)
+            most = max(tokens[reader[names[i]]] for i in scored)
+            found = awq.search_scales(
+                [linears[i].weight for i in scored], [fold_schemes[i] for i in scored],
+                [hessians[reader[names[i]]] * (tokens[reader[names[i]]] / most)
+                 for i in scored],
+                stats[widest][1].mean(), cfg, scale_dtype)
             s = found.scales
-            hessian = hessian / s[:, None] / s[None, :]  # the input is now x / s
+            _fold(layer, fold, linears, s, scale_dtype,
+                  dense=[m for m, scheme in zip(linears, fold_schemes, strict=True)
+                         if scheme is None])
+            for r in {reader[n] for n in names if reader[n] in hessians}:
+                hessians[r] = hessians[r] / s[:, None] / s[None, :]  # the input is now x / s
             entry.update(alpha=found.alpha, duo_scaling=found.duo,
                          relative_error=found.error, relative_error_unscaled=found.error_unscaled)
         else:
-            entry["skipped"] = f"{'+'.join(group)}: {problem}"  # rounding still runs
-        for name, module, scheme in zip(group, linears, group_schemes, strict=True):
+            entry["skipped"] = f"{_names(names)}: {problem}"  # rounding still runs
+        entries.update(dict.fromkeys(names, entry))
+
+    log: dict[str, dict] = {}
+    for group in groups:
+        entry = entries.get(group[0]) or {"producer": None, "skipped": (
+            f"{_names(group)}: no single op produces its input (it reads the residual stream)")}
+        for name in group:
+            scheme = schemes.get(prefix + name)
             if scheme is None:
                 continue
             info = log.setdefault(prefix + name, {})
             info["awq"] = entry
+            r = reader[name]
+            if arch.is_expert(name):
+                info["tokens"] = tokens.get(r, 0)
+            if r not in hessians:  # an expert no calibration token reached
+                info["relative_error"] = None  # nothing to measure it on
+                continue
+            hessian, module = hessians[r], layer.get_submodule(name)
             scaled = module.weight.clone()
-            if cfg.clip and name not in arch.clip_exempt:
+            if not covered(name):
+                info["clip_skipped"] = (f"routed {tokens[r]} calibration tokens, under the "
+                                        f"minimum of {min_expert_tokens}")
+            elif cfg.clip and name not in arch.clip_exempt:
                 module.weight.data, info["clip_mean_shrink"] = awq.search_clip(
                     scaled, scheme, hessian, cfg, scale_dtype)
             # What RTN of the transformed weight costs, on the statistics pass's inputs.
@@ -90,6 +134,12 @@ def transform(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
                                            / awq.output_error(scaled, hessian).sum().clamp(
                                                min=1e-30))
     return log
+
+
+def _names(names: Sequence[str]) -> str:
+    """A group's Linears for a log line (a layer's experts are many)."""
+    return "+".join(names) if len(names) <= 4 else (
+        f"{names[0]}+...+{names[-1]} ({len(names)} Linears)")
 
 
 def _label(fold: Fold) -> str:
@@ -116,10 +166,11 @@ def _fold_problem(layer: nn.Module, fold: Fold, width: int) -> str | None:
 
 
 def _fold(layer: nn.Module, fold: Fold, linears: list[nn.Module], s: torch.Tensor,
-          scale_dtype: torch.dtype) -> None:
+          scale_dtype: torch.dtype, dense: Sequence[nn.Module] = ()) -> None:
     """producer's output / s, the Linears' columns * s: the same function, rescaled inside.
-    The producer's parameters are then rounded to the checkpoint's dtype, so that
-    calibration sees exactly what is exported."""
+    The producer's parameters, and the `dense` Linears' (kept unquantised), are then
+    rounded to the checkpoint's dtype, so that calibration sees exactly what is
+    exported."""
     producer = layer.get_submodule(fold.producer)
     if isinstance(producer, RMSNorm):
         offset = producer.offset
@@ -133,3 +184,5 @@ def _fold(layer: nn.Module, fold: Fold, linears: list[nn.Module], s: torch.Tenso
         param.data = param.data.to(scale_dtype).to(param.dtype)
     for module in linears:
         module.weight.data.mul_(s[None, :])
+    for module in dense:
+        module.weight.data = module.weight.data.to(scale_dtype).to(module.weight.dtype)

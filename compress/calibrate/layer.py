@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from compress.models import Architecture
+from compress.models import Architecture, Fold
 from compress.models.layers import SparseMLP
 from compress.quant import QuantizedWeight, QuantScheme, gptq, rtn
 from compress.recipe import Recipe
@@ -48,8 +48,9 @@ class _Group:
 
 def round_to_nearest(group: _Group, inputs: Iterator[torch.Tensor], recipe: Recipe) -> None:
     """RTN of the (transformed) weights: the inputs are not needed."""
+    info = {"rounding": "rtn"} if group.routed else {}
     for i, (module, scheme) in enumerate(zip(group.modules, group.schemes, strict=True)):
-        group.replace(i, rtn.quantize(module.weight, scheme, group.scale_dtype))
+        group.replace(i, rtn.quantize(module.weight, scheme, group.scale_dtype), **info)
 
 
 def round_gptq(group: _Group, inputs: Iterator[torch.Tensor], recipe: Recipe) -> None:
@@ -92,11 +93,11 @@ ROUNDINGS: dict[str, Callable[[_Group, Iterator[torch.Tensor], Recipe], None]] =
 @torch.no_grad()
 def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
                    x: torch.Tensor, arch: Architecture, groups: tuple[tuple[str, ...], ...],
-                   prefix: str,
+                   folds: tuple[Fold, ...], prefix: str,
                    schemes: dict[str, QuantScheme], recipe: Recipe, scale_dtype: torch.dtype,
                    memory_budget: int) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
-    """Quantise `layer` (its Linear `groups` in true-sequential order, named as in the
-    table; full names under `prefix`) on the calibration activations x (N, S, D)
+    """Quantise `layer` (its Linear `groups` in true-sequential order and its AWQ `folds`,
+    named as in the table; full names under `prefix`) on the calibration activations x (N, S, D)
     entering it, which are overwritten in place with the activations leaving it.
     `forward(chunk)` runs the layer. Returns the packed weights and the per-Linear log
     (for each Linear the tokens it saw: an expert sees only those routed to it)."""
@@ -106,8 +107,8 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
             module.all_tokens = recipe.calibration.expert_tokens == "all"
     log: dict[str, dict] = {}
     if recipe.uses_awq:
-        log = awq.transform(layer, forward, chunks, arch, prefix, schemes, recipe.awq,
-                            scale_dtype)
+        log = awq.transform(layer, forward, chunks, arch, groups, folds, prefix, schemes,
+                            recipe.awq, scale_dtype, MIN_EXPERT_TOKENS)
     quantized: dict[str, QuantizedWeight] = {}
     round_group = ROUNDINGS[recipe.rounding]
 

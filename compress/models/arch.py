@@ -154,11 +154,22 @@ class Architecture:
                  Fold(self.mlp_norm, self.gate_up) if self.mlp_norm else None, up)
         return tuple(f for f in folds if f is not None)
 
-    @property
-    def unfoldable_groups(self) -> tuple[tuple[str, ...], ...]:
-        """Groups no op can absorb scales for (see `scale_folds`)."""
-        folded = {f.group for f in self.scale_folds}
-        return tuple(g for g in self.linear_groups if g not in folded)
+    def folds(self, experts: int) -> tuple[Fold, ...]:
+        """AWQ's folds in a layer with `experts` experts (0: dense, `scale_folds`). The
+        MLP norm feeds the router and every expert's gate/up, so one set of scales serves
+        them all (the router, kept dense, absorbs it exactly); each expert's up feeds
+        only its own down."""
+        if not experts:
+            return self.scale_folds
+        m = self.moe
+        if m is None:
+            raise ValueError(f"{self.name} has no mixture-of-experts layout")
+        attention = tuple(f for f in self.scale_folds if f.group in (self.qkv, (self.o_proj,)))
+        gate_ups = tuple(m.expert(e) + n for e in range(experts) for n in m.gate_up)
+        mlp = (Fold(self.mlp_norm, (m.router_name, *gate_ups)),) if self.mlp_norm else ()
+        downs = tuple(Fold(m.expert(e) + m.gate_up[1], (m.expert(e) + m.down,))
+                      for e in range(experts))
+        return (*attention, *mlp, *downs)
 
     @property
     def clip_exempt(self) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ from compress.errors import CompressError
 from compress.formats import checkpoint, pack_quantized
 from compress.quant import QuantizedWeight, QuantScheme
 
-from .arch import Architecture, architecture_for
+from .arch import Architecture, Fold, architecture_for
 from .config import DecoderConfig, decoder_config
 
 
@@ -92,8 +92,14 @@ class ModelFiles:
     def layer_groups(self, index: int) -> tuple[tuple[str, ...], ...]:
         """Layer `index`'s Linear groups in true-sequential order (layer-relative names):
         a sparse layer's depend on its number of experts."""
-        experts = self.decoder_config.experts(index) if self.arch.moe else 0
-        return self.arch.groups(experts)
+        return self.arch.groups(self._experts(index))
+
+    def layer_folds(self, index: int) -> tuple[Fold, ...]:
+        """Layer `index`'s AWQ folds (`Architecture.folds`)."""
+        return self.arch.folds(self._experts(index))
+
+    def _experts(self, index: int) -> int:
+        return self.decoder_config.experts(index) if self.arch.moe else 0
 
     def layer_linears(self, index: int) -> tuple[str, ...]:
         return tuple(n for group in self.layer_groups(index) for n in group)

@@ -86,28 +86,35 @@ def output_error(dw: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
 def search_scales(
     weights: Sequence[torch.Tensor],
     schemes: Sequence[QuantScheme | None],
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | Sequence[torch.Tensor],
     magnitude: torch.Tensor,
     cfg: AWQConfig = AWQConfig(),
     scale_dtype: torch.dtype = torch.float16,
 ) -> ScaleSearch:
     """Per-input-channel scales for Linears sharing one input (None scheme: stays dense).
 
-    alpha = 0 (s = 1) is always a candidate, so the chosen scales never score worse than
-    plain RTN on the calibration tokens.
+    `hessian` is the input's, or one per weight: experts behind one norm read the same
+    channels but each only its routed tokens (each Hessian then weighted by its share of
+    the tokens, so that errors add up over tokens). alpha = 0 (s = 1) is always a
+    candidate, so the chosen scales never score worse than plain RTN on the calibration
+    tokens.
     """
     ws = [w.to(torch.float32) for w in weights]
-    hessian = hessian.to(torch.float32)
-    total = sum(float(output_error(w, hessian).sum()) for w in ws) or 1.0
+    hessians = ([hessian] * len(ws) if isinstance(hessian, torch.Tensor) else list(hessian))
+    if len(hessians) != len(ws):
+        raise ValueError(f"{len(ws)} weights but {len(hessians)} Hessians")
+    hessians = [h.to(torch.float32) for h in hessians]
+    total = sum(float(output_error(w, h).sum()) for w, h in zip(ws, hessians, strict=True))
+    total = total or 1.0
     x_mean = magnitude.to(torch.float32).clamp(min=1e-4)
     w_mean = _weight_magnitude(ws, schemes) if cfg.duo_scaling else None
 
     def score(s: torch.Tensor) -> float:
         err = 0.0
-        for w, scheme in zip(ws, schemes, strict=True):
+        for w, scheme, h in zip(ws, schemes, hessians, strict=True):
             if scheme is not None:
                 w_hat = rtn.fake_quantize(w * s, scheme, scale_dtype) / s
-                err += float(output_error(w - w_hat, hessian).sum())
+                err += float(output_error(w - w_hat, h).sum())
         return err / total
 
     best = ScaleSearch(torch.ones_like(x_mean), 0.0, False, score(torch.ones_like(x_mean)), 0.0)

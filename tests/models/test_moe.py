@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import ARCH_CASES
+from conftest import ARCH_CASES, exact_load
 from transformers import AutoModelForCausalLM
 
 from compress import data, models, pipeline
@@ -51,11 +51,13 @@ def test_routed_token_counts_equal_a_count_by_hand(tiny_mixtral, tmp_path, exact
     assert ours == by_hand and sum(ours) == 2 * ids.numel()
 
 
-def test_an_expert_no_token_reaches_is_rounded_to_nearest_and_reported(
-        tiny_mixtral, tmp_path, monkeypatch):
+@pytest.fixture
+def never_expert_3(monkeypatch):
+    """Routers that never select expert 3 (its logit is -inf); calling the fixture's value
+    restores them."""
     original = SparseMLP.route
 
-    def never_expert_3(self, x):
+    def route(self, x):
         router = getattr(self, self._router)
 
         class NeverThree(torch.nn.Module):
@@ -68,7 +70,12 @@ def test_an_expert_no_token_reaches_is_rounded_to_nearest_and_reported(
         finally:
             setattr(self, self._router, router)
 
-    monkeypatch.setattr(SparseMLP, "route", never_expert_3)
+    monkeypatch.setattr(SparseMLP, "route", route)
+    return lambda: monkeypatch.setattr(SparseMLP, "route", original)
+
+
+def test_an_expert_no_token_reaches_is_rounded_to_nearest_and_reported(
+        tiny_mixtral, tmp_path, never_expert_3):
     out = tmp_path / "q"
     result = pipeline.quantize(tiny_mixtral, GPTQ, out)
     log = json.loads((out / pipeline.QUANT_LOG).read_text())
@@ -101,16 +108,43 @@ def test_decode_runs_only_the_chosen_experts(tiny_mixtral):
     assert len(calls) == 2 * 2  # top-2 experts in each of 2 layers, no others
 
 
-def test_awq_refuses_experts_before_any_work(tiny_mixtral, tmp_path):
-    from compress import report
-    from compress.errors import CompressError
-
-    with pytest.raises(CompressError, match="AWQ does not quantise mixture-of-experts"):
-        pipeline.quantize(tiny_mixtral, Recipe("awq", QuantScheme(4, 32, True),
-                                               calibration=CALIB), tmp_path / "q")
-    with pytest.raises(CompressError, match="AWQ does not quantise mixture-of-experts"):
-        report.run(tiny_mixtral, report.grid(["rtn", "awq+gptq"], [4], [32]), tmp_path / "r")
-    assert not (tmp_path / "r").exists() and not (tmp_path / "q").exists()
+def test_awq_scales_every_expert_through_the_norm_and_the_router(tiny_mixtral, tmp_path,
+                                                                never_expert_3, exact_kernels):
+    """One set of scales for the MLP norm's readers (the router absorbs it, unquantised);
+    each expert's up -> down on its own; the expert no token reaches takes part in no
+    search but is still scaled with the others and rounded to nearest."""
+    out = tmp_path / "q"
+    recipe = Recipe("awq", QuantScheme(4, 32, True), calibration=CALIB)
+    result = pipeline.quantize(tiny_mixtral, recipe, out)
+    log = json.loads((out / pipeline.QUANT_LOG).read_text())
+    source, packed = models.open_model(tiny_mixtral), models.open_model(out)
+    for layer in range(2):
+        moe = f"model.layers.{layer}.block_sparse_moe"
+        router = f"{moe}.gate.weight"
+        assert router not in packed.schemes  # stays dense ...
+        assert not torch.equal(packed.tensors.get(router), source.tensors.get(router))
+        for e in range(EXPERTS):
+            for linear in ("w1", "w3"):
+                entry = log["modules"][f"{moe}.experts.{e}.{linear}"]["awq"]
+                assert entry["producer"] == "post_attention_layernorm" and "alpha" in entry
+                assert entry["relative_error"] <= entry["relative_error_unscaled"]
+            down = log["modules"][f"{moe}.experts.{e}.w2"]
+            if e == 3:
+                assert "under the minimum" in down["awq"]["skipped"]
+                assert down["tokens"] == 0 and down["relative_error"] is None
+            else:
+                assert down["awq"]["producer"] == f"block_sparse_moe.experts.{e}.w3"
+                assert down["tokens"] >= MIN_EXPERT_TOKENS and "clip_mean_shrink" in down
+        assert result.experts[f"{moe}.experts.3"] == {"tokens": 0, "relative_error": None,
+                                                     "rounding": "rtn"}
+    assert sorted(packed.schemes) == sorted(packed.linear_names())  # ... every expert packed
+    # the folded, rounded router and norm load in transformers as they run in ours
+    never_expert_3()  # transformers' routers may select it
+    ours = exact_load(out)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = torch.tensor([[5, 17, 923, 4021, 77]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_all_token_calibration_gives_every_expert_every_token(tiny_mixtral, tmp_path):
