@@ -3,10 +3,11 @@ dense model of the same active size, and routed vs all-token expert calibration.
 
     python benchmarks/moe.py [--layers 4] [--hidden 1024] [--intermediate 2048]
                              [--experts 8] [--top-k 2] [--rounds 3]
+                             [--parts synthetic,decode,quality] [--methods rtn,gptq,...]
 
 1. A synthetic Mixtral (random fp16 weights; by default 8 experts, top-2, hidden 1024,
-   4 layers) quantised by `compress quantize --method gptq` in a child process with each
-   expert-calibration mode: wall time and the child's own peak RSS, against one layer's
+   4 layers) quantised by `compress quantize` in a child process with each calibrated
+   method and expert-calibration mode: wall time and the child's own peak RSS, against one layer's
    weights with all its experts (float32, as calibration holds them) plus the
    calibration activations.
 2. Decode tokens/s at batch 1 of that MoE packed W4 g128 (RTN) against a dense Llama of
@@ -14,11 +15,12 @@ dense model of the same active size, and routed vs all-token expert calibration.
    `compress generate`, in alternating rounds.
 3. Quality: SmolLM2-135M "upcycled" into a MoE (each layer's MLP copied into 4 experts
    with 20% multiplicative noise, a random router, top-2) so that its text is language,
-   quantised W4 g128 by RTN, GPTQ on routed tokens and GPTQ on all tokens; KL against
-   the unquantised MoE and perplexity, same windows. Random experts are more alike than
-   trained ones: the difference between the two modes is a lower bound on a real model's.
+   quantised W4 g128 by RTN, GPTQ on routed tokens, GPTQ on all tokens, AWQ and AWQ+GPTQ
+   (routed); KL against the unquantised MoE and perplexity, same windows. Random experts
+   are more alike than trained ones: the difference between the two modes is a lower
+   bound on a real model's.
 
-Writes benchmarks/results/moe.json.
+Writes benchmarks/results/moe.json; a run of some parts or methods updates only theirs.
 """
 
 from __future__ import annotations
@@ -43,6 +45,15 @@ from compress.progress import set_quiet
 
 HERE = Path(__file__).parent
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+PARTS = ("synthetic", "decode", "quality")
+# quality label -> (method, extra flags; calibrated methods also get the calibration's)
+QUALITY = {
+    "rtn": ("rtn", []),
+    "gptq_routed": ("gptq", ["--expert-tokens", "routed"]),
+    "gptq_all": ("gptq", ["--expert-tokens", "all"]),
+    "awq": ("awq", ["--expert-tokens", "routed"]),
+    "awq_gptq": ("awq+gptq", ["--expert-tokens", "routed"]),
+}
 PROMPT = "The history of the city begins with a small settlement on the river, where"
 
 
@@ -169,15 +180,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--methods", default=",".join(QUALITY),
+                        help=f"quality part: comma-separated subset of {','.join(QUALITY)}")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "moe.json")
     args = parser.parse_args()
+    parts, methods = args.parts.split(","), args.methods.split(",")
+    for chosen, known in ((parts, PARTS), (methods, QUALITY)):
+        if unknown := set(chosen) - set(known):
+            parser.error(f"unknown {sorted(unknown)}; choose from {', '.join(known)}")
     set_quiet(True)
     calib = ["--calib-samples", str(args.calib_samples), "--calib-seqlen", "512"]
-    result: dict = {"benchmark": "moe", "threads": torch.get_num_threads(),
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "synthetic": {k: getattr(args, k) for k in
-                                  ("layers", "hidden", "intermediate", "experts", "top_k")},
-                    "calibration": {"samples": args.calib_samples, "seqlen": 512}}
+    result: dict = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    result.update({"benchmark": "moe", "threads": torch.get_num_threads(),
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "synthetic": {k: getattr(args, k) for k in
+                                 ("layers", "hidden", "intermediate", "experts", "top_k")},
+                   "calibration": {"samples": args.calib_samples, "seqlen": 512}})
     with tempfile.TemporaryDirectory(prefix="compress-moe-bench-") as tmp:
         work = Path(tmp)
         moe, dense = work / "moe", work / "dense"
@@ -189,49 +209,57 @@ def main() -> None:
         activations = args.calib_samples * 512 * args.hidden * 4
         result["synthetic"]["one_layer_fp32_bytes"] = layer
         result["synthetic"]["calibration_activation_bytes"] = activations
-        for mode in ("routed", "all"):
-            run = quantize(moe, work / f"gptq-{mode}", "gptq",
-                           [*calib, "--expert-tokens", mode])
-            result[f"synthetic_gptq_{mode}"] = run
-            print(f"synthetic MoE GPTQ ({mode} tokens): {run['seconds']:.0f} s, peak RSS "
+        for label in [m for m in methods if m != "rtn"] if "synthetic" in parts else ():
+            method, extra = QUALITY[label]
+            run = quantize(moe, work / f"synthetic-{label}", method, [*calib, *extra])
+            result[f"synthetic_{label}"] = run
+            print(f"synthetic MoE {label}: {run['seconds']:.0f} s, peak RSS "
                   f"{run['peak_rss_bytes'] / 1e9:.2f} GB (one layer fp32 {layer / 1e9:.2f} GB "
                   f"+ activations {activations / 1e9:.2f} GB)")
-        for name, src in (("moe", moe), ("dense", dense)):
-            quantize(src, work / f"rtn-{name}", "rtn", [])
-        speeds: dict[str, list[float]] = {"moe": [], "dense": []}
-        for r in range(args.rounds):
-            order = ("moe", "dense") if r % 2 == 0 else ("dense", "moe")
-            for name in order:
-                speeds[name].append(decode_tok_s(work / f"rtn-{name}", args.decode_tokens))
-            print(f"round {r + 1}: MoE {speeds['moe'][-1]:.1f}, dense "
-                  f"{speeds['dense'][-1]:.1f} tokens/s")
-        moe_speed, dense_speed = (statistics.median(speeds[k]) for k in ("moe", "dense"))
-        result["decode"] = {"tokens": args.decode_tokens, "rounds": speeds,
-                            "moe_median": moe_speed, "dense_median": dense_speed,
-                            "moe_over_dense": moe_speed / dense_speed}
-        print(f"decode batch 1 (W4 g128): MoE {moe_speed:.1f} vs dense same active "
-              f"{dense_speed:.1f} tokens/s -> {moe_speed / dense_speed:.2f}x")
-
-        up = work / "upcycled"
-        upcycled_smollm(up)
-        base = models.open_model(up)
-        quality = {}
-        for label, method, extra in (("rtn", "rtn", []),
-                                     ("gptq_routed", "gptq", [*calib, "--expert-tokens",
-                                                              "routed"]),
-                                     ("gptq_all", "gptq", [*calib, "--expert-tokens", "all"])):
-            run = quantize(up, work / f"up-{label}", method, extra)
-            run.update(scored(work / f"up-{label}", base, args.eval_tokens))
-            quality[label] = run
-            print(f"upcycled SmolLM2 MoE, {label}: KL {run['kl_mean']:.4f} (p99 "
-                  f"{run['kl_p99']:.3f}), ppl {run['ppl']:.2f} vs {run['baseline_ppl']:.2f}, "
-                  f"{run['seconds']:.0f} s")
-        result["upcycled_smollm2"] = {"experts": 4, "top_k": 2, "noise": 0.2, **quality,
-                                      "all_over_routed_kl": quality["gptq_all"]["kl_mean"]
-                                      / quality["gptq_routed"]["kl_mean"]}
+        if "decode" in parts:
+            result["decode"] = decode(work, moe, dense, args)
+        if "quality" in parts:
+            quality = upcycled_quality(work, args, calib, methods)
+            result["upcycled_smollm2"] = {**result.get("upcycled_smollm2", {}), **quality}
+            q = result["upcycled_smollm2"]
+            if "gptq_all" in q and "gptq_routed" in q:
+                q["all_over_routed_kl"] = q["gptq_all"]["kl_mean"] / q["gptq_routed"]["kl_mean"]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.json}")
+
+
+def decode(work: Path, moe: Path, dense: Path, args) -> dict:
+    for name, src in (("moe", moe), ("dense", dense)):
+        quantize(src, work / f"rtn-{name}", "rtn", [])
+    speeds: dict[str, list[float]] = {"moe": [], "dense": []}
+    for r in range(args.rounds):
+        order = ("moe", "dense") if r % 2 == 0 else ("dense", "moe")
+        for name in order:
+            speeds[name].append(decode_tok_s(work / f"rtn-{name}", args.decode_tokens))
+        print(f"round {r + 1}: MoE {speeds['moe'][-1]:.1f}, dense "
+              f"{speeds['dense'][-1]:.1f} tokens/s")
+    moe_speed, dense_speed = (statistics.median(speeds[k]) for k in ("moe", "dense"))
+    print(f"decode batch 1 (W4 g128): MoE {moe_speed:.1f} vs dense same active "
+          f"{dense_speed:.1f} tokens/s -> {moe_speed / dense_speed:.2f}x")
+    return {"tokens": args.decode_tokens, "rounds": speeds, "moe_median": moe_speed,
+            "dense_median": dense_speed, "moe_over_dense": moe_speed / dense_speed}
+
+
+def upcycled_quality(work: Path, args, calib: list[str], methods: list[str]) -> dict:
+    up = work / "upcycled"
+    upcycled_smollm(up)
+    base = models.open_model(up)
+    quality: dict = {"experts": 4, "top_k": 2, "noise": 0.2}
+    for label in methods:
+        method, extra = QUALITY[label]
+        run = quantize(up, work / f"up-{label}", method, [*calib, *extra] if extra else [])
+        run.update(scored(work / f"up-{label}", base, args.eval_tokens))
+        quality[label] = run
+        print(f"upcycled SmolLM2 MoE, {label}: KL {run['kl_mean']:.4f} (p99 "
+              f"{run['kl_p99']:.3f}), ppl {run['ppl']:.2f} vs {run['baseline_ppl']:.2f}, "
+              f"{run['seconds']:.0f} s")
+    return quality
 
 
 if __name__ == "__main__":

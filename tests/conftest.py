@@ -82,6 +82,7 @@ ARCH_CASES = {
     "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
                   "moe_intermediate_size": 64, "mlp_only_layers": [1], "norm_topk_prob": True,
                   "norm_noise": 0.1},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2, "norm_noise": 0.1},
 }
 
 

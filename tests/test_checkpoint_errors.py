@@ -43,9 +43,20 @@ def test_unsupported_architecture(tiny_llama, tmp_path):
     config["model_type"] = "gpt2"
     (tmp_path / "m/config.json").write_text(json.dumps(config))
     with pytest.raises(CompressError, match=r"unsupported architecture 'gpt2'; supported model "
-                       r"types: gemma2, gemma3_text, llama, mistral, mixtral, olmo2, phi3, "
+                       r"types: gemma2, gemma3_text, llama, mistral, mixtral, olmo2, olmoe, phi3, "
                        r"qwen2, qwen3, qwen3_moe \(adding one: docs/architectures.md\)"):
         models.open_model(tmp_path / "m")
+
+
+def test_a_knob_the_decoder_does_not_honour_is_refused(tiny_factory, tmp_path):
+    """OLMoE's clip_qkv clamps q/k/v; computing without it would be another model."""
+    from conftest import ARCH_CASES
+
+    shutil.copytree(tiny_factory("olmoe", **ARCH_CASES["olmoe"]), tmp_path / "m")
+    config = json.loads((tmp_path / "m/config.json").read_text())
+    (tmp_path / "m/config.json").write_text(json.dumps({**config, "clip_qkv": 8.0}))
+    with pytest.raises(CompressError, match=r"clip_qkv=8.0: the decoder does not clamp"):
+        models.load(tmp_path / "m")
 
 
 def test_pickle_weights_are_refused(tiny_llama, tmp_path):

@@ -212,6 +212,9 @@ ARCHITECTURES = (
     # Qwen3-MoE: dense layers (mlp_only_layers, decoder_sparse_step) keep Llama's MLP.
     replace(LLAMA, name="qwen3_moe", model_types=("qwen3_moe",), qk_norm="head",
             moe=Experts("mlp")),
+    # OLMoE: Llama's norms, OLMo's q/k norms over the whole projections, Qwen-MoE's names.
+    replace(LLAMA, name="olmoe", model_types=("olmoe",), qk_norm="projection",
+            moe=Experts("mlp")),
 )
 
 GUIDE = "docs/architectures.md"

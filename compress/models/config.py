@@ -119,6 +119,9 @@ def decoder_config(raw: dict, arch: Architecture, parsed: Callable[[], object]
     if activation not in ACTIVATIONS:
         raise CompressError(f"config.json's activation {activation!r} is not supported by the "
                             f"decoder; supported: {', '.join(ACTIVATIONS)}")
+    if getattr(hf, "clip_qkv", None) is not None:
+        raise CompressError(f"config.json sets clip_qkv={hf.clip_qkv!r}: the decoder does not "
+                            "clamp q/k/v, so it would compute another function; not supported")
     scalar = _optional_number(hf, "query_pre_attn_scalar") if arch.query_pre_attn_scalar else None
     moe = _experts(raw, hf, layers) if arch.moe else {}
     return DecoderConfig(
