@@ -368,6 +368,7 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
     if files.arch.lm_head in schemes and files.tied_embeddings:
         config["tie_word_embeddings"] = False  # the head is now its own packed tensor
     dense_linears = [n for n in [*files.linear_names(), files.arch.lm_head] if n not in schemes]
+    dense_linears += files.gate_linears()
     actorder = None
     if recipe.rounding == "gptq" and recipe.gptq.act_order:
         actorder = "weight" if recipe.gptq.static_groups else "group"

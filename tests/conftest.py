@@ -83,6 +83,10 @@ ARCH_CASES = {
                   "moe_intermediate_size": 64, "mlp_only_layers": [1], "norm_topk_prob": True,
                   "norm_noise": 0.1},
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2, "norm_noise": 0.1},
+    # a shared expert of its own width beside 4 routed ones; layer 1 dense
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                  "shared_expert_intermediate_size": 96, "mlp_only_layers": [1],
+                  "norm_noise": 0.1},
 }
 
 

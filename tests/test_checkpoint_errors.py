@@ -44,7 +44,7 @@ def test_unsupported_architecture(tiny_llama, tmp_path):
     (tmp_path / "m/config.json").write_text(json.dumps(config))
     with pytest.raises(CompressError, match=r"unsupported architecture 'gpt2'; supported model "
                        r"types: gemma2, gemma3_text, llama, mistral, mixtral, olmo2, olmoe, phi3, "
-                       r"qwen2, qwen3, qwen3_moe \(adding one: docs/architectures.md\)"):
+                       r"qwen2, qwen2_moe, qwen3, qwen3_moe \(adding one: docs/architectures.md\)"):
         models.open_model(tmp_path / "m")
 
 

@@ -43,6 +43,10 @@ class Experts:
     experts: str = "experts"
     gate_up: tuple[str, str] = ("gate_proj", "up_proj")
     down: str = "down_proj"
+    # A shared expert (Qwen-MoE): a gated MLP every token goes through, named like the
+    # experts' projections, its output scaled by sigmoid(shared_gate(x)) when there is one.
+    shared: str | None = None
+    shared_gate: str | None = None
 
     def expert(self, e: int) -> str:
         return f"{self.block}.{self.experts}.{e}."
@@ -50,6 +54,20 @@ class Experts:
     @property
     def router_name(self) -> str:
         return f"{self.block}.{self.router}"
+
+    @property
+    def shared_prefix(self) -> str | None:
+        return None if self.shared is None else f"{self.block}.{self.shared}."
+
+    @property
+    def shared_gate_name(self) -> str | None:
+        return None if self.shared_gate is None else f"{self.block}.{self.shared_gate}"
+
+    def mlps(self, experts: int) -> list[str]:
+        """Every gated MLP of a sparse layer, by name prefix, in the order they run: the
+        shared expert (it reads every token) first, as transformers runs it."""
+        shared = [self.shared_prefix] if self.shared_prefix else []
+        return [*shared, *(self.expert(e) for e in range(experts))]
 
 
 @dataclass(frozen=True)
@@ -119,15 +137,15 @@ class Architecture:
     def groups(self, experts: int) -> tuple[tuple[str, ...], ...]:
         """The groups of a layer with `experts` experts (0: a dense MLP). Experts run one
         after another, each on its own tokens, so each one's gate/up and down are groups
-        of their own, in expert order; the router stays a dense Linear."""
+        of their own, in expert order (a shared expert first); the router (and a shared
+        expert's gate) stays a dense Linear."""
         if not experts:
             return (self.qkv, (self.o_proj,), self.gate_up, (self.down_proj,))
         if self.moe is None:
             raise ValueError(f"{self.name} has no mixture-of-experts layout")
         m = self.moe
-        per_expert = ((tuple(m.expert(e) + n for n in m.gate_up), (m.expert(e) + m.down,))
-                      for e in range(experts))
-        return (self.qkv, (self.o_proj,), *(g for pair in per_expert for g in pair))
+        per_mlp = ((tuple(p + n for n in m.gate_up), (p + m.down,)) for p in m.mlps(experts))
+        return (self.qkv, (self.o_proj,), *(g for pair in per_mlp for g in pair))
 
     @property
     def layer_linears(self) -> tuple[str, ...]:
@@ -156,19 +174,19 @@ class Architecture:
 
     def folds(self, experts: int) -> tuple[Fold, ...]:
         """AWQ's folds in a layer with `experts` experts (0: dense, `scale_folds`). The
-        MLP norm feeds the router and every expert's gate/up, so one set of scales serves
-        them all (the router, kept dense, absorbs it exactly); each expert's up feeds
-        only its own down."""
+        MLP norm feeds the router, a shared expert's gate and every expert's gate/up, so
+        one set of scales serves them all (the dense gates absorb it exactly); each
+        expert's up feeds only its own down."""
         if not experts:
             return self.scale_folds
         m = self.moe
         if m is None:
             raise ValueError(f"{self.name} has no mixture-of-experts layout")
         attention = tuple(f for f in self.scale_folds if f.group in (self.qkv, (self.o_proj,)))
-        gate_ups = tuple(m.expert(e) + n for e in range(experts) for n in m.gate_up)
-        mlp = (Fold(self.mlp_norm, (m.router_name, *gate_ups)),) if self.mlp_norm else ()
-        downs = tuple(Fold(m.expert(e) + m.gate_up[1], (m.expert(e) + m.down,))
-                      for e in range(experts))
+        dense = (m.router_name, *([m.shared_gate_name] if m.shared_gate_name else []))
+        gate_ups = tuple(p + n for p in m.mlps(experts) for n in m.gate_up)
+        mlp = (Fold(self.mlp_norm, (*dense, *gate_ups)),) if self.mlp_norm else ()
+        downs = tuple(Fold(p + m.gate_up[1], (p + m.down,)) for p in m.mlps(experts))
         return (*attention, *mlp, *downs)
 
     @property
@@ -215,6 +233,9 @@ ARCHITECTURES = (
     # OLMoE: Llama's norms, OLMo's q/k norms over the whole projections, Qwen-MoE's names.
     replace(LLAMA, name="olmoe", model_types=("olmoe",), qk_norm="projection",
             moe=Experts("mlp")),
+    # Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen2's attention, a gated shared expert.
+    replace(LLAMA, name="qwen2_moe", model_types=("qwen2_moe",), moe=Experts(
+        "mlp", shared="shared_expert", shared_gate="shared_expert_gate")),
 )
 
 GUIDE = "docs/architectures.md"

@@ -52,6 +52,7 @@ class DecoderConfig:
     experts_per_token: int = 0
     norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1
     expert_intermediate: int = 0
+    shared_expert_intermediate: int = 0  # 0: no shared expert
 
     def experts(self, layer: int) -> int:
         """How many experts layer `layer` routes between (0: a dense MLP)."""
@@ -110,6 +111,8 @@ def decoder_config(raw: dict, arch: Architecture, parsed: Callable[[], object]
     positions = config_int(raw, "max_position_embeddings", 2048)
     hf = parsed()
     window = getattr(hf, "sliding_window", None)
+    if window == 0 and not isinstance(window, bool):  # Qwen2-MoE's config: no window
+        window = None
     if window is not None:
         window = config_int({"sliding_window": window}, "sliding_window")
     types = _layer_types(hf, layers, window)
@@ -176,6 +179,8 @@ def _experts(raw: dict, hf, layers: int) -> dict:
         "experts_per_token": top_k,
         "norm_topk_prob": norm,
         "expert_intermediate": config_int(raw, width),
+        "shared_expert_intermediate": (config_int(raw, "shared_expert_intermediate_size")
+                                       if "shared_expert_intermediate_size" in raw else 0),
     }
 
 

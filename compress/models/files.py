@@ -89,6 +89,13 @@ class ModelFiles:
         return [self.arch.layer_prefix(i) + n for i in range(self.num_layers)
                 for n in self.layer_linears(i)]
 
+    def gate_linears(self) -> list[str]:
+        """Linears outside every group, which stay dense: shared experts' sigmoid gates
+        (routers are not Linears in transformers' modelling code)."""
+        gate = self.arch.moe.shared_gate_name if self.arch.moe else None
+        return [self.arch.layer_prefix(i) + gate for i in range(self.num_layers)
+                if gate and self._experts(i)]
+
     def layer_groups(self, index: int) -> tuple[tuple[str, ...], ...]:
         """Layer `index`'s Linear groups in true-sequential order (layer-relative names):
         a sparse layer's depend on its number of experts."""

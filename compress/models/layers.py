@@ -324,14 +324,24 @@ class SparseMLP(nn.Module):
     """A mixture of experts: the router scores every expert per token, the top k are
     chosen (their softmax weights renormalised when the config says so), and each chosen
     expert's output, times its weight, is summed. An expert runs only on the tokens
-    routed to it, and not at all when none are: a decode step reads k experts' weights."""
+    routed to it, and not at all when none are: a decode step reads k experts' weights.
+    A shared expert (Qwen-MoE) runs on every token, first, its output scaled by
+    sigmoid(shared gate) when there is one, and added last."""
 
     def __init__(self, cfg: DecoderConfig, router: tuple[str, nn.Module], experts: list[MLP],
-                 experts_name: str):
+                 experts_name: str, shared: tuple[str, MLP] | None = None,
+                 shared_gate: tuple[str, nn.Module] | None = None):
         super().__init__()
         self.add_module(*router)
         self.add_module(experts_name, nn.ModuleList(experts))
         self._router, self._experts = router[0], experts_name
+        self._shared = self._shared_gate = None
+        if shared is not None:
+            self.add_module(*shared)
+            self._shared = shared[0]
+        if shared_gate is not None:
+            self.add_module(*shared_gate)
+            self._shared_gate = shared_gate[0]
         self.top_k, self.renormalise = cfg.experts_per_token, cfg.norm_topk_prob
         # Calibration may run every expert on every token (each still adds only its
         # routed tokens' outputs): its Linears then see the whole input distribution.
@@ -348,8 +358,12 @@ class SparseMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        shared = None if self._shared is None else getattr(self, self._shared)(x)
+        if shared is not None and self._shared_gate is not None:
+            shared = torch.sigmoid(getattr(self, self._shared_gate)(x)) * shared
         weights, chosen = self.route(x)
-        return self._run_experts(x, weights, chosen).view(shape)
+        out = self._run_experts(x, weights, chosen)
+        return (out if shared is None else out + shared).view(shape)
 
     # Which experts run depends on the data: torch.compile traces around this (the rest of
     # the step stays compiled) instead of recompiling for every new choice of experts.

@@ -109,13 +109,17 @@ def build_layer(files: ModelFiles, index: int, dtype: torch.dtype,
 def _sparse_mlp(files: ModelFiles, index: int, dtype: torch.dtype, device) -> SparseMLP:
     cfg, moe = files.decoder_config, files.arch.moe
     p = files.arch.layer_prefix(index)
-    experts = []
-    for e in range(cfg.experts(index)):
-        names = (*moe.gate_up, moe.down)
-        experts.append(MLP(cfg, {n: _linear(files, p + moe.expert(e) + n, dtype, device)
-                                 for n in names}, list(moe.gate_up), moe.down))
+
+    def mlp(prefix: str) -> MLP:
+        return MLP(cfg, {n: _linear(files, p + prefix + n, dtype, device)
+                         for n in (*moe.gate_up, moe.down)}, list(moe.gate_up), moe.down)
+
+    experts = [mlp(moe.expert(e)) for e in range(cfg.experts(index))]
     router = (moe.router, _linear(files, p + moe.router_name, dtype, device))
-    return SparseMLP(cfg, router, experts, moe.experts)
+    shared = None if moe.shared is None else (moe.shared, mlp(moe.shared_prefix))
+    gate = None if moe.shared_gate is None else (
+        moe.shared_gate, _linear(files, p + moe.shared_gate_name, dtype, device))
+    return SparseMLP(cfg, router, experts, moe.experts, shared, gate)
 
 
 def embedding(files: ModelFiles, dtype: torch.dtype, device="cpu") -> nn.Embedding:
@@ -160,9 +164,13 @@ def expected_shapes(files: ModelFiles, index: int = 0) -> dict[str, tuple[int, .
     if experts:
         moe, inter = arch.moe, cfg.expert_intermediate
         want[moe.router_name] = (experts, d)
-        for e in range(experts):
-            want.update({moe.expert(e) + n: (inter, d) for n in moe.gate_up})
-            want[moe.expert(e) + moe.down] = (d, inter)
+        for prefix in moe.mlps(experts):
+            width = (cfg.shared_expert_intermediate if prefix == moe.shared_prefix
+                     else inter)
+            want.update({prefix + n: (width, d) for n in moe.gate_up})
+            want[prefix + moe.down] = (d, width)
+        if moe.shared_gate_name:
+            want[moe.shared_gate_name] = (1, d)
     else:
         # absent from a config: every dense layer must agree with this one
         p = arch.layer_prefix(index)

@@ -177,3 +177,19 @@ def test_expert_tokens_in_a_recipe(tmp_path):
                                             r"got 'some'") as raised:
         Recipe.from_dict({"method": "gptq", "calibration": {"expert_tokens": "some"}})
     assert "\n" not in str(raised.value)
+
+
+def test_a_shared_expert_sees_every_token_and_is_not_a_routed_expert(tiny_factory, tmp_path):
+    """Qwen2-MoE: the shared expert is calibrated on every token, its sigmoid gate stays
+    dense like the router, and the coverage report lists only the routed experts."""
+    path = tiny_factory("qwen2_moe", **ARCH_CASES["qwen2_moe"])
+    result = pipeline.quantize(path, GPTQ, tmp_path / "q")
+    log = json.loads((tmp_path / "q" / pipeline.QUANT_LOG).read_text())["modules"]
+    shared = "model.layers.0.mlp.shared_expert."
+    assert {log[shared + n]["tokens"] for n in ("gate_proj", "up_proj", "down_proj")} == {
+        CALIB.samples * CALIB.seqlen}
+    assert sorted(result.experts) == [f"model.layers.0.mlp.experts.{e}" for e in range(4)]
+    packed = models.open_model(tmp_path / "q")
+    assert "model.layers.0.mlp.shared_expert_gate" not in packed.schemes
+    assert "model.layers.0.mlp.shared_expert_gate" in json.dumps(
+        packed.config["quantization_config"]["ignore"])
