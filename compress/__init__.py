@@ -1,1 +1,6 @@
+from compress.threads import prefer_passive_waiting as _prefer_passive_waiting
+
 __version__ = "0.1.0"
+
+# Before anything imports torch (and with it OpenMP): see compress/threads.py.
+_prefer_passive_waiting()
