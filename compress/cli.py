@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+import compress
 from compress import api, assets, evaluation, hub, models, progress
 from compress import report as report_mod
 from compress.calibrate import sensitivity
@@ -31,7 +33,39 @@ from compress.quant.gptq import GPTQConfig
 from compress.recipe import METHODS, CalibrationConfig, Recipe
 from compress.serving import bench, generation
 
+# Click's names for a value's kind in help lines; newer typer shows Python's (<int>).
+_KINDS = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "path": "PATH"}
+
+
+class _PlainHelp:
+    """Help lines as click writes them: a value's kind in capitals after an option
+    (--bits INTEGER), nothing after a flag or an argument. Newer typer labels every
+    parameter with its Python type instead (`--sym <bool>`, `model <str>`)."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        for param in params:
+            shown = getattr(param, "display_type_rich", None)
+            if shown is None:  # click's own parameters (older typer): plain already
+                continue
+            if param.param_type_name == "argument" or getattr(param, "is_flag", False):
+                param.display_type_rich = lambda ctx: None
+            elif param.metavar is None:
+                kind = re.sub(r"^list\[(.*)\]$", r"\1", str(shown(ctx)).strip("<>"))
+                param.metavar = _KINDS.get(kind, kind.upper())
+        return params
+
+
+class _Command(_PlainHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_PlainHelp, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -44,12 +78,25 @@ err_console = Console(stderr=True)
 ModelArg = Annotated[
     str | None,
     typer.Argument(help=f"Model directory, or a bundled model name (default: "
-                   f"{assets.DEFAULT_MODEL}).", show_default=False),
+                   f"{assets.DEFAULT_MODEL}).", show_default=False, metavar="MODEL"),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
-@app.command()
+def _print_version(value: bool) -> None:
+    if value:
+        out_console.print(f"compress {compress.__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print compress's version and exit.")] = False) -> None:
+    pass  # options before the command; the app's help comes from `app`
+
+
+@app.command(cls=_Command)
 def quantize(
     model: ModelArg = None,
     method: Annotated[str, typer.Option(help=f"Algorithm: {', '.join(METHODS)}.")] = "rtn",
@@ -198,7 +245,7 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-@app.command()
+@app.command(cls=_Command)
 def generate(
     model: ModelArg = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
@@ -276,7 +323,7 @@ def _as_tensor(token: int):
     return torch.tensor([token])
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def eval_(
     model: ModelArg = None,
     baseline: Annotated[str, typer.Option(
@@ -369,7 +416,7 @@ def _num(value: float | None, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-@app.command("bench")
+@app.command("bench", cls=_Command)
 def bench_(
     model: ModelArg = None,
     batch_sizes: Annotated[str, typer.Option(
@@ -438,7 +485,7 @@ def bench_(
                    best)
 
 
-@app.command("report")
+@app.command("report", cls=_Command)
 def report_(
     model: ModelArg = None,
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "rtn,gptq,awq",
@@ -491,9 +538,10 @@ def _csv(text: str, kind: type) -> list:
             from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def push(
-    directory: Annotated[Path, typer.Argument(help="Checkpoint directory to publish.")],
+    directory: Annotated[Path, typer.Argument(help="Checkpoint directory to publish.",
+                                              metavar="DIRECTORY")],
     repo: Annotated[str, typer.Option(help="Hub repository, ORG/NAME.")],
     private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
     revision: Annotated[str | None, typer.Option(
@@ -501,7 +549,8 @@ def push(
     exist_ok: Annotated[bool, typer.Option(
         help="Push into a repository that already exists.")] = False,
     dry_run: Annotated[bool, typer.Option(
-        help="Write the model card and list what would be uploaded; send nothing.")] = False,
+        help="List what would be uploaded and show the model card; send and write "
+             "nothing.")] = False,
     eval_json: Annotated[Path | None, typer.Option(
         help="`compress eval --json` output for the card (default: DIR/eval.json if "
              "present).")] = None,
@@ -528,13 +577,16 @@ def push(
                           soft_wrap=True)
     total = sum(f.size for f in result.files)
     if result.dry_run:
-        out_console.print(f"dry run: {len(result.files)} files, {_mb(total)}; nothing sent")
+        out_console.print(f"dry run: {len(result.files)} files, {_mb(total)}; nothing sent, "
+                          f"nothing written. The model card ({hub.CARD}) it would send:")
+        out_console.rule(style="dim")
+        out_console.print(result.card, markup=False, highlight=False)
     else:
         out_console.print(f"pushed {len(result.files)} files ({_mb(total)}) to {result.url} "
                           f"(commit {result.commit}); remote hashes verified")
 
 
-@app.command()
+@app.command(cls=_Command)
 def setup(
     model: Annotated[list[str] | None, typer.Option(
         "--model", help="Bundled models to prepare (repeatable): "

@@ -185,3 +185,30 @@ def test_help_lists_commands():
     assert proc.returncode == 0
     for command in ("quantize", "generate", "eval", "setup"):
         assert command in proc.stdout
+
+
+def test_version():
+    import compress
+
+    proc = run("--version")
+    assert proc.returncode == 0 and proc.stdout == f"compress {compress.__version__}\n"
+
+
+@pytest.mark.parametrize("command", ["quantize", "generate", "eval", "bench", "report", "push",
+                                     "setup", None])
+def test_help_lines_name_kinds_not_python_types(command):
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+
+    args = [command, "--help"] if command else ["--help"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"}, prog_name="compress")
+    assert result.exit_code == 0, result.output
+    for python_type in ("<bool>", "<str>", "<int>", "<float>", "<path>"):
+        assert python_type not in result.output
+    if command == "quantize":
+        lines = result.output.splitlines()
+        assert any("--bits" in line and "INTEGER" in line for line in lines)
+        assert any("--calib " in line and "PATH" in line for line in lines)
+        sym = next(line for line in lines if "--sym" in line)
+        assert "--asym" in sym and "Symmetric" in sym and "BOOL" not in sym.upper()
