@@ -2,6 +2,10 @@
 
 Each command parses its arguments, calls one function of `compress.api`, and prints.
 Errors the user can fix print as one line (`error: ...`) with exit code 2.
+
+Only typer, rich and torch-free modules load with this one: each command imports the
+heavy ones (torch, transformers) itself, after checking its input, so that help and bad
+input answer at once.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
@@ -21,17 +25,12 @@ from rich.console import Console
 from rich.table import Table
 
 import compress
-from compress import api, assets, evaluation, hub, models, progress
-from compress import report as report_mod
-from compress.calibrate import sensitivity
+from compress import assets, choices, hub, progress, sources
 from compress.errors import CompressError, Interrupted
-from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS, distribution, harness
 from compress.progress import interrupt_note, set_quiet
-from compress.quant import QuantScheme
-from compress.quant.awq import AWQConfig
-from compress.quant.gptq import GPTQConfig
-from compress.recipe import METHODS, CalibrationConfig, Recipe
-from compress.serving import bench, generation
+
+if TYPE_CHECKING:
+    from compress import api, evaluation
 
 # Click's names for a value's kind in help lines; newer typer shows Python's (<int>).
 _KINDS = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "path": "PATH"}
@@ -99,7 +98,7 @@ def _options(version: Annotated[bool, typer.Option(
 @app.command(cls=_Command)
 def quantize(
     model: ModelArg = None,
-    method: Annotated[str, typer.Option(help=f"Algorithm: {', '.join(METHODS)}.")] = "rtn",
+    method: Annotated[str, typer.Option(help=f"Algorithm: {', '.join(choices.METHODS)}.")] = "rtn",
     bits: Annotated[int, typer.Option(help="Weight bits: 2, 3, 4 or 8.")] = 4,
     group_size: Annotated[int, typer.Option(
         help="Input columns per scale; -1 = one scale per output channel. A power of two "
@@ -139,7 +138,7 @@ def quantize(
              "estimated KL. The choice is saved as the checkpoint's recipe.yaml.")] = None,
     options: Annotated[str, typer.Option(
         help="--target-bits: the settings each Linear may take.")] =
-        ",".join(o.label for o in sensitivity.DEFAULT_OPTIONS),
+        ",".join(choices.MIXED_OPTIONS),
     out: Annotated[Path | None, typer.Option(
         help="Output directory (default: out/<model>-<method>-<scheme>).")] = None,
     overwrite: Annotated[bool, typer.Option(
@@ -150,12 +149,20 @@ def quantize(
     evaluate: Annotated[bool, typer.Option(
         "--eval/--no-eval", help="Measure perplexity before and after.")] = True,
     eval_tokens: Annotated[int, typer.Option(
-        help="Held-out tokens for the perplexity check (0 = all).")] = DEFAULT_MAX_TOKENS,
+        help="Held-out tokens for the perplexity check (0 = all).")] = choices.EVAL_MAX_TOKENS,
     quiet: Quiet = False,
 ) -> None:
     """Quantise a model to a packed checkpoint (compressed-tensors pack-quantized)."""
     set_quiet(quiet)
     interrupt_note("nothing was written; re-run the same command to start again")
+    sources.identify(model)  # a model that cannot work fails before seconds of imports
+    from compress import api
+    from compress.calibrate import sensitivity
+    from compress.quant import QuantScheme
+    from compress.quant.awq import AWQConfig
+    from compress.quant.gptq import GPTQConfig
+    from compress.recipe import CalibrationConfig, Recipe
+
     if recipe is not None:
         spec = Recipe.from_yaml(recipe)
     else:
@@ -166,13 +173,13 @@ def quantize(
                       calibration=CalibrationConfig(calib_samples, calib_seqlen, seed,
                                                     expert_tokens))
     try:
-        choices = tuple(sensitivity.Option.parse(o) for o in _csv(options, str))
+        allowed = tuple(sensitivity.Option.parse(o) for o in _csv(options, str))
     except ValueError:
         raise CompressError(f"--options {options!r}: give labels like w4g128,w3g64,w8") \
             from None
     summary = api.quantize(model, spec, out, overwrite=overwrite, resume=resume,
                            calibration_data=calib, evaluate=evaluate, eval_tokens=eval_tokens,
-                           target_bits=target_bits, options=choices, allow_pickle=allow_pickle)
+                           target_bits=target_bits, options=allowed, allow_pickle=allow_pickle)
     interrupt_note(f"the checkpoint {summary.result.out} is complete")
     _print_quantize_summary(summary)
 
@@ -279,6 +286,10 @@ def generate(
     interrupt_note("nothing was written")
     if not prompt:
         raise CompressError("give a prompt with --prompt \"...\"")
+    sources.identify(model)  # a model that cannot work fails before seconds of imports
+    from compress import api
+    from compress.serving import generation
+
     params = generation.SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
     gen = api.Generation(model, prompt, params, chat=chat, stop_at_eos=not ignore_eos,
                          device=_device(device), compile=compile, draft=draft,
@@ -333,7 +344,7 @@ def eval_(
         "--ppl", help="Only the model's perplexity (no baseline, no tasks).")] = False,
     tasks: Annotated[str | None, typer.Option(
         help="Comma-separated lm-eval tasks, run offline on local data: "
-             + ", ".join(n.removeprefix("compress_") for n in harness.LOCAL_TASKS)
+             + ", ".join(n.removeprefix("compress_") for n in choices.local_tasks())
              + ".")] = None,
     limit: Annotated[int | None, typer.Option(
         help="Documents per task (default: all).")] = None,
@@ -342,12 +353,12 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="Task requests per forward pass.")] = 8,
     text: Annotated[Path | None, typer.Option(
         help="UTF-8 text file to evaluate on (default: the bundled LAMBADA passages).")] = None,
-    ctx: Annotated[int, typer.Option(help="Window length in tokens.")] = DEFAULT_CTX,
+    ctx: Annotated[int, typer.Option(help="Window length in tokens.")] = choices.EVAL_CTX,
     stride: Annotated[int | None, typer.Option(
         help="Sliding windows: start one every STRIDE tokens, scoring only the new ones "
              "[default: non-overlapping].")] = None,
     max_tokens: Annotated[int, typer.Option(help="Text tokens to evaluate (0 = all).")] =
-        DEFAULT_MAX_TOKENS,
+        choices.EVAL_MAX_TOKENS,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="Recompute instead of reusing cached results.")] = False,
@@ -365,6 +376,10 @@ def eval_(
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     if ppl and task_list:
         raise CompressError("--ppl computes perplexity only; drop it to run --tasks")
+    sources.identify(model)  # a model that cannot work fails before seconds of imports
+    from compress import evaluation
+    from compress.evals import harness
+
     try:
         report = evaluation.evaluate(
             model, baseline, text, ctx, max_tokens or None, stride, ppl_only=ppl,
@@ -391,6 +406,8 @@ def _print_eval_report(r: evaluation.EvalReport) -> None:
     b = r.baseline_ppl
     table.add_row(f"perplexity ({p.tokens:,} tokens)", _num(b and b.ppl, 3), _num(p.ppl, 3),
                   "" if b is None else f"{p.ppl - b.ppl:+.3f} ({p.ppl / b.ppl - 1:+.1%})")
+    from compress.evals import distribution
+
     m = r.match
     if m is not None:
         table.add_row("KL(baseline ‖ quantised), mean", "0", f"{m.kl_mean:.4f}", "")
@@ -454,6 +471,10 @@ def bench_(
                         ("--output-len", output_len)):
         if value < 1:
             raise CompressError(f"{name} must be at least 1")
+    sources.identify(model)  # a model that cannot work fails before seconds of imports
+    from compress import api
+    from compress.serving import bench
+
     workload = bench.Workload(requests, prompt_len, output_len, seed)
     report = api.benchmark_serving(model, workload, sizes, kv_budget_mb, _kv_int8(kv_cache),
                                    sla_ttft_p95, sla_tps, _device(device))
@@ -514,6 +535,10 @@ def report_(
     set_quiet(quiet)
     interrupt_note(f"finished cells are kept in {out / 'cells'}; re-run the same command to "
                    "continue")
+    sources.identify(model)  # a model that cannot work fails before seconds of imports
+    from compress import report as report_mod
+    from compress.evals import harness
+
     cells = report_mod.grid(_csv(methods, str), _csv(bits, int), _csv(group_sizes, int))
     if target_bits:
         cells += report_mod.mixed_cells(_csv(methods, str), _csv(target_bits, float))
@@ -597,6 +622,8 @@ def setup(
     set_quiet(quiet)
     interrupt_note("finished steps are kept, a half-done one is not; re-run the same command "
                    "to finish")
+    from compress import models
+
     info = assets.setup(models=tuple(model or (assets.DEFAULT_MODEL,)))
     reason = models.prepare_cpu_kernel()
     for name, path in info["models"].items():
