@@ -61,6 +61,9 @@ def quantize(
         model = pickle_import.safetensors_copy(sources.resolve(model)[0], assets.cache_root())
     files = models.open_model(model)
     out = Path(out) if out is not None else default_out_dir(files.name, recipe, target_bits)
+    if evaluate:  # checked now: a checkpoint that cannot be evaluated is found out at the end
+        data.load_tokenizer(files.path, "evaluating the checkpoint",
+                            "pass --no-eval to quantise without evaluating")
     notes = None
     if target_bits is not None:
         pipeline.check_inputs(files, out, overwrite)  # before minutes of measuring
@@ -81,7 +84,12 @@ def quantize(
     if evaluate:  # one pass of each model: both perplexities and the KL between them
         with on_interrupt(f"the checkpoint {out} is complete; its evaluation was cut short "
                           f"(`compress eval {out}` runs it)"):
-            report = evaluation.evaluate(packed, files, ctx=ctx, max_tokens=eval_tokens)
+            try:
+                report = evaluation.evaluate(packed, files, ctx=ctx, max_tokens=eval_tokens)
+            except CompressError as e:  # the user must know the checkpoint is there
+                raise CompressError(f"the checkpoint {out} is complete, but evaluating it "
+                                    f"failed: {e} (`compress eval {out}` runs it again)") \
+                    from None
     return QuantizeSummary(result, files.name, report, time.perf_counter() - started,
                            fallbacks)
 

@@ -142,7 +142,9 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     calib = None
     if recipe.calibrated:
         c = recipe.calibration
-        calib = data.calibration_set(data.load_tokenizer(files.path), calibration_data,
+        tokenizer = data.load_tokenizer(files.path, f"{recipe.method} calibration",
+                                        "use --method rtn, which needs no data")
+        calib = data.calibration_set(tokenizer, calibration_data,
                                      c.samples, c.seqlen, c.seed)
     elif calibration_data is not None:
         raise CompressError(f"method {recipe.method!r} uses no calibration data; drop --calib")

@@ -123,6 +123,7 @@ def run(model: str | Path | None, cells: list[Cell], out: str | Path,
         raise CompressError(f"{base.path} is already quantised; report on the original model")
     for method in dict.fromkeys(c.method for c in cells):
         pipeline.require_supported(base, method)
+    data.load_tokenizer(base.path, "evaluating each cell")  # before the first cell's work
     rows, reused = [], []
     for label, cell in [(BASELINE, None), *((c.label, c) for c in cells)]:
         key = _cell_key(base, cell, settings)

@@ -212,3 +212,41 @@ def test_help_lines_name_kinds_not_python_types(command):
         assert any("--calib " in line and "PATH" in line for line in lines)
         sym = next(line for line in lines if "--sym" in line)
         assert "--asym" in sym and "Symmetric" in sym and "BOOL" not in sym.upper()
+
+
+def test_quantize_without_tokenizer_fails_before_the_work(tmp_path):
+    from conftest import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "m", tmp_path / "no-tokenizer-here")
+    out = tmp_path / "q"
+    assert_one_line_error(run("quantize", src, "--out", out),
+                          r"cannot load a tokenizer from .*, which evaluating the checkpoint "
+                          r"needs \(it has no tokenizer files: .*\); copy the base model's "
+                          r"tokenizer files into it, or pass --no-eval")
+    assert not out.exists() and not (tmp_path / "q.partial").exists()
+    assert_one_line_error(run("quantize", src, "--method", "gptq", "--out", out, "--no-eval"),
+                          r"which gptq calibration needs .* or use --method rtn")
+    proc = run("quantize", src, "--out", out, "--no-eval", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "config.json").is_file()
+
+
+def test_a_failed_evaluation_says_the_checkpoint_is_there(tiny_llama, tmp_path, monkeypatch,
+                                                           capsys):
+    from compress import cli
+    from compress.errors import CompressError
+
+    def fail(*args, **kwargs):
+        raise CompressError("the held-out text is too short")
+
+    monkeypatch.setattr("compress.evaluation.evaluate", fail)
+    out = tmp_path / "q"
+    monkeypatch.setattr(sys, "argv", ["compress", "quantize", str(tiny_llama), "--out", str(out),
+                                      "-q"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: the checkpoint {out} is complete, but evaluating it failed: the held-out "
+        f"text is too short (`compress eval {out}` runs it again)")
+    assert (out / "config.json").is_file()
