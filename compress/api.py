@@ -70,8 +70,9 @@ def quantize(
         recipe, allocation = allocated_recipe(files, recipe, target_bits, options,
                                               calibration_data)
         notes = {"allocation.json": allocation}
+    plan = _plan(files.name, recipe, out, target_bits, eval_tokens if evaluate else None)
     result = pipeline.quantize(files, recipe, out, overwrite=overwrite, resume=resume,
-                               calibration_data=calibration_data, notes=notes)
+                               calibration_data=calibration_data, notes=notes, announce=plan)
     packed = models.open_model(out)
     fallbacks: dict[str, int] = {}
     for name, scheme in packed.schemes.items():
@@ -92,6 +93,20 @@ def quantize(
                     from None
     return QuantizeSummary(result, files.name, report, time.perf_counter() - started,
                            fallbacks)
+
+
+def _plan(name: str, recipe: Recipe, out: Path, target_bits: float | None,
+          eval_tokens: int | None) -> str:
+    """What `quantize` is about to do, said before it starts: a default run also evaluates
+    the original and the quantised model, which takes most of its time."""
+    setting = (f"{recipe.method}, mixed precision at {target_bits:g} bits/weight"
+               if target_bits is not None else recipe.label)
+    line = f"Quantising {name} ({setting}) into {out}"
+    if eval_tokens is None:
+        return line
+    tokens = f"{eval_tokens:,}" if eval_tokens else "all"
+    return (f"{line}, then evaluating the original and the quantised model on {tokens} "
+            "held-out tokens (most of the run's time; --no-eval skips it)")
 
 
 def default_out_dir(model_name: str, recipe: Recipe, target_bits: float | None = None) -> Path:
@@ -164,8 +179,8 @@ class GenerationStats:
     prefill_seconds: float
     decode_seconds: float
     kernels: tuple[str, ...] = ()
-    compile_seconds: float = 0.0  # decode steps that compiled (--compile, --aot), not in decode_*
-    compile_steps: int = 0
+    compile_seconds: float = 0.0  # compiling (--compile, --aot), not in prefill or decode_*
+    compile_steps: int = 0  # decode steps that compiled (--compile), not in decode_*
     acceptance_rate: float | None = None  # speculative decoding: accepted / proposed
 
     @property
@@ -198,6 +213,12 @@ class Generation:
         self.stats: GenerationStats | None = None
 
     def __iter__(self) -> Iterator[int]:
+        compile_seconds = 0.0
+        if self.aot:  # compiled before the first token, timed apart from prefill and decode
+            started = time.perf_counter()
+            generation.compile_ahead(self.model, len(self.prompt_ids),
+                                     self.params.max_new_tokens)
+            compile_seconds = time.perf_counter() - started
         start = time.perf_counter()
         arrivals: list[float] = []
         if self.speculative is not None:
@@ -212,13 +233,13 @@ class Generation:
             yield token
         end = time.perf_counter()
         first_at = arrivals[0] if arrivals else end
-        # with --compile, the 2 steps after the prefill compile (--aot: the first): timed apart
-        compiling = generation.COMPILING_STEPS if self.compile else 1 if self.aot else 0
-        compile_steps = min(compiling, len(arrivals) - 1)
+        # with --compile, the 2 steps after the prefill compile: timed apart
+        compiling = generation.COMPILING_STEPS if self.compile else 0
+        compile_steps = max(min(compiling, len(arrivals) - 1), 0)
         steady_at = arrivals[compile_steps] if arrivals else end
         self.stats = GenerationStats(len(self.prompt_ids), len(arrivals), first_at - start,
                                      end - steady_at, tuple(kernel_backends(self.model)),
-                                     steady_at - first_at, max(compile_steps, 0),
+                                     compile_seconds + steady_at - first_at, compile_steps,
                                      None if self.speculative is None
                                      else self.speculative.stats.acceptance_rate)
 

@@ -147,7 +147,8 @@ def quantize(
     resume: Annotated[bool, typer.Option(
         help="Continue an interrupted run (the same command also continues it).")] = False,
     evaluate: Annotated[bool, typer.Option(
-        "--eval/--no-eval", help="Measure perplexity before and after.")] = True,
+        "--eval/--no-eval", help="Then measure perplexity and KL against the original "
+                                 "(most of a run's time; --no-eval skips it).")] = True,
     eval_tokens: Annotated[int, typer.Option(
         help="Held-out tokens for the perplexity check (0 = all).")] = choices.EVAL_MAX_TOKENS,
     quiet: Quiet = False,
@@ -267,12 +268,15 @@ def generate(
         help="cpu, or cuda for the Triton kernels. COMPRESS_KERNEL=reference|cpu|triton|"
              "dense forces a kernel (dense: dequantise once, full-size matmuls).")] = "cpu",
     compile: Annotated[bool, typer.Option(
-        "--compile", help="Compile the decode step with torch.compile: 1.3-1.4x tokens/s on "
-                          "CPU after a one-time compile of about a minute.")] = False,
+        "--compile", help="Compile the decode step with torch.compile: 1.5x eager tokens/s "
+                          "after a one-time compile (11 s in benchmarks/results/decode.json: "
+                          "bundled model, 2 CPU threads; longer while inductor's disk cache "
+                          "is cold).")] = False,
     aot: Annotated[bool, typer.Option(
         "--aot", help="Compile the decode step ahead of time (torch.export + AOTInductor): "
-                      "2-2.5x eager tokens/s on CPU after ~25 s of compiling per run; the "
-                      "weights take twice their memory meanwhile.")] = False,
+                      "2.2x eager tokens/s after 24 s of compiling per run (bundled model, 2 "
+                      "CPU threads: benchmarks/results/decode.json); the weights take twice "
+                      "their memory meanwhile.")] = False,
     draft: Annotated[Path | None, typer.Option(
         help="Speculative decoding: a quantised checkpoint of the same model proposes "
              "tokens, MODEL verifies them (output distributed exactly as MODEL's).")] = None,
@@ -294,9 +298,7 @@ def generate(
     gen = api.Generation(model, prompt, params, chat=chat, stop_at_eos=not ignore_eos,
                          device=_device(device), compile=compile, draft=draft,
                          draft_tokens=draft_tokens, kv_int8=_kv_int8(kv_cache), aot=aot)
-    from transformers import TextStreamer
-
-    streamer = TextStreamer(gen.tokenizer, skip_special_tokens=True)
+    streamer = _streamer(gen.tokenizer)
     for token in gen:
         streamer.put(_as_tensor(token))
     streamer.end()
@@ -306,10 +308,23 @@ def generate(
             f"[dim]{st.new_tokens} new tokens; prompt {st.prompt_tokens} tokens in "
             f"{st.prefill_seconds:.2f} s; decode {st.decode_tokens_per_second:.1f} tokens/s; "
             f"kernels: {', '.join(st.kernels) or 'dense'}"
-            + (f"; compiling took {st.compile_seconds:.1f} s" if st.compile_steps else "")
+            + (f"; compiling took {st.compile_seconds:.1f} s" if st.compile_seconds else "")
             + (f"; draft acceptance {st.acceptance_rate:.0%}"
                if st.acceptance_rate is not None else "")
             + "[/dim]", soft_wrap=True)
+
+
+def _streamer(tokenizer):  # -> transformers.TextStreamer, imported here
+    """Streams decoded text to stdout and tells `progress` where its line stands, so that
+    a status line or the last line on stderr starts on a fresh line of the terminal."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            super().on_finalized_text(text, stream_end)
+            progress.streamed(text + ("\n" if stream_end else ""))
+
+    return Streamer(tokenizer, skip_special_tokens=True)
 
 
 def _kv_int8(kind: str) -> bool:
@@ -394,6 +409,8 @@ def eval_(
 
 
 def _print_eval_report(r: evaluation.EvalReport) -> None:
+    from compress.evals import distribution
+
     p = r.ppl
     windows = (f"{p.windows} windows of {p.ctx} tokens"
                + (f", stride {p.stride}" if p.stride else ", non-overlapping"))
@@ -406,8 +423,6 @@ def _print_eval_report(r: evaluation.EvalReport) -> None:
     b = r.baseline_ppl
     table.add_row(f"perplexity ({p.tokens:,} tokens)", _num(b and b.ppl, 3), _num(p.ppl, 3),
                   "" if b is None else f"{p.ppl - b.ppl:+.3f} ({p.ppl / b.ppl - 1:+.1%})")
-    from compress.evals import distribution
-
     m = r.match
     if m is not None:
         table.add_row("KL(baseline ‖ quantised), mean", "0", f"{m.kl_mean:.4f}", "")

@@ -127,12 +127,15 @@ def check_inputs(files: models.ModelFiles, out: Path, overwrite: bool) -> None:
 def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: str | Path,
              overwrite: bool = False, resume: bool = False,
              calibration_data: str | Path | None = None,
-             notes: dict[str, object] | None = None) -> QuantizeResult:
+             notes: dict[str, object] | None = None,
+             announce: str | None = None) -> QuantizeResult:
     """Quantise `model` (opened, or a directory or bundled name) with `recipe` into
     directory `out`.
 
     `notes`: extra JSON files (name -> content) written into the checkpoint and its
-    manifest, such as how a mixed-precision recipe was chosen."""
+    manifest, such as how a mixed-precision recipe was chosen. `announce`: a status line
+    saying what the run will do, shown once the inputs passed their checks (bad input
+    gets its error line alone)."""
     started = time.perf_counter()
     out = Path(out)
     files = models.open_model(model)
@@ -154,6 +157,8 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     _pause_point("prepared")
     state = _open_partial(partial, run_id, resume, overwrite)
     _pause_point("opened")
+    if announce:
+        status(announce)
 
     def kept() -> str:
         return (f"{len(state['done'])} of {files.num_layers} layers are kept in {partial}; "

@@ -8,10 +8,13 @@ import sys
 import pytest
 
 
-def run(*args, cwd=None):
+def run(*args, cwd=None, merged=False):
+    """The CLI's result; `merged`: stderr into stdout, in the order a terminal shows them."""
     env = {**os.environ, "COMPRESS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "compress.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+                          stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+                          text=True, cwd=cwd, env=env, timeout=600)
 
 
 def assert_one_line_error(proc, pattern):
@@ -81,10 +84,13 @@ def test_every_command_serves_another_family(tiny_factory, tmp_path, model_type)
 @pytest.mark.slow
 def test_generate_ahead_of_time_matches_eager(tiny_llama):
     args = ("generate", tiny_llama, "-p", "Once upon", "-n", "10", "--ignore-eos")
-    eager, aot = run(*args, "-q"), run(*args, "--aot")
-    assert aot.returncode == 0, aot.stderr
-    assert aot.stdout == eager.stdout
-    assert "compiling took" in aot.stderr  # the compile is timed apart from decoding
+    eager, aot = run(*args, "-q"), run(*args, "--aot", merged=True)
+    assert aot.returncode == 0, aot.stdout
+    # the same text, whole: the compile's status line came before it, on a line of its own
+    assert eager.stdout.strip() and eager.stdout in aot.stdout
+    status, _, stats = aot.stdout.partition(eager.stdout)
+    assert status.startswith("compiling the decode step ahead of time") and status.endswith("\n")
+    assert "compiling took" in stats  # the compile is timed apart from decoding
 
 
 def test_sampled_generation_is_reproducible_from_cli(tiny_llama):
@@ -250,3 +256,16 @@ def test_a_failed_evaluation_says_the_checkpoint_is_there(tiny_llama, tmp_path, 
         f"error: the checkpoint {out} is complete, but evaluating it failed: the held-out "
         f"text is too short (`compress eval {out}` runs it again)")
     assert (out / "config.json").is_file()
+
+
+def test_quantize_says_what_it_will_do_before_it_starts(tiny_llama, tmp_path):
+    out = tmp_path / "q"
+    proc = run("quantize", tiny_llama, "--out", out, "--eval-tokens", "256")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[0] == (
+        f"Quantising {tiny_llama.name} (rtn-w4g128-sym) into {out}, then evaluating the "
+        "original and the quantised model on 256 held-out tokens (most of the run's time; "
+        "--no-eval skips it)")
+    proc = run("quantize", tiny_llama, "--out", tmp_path / "r", "--no-eval")
+    assert proc.stderr.splitlines()[0] == (f"Quantising {tiny_llama.name} (rtn-w4g128-sym) "
+                                           f"into {tmp_path / 'r'}")

@@ -31,7 +31,7 @@ def test_ctrl_c_in_gptq_layers_exits_130_and_the_rerun_resumes(tiny_llama, tmp_p
     out = tmp_path / "q"
     args = [sys.executable, "-m", "compress.cli", "quantize", str(tiny_llama), "--method",
             "gptq", "--calib-samples", "4", "--calib-seqlen", "32", "--out", str(out),
-            "--no-eval"]
+            "--no-eval", "-q"]  # -q: no status lines, so the interruption's is the only one
     # The run stops itself once layer 0 is recorded, inside the layer loop; SIGINT waits
     # there as a pending signal and lands when it continues, as a Ctrl-C between layers.
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
