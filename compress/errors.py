@@ -15,3 +15,12 @@ def first_line(e: BaseException) -> str:
     that quote a failure from deep inside a library."""
     text = str(e).strip()
     return text.splitlines()[0] if text else ""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying what the interrupted work left behind and how to continue (one
+    line, see `compress.progress.on_interrupt`)."""
+
+    def __init__(self, note: str):
+        super().__init__(note)
+        self.note = note

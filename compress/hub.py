@@ -128,10 +128,12 @@ class PushResult:
     url: str | None = None
     commit: str | None = None
     dry_run: bool = False
+    card: str | None = None  # a dry run's model card, which it does not write
 
 
-def local_files(directory: Path) -> list[LocalFile]:
-    """What a push sends: the files the manifest lists (verified) plus the model card."""
+def local_files(directory: Path, card: bytes | None = None) -> list[LocalFile]:
+    """What a push sends: the files the manifest lists (verified) plus the model card
+    (`card`: its content, when it is not written into `directory`)."""
     from compress import models
 
     files = models.open_model(directory)  # verifies every listed file's size and sha256
@@ -142,9 +144,12 @@ def local_files(directory: Path) -> list[LocalFile]:
 
     listed = [LocalFile(name, meta["bytes"], meta["sha256"])
               for name, meta in sorted(files.manifest["files"].items())]
-    extra = [checkpoint.MANIFEST, CARD, *[n for n in EXTRAS if (directory / n).is_file()]]
+    extra = [checkpoint.MANIFEST, *([CARD] if card is None else []),
+             *[n for n in EXTRAS if (directory / n).is_file()]]
     for name, meta in checkpoint.file_entries(directory, extra).items():
         listed.append(LocalFile(name, meta["bytes"], meta["sha256"]))
+    if card is not None:
+        listed.append(LocalFile(CARD, len(card), hashlib.sha256(card).hexdigest()))
     return listed
 
 
@@ -158,11 +163,13 @@ def push(directory: str | Path, repo_id: str, *, private: bool = False,
     directory = Path(directory)
     if not well_formed_repo_id(repo_id):
         raise CompressError(f"--repo {repo_id!r} is not of the form ORG/NAME")
+    revision = revision or "main"
+    if dry_run:  # the checkpoint stays as it is: the card is shown, not written
+        card = model_card.render(directory, **(card_extras or {}))
+        return PushResult(repo_id, revision, local_files(directory, card.encode()),
+                          dry_run=True, card=card)
     model_card.write(directory, **(card_extras or {}))
     files = local_files(directory)
-    revision = revision or "main"
-    if dry_run:
-        return PushResult(repo_id, revision, files, dry_run=True)
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, token=token)

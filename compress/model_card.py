@@ -65,23 +65,24 @@ def render(directory: Path, repo_id: str | None = None, eval_json: Path | None =
         meta["model-index"] = [_model_index(name, evals)]
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
     where = repo_id or "ORG/NAME"
-    scheme = recipe["scheme"]
-    label = (f"W{scheme['bits']}" + ("" if scheme["group_size"] == -1
-                                     else f" g{scheme['group_size']}")
-             + ("" if scheme.get("symmetric", True) else " asym"))
     overrides = recipe.get("overrides") or []
+    schemes = describe_schemes(manifest)
     lines = [
         "---", front.rstrip(), "---", "",
         f"# {name}", "",
         f"{base_id or base.get('name', 'The base model')} quantised with "
         f"[compress](https://pypi.org/project/compress/) {manifest['library']['compress']}: "
-        f"{method.upper()}, {label}"
-        + (f", {len(overrides)} per-module overrides (mixed precision)" if overrides else "")
-        + ", weights packed as compressed-tensors `pack-quantized` safetensors.", "",
+        f"{method.upper()}, {schemes}"
+        + (" (mixed precision, chosen per Linear)" if overrides else "")
+        + "; weights packed as compressed-tensors `pack-quantized` safetensors.", "",
         "## How it was made", "",
-        f"- Method: `{method}`; scheme {label}; kept in full precision: "
+        f"- Method: `{method}`; {schemes}; kept in full precision: "
         + ", ".join(f"`{p}`" for p in recipe.get("ignore", [])) + ".",
     ]
+    fitted = "" if overrides else _fitted_groups(recipe["scheme"], manifest)
+    if fitted:
+        lines.append(f"- The recipe asks for groups of {recipe['scheme']['group_size']}; "
+                     f"{fitted}.")
     calibration = manifest.get("calibration")
     if calibration:
         lines.append(f"- Calibration: {calibration['samples']} × {calibration['seqlen']} "
@@ -113,6 +114,55 @@ def render(directory: Path, repo_id: str | None = None, eval_json: Path | None =
         f"compress eval {where}", "```", "",
     ]
     return "\n".join(lines)
+
+
+SCHEME_LABEL = re.compile(r"w(\d+)(?:g(\d+)|pc)-(sym|asym)")  # QuantScheme.label
+
+
+def describe_schemes(manifest: dict) -> str:
+    """The schemes the Linears actually got, most used first ("W4 g64 × 180 Linears,
+    W4 g128 × 30 Linears"): the recipe's scheme alone misstates a checkpoint whose group
+    size shrank to fit layers, or a mixed-precision one."""
+    schemes = manifest.get("schemes") or {}
+    if not schemes:  # written before the manifest recorded them: the recipe's scheme
+        s = manifest["recipe"]["scheme"]
+        return _scheme_name(s["bits"], s["group_size"], s.get("symmetric", True))
+    counted = sorted(schemes.items(), key=lambda item: (-len(item[1]), item[0]))
+    if len(counted) == 1:
+        label, modules = counted[0]
+        return f"{_label_name(label)} (all {len(modules)} quantised Linears)"
+    return ", ".join(f"{_label_name(label)} × {_linears(len(modules))}"
+                     for label, modules in counted)
+
+
+def _linears(n: int) -> str:
+    return f"{n} Linear" + ("" if n == 1 else "s")
+
+
+def _label_name(label: str) -> str:
+    match = SCHEME_LABEL.fullmatch(label)
+    if match is None:
+        return label
+    bits, group, sym = match.groups()
+    return _scheme_name(int(bits), -1 if group is None else int(group), sym == "sym")
+
+
+def _scheme_name(bits: int, group_size: int, symmetric: bool) -> str:
+    return (f"W{bits} " + ("per-channel" if group_size == -1 else f"g{group_size}")
+            + ("" if symmetric else " asym"))
+
+
+def _fitted_groups(asked: dict, manifest: dict) -> str:
+    """Which group sizes replaced the recipe's, where it does not divide a layer's inputs
+    ("" when none did)."""
+    counts: dict[int, int] = {}
+    for label, modules in (manifest.get("schemes") or {}).items():
+        match = SCHEME_LABEL.fullmatch(label)
+        if match and match.group(1) == str(asked["bits"]) and match.group(2) and (
+                int(match.group(2)) < asked["group_size"]):
+            counts[int(match.group(2))] = counts.get(int(match.group(2)), 0) + len(modules)
+    return "; ".join(f"{_linears(n)} whose input size it does not divide use {g}"
+                     for g, n in sorted(counts.items(), reverse=True))
 
 
 def _short_recipe(recipe: dict) -> str:

@@ -38,7 +38,7 @@ from compress.calibrate import layer as calibrate_layer
 from compress.errors import CompressError
 from compress.formats import checkpoint, manifest, pack_quantized
 from compress.models import layers
-from compress.progress import status, track
+from compress.progress import on_interrupt, status, track
 from compress.quant import QuantScheme, rtn
 from compress.recipe import Recipe
 
@@ -120,12 +120,15 @@ def check_inputs(files: models.ModelFiles, out: Path, overwrite: bool) -> None:
 def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: str | Path,
              overwrite: bool = False, resume: bool = False,
              calibration_data: str | Path | None = None,
-             notes: dict[str, object] | None = None) -> QuantizeResult:
+             notes: dict[str, object] | None = None,
+             announce: str | None = None) -> QuantizeResult:
     """Quantise `model` (opened, or a directory or bundled name) with `recipe` into
     directory `out`.
 
     `notes`: extra JSON files (name -> content) written into the checkpoint and its
-    manifest, such as how a mixed-precision recipe was chosen."""
+    manifest, such as how a mixed-precision recipe was chosen. `announce`: a status line
+    saying what the run will do, shown once the inputs passed their checks (bad input
+    gets its error line alone)."""
     started = time.perf_counter()
     out = Path(out)
     files = models.open_model(model)
@@ -134,7 +137,9 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     calib = None
     if recipe.calibrated:
         c = recipe.calibration
-        calib = data.calibration_set(data.load_tokenizer(files.path), calibration_data,
+        tokenizer = data.load_tokenizer(files.path, f"{recipe.method} calibration",
+                                        "use --method rtn, which needs no data")
+        calib = data.calibration_set(tokenizer, calibration_data,
                                      c.samples, c.seqlen, c.seed)
     elif calibration_data is not None:
         raise CompressError(f"method {recipe.method!r} uses no calibration data; drop --calib")
@@ -144,9 +149,44 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     _pause_point("prepared")
     state = _open_partial(partial, run_id, resume, overwrite)
     _pause_point("opened")
+    if announce:
+        status(announce)
+
+    def kept() -> str:
+        return (f"{len(state['done'])} of {files.num_layers} layers are kept in {partial}; "
+                "re-run the same command to resume")
+
+    with on_interrupt(kept):
+        weight_map, resumed = _quantize_layers(files, recipe, schemes, calib, partial, state)
+        logs = _finish(files, recipe, schemes, calib, partial, state, weight_map, notes or {})
+        _pause_point("publish")
+        checkpoint.publish(partial, out, overwrite)
+    _pause_point("published")
+    # progress.json goes only now: a run killed before the rename resumes instead of finding
+    # a finished `.partial` it cannot read. Killed just before this line, `out` is complete.
+    (out / PROGRESS).unlink(missing_ok=True)
+
+    fp16_bytes = sum(2 * math.prod(files.tensors.shape(n)) for n in files.tensors.names())
+    packed_bytes = sum((out / f).stat().st_size for f in set(weight_map.values()))
+    written = checkpoint.SafetensorsDir(out)
+    linear_fp16 = sum(2 * math.prod(files.linear_shape(m)) for m in schemes)
+    linear_packed = sum(written.nbytes(f"{m}.{suffix}") for m in schemes
+                        for suffix in pack_quantized.SUFFIXES if f"{m}.{suffix}" in written)
+    return QuantizeResult(out, recipe, time.perf_counter() - started, fp16_bytes, packed_bytes,
+                          len(schemes), resumed, linear_fp16, linear_packed,
+                          None if calib is None else calib.describe(),
+                          {k: v["relative_error"] for k, v in logs.items()
+                           if v.get("relative_error") is not None} or None,
+                          files.arch.lm_head in schemes, expert_coverage(files, logs) or None)
+
+
+def _quantize_layers(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],
+                     calib: data.CalibrationSet | None, partial: Path,
+                     state: dict) -> tuple[dict[str, str], int]:
+    """Each decoder layer into its shard in `partial` (a layer an interrupted run finished
+    is kept); returns the tensor -> shard map and the number of layers kept."""
     layer_fn = (_CalibratedLayers(files, recipe, schemes, calib, partial, state)
                 if calib is not None else _RTNLayers(files, schemes))
-
     n_layers = files.num_layers
     n_shards = n_layers + 1
     weight_map: dict[str, str] = {}
@@ -174,11 +214,19 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
             bar.set_postfix_str(f"max rel. error {max(measured):.4f}")
         del tensors
         files.tensors.release()  # else every layer read so far stays mapped, and resident
+    return weight_map, resumed
 
+
+def _finish(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],
+            calib: data.CalibrationSet | None, partial: Path, state: dict,
+            weight_map: dict[str, str], notes: dict[str, object]) -> dict[str, dict]:
+    """The tensors outside the decoder layers, the metadata, no leftovers: `partial` is the
+    finished checkpoint. Returns the per-module quantisation logs."""
+    n_layers = files.num_layers
     layer_names = {n for i in range(n_layers)
                    for n in files.tensors.with_prefix(files.arch.layer_prefix(i))}
     rest = sorted(n for n in files.tensors.names() if n not in layer_names)
-    last = _shard_name(n_layers, n_shards)
+    last = _shard_name(n_layers, n_layers + 1)
     tensors = _RTNLayers(files, schemes).convert(rest)
     checkpoint.atomic_save_safetensors(partial / last, tensors)
     weight_map.update(dict.fromkeys(tensors, last))
@@ -187,31 +235,13 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     for reason in sorted({v["awq"]["skipped"] for v in logs.values()
                           if "skipped" in v.get("awq", {})}):
         status(f"AWQ: {reason}; that group was rounded without scaling")
-    _write_metadata(files, recipe, schemes, partial, weight_map, calib, logs, notes or {})
+    _write_metadata(files, recipe, schemes, partial, weight_map, calib, logs, notes)
     _pause_point("metadata")
     # and the temp files of writes a killed run left (ours `.<name>.*.tmp`, safetensors'
     # own `.tmp*`): no checkpoint file is hidden
     for leftover in [*partial.glob("activations-*"), *partial.glob(".*")]:
         leftover.unlink(missing_ok=True)
-    _pause_point("publish")
-    checkpoint.publish(partial, out, overwrite)
-    _pause_point("published")
-    # progress.json goes only now: a run killed before the rename resumes instead of finding
-    # a finished `.partial` it cannot read. Killed just before this line, `out` is complete.
-    (out / PROGRESS).unlink(missing_ok=True)
-
-    fp16_bytes = sum(2 * math.prod(files.tensors.shape(n)) for n in files.tensors.names())
-    packed_bytes = sum((out / f).stat().st_size for f in set(weight_map.values()))
-    written = checkpoint.SafetensorsDir(out)
-    linear_fp16 = sum(2 * math.prod(files.linear_shape(m)) for m in schemes)
-    linear_packed = sum(written.nbytes(f"{m}.{suffix}") for m in schemes
-                        for suffix in pack_quantized.SUFFIXES if f"{m}.{suffix}" in written)
-    return QuantizeResult(out, recipe, time.perf_counter() - started, fp16_bytes, packed_bytes,
-                          len(schemes), resumed, linear_fp16, linear_packed,
-                          None if calib is None else calib.describe(),
-                          {k: v["relative_error"] for k, v in logs.items()
-                           if v.get("relative_error") is not None} or None,
-                          files.arch.lm_head in schemes, expert_coverage(files, logs) or None)
+    return logs
 
 
 def expert_coverage(files: models.ModelFiles, logs: dict[str, dict]) -> dict[str, dict]:

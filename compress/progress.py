@@ -3,6 +3,11 @@
 Library code never prints; it wraps long loops in `track(...)` and reports status
 through `status(...)`. Both go to stderr so stdout stays clean for results and
 streamed text, and both are silent when `set_quiet(True)` was called (tests, --quiet).
+A status line always starts a line of its own: above any progress bar, and after a
+newline when streamed text has left the terminal's line open.
+
+Long work also says what an interruption would leave behind (`on_interrupt`), so that
+Ctrl-C ends with one line telling the user what was kept and how to continue.
 """
 
 from __future__ import annotations
@@ -10,14 +15,23 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from tqdm.auto import tqdm
 
+from compress.errors import Interrupted
+
 T = TypeVar("T")
 
 _quiet = False
+_bars: weakref.WeakSet[tqdm] = weakref.WeakSet()
+# What an interruption outside any `on_interrupt` block leaves (a command sets it).
+_note = "nothing was kept"
+# Text streamed to stdout (generated tokens) ended mid-line: on a terminal, the next
+# line on stderr would continue that line.
+_stdout_line_open = False
 
 
 def set_quiet(quiet: bool) -> None:
@@ -52,14 +66,64 @@ def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "
 
     Iterate it; `.set_postfix_str(...)` adds a short note (a metric, never text).
     """
-    return tqdm(
+    bar = tqdm(
         items, desc=desc, total=total, unit=unit, disable=True if _quiet else None,
         file=sys.stderr,
         dynamic_ncols=True, leave=False,
     )
+    _bars.add(bar)
+    return bar
 
 
 def status(message: str) -> None:
     """A one-line note about what long work is doing (stderr; never tokens or text)."""
     if not _quiet:
-        print(message, file=sys.stderr, flush=True)
+        _break_stdout_line()
+        tqdm.write(message, file=sys.stderr)  # clears and redraws bars around it
+        sys.stderr.flush()
+
+
+def streamed(text: str) -> None:
+    """Record text just written to stdout, so that status lines start on a fresh line."""
+    global _stdout_line_open
+    if text:
+        _stdout_line_open = not text.endswith("\n")
+
+
+def end_work() -> None:
+    """Before a command's last line (an error, an interruption): progress bars are gone
+    and the terminal's line is fresh."""
+    for bar in list(_bars):
+        bar.close()
+    _break_stdout_line()
+
+
+def _break_stdout_line() -> None:
+    global _stdout_line_open
+    if _stdout_line_open and sys.stdout.isatty() and sys.stderr.isatty():
+        sys.stdout.flush()
+        sys.stderr.write("\n")
+        _stdout_line_open = False
+
+
+def interrupt_note(note: str | None = None) -> str:
+    """Set (with `note`) and return what an interruption outside any `on_interrupt` block
+    leaves behind: a command's own note, from its start."""
+    global _note
+    if note is not None:
+        _note = note
+    return _note
+
+
+@contextlib.contextmanager
+def on_interrupt(note: str | Callable[[], str]) -> Iterator[None]:
+    """Ctrl-C within this block raises `Interrupted(note)`: what the work so far left
+    behind and how to continue ("3 of 30 layers are kept in ...; re-run the same command
+    to resume"). A callable note is read when the interruption comes. The innermost
+    block's note wins; outer blocks pass it on."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as e:
+        raise Interrupted(note() if callable(note) else note) from e

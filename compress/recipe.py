@@ -23,13 +23,12 @@ from pathlib import Path
 
 import yaml
 
+from compress.choices import METHODS
 from compress.errors import CompressError
 from compress.quant import QuantScheme
 from compress.quant.awq import AWQConfig
 from compress.quant.gptq import GPTQConfig
 
-# awq: AWQ scaling and clipping, then RTN; awq+gptq: AWQ scaling, then GPTQ rounding.
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 CALIBRATED_METHODS = ("gptq", "awq", "awq+gptq")
 RECIPE_VERSION = 1
 

@@ -121,6 +121,7 @@ def run(model: str | Path | None, cells: list[Cell], out: str | Path,
     base = models.open_model(model)
     if base.is_quantized:
         raise CompressError(f"{base.path} is already quantised; report on the original model")
+    data.load_tokenizer(base.path, "evaluating each cell")  # before the first cell's work
     rows, reused = [], []
     for label, cell in [(BASELINE, None), *((c.label, c) for c in cells)]:
         key = _cell_key(base, cell, settings)

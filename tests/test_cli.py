@@ -8,10 +8,13 @@ import sys
 import pytest
 
 
-def run(*args, cwd=None):
+def run(*args, cwd=None, merged=False):
+    """The CLI's result; `merged`: stderr into stdout, in the order a terminal shows them."""
     env = {**os.environ, "COMPRESS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "compress.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+                          stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+                          text=True, cwd=cwd, env=env, timeout=600)
 
 
 def assert_one_line_error(proc, pattern):
@@ -81,10 +84,13 @@ def test_every_command_serves_another_family(tiny_factory, tmp_path, model_type)
 @pytest.mark.slow
 def test_generate_ahead_of_time_matches_eager(tiny_llama):
     args = ("generate", tiny_llama, "-p", "Once upon", "-n", "10", "--ignore-eos")
-    eager, aot = run(*args, "-q"), run(*args, "--aot")
-    assert aot.returncode == 0, aot.stderr
-    assert aot.stdout == eager.stdout
-    assert "compiling took" in aot.stderr  # the compile is timed apart from decoding
+    eager, aot = run(*args, "-q"), run(*args, "--aot", merged=True)
+    assert aot.returncode == 0, aot.stdout
+    # the same text, whole: the compile's status line came before it, on a line of its own
+    assert eager.stdout.strip() and eager.stdout in aot.stdout
+    status, _, stats = aot.stdout.partition(eager.stdout)
+    assert status.startswith("compiling the decode step ahead of time") and status.endswith("\n")
+    assert "compiling took" in stats  # the compile is timed apart from decoding
 
 
 def test_sampled_generation_is_reproducible_from_cli(tiny_llama):
@@ -185,3 +191,81 @@ def test_help_lists_commands():
     assert proc.returncode == 0
     for command in ("quantize", "generate", "eval", "setup"):
         assert command in proc.stdout
+
+
+def test_version():
+    import compress
+
+    proc = run("--version")
+    assert proc.returncode == 0 and proc.stdout == f"compress {compress.__version__}\n"
+
+
+@pytest.mark.parametrize("command", ["quantize", "generate", "eval", "bench", "report", "push",
+                                     "setup", None])
+def test_help_lines_name_kinds_not_python_types(command):
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+
+    args = [command, "--help"] if command else ["--help"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"}, prog_name="compress")
+    assert result.exit_code == 0, result.output
+    for python_type in ("<bool>", "<str>", "<int>", "<float>", "<path>"):
+        assert python_type not in result.output
+    if command == "quantize":
+        lines = result.output.splitlines()
+        assert any("--bits" in line and "INTEGER" in line for line in lines)
+        assert any("--calib " in line and "PATH" in line for line in lines)
+        sym = next(line for line in lines if "--sym" in line)
+        assert "--asym" in sym and "Symmetric" in sym and "BOOL" not in sym.upper()
+
+
+def test_quantize_without_tokenizer_fails_before_the_work(tmp_path):
+    from conftest import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "m", tmp_path / "no-tokenizer-here")
+    out = tmp_path / "q"
+    assert_one_line_error(run("quantize", src, "--out", out),
+                          r"cannot load a tokenizer from .*, which evaluating the checkpoint "
+                          r"needs \(it has no tokenizer files: .*\); copy the base model's "
+                          r"tokenizer files into it, or pass --no-eval")
+    assert not out.exists() and not (tmp_path / "q.partial").exists()
+    assert_one_line_error(run("quantize", src, "--method", "gptq", "--out", out, "--no-eval"),
+                          r"which gptq calibration needs .* or use --method rtn")
+    proc = run("quantize", src, "--out", out, "--no-eval", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "config.json").is_file()
+
+
+def test_a_failed_evaluation_says_the_checkpoint_is_there(tiny_llama, tmp_path, monkeypatch,
+                                                           capsys):
+    from compress import cli
+    from compress.errors import CompressError
+
+    def fail(*args, **kwargs):
+        raise CompressError("the held-out text is too short")
+
+    monkeypatch.setattr("compress.evaluation.evaluate", fail)
+    out = tmp_path / "q"
+    monkeypatch.setattr(sys, "argv", ["compress", "quantize", str(tiny_llama), "--out", str(out),
+                                      "-q"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: the checkpoint {out} is complete, but evaluating it failed: the held-out "
+        f"text is too short (`compress eval {out}` runs it again)")
+    assert (out / "config.json").is_file()
+
+
+def test_quantize_says_what_it_will_do_before_it_starts(tiny_llama, tmp_path):
+    out = tmp_path / "q"
+    proc = run("quantize", tiny_llama, "--out", out, "--eval-tokens", "256")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[0] == (
+        f"Quantising {tiny_llama.name} (rtn-w4g128-sym) into {out}, then evaluating the "
+        "original and the quantised model on 256 held-out tokens (most of the run's time; "
+        "--no-eval skips it)")
+    proc = run("quantize", tiny_llama, "--out", tmp_path / "r", "--no-eval")
+    assert proc.stderr.splitlines()[0] == (f"Quantising {tiny_llama.name} (rtn-w4g128-sym) "
+                                           f"into {tmp_path / 'r'}")

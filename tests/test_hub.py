@@ -21,7 +21,7 @@ from compress import hub as compress_hub
 from compress import model_card, models, sources
 from compress.errors import CompressError
 from compress.quant import QuantScheme
-from compress.recipe import Recipe
+from compress.recipe import Override, Recipe
 
 REPO = "test-user/tiny-w4"
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -172,6 +172,36 @@ def test_cli_dry_run_lists_files_and_sends_nothing(checkpoint, hub):
     shard = sorted(checkpoint.glob("*.safetensors"))[-1]
     assert shard.name in proc.stdout and f"{shard.stat().st_size:,}" in proc.stdout
     assert "nothing sent" in proc.stdout and hub.requests == []
+    assert "## How to load it" in proc.stdout  # the card it would send, shown
+
+
+def test_dry_run_writes_nothing_into_the_checkpoint(tiny_llama, tmp_path):
+    out = tmp_path / "w4"
+    compress_api.quantize(tiny_llama, Recipe("rtn", QuantScheme(4, 32)), out, evaluate=False)
+    before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    result = compress_hub.push(out, REPO, dry_run=True)
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
+    [card] = [f for f in result.files if f.path == "README.md"]
+    assert card.size == len(result.card.encode()) and "# w4" in result.card
+
+
+@pytest.mark.parametrize("recipe,schemes,fitted", [
+    # hidden size 64 and intermediate 160: groups of 128 shrink to 64 and 32
+    (Recipe("rtn", QuantScheme(4, 128)), "W4 g64 × 12 Linears, W4 g32 × 2 Linears",
+     "- The recipe asks for groups of 128; 12 Linears whose input size it does not divide "
+     "use 64; 2 Linears whose input size it does not divide use 32."),
+    (Recipe("rtn", QuantScheme(4, 32)), "W4 g32 (all 14 quantised Linears)", None),
+    (Recipe("rtn", QuantScheme(4, 32), overrides=(
+        Override("model.layers.0.mlp.down_proj", QuantScheme(8, -1, False)),)),
+     "W4 g32 × 13 Linears, W8 per-channel asym × 1 Linear", None),
+])
+def test_model_card_names_the_schemes_the_linears_got(tiny_llama, tmp_path, recipe, schemes,
+                                                      fitted):
+    out = tmp_path / "q"
+    compress_api.quantize(tiny_llama, recipe, out, evaluate=False)
+    card = model_card.render(out)
+    assert f"RTN, {schemes}" in card and f"- Method: `rtn`; {schemes};" in card
+    assert (fitted in card) if fitted else "The recipe asks for groups" not in card
 
 
 def test_cli_push_with_a_bad_token(checkpoint, hub, tmp_path):

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from compress import data, models
+from compress.choices import MIXED_OPTIONS
 from compress.progress import track
 from compress.quant import QuantScheme, rtn
 from compress.quant.gptq import HessianAccumulator
@@ -58,8 +59,7 @@ class Option:
         return cls(int(bits), int(group) if group else -1)
 
 
-DEFAULT_OPTIONS = tuple(Option.parse(o) for o in (
-    "w3g128", "w3g64", "w3g32", "w4g128", "w4g64", "w4g32", "w8"))
+DEFAULT_OPTIONS = tuple(Option.parse(o) for o in MIXED_OPTIONS)
 
 
 @dataclass

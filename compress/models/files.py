@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -14,7 +13,7 @@ from compress.errors import CompressError
 from compress.formats import checkpoint, pack_quantized
 from compress.quant import QuantizedWeight, QuantScheme
 
-from .arch import Architecture, Fold, architecture_for
+from .arch import Architecture, Fold
 from .config import DecoderConfig, decoder_config
 
 
@@ -146,35 +145,14 @@ class ModelFiles:
         return self.tensors.get(name) if name in self.tensors else None
 
 
-def read_config(path: Path) -> dict:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CompressError(f"{path} has no config.json; is it a Hugging Face model directory?")
-    try:
-        config = json.loads(config_file.read_text())
-    except (ValueError, RecursionError) as e:
-        raise CompressError(f"{config_file} is not valid JSON ({e}); re-download the model or "
-                            "re-quantise it") from None
-    if not isinstance(config, dict):
-        raise CompressError(f"{config_file} does not hold a JSON object")
-    return config
-
-
 def open_model(name_or_path: ModelFiles | str | Path | None, verify: bool = True) -> ModelFiles:
     """Open a model directory (HF or ours) or a bundled model, reading only config and
     headers (and checking a checkpoint's manifest hashes). An already opened model is
     returned as it is: a command opens each model once and passes the object on."""
     if isinstance(name_or_path, ModelFiles):
         return name_or_path
-    path, name = sources.resolve(name_or_path)
-    config = read_config(path)
+    path, name, config, arch = sources.identify(name_or_path)
     config_file = path / "config.json"
-    arch = architecture_for(config.get("model_type"))
-    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
-        value = config.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise CompressError(f"{config_file} lacks a positive integer {key!r} (it has "
-                                f"{value!r}); re-download the model or re-quantise it")
     manifest = checkpoint.read_manifest(path)
     if manifest is not None and verify:
         checkpoint.verify(path, manifest)

@@ -11,6 +11,7 @@ Linear by the name the architecture table gives it. Nothing here knows calibrati
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 import torch
@@ -346,6 +347,7 @@ class SparseMLP(nn.Module):
         # Calibration may run every expert on every token (each still adds only its
         # routed tokens' outputs): its Linears then see the whole input distribution.
         self.all_tokens = False
+        _experts_outside_compile()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, D) -> per token, the chosen experts' weights (T, k) and indices (T, k)."""
@@ -365,9 +367,7 @@ class SparseMLP(nn.Module):
         out = self._run_experts(x, weights, chosen)
         return (out if shared is None else out + shared).view(shape)
 
-    # Which experts run depends on the data: torch.compile traces around this (the rest of
-    # the step stays compiled) instead of recompiling for every new choice of experts.
-    @torch.compiler.disable
+    # Left out of torch.compile's graph (see _experts_outside_compile).
     def _run_experts(self, x: torch.Tensor, weights: torch.Tensor,
                      chosen: torch.Tensor) -> torch.Tensor:
         experts = getattr(self, self._experts)
@@ -378,6 +378,16 @@ class SparseMLP(nn.Module):
             y = experts[e](x)[tokens] if self.all_tokens else experts[e](x[tokens])
             out.index_add_(0, tokens, (y * weights[tokens, slot, None]).to(out.dtype))
         return out
+
+
+@functools.cache
+def _experts_outside_compile() -> None:
+    """Which experts run depends on the data: torch.compile traces around
+    `SparseMLP._run_experts` (the rest of the step stays compiled) instead of recompiling
+    for every new choice of experts. Applied when the first mixture of experts is built,
+    not at import: torch.compiler.disable imports torch._dynamo, seconds that every
+    command paid before it did anything."""
+    SparseMLP._run_experts = torch.compiler.disable(SparseMLP._run_experts)
 
 
 class DecoderLayer(nn.Module):

@@ -130,9 +130,9 @@ def embedding(files: ModelFiles, dtype: torch.dtype, device="cpu") -> nn.Embeddi
     if weight.dim() != 2:
         raise CompressError(f"{name} has shape {tuple(weight.shape)}; "
                             "expected a 2-D embedding table: the checkpoint is corrupt")
-    module = nn.Embedding(weight.shape[0], weight.shape[1], device="meta")
-    module.weight = nn.Parameter(weight, requires_grad=False)
-    return module
+    # not nn.Embedding(..., device="meta"): its initialisation on meta imports
+    # torch._dynamo, seconds every command paid before it generated anything
+    return nn.Embedding.from_pretrained(weight, freeze=True)
 
 
 def rotary(files: ModelFiles, device="cpu") -> Rotary:

@@ -112,8 +112,9 @@ def generate(model: CausalLM, prompt: list[int], params: SamplingParams,
     """Yield new tokens one at a time (prefill once, then one cached step per token).
 
     `compile` runs the decode steps through `compiled_step`, `aot` through a step compiled
-    ahead of time (compress.aot; the first decode step compiles it); the prefill stays
-    eager. `kv_int8` keeps the KV cache in int8 (see KVCache)."""
+    ahead of time (compress.aot; compiled before the first token, so that its status line
+    and wait come before any streamed text); the prefill stays eager. `kv_int8` keeps the
+    KV cache in int8 (see KVCache)."""
     if compile and aot:
         raise CompressError("choose one of --compile and --aot")
     if aot and kv_int8:
@@ -131,17 +132,15 @@ def generate(model: CausalLM, prompt: list[int], params: SamplingParams,
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(params.seed)
-    # One spare position: the cache is never read in full, which would be a contiguous
-    # slice, a new guard, and a third compile on the last step.
-    length = total + 1
+    cache = model.new_cache(1, _cache_length(model, total, aot), quantized=kv_int8)
     if aot:
         from compress.serving import aot as ahead_of_time
 
-        length = ahead_of_time.cache_length(length, model.cfg.max_positions)
-    cache = model.new_cache(1, length, quantized=kv_int8)
+        step = ahead_of_time.compiled_step(model, cache)
+    else:
+        step = compiled_step(model) if compile else model
     tokens = torch.tensor([prompt], device=model.device)
     logits = model(tokens, 0, cache, last_only=True)[:, -1]
-    step = compiled_step(model) if compile else model
     pos = len(prompt)
     for i in range(params.max_new_tokens):
         token = sample(logits, params, generator)
@@ -149,8 +148,6 @@ def generate(model: CausalLM, prompt: list[int], params: SamplingParams,
         if int(token) in params.stop_token_ids:
             return
         if aot:
-            if i == 0:
-                step = ahead_of_time.compiled_step(model, cache)
             logits = step(token.view(1, 1), pos, cache)[:, -1]
         elif compile:
             logits = _compiled_call(step, token.view(1, 1), pos, cache,
@@ -158,3 +155,22 @@ def generate(model: CausalLM, prompt: list[int], params: SamplingParams,
         else:
             logits = step(token.view(1, 1), pos, cache)[:, -1]
         pos += 1
+
+
+def _cache_length(model: CausalLM, positions: int, aot: bool) -> int:
+    # One spare position: the cache is never read in full, which would be a contiguous
+    # slice, a new guard, and a third compile on the last step.
+    if not aot:
+        return positions + 1
+    from compress.serving import aot as ahead_of_time
+
+    return ahead_of_time.cache_length(positions + 1, model.cfg.max_positions)
+
+
+def compile_ahead(model: CausalLM, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Compile now the `--aot` decode step that `generate` will use for this many
+    positions (kept on the model), so that the compile can be timed apart."""
+    from compress.serving import aot as ahead_of_time
+
+    length = _cache_length(model, prompt_tokens + max_new_tokens, aot=True)
+    ahead_of_time.compiled_step(model, model.new_cache(1, length))

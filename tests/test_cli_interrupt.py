@@ -1,0 +1,104 @@
+"""Ctrl-C: every command exits 130 with one line saying what was kept and how to go on
+(a shell's `compress ... && next` must stop; issue 22)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from compress import cli
+
+PAUSE_ENV = "COMPRESS_FAULT_PAUSE_AT"  # compress/pipeline.py: _pause_point
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="stops and signals a process")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "COMPRESS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop(PAUSE_ENV, None)
+    return {**env, **extra}
+
+
+def lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def test_ctrl_c_in_gptq_layers_exits_130_and_the_rerun_resumes(tiny_llama, tmp_path):
+    out = tmp_path / "q"
+    args = [sys.executable, "-m", "compress.cli", "quantize", str(tiny_llama), "--method",
+            "gptq", "--calib-samples", "4", "--calib-seqlen", "32", "--out", str(out),
+            "--no-eval", "-q"]  # -q: no status lines, so the interruption's is the only one
+    # The run stops itself once layer 0 is recorded, inside the layer loop; SIGINT waits
+    # there as a pending signal and lands when it continues, as a Ctrl-C between layers.
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env(**{PAUSE_ENV: "layer-0-done"}))
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), proc.communicate()
+    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, stderr = proc.communicate()
+
+    assert proc.returncode == 130, stderr
+    partial = tmp_path / "q.partial"
+    assert lines(stderr) == [f"interrupted; 1 of 2 layers are kept in {partial}; re-run the "
+                             "same command to resume"]
+    assert "Traceback" not in stderr and not out.exists() and partial.is_dir()
+
+    rerun = subprocess.run(args, capture_output=True, text=True, env=cli_env())
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resumed: 1 layers came from an interrupted run." in rerun.stdout
+    assert (out / "config.json").is_file() and not partial.exists()
+
+
+def _raise_interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def _run_main(monkeypatch, capsys, *args: object) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["compress", *map(str, args)])
+    monkeypatch.setenv("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    return exited.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target,args,note", [
+    ("compress.api.Generation", ("generate", "-p", "hi", "-q"), "nothing was written"),
+    ("compress.evaluation.evaluate", ("eval", "-q"),
+     "nothing was written; a model's pass that finished is cached, and the same command "
+     "reuses it"),
+    ("compress.api.benchmark_serving", ("bench", "-q"), "nothing was written"),
+    ("compress.report.run", ("report", "--out", "{tmp}/r", "-q"),
+     "finished cells are kept in {tmp}/r/cells; re-run the same command to continue"),
+    ("compress.hub.push", ("push", "{tmp}", "--repo", "me/m", "--dry-run", "-q"),
+     "nothing was sent"),
+    ("compress.hub.push", ("push", "{tmp}", "--repo", "me/m", "-q"),
+     "re-run the same command with --exist-ok to finish the push (files the Hub already "
+     "holds are not sent again)"),
+    ("compress.assets.setup", ("setup", "-q"),
+     "finished steps are kept, a half-done one is not; re-run the same command to finish"),
+    ("compress.api.quantize", ("quantize", "-q"),
+     "nothing was written; re-run the same command to start again"),
+])
+def test_ctrl_c_says_what_each_command_kept(monkeypatch, capsys, tmp_path, target, args,
+                                            note):
+    module, _, name = target.rpartition(".")
+    monkeypatch.setattr(f"{module}.{name}", _raise_interrupt)
+    code, err = _run_main(monkeypatch, capsys, *(a.format(tmp=tmp_path) for a in args))
+    assert code == 130
+    assert lines(err) == [f"interrupted; {note.format(tmp=tmp_path)}"]
+
+
+def test_ctrl_c_in_quantize_evaluation_keeps_the_checkpoint(monkeypatch, capsys, tiny_llama,
+                                                            tmp_path):
+    monkeypatch.setattr("compress.evaluation.evaluate", _raise_interrupt)
+    out = tmp_path / "q"
+    code, err = _run_main(monkeypatch, capsys, "quantize", tiny_llama, "--out", out, "-q")
+    assert code == 130
+    assert lines(err) == [f"interrupted; the checkpoint {out} is complete; its evaluation "
+                          f"was cut short (`compress eval {out}` runs it)"]
+    assert (out / "config.json").is_file()
