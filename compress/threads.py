@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 
 from compress.errors import CompressError
@@ -96,9 +97,13 @@ def choose(requested: str | int | None = None) -> tuple[int, str]:
 
 
 def apply(requested: str | int | None = None) -> tuple[int, str]:
-    """Set torch's intra-op threads (our CPU kernel parallelises through it too)."""
-    import torch
-
+    """Use the chosen thread count for torch's intra-op work (our CPU kernel parallelises
+    through it too). Before torch is imported this is the environment torch starts its
+    thread pool from, so that a command that fails on its input never pays for torch."""
     n, why = choose(requested)
-    torch.set_num_threads(n)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
+    else:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
     return n, why

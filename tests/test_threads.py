@@ -68,3 +68,12 @@ def test_apply_sets_torchs_threads(clean_env):
         assert threads.apply(1)[0] == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_before_torch_loads_the_choice_is_what_torch_starts_with():
+    code = ("import sys; from compress import threads; threads.apply(1); "
+            "assert 'torch' not in sys.modules; import torch; print(torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", threads.ENV)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "1"
