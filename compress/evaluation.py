@@ -194,7 +194,7 @@ class EvalReport:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        """The `--json` document (schema versioned; keys documented in the README)."""
+        """The `--json` document (schema versioned; keys documented in docs/evaluation.md)."""
         m = self.match
         return {
             "schema_version": SCHEMA_VERSION,
