@@ -6,9 +6,15 @@ error (run `compress setup` in the install step) instead of a pip download.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
 import shutil
+import subprocess
+import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -25,8 +31,109 @@ from compress.errors import CompressError
 from compress.progress import set_quiet
 
 set_quiet(True)
+# One intra-op thread in the test process (COMPRESS_TEST_THREADS=N for more): the models
+# here are tiny, so a second thread saves little, and on a shared or busy machine threads
+# that wait for each other cost several times the work itself. Tests of threading set
+# their own count; CLI subprocesses keep torch's default.
+torch.set_num_threads(int(os.environ.get("COMPRESS_TEST_THREADS", "1")))
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+# Tokenizing a bundled text split (1.2-1.7 MB) takes 1-2 s, and every evaluation and every
+# calibrated quantisation does it: in this process, each (tokenizer, text) is tokenized once
+# and later calls get a copy of those tokens. Short texts, and tokenizers without a
+# serialisable backend, go straight through.
+_TOKENIZED: dict[tuple[str, str, str], torch.Tensor] = {}
+_MEMO_MIN_CHARS = 100_000
+
+
+def _tokenize_once(real):
+    def tokenize(tokenizer, text: str) -> torch.Tensor:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or len(text) < _MEMO_MIN_CHARS:
+            return real(tokenizer, text)
+        key = (type(tokenizer).__qualname__,
+               hashlib.sha256(backend.to_str().encode()).hexdigest(),
+               hashlib.sha256(text.encode()).hexdigest())
+        if key not in _TOKENIZED:
+            _TOKENIZED[key] = real(tokenizer, text)
+        return _TOKENIZED[key].clone()
+
+    return tokenize
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _bundled_texts_tokenized_once():
+    from compress import data
+
+    real = data.tokenize
+    data.tokenize = _tokenize_once(real)
+    yield
+    data.tokenize = real
+
+
+def cli_subprocess(*args, cwd=None, env=None, merged=False) -> subprocess.CompletedProcess:
+    """`python -m compress.cli ARGS` as a user runs it: a fresh process. In `env`, None
+    unsets a variable; `merged`: stderr into stdout, in the order a terminal shows them."""
+    full = {**os.environ, "COMPRESS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    full = {name: value for name, value in full.items() if value is not None}
+    return subprocess.run([sys.executable, "-m", "compress.cli", *map(str, args)],
+                          stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+                          text=True, cwd=cwd, env=full, timeout=600)
+
+
+def cli_in_process(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """The same command through `compress.cli.main` in this process: the same parsing,
+    output, one-line errors and exit code, without a new interpreter's imports (seconds
+    per command). The environment, argv, working directory and quiet setting are restored
+    afterwards; an exception escaping `main` becomes exit code 1 with its traceback on
+    stderr, as in a subprocess. In `env`, None unsets a variable."""
+    from compress import cli, progress
+
+    argv = ["compress", *map(str, args)]
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_argv, saved_quiet = dict(os.environ), sys.argv, progress.is_quiet()
+    saved_cwd = os.getcwd()
+    for name, value in {"COMPRESS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    sys.argv = argv
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        progress.set_quiet(saved_quiet)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+# CLI tests run each command in this process by default; the same tests through a real
+# subprocess (the interpreter's start, imports and environment as a user has them) are slow.
+CLI_MODES = [pytest.param(cli_in_process, id="in-process"),
+             pytest.param(cli_subprocess, id="subprocess", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(params=CLI_MODES)
+def cli(request):
+    """Runs `compress ARGS` (a CompletedProcess back): in this process by default, in a
+    subprocess in the slow set."""
+    return request.param
 
 
 @pytest.fixture
@@ -141,6 +248,14 @@ def tiny_arch(request, tiny_factory) -> tuple[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_factory) -> Path:
     return tiny_factory("llama")
+
+
+@pytest.fixture(params=["tiny", pytest.param("bundled", marks=pytest.mark.slow)])
+def tiny_or_bundled(request) -> tuple[str, Path]:
+    """("tiny", the tiny Llama) by default; ("bundled", the real SmolLM2-135M) in the slow
+    set: the same check on random weights in seconds, and on the real model."""
+    fixture = "tiny_llama" if request.param == "tiny" else "bundled_dir"
+    return request.param, request.getfixturevalue(fixture)
 
 
 class _NoSleep:

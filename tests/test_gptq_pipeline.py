@@ -26,6 +26,13 @@ def gptq_recipe(bits=4, group_size=32, **gptq_kwargs) -> Recipe:
                   calibration=CALIB)
 
 
+@pytest.fixture(scope="module")
+def gptq_run(tiny_llama, tmp_path_factory):
+    """(checkpoint, result) of one uninterrupted run of `gptq_recipe()` on the tiny Llama."""
+    out = tmp_path_factory.mktemp("gptq") / "q"
+    return out, pipeline.quantize(tiny_llama, gptq_recipe(), out)
+
+
 def logits_error(reference, candidate, tokens):
     with torch.no_grad():
         return float((reference(tokens) - candidate(tokens)).pow(2).mean())
@@ -47,9 +54,8 @@ def test_gptq_checkpoint_beats_rtn_on_held_out_tokens(tiny_llama, tmp_path):
     assert err_gptq < err_rtn
 
 
-def test_log_manifest_and_recipe(tiny_llama, tmp_path):
-    out = tmp_path / "q"
-    result = pipeline.quantize(tiny_llama, gptq_recipe(), out)
+def test_log_manifest_and_recipe(gptq_run):
+    out, result = gptq_run
     log = json.loads((out / pipeline.QUANT_LOG).read_text())
     assert set(log["modules"]) == set(models.open_model(out).schemes)
     for entry in log["modules"].values():
@@ -110,6 +116,33 @@ def test_resume_refuses_other_calibration(tiny_llama, tmp_path, monkeypatch):
     other = Recipe("gptq", QuantScheme(4, 32, True), calibration=CalibrationConfig(8, 64, 1))
     with pytest.raises(CompressError, match=r"recipe.calibration.seed: 0 -> 1"):
         pipeline.quantize(tiny_llama, other, out, resume=True)
+
+
+def test_interrupted_run_resumes_from_saved_activations_to_identical_files(
+        tiny_llama, tmp_path, monkeypatch, gptq_run):
+    """In process (the kill -9 test below is slow): interrupted while saving layer 1's
+    shard, after layer 0's shard and layer 1's inputs were saved; the same call resumes from
+    those activations to the uninterrupted run's files."""
+    out = tmp_path / "q"
+    real = checkpoint.atomic_save_safetensors
+    calls = []
+
+    def dies_on_third(path, tensors):  # layer 0's shard, layer 1's inputs, layer 1's shard
+        calls.append(path.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(path, tensors)
+
+    monkeypatch.setattr(checkpoint, "atomic_save_safetensors", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.quantize(tiny_llama, gptq_recipe(), out)
+    assert calls[1].startswith("activations-")
+    monkeypatch.setattr(checkpoint, "atomic_save_safetensors", real)
+    result = pipeline.quantize(tiny_llama, gptq_recipe(), out)
+    assert result.layers_resumed == 1
+    a = json.loads((gptq_run[0] / checkpoint.MANIFEST).read_text())["files"]
+    b = json.loads((out / checkpoint.MANIFEST).read_text())["files"]
+    assert a == b  # every file, byte for byte (sha256)
 
 
 @pytest.mark.slow

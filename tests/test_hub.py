@@ -97,7 +97,19 @@ def test_model_card_follows_hub_conventions(checkpoint, tmp_path):
     assert "model-index" not in with_report  # no eval JSON: no results claimed
 
 
-def test_bundled_base_model_and_license_reach_the_card(tmp_path):
+@pytest.mark.parametrize("model", ["tiny-stand-in",
+                                   pytest.param("bundled", marks=pytest.mark.slow)])
+def test_bundled_base_model_and_license_reach_the_card(model, bundled_dir, tiny_llama, tmp_path,
+                                                       monkeypatch):
+    if model == "tiny-stand-in":  # the tiny model in the bundled one's place, with its record
+        import shutil
+
+        from compress import assets
+
+        stand_in = tmp_path / "stand-in"
+        shutil.copytree(tiny_llama, stand_in)
+        shutil.copyfile(bundled_dir / "compress_source.json", stand_in / "compress_source.json")
+        monkeypatch.setattr(assets, "bundled_model_dir", lambda *a, **k: stand_in)
     out = tmp_path / "w8"
     compress_api.quantize(None, Recipe("rtn", QuantScheme(8, -1)), out, evaluate=False)
     meta = yaml.safe_load(model_card.render(out).split("---")[1])
@@ -165,8 +177,21 @@ def _cli(*args, env=None):
                           capture_output=True, text=True, env=full, timeout=300)
 
 
-def test_cli_dry_run_lists_files_and_sends_nothing(checkpoint, hub):
-    proc = _cli("push", checkpoint, "--repo", REPO, "--dry-run",
+def _cli_in_process(*args, env=None):
+    """`_cli` through compress.cli.main in this process, where the `hub` fixture has pointed
+    the client at the test server already (HF_HUB_OFFLINE unset, as the CLI's default)."""
+    from conftest import cli_in_process
+
+    return cli_in_process(*args, env={"HF_HUB_OFFLINE": None, **(env or {})})
+
+
+HUB_CLI_MODES = [pytest.param(_cli_in_process, id="in-process"),
+                 pytest.param(_cli, id="subprocess", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("cli", HUB_CLI_MODES)
+def test_cli_dry_run_lists_files_and_sends_nothing(cli, checkpoint, hub):
+    proc = cli("push", checkpoint, "--repo", REPO, "--dry-run",
                 env={"HF_ENDPOINT": hub.endpoint})
     assert proc.returncode == 0, proc.stderr
     shard = sorted(checkpoint.glob("*.safetensors"))[-1]
@@ -204,16 +229,20 @@ def test_model_card_names_the_schemes_the_linears_got(tiny_llama, tmp_path, reci
     assert (fitted in card) if fitted else "The recipe asks for groups" not in card
 
 
-def test_cli_push_with_a_bad_token(checkpoint, hub, tmp_path):
+@pytest.mark.parametrize("cli", HUB_CLI_MODES)
+def test_cli_push_with_a_bad_token(cli, checkpoint, hub, tmp_path):
     env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_cli_secret", "HF_HUB_DISABLE_XET": "1",
            "HF_HUB_CACHE": str(tmp_path / "c"), "NO_PROXY": "127.0.0.1"}
-    proc = _cli("push", checkpoint, "--repo", REPO, env=env)
+    proc = cli("push", checkpoint, "--repo", REPO, env=env)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "HTTP 401" in lines[0]
     assert "hf_cli_secret" not in proc.stdout + proc.stderr
 
 
+# Four CLI subprocesses: slow. By default the API round trip (push, load by id, offline
+# from the cache) above and the two in-process CLI tests before cover it.
+@pytest.mark.slow
 def test_cli_push_and_generate_from_the_hub_id(checkpoint, hub, tmp_path):
     env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": HUB_TOKEN, "HF_HUB_DISABLE_XET": "1",
            "HF_HUB_CACHE": str(tmp_path / "c"), "NO_PROXY": "127.0.0.1"}

@@ -29,6 +29,7 @@ def test_transformers_loads_symmetric_checkpoints(tiny_llama, tmp_path, bits):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # the tiny model's W4 (test_transformers_loads_symmetric_checkpoints) is fast
 def test_transformers_loads_bundled_w4(bundled_dir, tmp_path):
     out = tmp_path / "w4"
     pipeline.quantize(bundled_dir, Recipe("rtn", QuantScheme(4, 128, True)), out)

@@ -22,6 +22,52 @@ def test_grid_refuses_unknown_methods():
         report.grid(["rtn", "hqq"], [4], [128])
 
 
+class _InlinePool:
+    """`ProcessPoolExecutor` that runs the submitted call here, at once: the decode timing
+    without a fresh interpreter (its imports take most of a cell's time on a tiny model)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        done = Future()
+        done.set_result(fn(*args))
+        return done
+
+
+def test_report_measures_a_cell_once(tiny_llama, tmp_path, monkeypatch):
+    """The cheap counterpart of the grid tests below (slow, each cell's speed measured in a
+    fresh process as `compress report` does): one cell measured, the files written, the
+    recommendation made; the same grid again runs nothing."""
+    monkeypatch.setattr(report, "ProcessPoolExecutor", _InlinePool)
+    settings = report.Settings(eval_tokens=512, decode_tokens=8, prompt_tokens=32)
+    out = tmp_path / "report"
+    budget = report.Budget(max_kl=1e9, price_per_hour=0.5)
+    first = report.run(tiny_llama, report.grid(["rtn"], [8], [32]), out, settings, budget)
+    assert [r["label"] for r in first.rows] == ["baseline", "rtn-w8g32"]
+    assert first.reused == []
+    for name in ("report.md", "pareto.png", "results.json"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    w8 = first.rows[1]
+    # 8-bit codes + an fp16 scale per 32 weights (+0.5) + shape tensors of tiny Linears
+    assert 8.5 < w8["bits_per_weight"] < 9.1 and w8["kl_mean"] > 0 and w8["decode_tok_s"] > 0
+    assert w8["cost_per_1m_tokens"] == pytest.approx(0.5 / 3600 / w8["decode_tok_s"] * 1e6)
+    assert first.recommended["label"] == "rtn-w8g32"
+    again = report.run(tiny_llama, report.grid(["rtn"], [8], [32]), out, settings, budget)
+    assert again.reused == ["baseline", "rtn-w8g32"] and again.rows == first.rows
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["recommended"] == "rtn-w8g32" and len(saved["rows"]) == 2
+
+
 @pytest.mark.slow
 def test_report_runs_the_grid_once_and_resumes_with_new_cells(tiny_llama, tmp_path):
     settings = report.Settings(eval_tokens=512, decode_tokens=8, prompt_tokens=32)

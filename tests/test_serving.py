@@ -120,8 +120,17 @@ def test_requests_that_cannot_fit_are_refused_in_one_line(packed):
         Engine(packed, slots=slots_for_budget(packed, 512, 10), max_len=512)
 
 
-def test_int8_kv_cache_stays_close_to_the_float_cache(bundled_dir):
-    model = models.load(bundled_dir)[0]
+@pytest.fixture(params=["tiny", pytest.param("bundled", marks=pytest.mark.slow)])
+def kv_model_dir(request, tiny_factory):
+    """A tiny Llama with the real model's 64-wide heads (one per layer: the cache's size
+    ratio depends on the head width), or the real SmolLM2-135M (slow)."""
+    if request.param == "tiny":
+        return tiny_factory("llama", num_attention_heads=1, num_key_value_heads=1)
+    return request.getfixturevalue("bundled_dir")
+
+
+def test_int8_kv_cache_stays_close_to_the_float_cache(kv_model_dir):
+    model = models.load(kv_model_dir)[0]
     tokens = torch.arange(1000, 1200)[None]
     with torch.inference_mode():
         exact = model(tokens, 0, model.new_cache(1, 200)).log_softmax(-1)
@@ -143,8 +152,10 @@ def test_speculative_greedy_equals_the_verifier_token_for_token(tiny_llama, pack
         assert 0 < spec.stats.accepted <= spec.stats.proposed
 
 
-@pytest.mark.slow
-def test_speculative_sampling_has_the_verifiers_distribution(tiny_factory, tmp_path):
+# 600 samples by default, 6000 in the slow set (the chi-square test pools cells under 5
+# expected either way).
+@pytest.mark.parametrize("n", [600, pytest.param(6000, marks=pytest.mark.slow)])
+def test_speculative_sampling_has_the_verifiers_distribution(tiny_factory, tmp_path, n):
     """Chi-square test on a 16-token vocabulary: the first two sampled tokens' joint
     distribution from speculative decoding against the verifier's exact one."""
     path = tiny_factory("llama", seed=3, vocab_size=16)
@@ -157,7 +168,6 @@ def test_speculative_sampling_has_the_verifiers_distribution(tiny_factory, tmp_p
         seconds = target(torch.tensor([[*prompt, t] for t in range(16)])).softmax(-1)[:, -1]
     exact = (first[:, None] * seconds).flatten().double()  # P(t1, t2)
     spec = SpeculativeDecoder(target, draft, k=1)
-    n = 6000
     counts = torch.zeros(256, dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
     for _i in range(n):
@@ -190,13 +200,11 @@ def test_recommendation_takes_the_fastest_batch_size_within_the_sla():
     assert recommend(results, sla_ttft_p95=0.1) is None
 
 
-def test_bench_cli_writes_json_and_a_plot(tiny_llama, tmp_path):
+def test_bench_cli_writes_json_and_a_plot(cli, tiny_llama, tmp_path):
     import json
 
-    from test_cli import run
-
     report, plot = tmp_path / "bench.json", tmp_path / "bench.png"
-    proc = run("bench", tiny_llama, "--batch-sizes", "1,2,4", "--requests", "4",
+    proc = cli("bench", tiny_llama, "--batch-sizes", "1,2,4", "--requests", "4",
                "--prompt-len", "8", "--output-len", "5", "--json", report, "--plot", plot,
                "--sla-tps", "1", "-q")
     assert proc.returncode == 0, proc.stderr
@@ -208,16 +216,14 @@ def test_bench_cli_writes_json_and_a_plot(tiny_llama, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_generate_cli_speculative_and_int8_kv(tiny_llama, packed, tmp_path):
-    from test_cli import run
-
-    base = run("generate", tiny_llama, "-p", "Once upon", "-n", "12", "--ignore-eos")
+def test_generate_cli_speculative_and_int8_kv(cli, tiny_llama, packed, tmp_path):
+    base = cli("generate", tiny_llama, "-p", "Once upon", "-n", "12", "--ignore-eos")
     draft_dir = tmp_path / "draft"
     pipeline.quantize(tiny_llama, Recipe("rtn", QuantScheme(4, 32, True)), draft_dir)
-    spec = run("generate", tiny_llama, "-p", "Once upon", "-n", "12", "--ignore-eos",
+    spec = cli("generate", tiny_llama, "-p", "Once upon", "-n", "12", "--ignore-eos",
                "--draft", draft_dir, "--draft-tokens", "3")
     assert spec.returncode == 0 and base.returncode == 0, spec.stderr
     assert spec.stdout == base.stdout and "draft acceptance" in spec.stderr
-    int8 = run("generate", tiny_llama, "-p", "Once upon", "-n", "12", "--ignore-eos",
+    int8 = cli("generate", tiny_llama, "-p", "Once upon", "-n", "12", "--ignore-eos",
                "--kv-cache", "int8")
     assert int8.returncode == 0, int8.stderr

@@ -7,7 +7,8 @@ gone, let the same command finish with the checkpoint an undisturbed run writes.
 - disk full: ENOSPC injected at the Nth write of an in-process `compress.api.quantize`, for
   every N (safetensors' writer, fsync of the JSON files, the copied tokenizer files);
 - file size limit: a real one, RLIMIT_FSIZE on the CLI subprocess with SIGXFSZ ignored
-  (so writes fail with EFBIG; limits apply to root too);
+  (so writes fail with EFBIG; limits apply to root too); by default on this process around
+  an in-process `compress.api.quantize`, the CLI subprocesses in the slow set;
 - read-only: mode 0o555; as root, whom permission bits do not stop, a read-only bind mount
   where `mount` is permitted, else EROFS injected in-process.
 
@@ -21,6 +22,7 @@ import errno
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -214,6 +216,54 @@ def test_disk_full_at_every_write(disk, monkeypatch):
 # --- file size limit: a real EFBIG -------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _file_size_limit(limit: int) -> Iterator[None]:
+    """RLIMIT_FSIZE on this process (the soft limit, so that it can be lifted again) with
+    SIGXFSZ ignored: a write past `limit` bytes fails with EFBIG."""
+    import resource
+
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs RLIMIT_FSIZE and SIGXFSZ")
+def test_file_size_limit_in_process(disk):
+    """test_file_size_limit's limits on this process around `api.quantize` (no subprocess):
+    16 KiB stops the first layer's shard; 4 MiB the last shard (the embedding table)."""
+    tally = Tally()
+    for limit in (16 << 10, 4 << 20):
+        out = disk.out(with_older=True)
+        point = f"limit {limit >> 10} KiB --overwrite, in process"
+        try:
+            with _file_size_limit(limit):
+                api.quantize(disk.model, RECIPE, out, overwrite=True, evaluate=False)
+            message = "no error"
+        except CompressError as e:
+            message = str(e)
+        if "\n" in message or not ("file too large" in message and str(out) in message):
+            tally.add("file-size-limit-in-process", point, "bad", f"unclear message {message!r}")
+            continue
+        problem = disk.intact(out, with_older=True)
+        if problem:
+            tally.add("file-size-limit-in-process", point, "bad", problem)
+            continue
+        try:  # the limit lifted: the same call finishes the job
+            api.quantize(disk.model, RECIPE, out, overwrite=True, evaluate=False)
+            problem = disk.finished(out, disk.api_reference)
+        except CompressError as e:
+            problem = f"the same call, without the limit, failed: {e}"
+        tally.add("file-size-limit-in-process", point, "bad" if problem else "clean_error", problem,
+                  resumed_after_fix=not problem)
+    _check(tally)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="needs RLIMIT_FSIZE and SIGXFSZ")
 def test_file_size_limit(disk):
     """16 KiB stops the first layer's shard; 4 MiB the last shard (the embedding table)."""
@@ -286,7 +336,10 @@ def _read_only_mkdir(d: Path, real=os.mkdir):
     return mkdir
 
 
-def test_read_only_output(disk, readonly_dir, monkeypatch):
+@pytest.mark.parametrize("via", ["api", pytest.param("cli", marks=pytest.mark.slow)])
+def test_read_only_output(disk, readonly_dir, monkeypatch, via):
+    """Through the CLI subprocess (slow), or `api.quantize` in this process (by default),
+    against the sealed directory; where nothing keeps root out, EROFS injected in process."""
     d, seal = readonly_dir
     old_out = disk.out(with_older=True, parent=d)
     new_out = disk.out(with_older=False, parent=d)
@@ -294,12 +347,13 @@ def test_read_only_output(disk, readonly_dir, monkeypatch):
     tally = Tally()
     for out, with_older in [(old_out, True), (new_out, False)]:
         point = f"{how or 'EROFS injected'}" + (" --overwrite" if with_older else "")
-        if how is not None:
+        if how is not None and via == "cli":
             proc = run_cli("quantize", disk.model, "--out", out, "--no-eval", "-q",
                            *(["--overwrite"] if with_older else []))
             line = one_line_error(proc) or f"exit {proc.returncode}: {proc.stderr[-600:]}"
-        else:  # nothing keeps root out here: the file system's answer, injected
-            monkeypatch.setattr(os, "mkdir", _read_only_mkdir(d))
+        else:  # in process; where nothing keeps root out, the file system's answer injected
+            if how is None:
+                monkeypatch.setattr(os, "mkdir", _read_only_mkdir(d))
             try:
                 api.quantize(disk.model, RECIPE, out, overwrite=with_older, evaluate=False)
                 line = "no error"

@@ -214,6 +214,10 @@ def _check(tally: Tally, fault_classes: list[str]) -> None:
     assert not tally.bad, "\n".join(tally.bad)
 
 
+# Seven CLI subprocesses: slow. In the default run, the in-process kills stand in for it
+# (test_publish_without_atomic_swap_killed_between_renames below; test_pipeline.py's
+# test_killed_run_resumes_to_identical_checkpoint).
+@pytest.mark.slow
 def test_kill_smoke(bench):
     """Three kills of the RTN run: mid-run (with a torn temp file), just before publishing
     over an older checkpoint, and at a seeded random time."""

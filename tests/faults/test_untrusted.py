@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -85,14 +83,12 @@ def test_a_malicious_pickle_never_runs(tiny_llama, tmp_path, monkeypatch, fmt):
     assert not marker.exists()
 
 
-def test_cli_allow_pickle_flag(tiny_llama, tmp_path):
+def test_cli_allow_pickle_flag(cli, tiny_llama, tmp_path):
     source = _pickle_model(tiny_llama, tmp_path / "bin")
-    env = {**os.environ, "COMPRESS_HOME": str(tmp_path / "home"), "COMPRESS_OFFLINE": "1"}
 
     def run(*extra):
-        return subprocess.run([sys.executable, "-m", "compress.cli", "quantize", str(source),
-                               "--no-eval", *extra], capture_output=True, text=True, env=env,
-                              timeout=300)
+        return cli("quantize", source, "--no-eval", *extra,
+                   env={"COMPRESS_HOME": str(tmp_path / "home")})
 
     refused = run("--out", str(tmp_path / "a"))
     assert refused.returncode == 2 and "--allow-pickle" in refused.stderr

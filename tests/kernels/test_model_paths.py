@@ -1,4 +1,5 @@
-"""The bundled model's logits through every backend agree with the reference backend."""
+"""A packed model's logits through every backend agree with the reference backend: the
+tiny Llama by default, the bundled model (30 layers) in the slow set."""
 
 import dataclasses
 
@@ -11,12 +12,13 @@ from compress.quant import QuantScheme
 from compress.recipe import Recipe
 
 
-@pytest.fixture(scope="module")
-def packed_models(bundled_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["tiny", pytest.param("bundled", marks=pytest.mark.slow)])
+def packed_models(request, tmp_path_factory):
+    source = request.getfixturevalue("tiny_llama" if request.param == "tiny" else "bundled_dir")
     root = tmp_path_factory.mktemp("kernel-paths")
     schemes = {"w4g128-asym": QuantScheme(4, 128, False), "w8-sym": QuantScheme(8, -1, True)}
     for name, scheme in schemes.items():
-        pipeline.quantize(bundled_dir, Recipe("rtn", scheme), root / name)
+        pipeline.quantize(source, Recipe("rtn", scheme), root / name)
     return root
 
 
@@ -42,7 +44,6 @@ def logits(path, backend, dtype, monkeypatch):
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("scheme,backend,dtype", [
     ("w4g128-asym", "cpu-native", torch.float32), ("w8-sym", "cpu-native", torch.float32),
     ("w4g128-asym", "cpu-torch-ops", torch.float32), ("w8-sym", "cpu-torch-ops", torch.float32),

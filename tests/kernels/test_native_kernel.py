@@ -109,6 +109,7 @@ def test_threads_split_tiles_without_changing_results():
     assert relative_error(many, reference_output(x, w)) < FLOAT32_BOUND
 
 
+@pytest.mark.slow  # compiles the kernel in a fresh process and cache
 def test_without_openmp_the_kernel_builds_single_threaded(tmp_path):
     # A fresh process and cache: a compiler refusing the OpenMP flag still gets our
     # kernel, on one thread, and later processes do not retry the OpenMP build.

@@ -38,10 +38,21 @@ def run_poisoned(x2, w, config=None, dense=None):
                           dense=dense)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
-@pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("act_order", [False, True])
+def _layout_cases() -> list:
+    """Every bits x group size x symmetry x act-order layout (ids as stacked parametrize
+    gives them). By default a covering eighth, about a second each in the interpreter:
+    every bit width with two group sizes, both symmetries and both act orders, every group
+    size twice; the other 56 are slow."""
+    bit_widths, group_sizes = [2, 3, 4, 8], [-1, 32, 64, 128]
+    fast = {(bits, group_sizes[(i + 2 * j) % 4], j == 0, i % 2 == j)
+            for i, bits in enumerate(bit_widths) for j in (0, 1)}
+    return [pytest.param(bits, g, sym, order, id=f"{order}-{sym}-{g}-{bits}",
+                         marks=() if (bits, g, sym, order) in fast else pytest.mark.slow)
+            for order in (False, True) for sym in (True, False) for g in group_sizes
+            for bits in bit_widths]
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric,act_order", _layout_cases())
 def test_layouts_match_reference(bits, group_size, symmetric, act_order):
     # N = 72 and K = 200 are multiples of neither the tiles nor the groups nor 32 codes.
     seed = hash((bits, group_size, symmetric, act_order)) % 2**31

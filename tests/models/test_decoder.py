@@ -45,6 +45,7 @@ def test_kv_cache_steps_equal_full_forward(tiny_factory, model_type, overrides):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # every tiny model type's greedy tokens: test_architectures.py (fast)
 def test_bundled_model_greedy_equals_transformers(bundled_dir):
     from compress.data import load_tokenizer
 
@@ -98,13 +99,33 @@ def test_too_long_request_is_a_clear_error(tiny_llama):
         list(generation.generate(ours, [1] * 500, generation.SamplingParams(max_new_tokens=20)))
 
 
-def test_packed_model_on_cpu_keeps_a_half_precision_head(bundled_dir, tmp_path):
+@pytest.fixture(params=["tiny", pytest.param("bundled", marks=pytest.mark.slow)])
+def half_precision_dir(request, tmp_path):
+    """A checkpoint stored in float16: the tiny Llama saved in half precision, or the real
+    SmolLM2-135M (slow)."""
+    if request.param == "bundled":
+        return request.getfixturevalue("bundled_dir")
+    import shutil
+
+    from conftest import TOKENIZER_FILES
+
+    tiny = request.getfixturevalue("tiny_llama")
+    out = tmp_path / "tiny-fp16"
+    AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float16).save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (tiny / name).is_file():
+            shutil.copyfile(tiny / name, out / name)
+    return out
+
+
+def test_packed_model_on_cpu_keeps_a_half_precision_head(half_precision_dir, tmp_path):
     from compress import pipeline
     from compress.quant import QuantScheme
     from compress.recipe import Recipe
 
+    model_dir = half_precision_dir
     out = tmp_path / "w8"
-    pipeline.quantize(bundled_dir, Recipe("rtn", QuantScheme(8, -1, True)), out)
+    pipeline.quantize(model_dir, Recipe("rtn", QuantScheme(8, -1, True)), out)
     fast, _ = models.load(out)
     exact, _ = models.load(out, head_dtype=torch.float32)
     assert fast.model.embed_tokens.weight.dtype == torch.float16 and fast.dtype == torch.float32
@@ -113,12 +134,13 @@ def test_packed_model_on_cpu_keeps_a_half_precision_head(bundled_dir, tmp_path):
         a, b = fast(tokens), exact(tokens)
     assert a.dtype == torch.float32
     assert float((a - b).norm() / b.norm()) < 1e-2
-    dense, _ = models.load(bundled_dir)  # dense checkpoints stay float32 throughout
+    dense, _ = models.load(model_dir)  # dense checkpoints stay float32 throughout
     assert dense.model.embed_tokens.weight.dtype == torch.float32
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "phi3"])
+# torch.compile of a tiny Llama's decode step by default; other families in the slow set.
+@pytest.mark.parametrize("model_type", ["llama", *(pytest.param(t, marks=pytest.mark.slow)
+                                                   for t in ("gemma2", "phi3"))])
 def test_compiled_decode_gives_the_eager_tokens(tiny_factory, tmp_path, model_type):
     from compress import pipeline
     from compress.quant import QuantScheme
