@@ -88,10 +88,13 @@ Threads = Annotated[str | None, typer.Option(
     f"${threads_policy.ENV}, then OMP_NUM_THREADS.")]
 
 
+_threads_used: list[str] = []  # "N threads (why)", for the commands that report speed
+
+
 def _use_threads(requested: str | None) -> None:
+    """Silent here: a bad-input error must stay the command's only line."""
     n, why = threads_policy.apply(requested)
-    if n < threads_policy.usable_cores() and why not in ("requested", "OMP_NUM_THREADS"):
-        progress.status(f"using {n} thread{'s' if n > 1 else ''}: {why} (--threads overrides)")
+    _threads_used[:] = [f"{n} thread{'s' if n > 1 else ''} ({why})"]
 
 
 def _print_version(value: bool) -> None:
@@ -323,7 +326,7 @@ def generate(
         err_console.print(
             f"[dim]{st.new_tokens} new tokens; prompt {st.prompt_tokens} tokens in "
             f"{st.prefill_seconds:.2f} s; decode {st.decode_tokens_per_second:.1f} tokens/s; "
-            f"kernels: {', '.join(st.kernels) or 'dense'}"
+            f"kernels: {', '.join(st.kernels) or 'dense'}; using {', '.join(_threads_used)}"
             + (f"; compiling took {st.compile_seconds:.1f} s" if st.compile_seconds else "")
             + (f"; draft acceptance {st.acceptance_rate:.0%}"
                if st.acceptance_rate is not None else "")
