@@ -110,6 +110,15 @@ def test_manifest_cannot_point_outside(quantized):
         models.open_model(quantized)
 
 
+@pytest.mark.parametrize("schemes", [32, ["w4g32-sym"], {"w4g32-sym": 3}, {"w4g32-sym": [1]}])
+def test_manifest_schemes_that_are_not_a_label_to_modules_map_are_refused(quantized, schemes):
+    manifest = json.loads((quantized / checkpoint.MANIFEST).read_text())
+    manifest["schemes"] = schemes
+    (quantized / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CompressError, match=r"'schemes' is not a mapping of scheme label"):
+        models.open_model(quantized)
+
+
 def test_missing_tensor_without_manifest(quantized):
     (quantized / checkpoint.MANIFEST).unlink()
     index = json.loads((quantized / checkpoint.INDEX).read_text())

@@ -4,8 +4,8 @@ The manifest is the one file no hash protects (it holds the others' hashes), and
 readers (verify, the model card, `compress eval`'s baseline, the report's cache, hub push)
 index into it freely. So the structure they rely on is checked when it is read, and
 anything else is one clean error instead of a KeyError in whichever reader came first.
-Fields nobody reads (`created`, `schemes`) are not checked: an old or hand-edited
-manifest stays readable where it does no harm.
+Fields nobody reads (`created`) are not checked, and `schemes` may be absent (older
+manifests lack it): an old or hand-edited manifest stays readable where it does no harm.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def check(manifest: object, where: str) -> dict:
                                 f"compress reads ({FORMAT_VERSION}); upgrade compress "
                                 "(pip install -U compress)")
         problem = (_base_problem(manifest.get("base_model"))
-                   or _calibration_problem(manifest.get("calibration")))
+                   or _calibration_problem(manifest.get("calibration"))
+                   or _schemes_problem(manifest.get("schemes")))
     if problem is None:
         recipe, problem = _recipe(manifest.get("recipe"))
         manifest = {**manifest, "recipe": recipe}
@@ -108,4 +109,15 @@ def _calibration_problem(calibration: object) -> str | None:
             or not all(_is_int(calibration.get(k)) for k in _CALIBRATION_INTS)):
         return ("'calibration' lacks string " + ", ".join(_CALIBRATION_STRINGS)
                 + " or integer " + ", ".join(_CALIBRATION_INTS))
+    return None
+
+
+def _schemes_problem(schemes: object) -> str | None:
+    """{"w4g128-sym": [module, ...]}: what the model card counts."""
+    if schemes is None:  # written before the manifest recorded them
+        return None
+    if not isinstance(schemes, dict) or not all(
+            isinstance(modules, list) and all(isinstance(m, str) for m in modules)
+            for modules in schemes.values()):
+        return "'schemes' is not a mapping of scheme label to a list of module names"
     return None

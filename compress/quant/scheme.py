@@ -8,6 +8,8 @@ from compress.errors import CompressError
 from compress.kernels import SUPPORTED_BITS
 
 MIN_GROUP = 32
+# far wider than any Linear; the kernels index groups in 64-bit integers, which 2**63 overflows
+MAX_GROUP = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,10 @@ class QuantScheme:
                 f"{', '.join(map(str, SUPPORTED_BITS))}"
             )
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
-            self.group_size != -1 and self.group_size <= 0
+            self.group_size != -1 and not 0 < self.group_size <= MAX_GROUP
         ):
             raise CompressError(
-                f"group size {self.group_size!r} is invalid; use -1 (per-channel) or a "
+                f"group size {self.group_size!r:.40} is invalid; use -1 (per-channel) or a "
                 "positive size such as 32, 64 or 128"
             )
         if not isinstance(self.symmetric, bool):

@@ -13,7 +13,7 @@ def test_unsupported_bits(bits):
         QuantScheme(bits=bits)
 
 
-@pytest.mark.parametrize("group_size", [0, -2, -128, 1.5])
+@pytest.mark.parametrize("group_size", [0, -2, -128, 1.5, 2**63, (1 << 24) + 1])
 def test_invalid_group_size(group_size):
     with pytest.raises(CompressError, match=r"group size .* is invalid"):
         QuantScheme(group_size=group_size)
