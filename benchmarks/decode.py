@@ -262,7 +262,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "batch": 1, "new_tokens": args.new_tokens,
         "prompt_tokens": len(prompt), "bandwidth": bandwidth.to_dict(),
-        "cpu_kernel": ("ours, " + ("avx512-vnni" if native.has_vnni() else "portable C++")
+        "cpu_kernel": ("ours, " + native.isa()
                        + (", OpenMP threads" if native.threaded() else ", one thread")),
         "rounds": args.rounds, "statistic": "median over interleaved rounds",
         "decode_tok_s": speeds, "decode_tok_s_samples": samples,

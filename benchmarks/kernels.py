@@ -84,7 +84,7 @@ def main() -> None:
             print(f"{name:<16}{m:>5}" + "".join(f"{c:>17.1f}" for c in cells)
                   + f"{ratio:>16.2f}x{r['int4_g128_cpu']['speedup_vs_fp32']:>16.2f}x")
     report = {"benchmark": "kernels (CPU)", "torch": torch.__version__,
-              "native_kernel": "avx512-vnni" if native.has_vnni() else "portable",
+              "native_kernel": native.isa(),
               "native_threads": "OpenMP" if native.threaded() else "one",
               "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "bandwidth": memory_bandwidth(),

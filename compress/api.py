@@ -199,6 +199,7 @@ class Generation:
                  draft_tokens: int = 4, kv_int8: bool = False, aot: bool = False):
         self.model, files = models.load(model, device=device)
         self.compile, self.kv_int8, self.aot = compile, kv_int8, aot
+        self.identity = files.identity() if aot else None
         self.speculative = None
         if draft is not None:
             if compile or kv_int8 or aot:
@@ -217,7 +218,7 @@ class Generation:
         if self.aot:  # compiled before the first token, timed apart from prefill and decode
             started = time.perf_counter()
             generation.compile_ahead(self.model, len(self.prompt_ids),
-                                     self.params.max_new_tokens)
+                                     self.params.max_new_tokens, self.identity)
             compile_seconds = time.perf_counter() - started
         start = time.perf_counter()
         arrivals: list[float] = []

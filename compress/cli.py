@@ -291,9 +291,10 @@ def generate(
                           "is cold).")] = False,
     aot: Annotated[bool, typer.Option(
         "--aot", help="Compile the decode step ahead of time (torch.export + AOTInductor): "
-                      "2.2x eager tokens/s after 24 s of compiling per run (bundled model, 2 "
-                      "CPU threads: benchmarks/results/decode.json); the weights take twice "
-                      "their memory meanwhile.")] = False,
+                      "2.2x eager tokens/s (bundled model, 2 CPU threads: "
+                      "benchmarks/results/decode.json). Compiled once per checkpoint (24-60 s "
+                      "there) and kept on disk, so later runs load it in seconds; the weights "
+                      "take twice their memory meanwhile.")] = False,
     draft: Annotated[Path | None, typer.Option(
         help="Speculative decoding: a quantised checkpoint of the same model proposes "
              "tokens, MODEL verifies them (output distributed exactly as MODEL's).")] = None,

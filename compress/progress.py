@@ -3,6 +3,10 @@
 Library code never prints; it wraps long loops in `track(...)` and reports status
 through `status(...)`. Both go to stderr so stdout stays clean for results and
 streamed text, and both are silent when `set_quiet(True)` was called (tests, --quiet).
+On a terminal a loop is a progress bar with an ETA; anywhere else (a log file, CI, a
+pipe) it is a plain line now and then ("quantize gptq: layer 3/30, 41 s elapsed, ETA
+6 min 10 s"), since a bar's carriage returns make a log unreadable and no bar at all
+leaves a long run silent.
 A status line always starts a line of its own: above any progress bar, and after a
 newline when streamed text has left the terminal's line open.
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
@@ -61,11 +66,15 @@ def libraries_quiet() -> Iterator[None]:
             os.environ["TQDM_DISABLE"] = before
 
 
-def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> tqdm:
-    """`items` wrapped in a progress bar on stderr (none when quiet or not a terminal).
+def track(items: Iterable[T], desc: str, total: int | None = None,
+          unit: str = "it") -> tqdm | PlainProgress:
+    """`items` wrapped in a progress bar on stderr when it is a terminal, in plain progress
+    lines when it is not, in nothing when quiet.
 
     Iterate it; `.set_postfix_str(...)` adds a short note (a metric, never text).
     """
+    if not _quiet and not _is_terminal(sys.stderr):
+        return PlainProgress(items, desc, total, unit)
     bar = tqdm(
         items, desc=desc, total=total, unit=unit, disable=True if _quiet else None,
         file=sys.stderr,
@@ -73,6 +82,83 @@ def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "
     )
     _bars.add(bar)
     return bar
+
+
+def _is_terminal(stream: object) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
+
+
+class PlainProgress:
+    """A progress bar's plain-text stand-in: one line per step, at most one every
+    `every` seconds (the last step always), once the loop has run `after` seconds;
+    a loop quicker than that says nothing."""
+
+    def __init__(self, items: Iterable[T], desc: str, total: int | None, unit: str,
+                 every: float = 5.0, after: float = 2.0) -> None:
+        self.items, self.desc, self.unit = items, desc, unit
+        self.total = total if total is not None else _length(items)
+        self.every, self.after = every, after
+        self.n = 0
+        self.postfix = ""
+        self.disable = False
+        self._started = self._said = time.monotonic()
+        self._step = None  # seconds per step, smoothed as tqdm's ETA is
+
+    def __iter__(self) -> Iterator[T]:
+        self._started = self._said = last = time.monotonic()
+        for item in self.items:
+            yield item
+            now = time.monotonic()
+            took, last = now - last, now
+            self._step = took if self._step is None else 0.3 * took + 0.7 * self._step
+            self.n += 1
+            self._maybe_say(now)
+
+    def set_postfix_str(self, note: str) -> None:
+        self.postfix = note
+
+    def close(self) -> None:
+        self.disable = True
+
+    def _maybe_say(self, now: float) -> None:
+        elapsed = now - self._started
+        last = self.total is not None and self.n >= self.total
+        if self.disable or elapsed < self.after or (now - self._said < self.every and not last):
+            return
+        self._said = now
+        status(self.line(elapsed))
+
+    def line(self, elapsed: float) -> str:
+        count = f"{self.n}/{self.total}" if self.total else str(self.n)
+        parts = [f"{self.desc}: {self.unit} {count}", f"{_duration(elapsed)} elapsed"]
+        if self.total and self.n < self.total and self._step is not None:
+            parts.append(f"ETA {_duration(self._step * (self.total - self.n))}")
+        if self.postfix:
+            parts.append(self.postfix)
+        return ", ".join(parts)
+
+
+def _length(items: object) -> int | None:
+    try:
+        return len(items)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _duration(seconds: float) -> str:
+    """4 s, 1 min 05 s, 2 h 03 min."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
 
 
 def status(message: str) -> None:

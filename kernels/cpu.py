@@ -2,7 +2,7 @@
 weight-only ops, with the weights repacked once at load time.
 
 * Our kernel (preferred): activations scaled per block of 32 to 15-bit integers, integer
-  dot products against the 4- or 8-bit codes (AVX512-VNNI where available). 1.5-2.2x
+  dot products against the 4- or 8-bit codes (AVX512-VNNI or AVX2 where available). 1.5-2.2x
   faster than torch's int4 op at M = 1 on SmolLM2's shapes, at par from M = 16; see
   native.py. Relative error ~1e-5 against the float32 reference for float32 inputs.
 * torch's ops (fallback where no C++ compiler is available, or `COMPRESS_NATIVE=0`):
@@ -134,10 +134,13 @@ def prepare_for_torch_ops(w: QuantizedWeight) -> Int4Prepared | Int8Prepared:
     return _prepare_int4(w) if w.bits <= 4 else _prepare_int8(w)
 
 
+NATIVE_NAMES = {"avx512-vnni": "cpu-native-vnni", "avx2": "cpu-native-avx2"}
+
+
 def implementation(prepared: Prepared) -> str:
     """Which kernel a prepared weight runs on, for reports."""
     if isinstance(prepared, native.NativePrepared):
-        return "cpu-native-vnni" if native.has_vnni() else "cpu-native"
+        return NATIVE_NAMES.get(native.isa(), "cpu-native")
     return "cpu-torch-ops"
 
 

@@ -3,8 +3,9 @@
 Why our own: torch's int4 CPU op dequantises to bfloat16 and multiplies in floating point,
 which is compute-bound at decode sizes (M = 1) on a 2-core machine. This kernel scales
 each block of 32 activations to 15-bit integers held as two int8 digits and multiplies
-them with the integer codes using AVX512-VNNI byte dot products, 1.5-2.2x faster than
-torch's op at M = 1. (One digit, llama.cpp's Q8_0, was 20% faster still but doubled the
+them with the integer codes using AVX512-VNNI byte dot products (AVX2's `vpmaddubsw` on
+CPUs without VNNI), 1.5-2.2x faster than torch's op at M = 1. (One digit, llama.cpp's
+Q8_0, was 20% faster still but doubled the
 KL a W8 model loses on real text.) It serves 2/3/4-bit codes (as 4-bit) and 8-bit codes,
 any group size (runs of a group's columns are padded to blocks of 32), symmetric or
 asymmetric, act-order by gathering input columns.
@@ -153,8 +154,14 @@ def threaded() -> bool:
 
 
 def has_vnni() -> bool:
-    """Whether the build uses AVX512-VNNI (else the portable C++ loops)."""
+    """Whether the build uses AVX512-VNNI."""
     return _load() is None and bool(torch.ops.compress_cpu.has_vnni())
+
+
+def isa() -> str:
+    """The vector instructions the build's fast path uses: "avx512-vnni", "avx2", or
+    "portable" (plain C++ loops, ~20x slower); "" when the kernel is unavailable."""
+    return str(torch.ops.compress_cpu.isa()) if _load() is None else ""
 
 
 @dataclass(frozen=True, eq=False)

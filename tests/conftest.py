@@ -64,6 +64,19 @@ def _tokenize_once(real):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _compiled_steps_kept_apart(tmp_path_factory):
+    """--aot steps the tests compile are kept in a directory of this run, not in the
+    user's cache (subprocesses inherit the variable)."""
+    before = os.environ.get("COMPRESS_AOT_CACHE")
+    os.environ["COMPRESS_AOT_CACHE"] = str(tmp_path_factory.mktemp("aot"))
+    yield
+    if before is None:
+        os.environ.pop("COMPRESS_AOT_CACHE", None)
+    else:
+        os.environ["COMPRESS_AOT_CACHE"] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _bundled_texts_tokenized_once():
     from compress import data
 

@@ -76,15 +76,28 @@ def test_every_command_serves_another_family(tiny_factory, tmp_path, model_type)
 
 
 @pytest.mark.slow
-def test_generate_ahead_of_time_matches_eager(tiny_llama):
+def test_generate_ahead_of_time_matches_eager_and_is_compiled_once(tiny_llama, tmp_path):
     args = ("generate", tiny_llama, "-p", "Once upon", "-n", "10", "--ignore-eos")
-    eager, aot = run(*args, "-q"), run(*args, "--aot", merged=True)
+    stored = {"COMPRESS_AOT_CACHE": str(tmp_path / "aot")}
+    eager, aot = run(*args, "-q"), run(*args, "--aot", merged=True, env=stored)
     assert aot.returncode == 0, aot.stdout
     # the same text, whole: the compile's status line came before it, on a line of its own
     assert eager.stdout.strip() and eager.stdout in aot.stdout
     status, _, stats = aot.stdout.partition(eager.stdout)
     assert status.startswith("compiling the decode step ahead of time") and status.endswith("\n")
     assert "compiling took" in stats  # the compile is timed apart from decoding
+    assert len(list((tmp_path / "aot").glob("step-*.pt2"))) == 1
+    # the next process loads the step the first one compiled, and decodes the same text
+    again = run(*args, "--aot", merged=True, env=stored)
+    assert again.returncode == 0, again.stdout
+    status, _, _ = again.stdout.partition(eager.stdout)
+    assert status.startswith("loading the decode step compiled ahead of time"), again.stdout
+    # a damaged package is compiled again, not an error
+    package = next((tmp_path / "aot").glob("step-*.pt2"))
+    package.write_bytes(b"not a package")
+    damaged = run(*args, "--aot", merged=True, env=stored)
+    assert damaged.returncode == 0 and eager.stdout in damaged.stdout, damaged.stdout
+    assert "would not load" in damaged.stdout and "compiling the decode step" in damaged.stdout
 
 
 def test_sampled_generation_is_reproducible_from_cli(cli, tiny_llama):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -38,6 +40,19 @@ class ModelFiles:
     tensors: checkpoint.SafetensorsDir
     manifest: dict | None = None
     schemes: dict[str, QuantScheme] = field(default_factory=dict)
+
+    def identity(self) -> str:
+        """A sha256 naming these weights and this config, for caches of things derived from
+        them (the --aot step): the manifest's file hashes where there is one, else each
+        file's name, size and modification time."""
+        digest = hashlib.sha256()
+        if self.manifest is not None:
+            digest.update(json.dumps(self.manifest["files"], sort_keys=True).encode())
+        else:
+            for name in sorted(["config.json", *self.tensors.files()]):
+                stat = (self.path / name).stat()
+                digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+        return digest.hexdigest()
 
     @property
     def num_layers(self) -> int:

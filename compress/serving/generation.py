@@ -167,10 +167,12 @@ def _cache_length(model: CausalLM, positions: int, aot: bool) -> int:
     return ahead_of_time.cache_length(positions + 1, model.cfg.max_positions)
 
 
-def compile_ahead(model: CausalLM, prompt_tokens: int, max_new_tokens: int) -> None:
-    """Compile now the `--aot` decode step that `generate` will use for this many
-    positions (kept on the model), so that the compile can be timed apart."""
+def compile_ahead(model: CausalLM, prompt_tokens: int, max_new_tokens: int,
+                  identity: str | None = None) -> None:
+    """Compile now (or load from disk, see `aot.compiled_step`'s `identity`) the `--aot`
+    decode step that `generate` will use for this many positions (kept on the model), so
+    that the compile can be timed apart."""
     from compress.serving import aot as ahead_of_time
 
     length = _cache_length(model, prompt_tokens + max_new_tokens, aot=True)
-    ahead_of_time.compiled_step(model, model.new_cache(1, length))
+    ahead_of_time.compiled_step(model, model.new_cache(1, length), identity)

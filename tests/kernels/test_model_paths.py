@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from compress.kernels import native
+from compress.kernels import cpu, native
 
 from compress import models, pipeline
 from compress.quant import QuantScheme
@@ -25,7 +25,7 @@ def packed_models(request, tmp_path_factory):
 # backend -> (COMPRESS_KERNEL, COMPRESS_NATIVE, the implementation every Linear must run on)
 PATHS = {
     "reference": ("reference", "1", "reference"),
-    "cpu-native": ("cpu", "1", "cpu-native-vnni" if native.has_vnni() else "cpu-native"),
+    "cpu-native": ("cpu", "1", cpu.NATIVE_NAMES.get(native.isa(), "cpu-native")),
     "cpu-torch-ops": ("cpu", "0", "cpu-torch-ops"),
     "triton": ("triton", "1", "triton"),
     "dense": ("dense", "1", "dense"),

@@ -8,7 +8,8 @@ two oracles.
    relative (per-element error ~ amax/16256/sqrt(12)), bound 1e-4 for float32; 16-bit
    inputs and outputs add their own rounding (~2e-3): bound 1e-2, as for every kernel.
 Every call runs with the output poisoned with NaN, so an element the tiles miss fails.
-Both the AVX512-VNNI loops (where the build has them) and the portable loops are tested.
+Both the fast loops (AVX512-VNNI or AVX2, whichever the build has) and the portable loops
+are tested.
 """
 
 import os
@@ -25,7 +26,7 @@ from compress import kernels
 
 pytestmark = pytest.mark.skipif(native.unavailable() is not None,
                                 reason=f"native CPU kernel unavailable: {native.unavailable()}")
-IMPLEMENTATIONS = [pytest.param(False, id="vnni"), pytest.param(True, id="portable")]
+IMPLEMENTATIONS = [pytest.param(False, id="fast"), pytest.param(True, id="portable")]
 EXACT_BOUND, FLOAT32_BOUND, BOUND = 1e-5, 1e-4, 1e-2
 LEVELS = 127.0 * 128.0
 
@@ -78,7 +79,34 @@ def test_shapes_and_dtypes_match_reference(portable, m, n, k, dtype, bits):
     assert relative_error(y, reference_output(x, w)) < bound
 
 
-def test_vnni_and_portable_loops_agree():
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("code", ["largest", "smallest"])
+@pytest.mark.parametrize("digits", ["high", "low"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_extreme_codes_and_activation_digits_do_not_overflow(bits, code, digits, sign):
+    # AVX2 keeps partial sums in saturating int16 as long as they provably fit: every code
+    # at its extreme times every activation digit at its extreme is the case that would
+    # saturate if the bound were wrong. "high": all |v| = 16256 (high digit 127, low 0);
+    # "low": v = 128 h - 64 (low digit -64) with one 16256 setting the block's scale.
+    n, k = 32, 256
+    q = (1 << (bits - 1)) - 1 if code == "largest" else -(1 << (bits - 1))
+    codes = torch.full((n, k), q, dtype=torch.int8)
+    scales = torch.full((n, 1), 0.01, dtype=torch.float16)
+    w = kernels.QuantizedWeight(kernels.pack(codes, bits), scales, None, None, bits, -1,
+                                (n, k))
+    if digits == "high":
+        v = torch.full((1, k), LEVELS)
+    else:
+        v = torch.full((1, k), 128.0 * 126 - 64)
+        v[0, ::32] = LEVELS
+    x = sign * v / LEVELS  # the block's scale is exactly 1 / LEVELS: v comes back exact
+    for portable in (False, True):
+        y = native.matmul(x, native.prepare(w), portable=portable, poison=True)
+        expected = reference_output(rounded_activations(x, w).float(), w)
+        assert relative_error(y, expected) < EXACT_BOUND, portable
+
+
+def test_fast_and_portable_loops_agree():
     w = random_weights(160, 640, 4, 64, False, True, seed=5)
     x = torch.randn(7, 640, generator=torch.Generator().manual_seed(5))
     p = native.prepare(w)
