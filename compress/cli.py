@@ -651,6 +651,8 @@ def push(
     else:
         out_console.print(f"pushed {len(result.files)} files ({_mb(total)}) to {result.url} "
                           f"(commit {result.commit}); remote hashes verified")
+    if result.compatibility:  # a checkpoint no kernel serves is still pushed: say so
+        out_console.print(result.compatibility, highlight=False, markup=False)
 
 
 @app.command(cls=_Command)

@@ -464,12 +464,13 @@ class CompatReport:
             lines.append(f"- {len(members)} Linears ({roles}, {first.in_features} inputs, "
                          f"{first.quant.label}): " + _answers(kernels))
         if self.target == "vllm":
-            for family, every, picks in self.gpus():
-                chosen = ", ".join(f"{k} {n}" for k, n in picks.items()) or "none"
-                served = "every Linear served" if every else "NOT every Linear served"
-                lines.append(f"- {family}: {served} (vLLM picks {chosen})")
+            picks = [f"{family} {' + '.join(f'{k} {n}' for k, n in chosen.items()) or 'none'}"
+                     + ("" if every else " (not every Linear)")
+                     for family, every, chosen in self.gpus()]
+            lines.append(f"- Kernels vLLM picks: {'; '.join(picks)}")
         lines += [f"- Note: {note}" for note in self.notes]
-        return [*lines, "", f"**{self.verdict()[len('verdict: '):].capitalize()}.**"]
+        verdict = self.verdict().removeprefix("verdict: ")
+        return [*lines, "", f"**{verdict[0].upper()}{verdict[1:]}.**"]
 
 
 def _answers(kernels: tuple[Kernel, ...]) -> str:

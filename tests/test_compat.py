@@ -256,3 +256,24 @@ def test_moe_experts_share_one_fused_layer(tiny_factory, tmp_path):
     # hidden size 64 is no multiple of 128: the fused Marlin MoE kernel refuses
     assert experts[0].kernels[0].reason == "hidden size 64 not a multiple of 128"
     assert not report.ok and any("fused MoE layer" in note for note in report.notes)
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_push_states_the_check_in_the_card_and_does_not_block(tiny_llama, tmp_path, hub):
+    from hub_server import HUB_TOKEN
+
+    from compress import hub as compress_hub
+
+    out = tmp_path / "w3"
+    compress_api.quantize(tiny_llama, Recipe("rtn", QuantScheme(3, 32)), out, evaluate=False)
+    dry = compress_hub.push(out, "test-user/w3", dry_run=True)
+    assert dry.compatibility == ("serving check (vLLM, tp 1): 14 of 14 Linears have no kernel "
+                                 f"on vLLM (tensor parallel 1) on any GPU family; details: "
+                                 f"compress check {out}")
+    section = dry.card.split("## Serving compatibility\n\n", 1)[1].split("\n## ", 1)[0]
+    assert "W3 g32 sym): Humming ✓ if humming is installed; Machete ✗ (uint3b4; takes" in section
+    assert section.rstrip().endswith("**14 of 14 Linears have no kernel on vLLM (tensor "
+                                     "parallel 1) on any GPU family.**")
+    pushed = compress_hub.push(out, "test-user/w3", token=HUB_TOKEN, endpoint=hub.endpoint)
+    assert pushed.commit and pushed.compatibility == dry.compatibility
+    assert "## Serving compatibility" in (out / "README.md").read_text()
