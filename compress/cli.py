@@ -652,6 +652,32 @@ def push(
     else:
         out_console.print(f"pushed {len(result.files)} files ({_mb(total)}) to {result.url} "
                           f"(commit {result.commit}); remote hashes verified")
+    if result.compatibility:  # a checkpoint no kernel serves is still pushed: say so
+        out_console.print(result.compatibility, highlight=False, markup=False)
+
+
+@app.command(cls=_Command)
+def check(
+    directory: Annotated[Path, typer.Argument(help="Quantised checkpoint directory.",
+                                              metavar="DIRECTORY")],
+    target: Annotated[str, typer.Option(
+        help="Engine whose kernels to check: vllm (CUDA kernels) or transformers "
+             "(compressed-tensors dequantisation).")] = "vllm",
+    tp: Annotated[int, typer.Option(
+        help="vLLM tensor-parallel size: column-parallel Linears split their outputs, "
+             "o_proj and down_proj their inputs.")] = 1,
+) -> None:
+    """Which of an engine's kernels can serve each quantised Linear, and why not (rules
+    from the engines' source: docs/compatibility.md). Exit 0 when every Linear has a
+    kernel (on vLLM: on at least one GPU family), 1 when not, 2 for bad input."""
+    interrupt_note("nothing was written")
+    from compress import compat  # reads config.json and weight_shape tensors only
+
+    report = compat.check(directory, target, tp)
+    for line in report.lines():
+        out_console.print(line, highlight=False, markup=False)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command(cls=_Command)

@@ -129,6 +129,7 @@ class PushResult:
     commit: str | None = None
     dry_run: bool = False
     card: str | None = None  # a dry run's model card, which it does not write
+    compatibility: str | None = None  # `compress check`'s verdict (vLLM, tp 1), in the card
 
 
 def local_files(directory: Path, card: bytes | None = None) -> list[LocalFile]:
@@ -164,11 +165,13 @@ def push(directory: str | Path, repo_id: str, *, private: bool = False,
     if not well_formed_repo_id(repo_id):
         raise CompressError(f"--repo {repo_id!r} is not of the form ORG/NAME")
     revision = revision or "main"
+    section, verdict = serving_check(directory)
+    extras = {**(card_extras or {}), "compatibility": section}
     if dry_run:  # the checkpoint stays as it is: the card is shown, not written
-        card = model_card.render(directory, **(card_extras or {}))
+        card = model_card.render(directory, **extras)
         return PushResult(repo_id, revision, local_files(directory, card.encode()),
-                          dry_run=True, card=card)
-    model_card.write(directory, **(card_extras or {}))
+                          dry_run=True, card=card, compatibility=verdict)
+    model_card.write(directory, **extras)
     files = local_files(directory)
     from huggingface_hub import HfApi
 
@@ -184,7 +187,22 @@ def push(directory: str | Path, repo_id: str, *, private: bool = False,
             allow_patterns=[f.path for f in files],
             commit_message=f"Upload {directory.name} with compress"), repo_id, "upload")
         verify_remote(api, repo_id, revision, directory, files)
-    return PushResult(repo_id, revision, files, str(url), getattr(commit, "oid", None))
+    return PushResult(repo_id, revision, files, str(url), getattr(commit, "oid", None),
+                      compatibility=verdict)
+
+
+def serving_check(directory: Path) -> tuple[list[str], str]:
+    """`compress check` on vLLM with tensor parallel 1, for the card: its markdown lines
+    and its verdict. A checkpoint without a kernel is still pushed; the card says so."""
+    from compress import compat
+
+    try:
+        report = compat.check(directory, "vllm", 1)
+    except CompressError as e:  # the card says why there is no answer; the push goes on
+        return [f"Not checked: {e}", ""], f"serving check: not run ({e})"
+    verdict = report.verdict().removeprefix("verdict: ")
+    return report.card_lines(), f"serving check (vLLM, tp 1): {verdict}" + (
+        "" if report.ok else f"; details: compress check {directory}")
 
 
 def verify_remote(api, repo_id: str, revision: str, directory: Path,

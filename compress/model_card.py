@@ -24,17 +24,20 @@ REPORT_DIR = "report"
 
 
 def write(directory: str | Path, repo_id: str | None = None, eval_json: Path | None = None,
-          report_dir: Path | None = None, base_model: str | None = None) -> Path:
+          report_dir: Path | None = None, base_model: str | None = None,
+          compatibility: list[str] | None = None) -> Path:
     """Render the card into `directory`/README.md (atomically) and return its path."""
     directory = Path(directory)
     path = directory / "README.md"
     checkpoint.atomic_write_bytes(path, render(directory, repo_id, eval_json, report_dir,
-                                               base_model).encode())
+                                               base_model, compatibility).encode())
     return path
 
 
 def render(directory: Path, repo_id: str | None = None, eval_json: Path | None = None,
-           report_dir: Path | None = None, base_model: str | None = None) -> str:
+           report_dir: Path | None = None, base_model: str | None = None,
+           compatibility: list[str] | None = None) -> str:
+    """The card; `compatibility`: `compress check`'s markdown lines (hub.serving_check)."""
     manifest = checkpoint.read_manifest(directory)
     if manifest is None:
         raise CompressError(f"{directory} has no compress_manifest.json; model cards are "
@@ -99,6 +102,8 @@ def render(directory: Path, repo_id: str | None = None, eval_json: Path | None =
         lines += _eval_section(evals)
     if report:
         lines += _report_section(report)
+    if compatibility:
+        lines += ["## Serving compatibility", "", *compatibility, ""]
     lines += [
         "## How to load it", "",
         "transformers (with `compressed-tensors` installed; symmetric checkpoints):", "",

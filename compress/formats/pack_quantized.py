@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -173,10 +174,20 @@ def quantization_config(schemes: Mapping[str, QuantScheme], ignore: Iterable[str
     }
 
 
-def parse_quantization_config(
-    config: Mapping, linear_names: Iterable[str]
-) -> dict[str, QuantScheme]:
-    """Module name -> scheme for every Linear the block quantises (exact > regex > class)."""
+@dataclass(frozen=True)
+class ConfigGroup:
+    """One `config_groups` entry: which modules it targets ("Linear", exact names or
+    "re:" regexes), their scheme, and compressed-tensors' `actorder` ("group" means the
+    checkpoint stores weight_g_idx)."""
+
+    key: str
+    targets: tuple[str, ...]
+    scheme: QuantScheme
+    actorder: str | None = None
+
+
+def config_groups(config: Mapping) -> list[ConfigGroup]:
+    """The groups of a `quantization_config` block, each checked as strictly as a recipe."""
     if not isinstance(config, Mapping):
         raise CompressError(f"quantization_config is a {type(config).__name__}, not a mapping: "
                             "config.json is corrupt; re-download or re-quantise the checkpoint")
@@ -188,12 +199,12 @@ def parse_quantization_config(
     if config.get("format", FORMAT) != FORMAT:
         raise CompressError(f"compressed-tensors format {config.get('format')!r} is not "
                             f"supported; only {FORMAT!r} is")
-    config_groups = config.get("config_groups") or {}
-    if not isinstance(config_groups, Mapping):
+    raw_groups = config.get("config_groups") or {}
+    if not isinstance(raw_groups, Mapping):
         raise CompressError("quantization_config config_groups is not a mapping of group name "
                             "to group: config.json is corrupt; re-download or re-quantise it")
     groups = []
-    for key, group in config_groups.items():
+    for key, group in raw_groups.items():
         w = group.get("weights") if isinstance(group, Mapping) else None
         if not isinstance(w, Mapping):
             raise CompressError(f"quantization_config group {key!r} is malformed (no 'weights' "
@@ -211,18 +222,40 @@ def parse_quantization_config(
             scheme = QuantScheme(w.get("num_bits"), group_size, w.get("symmetric", True))
         except CompressError as e:
             raise CompressError(f"quantization_config group {key!r} is malformed ({e})") from None
-        groups.append((_patterns(group.get("targets"), f"config group {key!r} targets"), scheme))
+        actorder = w.get("actorder")
+        groups.append(ConfigGroup(str(key), tuple(_patterns(group.get("targets"),
+                                                           f"config group {key!r} targets")),
+                                  scheme, actorder if isinstance(actorder, str) else None))
+    return groups
+
+
+def parse_quantization_config(
+    config: Mapping, linear_names: Iterable[str]
+) -> dict[str, QuantScheme]:
+    """Module name -> scheme for every Linear the block quantises (exact > regex > class)."""
+    groups = config_groups(config)
     ignore = _patterns(config.get("ignore"), "quantization_config ignore")
     schemes = {}
     for name in linear_names:
-        if _rank(name, ignore) is not None:
-            continue
-        best = min(((r, s) for targets, s in groups
-                    if (r := _rank(name, targets)) is not None), default=None,
-                   key=lambda rs: rs[0])
-        if best is not None:
-            schemes[name] = best[1]
+        group = matching_group(name, groups, ignore)
+        if group is not None:
+            schemes[name] = group.scheme
     return schemes
+
+
+def matching_group(name: str, groups: Iterable[ConfigGroup],
+                   ignore: Iterable[str] = ()) -> ConfigGroup | None:
+    """The group that quantises module `name` as compressed-tensors ranks targets (exact
+    name > regex > class "Linear"), or None when it stays dense."""
+    if _rank(name, ignore) is not None:
+        return None
+    ranked = [(r, g) for g in groups if (r := _rank(name, g.targets)) is not None]
+    return min(ranked, default=(None, None), key=lambda rg: rg[0])[1]
+
+
+def ignored(config: Mapping) -> list[str]:
+    """quantization_config's `ignore` list, checked."""
+    return _patterns(config.get("ignore"), "quantization_config ignore")
 
 
 def _patterns(value: object, where: str) -> list[str]:
