@@ -77,11 +77,23 @@ def track(items: Iterable[T], desc: str, total: int | None = None,
         return PlainProgress(items, desc, total, unit)
     bar = tqdm(
         items, desc=desc, total=total, unit=unit, disable=True if _quiet else None,
-        file=sys.stderr,
-        dynamic_ncols=True, leave=False,
+        file=sys.stderr, leave=False, **_width(),
     )
     _bars.add(bar)
     return bar
+
+
+def _width() -> dict:
+    """Follow the terminal's size, unless it reports none: a pseudo-terminal that was
+    never sized (`script`, `docker exec -t`, some CI runners) says 0 columns and 0 rows,
+    and tqdm then hides every bar (no row left to draw it on)."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        size = os.terminal_size((0, 0))
+    if size.columns > 0 and size.lines > 0:
+        return {"dynamic_ncols": True}
+    return {"ncols": size.columns or 100, "nrows": size.lines or 24}
 
 
 def _is_terminal(stream: object) -> bool:

@@ -3,6 +3,7 @@ the progress bars left on the terminal."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -119,3 +120,16 @@ def test_off_a_terminal_nothing_when_quiet(log_file, capsys, monkeypatch):
                                                (7380, "2 h 03 min")])
 def test_durations_read_as_a_person_writes_them(seconds, text):
     assert progress._duration(seconds) == text
+
+
+def test_an_unsized_pseudo_terminal_still_gets_a_bar(terminal, monkeypatch):
+    # `script`, `docker exec -t`: a tty of 0 x 0, where tqdm would hide the bar
+    terminal = terminal()
+    monkeypatch.setattr(progress.os, "get_terminal_size", lambda fd: os.terminal_size((0, 0)))
+    bar = progress.track(range(3), desc="quantize rtn", total=3, unit="layer")
+    for _ in bar:
+        bar.refresh()
+    assert "quantize rtn" in terminal.readouterr().err
+    monkeypatch.setattr(sys.stderr, "fileno", lambda: 2, raising=False)
+    monkeypatch.setattr(progress.os, "get_terminal_size", lambda fd: os.terminal_size((120, 40)))
+    assert progress._width() == {"dynamic_ncols": True}  # a sized terminal: follow it
