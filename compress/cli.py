@@ -27,7 +27,7 @@ from rich.table import Table
 import compress
 from compress import assets, choices, hub, progress, sources
 from compress import threads as threads_policy
-from compress.errors import CompressError, Interrupted
+from compress.errors import CompressError, Interrupted, prints
 from compress.progress import interrupt_note, set_quiet
 
 if TYPE_CHECKING:
@@ -89,6 +89,7 @@ Threads = Annotated[str | None, typer.Option(
 
 
 _threads_used: list[str] = []  # "N threads (why)", for the commands that report speed
+_argv: list[str] = []  # the command's arguments: `--workers` runs them again in each worker
 
 
 def _use_threads(requested: str | None) -> None:
@@ -166,12 +167,29 @@ def quantize(
                                  "(most of a run's time; --no-eval skips it).")] = True,
     eval_tokens: Annotated[int, typer.Option(
         help="Held-out tokens for the perplexity check (0 = all).")] = choices.EVAL_MAX_TOKENS,
+    device: Annotated[str, typer.Option(
+        help="Where each layer calibrates: cpu, cuda[:i], or auto (cuda when torch sees "
+             "one). Weights stay memory-mapped; results are written from the CPU.")] = "auto",
+    workers: Annotated[int, typer.Option(
+        help="Processes calibrating together on torch.distributed (samples split, "
+             "statistics summed, GPTQ solves spread); also under torchrun "
+             "--nproc-per-node N. See docs/scale.md.")] = 1,
     quiet: Quiet = False,
     threads: Threads = None,
 ) -> None:
     """Quantise a model to a packed checkpoint (compressed-tensors pack-quantized)."""
-    set_quiet(quiet)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    set_quiet(quiet or rank != 0)  # one progress bar and one summary: rank 0's
     _use_threads(threads)
+    if workers < 1:
+        raise CompressError("--workers must be at least 1")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if workers > 1 and world == 1:
+        _launch_workers(workers, threads)
+        return
+    if workers > 1 and world != workers:
+        raise CompressError(f"--workers {workers}, but the launcher started {world} "
+                            "processes; drop --workers under torchrun")
     interrupt_note("nothing was written; re-run the same command to start again")
     sources.identify(model)  # a model that cannot work fails before seconds of imports
     from compress import api
@@ -197,9 +215,23 @@ def quantize(
             from None
     summary = api.quantize(model, spec, out, overwrite=overwrite, resume=resume,
                            calibration_data=calib, evaluate=evaluate, eval_tokens=eval_tokens,
-                           target_bits=target_bits, options=allowed, allow_pickle=allow_pickle)
+                           target_bits=target_bits, options=allowed, allow_pickle=allow_pickle,
+                           device=device)
     interrupt_note(f"the checkpoint {summary.result.out} is complete")
-    _print_quantize_summary(summary)
+    if rank == 0:
+        _print_quantize_summary(summary)
+
+
+def _launch_workers(workers: int, threads: str | None) -> None:
+    """This same command as `workers` ranks (torch's elastic launcher, as torchrun), the
+    cores shared out among them unless --threads says otherwise."""
+    from compress import distributed
+
+    if threads is None and threads_policy.ENV not in os.environ:
+        n = int(_threads_used[0].split()[0]) if _threads_used else 1
+        os.environ[threads_policy.ENV] = str(max(1, n // workers))
+    interrupt_note("the layers finished so far are kept; re-run the same command to resume")
+    distributed.launch(workers, ["-m", "compress.cli", *_argv])
 
 
 def _print_quantize_summary(s: api.QuantizeSummary) -> None:
@@ -724,6 +756,7 @@ def _run(args: list[str]) -> None:
     """Parse `args` and run the command. Through click's context directly, not `app()`:
     typer's runner turns Ctrl-C (and any `Exit`) into a return value, which outside its
     standalone mode nobody sees, so an interrupted command exited 0 in silence."""
+    _argv[:] = args
     command = typer.main.get_command(app)
     with command.make_context("compress", args) as ctx:
         command.invoke(ctx)
@@ -738,7 +771,9 @@ def main() -> None:
         _run(sys.argv[1:])
     except CompressError as e:
         progress.end_work()
-        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        if prints(e):  # a group of processes stops with one line
+            err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False,
+                              soft_wrap=True)
         sys.exit(2)
     except _EXIT as e:
         sys.exit(e.exit_code)

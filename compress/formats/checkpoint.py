@@ -305,6 +305,17 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
                             "re-create it") from None
 
 
+def load_rows(path: Path, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows start..stop-1 of one tensor of a safetensors file, reading only those (a
+    process's share of saved activations)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_slice(name)[start:stop].contiguous()
+    except (SafetensorError, OSError) as e:
+        raise CompressError(f"{path} is corrupt or truncated ({_reason(e)}); re-download or "
+                            "re-create it") from None
+
+
 def safetensors_keys(path: Path) -> list[str]:
     """Tensor names in one safetensors file (header only)."""
     try:
