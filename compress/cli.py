@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import compress
@@ -772,8 +773,9 @@ def main() -> None:
     except CompressError as e:
         progress.end_work()
         if prints(e):  # a group of processes stops with one line
-            err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False,
-                              soft_wrap=True)
+            # escaped: messages quote library text such as gloo's "[/path/pair.cc:553]"
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}",
+                              highlight=False, soft_wrap=True)
         sys.exit(2)
     except _EXIT as e:
         sys.exit(e.exit_code)

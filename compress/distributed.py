@@ -22,6 +22,7 @@ What is split, reduced and spread (docs/scale.md):
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import uuid
@@ -110,8 +111,10 @@ class Context:
     # -- collectives ---------------------------------------------------------------------
 
     def _lost(self, e: BaseException) -> WorkerLost:
+        # gloo starts its messages with its source location: "[/.../pair.cc:553] ..."
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(e)).split(". ")[0][:160]
         return WorkerLost(f"worker {self.rank} of {self.world}: another worker stopped or did "
-                          f"not answer within {self.timeout:g} s ({first_line(e)[:160]}); "
+                          f"not answer within {self.timeout:g} s ({reason}); "
                           "re-run the same command to resume")
 
     def _call(self, fn: Callable[..., object], *args: object, **kwargs: object) -> object:
