@@ -35,6 +35,7 @@ import torch
 import compress
 from compress import data, models
 from compress.calibrate import layer as calibrate_layer
+from compress.calibrate import rotate
 from compress.errors import CompressError
 from compress.formats import checkpoint, manifest, pack_quantized
 from compress.models import layers
@@ -64,6 +65,7 @@ class QuantizeResult:
     errors: dict | None = None  # module -> relative output error (calibrated methods)
     head_quantized: bool = False  # the output head is among the quantised Linears
     experts: dict | None = None  # expert -> its calibration coverage (`expert_coverage`)
+    rotation: dict | None = None  # the rotations folded into the weights (`RotationPlan`)
 
     @property
     def size_ratio(self) -> float:
@@ -144,6 +146,7 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     elif calibration_data is not None:
         raise CompressError(f"method {recipe.method!r} uses no calibration data; drop --calib")
 
+    rotations = rotate.plan(files, recipe.rotate)
     partial = out.with_name(out.name + ".partial")
     run_id = identity(files, recipe, calib)
     _pause_point("prepared")
@@ -151,14 +154,18 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     _pause_point("opened")
     if announce:
         status(announce)
+    if rotations is not None and rotations.skipped:
+        status(f"rotation: {rotations.skipped}; only each head's values are rotated")
 
     def kept() -> str:
         return (f"{len(state['done'])} of {files.num_layers} layers are kept in {partial}; "
                 "re-run the same command to resume")
 
     with on_interrupt(kept):
-        weight_map, resumed = _quantize_layers(files, recipe, schemes, calib, partial, state)
-        logs = _finish(files, recipe, schemes, calib, partial, state, weight_map, notes or {})
+        weight_map, resumed = _quantize_layers(files, recipe, schemes, calib, partial, state,
+                                               rotations)
+        logs = _finish(files, recipe, schemes, calib, partial, state, weight_map, notes or {},
+                       rotations)
         _pause_point("publish")
         checkpoint.publish(partial, out, overwrite)
     _pause_point("published")
@@ -177,16 +184,17 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
                           None if calib is None else calib.describe(),
                           {k: v["relative_error"] for k, v in logs.items()
                            if v.get("relative_error") is not None} or None,
-                          files.arch.lm_head in schemes, expert_coverage(files, logs) or None)
+                          files.arch.lm_head in schemes, expert_coverage(files, logs) or None,
+                          None if rotations is None else rotations.describe())
 
 
 def _quantize_layers(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],
-                     calib: data.CalibrationSet | None, partial: Path,
-                     state: dict) -> tuple[dict[str, str], int]:
+                     calib: data.CalibrationSet | None, partial: Path, state: dict,
+                     rotations: rotate.RotationPlan | None) -> tuple[dict[str, str], int]:
     """Each decoder layer into its shard in `partial` (a layer an interrupted run finished
     is kept); returns the tensor -> shard map and the number of layers kept."""
-    layer_fn = (_CalibratedLayers(files, recipe, schemes, calib, partial, state)
-                if calib is not None else _RTNLayers(files, schemes))
+    layer_fn = (_CalibratedLayers(files, recipe, schemes, calib, partial, state, rotations)
+                if calib is not None else _RTNLayers(files, schemes, rotations))
     n_layers = files.num_layers
     n_shards = n_layers + 1
     weight_map: dict[str, str] = {}
@@ -219,7 +227,8 @@ def _quantize_layers(files: models.ModelFiles, recipe: Recipe, schemes: dict[str
 
 def _finish(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],
             calib: data.CalibrationSet | None, partial: Path, state: dict,
-            weight_map: dict[str, str], notes: dict[str, object]) -> dict[str, dict]:
+            weight_map: dict[str, str], notes: dict[str, object],
+            rotations: rotate.RotationPlan | None) -> dict[str, dict]:
     """The tensors outside the decoder layers, the metadata, no leftovers: `partial` is the
     finished checkpoint. Returns the per-module quantisation logs."""
     n_layers = files.num_layers
@@ -227,7 +236,10 @@ def _finish(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantSc
                    for n in files.tensors.with_prefix(files.arch.layer_prefix(i))}
     rest = sorted(n for n in files.tensors.names() if n not in layer_names)
     last = _shard_name(n_layers, n_layers + 1)
-    tensors = _RTNLayers(files, schemes).convert(rest)
+    source = {n: files.tensors.get(n) for n in rest}
+    if rotations is not None:
+        source = _stored(rotate.rotate_outer(source, files, rotations), files, schemes)
+    tensors = _RTNLayers(files, schemes).convert(source)
     checkpoint.atomic_save_safetensors(partial / last, tensors)
     weight_map.update(dict.fromkeys(tensors, last))
 
@@ -235,7 +247,7 @@ def _finish(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantSc
     for reason in sorted({v["awq"]["skipped"] for v in logs.values()
                           if "skipped" in v.get("awq", {})}):
         status(f"AWQ: {reason}; that group was rounded without scaling")
-    _write_metadata(files, recipe, schemes, partial, weight_map, calib, logs, notes)
+    _write_metadata(files, recipe, schemes, partial, weight_map, calib, logs, notes, rotations)
     _pause_point("metadata")
     # and the temp files of writes a killed run left (ours `.<name>.*.tmp`, safetensors'
     # own `.tmp*`): no checkpoint file is hidden
@@ -285,31 +297,44 @@ def require_finite(name: str, tensor: torch.Tensor) -> None:
 
 
 class _RTNLayers:
-    """Per-layer conversion needing no data: quantise each planned Linear, copy the rest."""
+    """Per-layer conversion needing no data: quantise each planned Linear, copy the rest
+    (rotated first when the recipe rotates)."""
 
-    def __init__(self, files: models.ModelFiles, schemes: dict[str, QuantScheme]):
-        self.files, self.schemes = files, schemes
+    def __init__(self, files: models.ModelFiles, schemes: dict[str, QuantScheme],
+                 rotations: rotate.RotationPlan | None = None):
+        self.files, self.schemes, self.rotations = files, schemes, rotations
 
     def __call__(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
-        names = sorted(self.files.tensors.with_prefix(self.files.arch.layer_prefix(i)))
-        return self.convert(names), {}
+        prefix = self.files.arch.layer_prefix(i)
+        source = {n: self.files.tensors.get(n)
+                  for n in sorted(self.files.tensors.with_prefix(prefix))}
+        if self.rotations is not None:
+            for name, tensor in source.items():
+                require_finite(name, tensor)
+            relative = rotate.rotate_layer({n.removeprefix(prefix): t for n, t in source.items()},
+                                           self.files, i, self.rotations)
+            source = _stored({prefix + n: t for n, t in relative.items()}, self.files,
+                             self.schemes)
+        return self.convert(source), {}
 
-    def convert(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def convert(self, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`source` (name -> tensor, as stored or rotated) with each planned Linear packed."""
         tensors: dict[str, torch.Tensor] = {}
-        for name in names:
+        for name, tensor in source.items():
             module, _, leaf = name.rpartition(".")
             if module in self.schemes and leaf == "weight":
-                tensors.update(self._quantized(module, name))
+                tensors.update(self._quantized(module, name, tensor))
             else:
-                tensors[name] = self.files.tensors.get(name)
+                tensors[name] = tensor
         head, embed = self.files.arch.lm_head, f"{self.files.arch.embed}.weight"
-        if head in self.schemes and self.files.tied_embeddings and embed in names:
-            tensors.update(self._quantized(head, embed))  # untied: a packed copy of the table
+        if (head in self.schemes and self.files.tied_embeddings and embed in source
+                and f"{head}.weight" not in source):
+            # untied: a packed copy of the table
+            tensors.update(self._quantized(head, embed, source[embed]))
         return tensors
 
-    def _quantized(self, module: str, weight: str) -> dict[str, torch.Tensor]:
-        w = self.files.tensors.get(weight)
-        require_finite(weight, w)
+    def _quantized(self, module: str, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        require_finite(name, w)
         qw = rtn.quantize(w, self.schemes[module], self.files.dtype)
         return pack_quantized.to_tensors(module, qw)
 
@@ -320,14 +345,30 @@ class _RTNLayers:
         pass
 
 
+def _stored(tensors: dict[str, torch.Tensor], files: models.ModelFiles,
+            schemes: dict[str, QuantScheme]) -> dict[str, torch.Tensor]:
+    """Rotated tensors that stay dense, rounded to the dtype they are stored in (a tied
+    head, new, to the embedding table's): what is exported, and so what calibration
+    computes with. The weights to be quantised keep their float32 values."""
+    embed = f"{files.arch.embed}.weight"
+    out = {}
+    for name, tensor in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if module in schemes and leaf == "weight":
+            out[name] = tensor
+        else:
+            out[name] = tensor.to(files.tensors.dtype(name if name in files.tensors else embed))
+    return out
+
+
 class _CalibratedLayers:
     """Calibrated methods, layer by layer, on activations kept in `partial/activations-*`."""
 
     def __init__(self, files: models.ModelFiles, recipe: Recipe,
                  schemes: dict[str, QuantScheme], calib: data.CalibrationSet, partial: Path,
-                 state: dict):
+                 state: dict, rotations: rotate.RotationPlan | None = None):
         self.files, self.recipe, self.schemes, self.partial = files, recipe, schemes, partial
-        self.calib, self.state = calib, state
+        self.calib, self.state, self.rotations = calib, state, rotations
         self.rope = models.rotary(files)(0, calib.samples.shape[1])
         self.hidden: torch.Tensor | None = None
 
@@ -339,7 +380,11 @@ class _CalibratedLayers:
         if self.hidden is not None:
             return self.hidden
         if i == 0:
-            table = self.files.tensors.get(f"{self.files.arch.embed}.weight")
+            name = f"{self.files.arch.embed}.weight"
+            table = self.files.tensors.get(name)
+            if self.rotations is not None:  # the table as exported: rotated, in its dtype
+                require_finite(name, table)
+                table = rotate.rotate_embedding(table, self.rotations)
             return layers.embed(table, self.calib.samples, torch.float32,
                                 self.files.decoder_config)
         saved = self._activations_file(i)
@@ -354,6 +399,14 @@ class _CalibratedLayers:
         x = self._inputs(i)
         layer = models.build_layer(self.files, i, torch.float32)  # refuses NaN/Inf weights
         prefix = self.files.arch.layer_prefix(i)
+        if self.rotations is not None:
+            params = dict(layer.named_parameters())
+            rotated = rotate.rotate_layer({n: p.data for n, p in params.items()}, self.files,
+                                          i, self.rotations)
+            stored = _stored({prefix + n: t for n, t in rotated.items()}, self.files,
+                             self.schemes)
+            for name, param in params.items():
+                param.data = stored[prefix + name].to(param.dtype)
         # Suspended calibration forwards may hold a quarter of the free memory; beyond
         # that, chunks are recomputed (same bits, more time).
         budget = max(x.nbytes, psutil.virtual_memory().available // 4)
@@ -393,10 +446,11 @@ class _CalibratedLayers:
 def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],
                     partial: Path, weight_map: dict[str, str],
                     calib: data.CalibrationSet | None, logs: dict[str, dict],
-                    notes: dict[str, object]) -> None:
+                    notes: dict[str, object], rotations: rotate.RotationPlan | None) -> None:
     config = dict(files.config)
-    if files.arch.lm_head in schemes and files.tied_embeddings:
-        config["tie_word_embeddings"] = False  # the head is now its own packed tensor
+    rotated_stream = rotations is not None and rotations.residual is not None
+    if (files.arch.lm_head in schemes or rotated_stream) and files.tied_embeddings:
+        config["tie_word_embeddings"] = False  # the head is now a tensor of its own
     dense_linears = [n for n in [*files.linear_names(), files.arch.lm_head] if n not in schemes]
     dense_linears += files.gate_linears()
     actorder = None
@@ -422,6 +476,7 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
             "method": recipe.method,
             "metric": "relative output error ||(W - W_q) X||^2 / ||W X||^2 on calibration X",
             "modules": dict(sorted(logs.items())),
+            **({"rotation": rotations.describe()} if rotations is not None else {}),
             **({"experts": coverage, "expert_min_tokens": calibrate_layer.MIN_EXPERT_TOKENS}
                if coverage else {}),
         })
@@ -440,6 +495,7 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
             "source": json.loads(source_info.read_text()) if source_info.is_file() else None,
         },
         "recipe": recipe.to_dict(),
+        **({"rotation": rotations.describe()} if rotations is not None else {}),
         "calibration": None if calib is None else calib.describe(),
         "schemes": {s.label: sorted(n for n, t in schemes.items() if t == s)
                     for s in set(schemes.values())},
