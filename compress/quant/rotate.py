@@ -170,8 +170,10 @@ class Rotation:
               scale: torch.Tensor | None = None) -> torch.Tensor:
         """x Q along the last dimension (every row a vector of the rotated space), or
         x diag(scale) Q, computed in float64 and returned in `dtype`. Rows are rotated
-        in fixed chunks: the result does not depend on how many rows there are, and a
-        large table is never held whole in float64."""
+        in chunks, so a large table is never held whole in float64. The same tensor
+        gives the same bits on every run (what resuming relies on); a row rotated alone
+        may differ from the same row rotated among others in the last bit (BLAS blocks
+        by shape), so callers rotate a tensor whole, as it is exported."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"rotation of size {self.dim} applied to {tuple(x.shape)}")
         rows = x.reshape(-1, self.dim)
