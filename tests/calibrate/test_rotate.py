@@ -154,6 +154,21 @@ def test_calibrated_methods_rotate_and_untie_a_tied_head(tiny_factory, tmp_path,
     assert log["rotation"]["residual"]["size"] == 64
 
 
+def test_a_quantised_tied_head_is_packed_from_the_rotated_head(tiny_factory, tmp_path,
+                                                                 exact_kernels):
+    path = tiny_factory("llama", tie_word_embeddings=True, norm_noise=0.1)
+    out = tmp_path / "q"
+    recipe = Recipe("rtn", QuantScheme(8, -1, True), ignore=(), rotate=HADAMARD)
+    assert pipeline.quantize(path, recipe, out).head_quantized
+    files = models.open_model(out)
+    assert "lm_head" in files.schemes and not files.tied_embeddings
+    ours = exact_load(out)
+    with torch.no_grad():
+        got = ours(TOKENS)
+    torch.testing.assert_close(got, hf_logits(out), rtol=1e-4, atol=1e-4)
+    assert kl_to(logits(path), got) < 2e-3
+
+
 def _dies_on_third_save(monkeypatch):
     real = checkpoint.atomic_save_safetensors
     calls = []
