@@ -11,6 +11,7 @@ input answer at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -135,6 +136,11 @@ def quantize(
         help="AWQ: scale exponents tried per group (alpha = 0, 1/N, ...).")] = 20,
     awq_clip: Annotated[bool, typer.Option(
         help="AWQ: search per-group clipping ranges after scaling.")] = True,
+    rotate: Annotated[bool, typer.Option(
+        "--rotate", help="Fold seeded randomised Hadamard rotations into the weights first "
+        "(the residual stream and each head's values; the model computes the same "
+        "function, and the checkpoint loads as any other). Also on top of --recipe.")] = False,
+    rotate_seed: Annotated[int, typer.Option(help="--rotate: seed of the random signs.")] = 0,
     calib: Annotated[Path | None, typer.Option(
         help="Calibration text: a .txt, a .json/.jsonl with a 'text' field, or a local "
         "`datasets` directory (default: the bundled calibration split).")] = None,
@@ -198,6 +204,7 @@ def quantize(
     from compress.quant import QuantScheme
     from compress.quant.awq import AWQConfig
     from compress.quant.gptq import GPTQConfig
+    from compress.quant.rotate import RotationConfig
     from compress.recipe import CalibrationConfig, Recipe
 
     if recipe is not None:
@@ -209,6 +216,8 @@ def quantize(
                       awq=AWQConfig(grid=awq_grid, clip=awq_clip),
                       calibration=CalibrationConfig(calib_samples, calib_seqlen, seed,
                                                     expert_tokens))
+    if rotate:
+        spec = dataclasses.replace(spec, rotate=RotationConfig("hadamard", rotate_seed))
     try:
         allowed = tuple(sensitivity.Option.parse(o) for o in _csv(options, str))
     except ValueError:
@@ -279,6 +288,11 @@ def _print_quantize_summary(s: api.QuantizeSummary) -> None:
     if r.calibration:
         c = r.calibration
         out_console.print(f"calibration: {c['samples']} × {c['seqlen']} tokens from {c['source']}")
+    if r.rotation:
+        residual = r.rotation["residual"]
+        out_console.print("rotation: " + (f"residual stream by {residual['construction']}; "
+                                          if "construction" in residual else "")
+                          + f"each head's values by {r.rotation['heads']['construction']}")
     if r.layers_resumed:
         out_console.print(f"resumed: {r.layers_resumed} layers came from an interrupted run.")
 

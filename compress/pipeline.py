@@ -35,6 +35,7 @@ import torch
 import compress
 from compress import data, distributed, models
 from compress.calibrate import layer as calibrate_layer
+from compress.calibrate import rotate
 from compress.errors import CompressError
 from compress.formats import checkpoint, manifest, pack_quantized
 from compress.models import layers
@@ -64,6 +65,7 @@ class QuantizeResult:
     errors: dict | None = None  # module -> relative output error (calibrated methods)
     head_quantized: bool = False  # the output head is among the quantised Linears
     experts: dict | None = None  # expert -> its calibration coverage (`expert_coverage`)
+    rotation: dict | None = None  # the rotations folded into the weights (`RotationPlan`)
 
     @property
     def size_ratio(self) -> float:
@@ -146,6 +148,7 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     elif calibration_data is not None:
         raise CompressError(f"method {recipe.method!r} uses no calibration data; drop --calib")
 
+    rotations = rotate.plan(files, recipe.rotate)
     partial = out.with_name(out.name + ".partial")
     run_id = identity(files, recipe, calib)
 
@@ -155,6 +158,8 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
         _pause_point("opened")
         if announce:
             status(announce)
+        if rotations is not None and rotations.skipped:
+            status(f"rotation: {rotations.skipped}; only each head's values are rotated")
         return state
 
     state = ctx.decide(open_partial)
@@ -165,11 +170,11 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
 
     with on_interrupt(kept):
         weight_map, resumed = _quantize_layers(files, recipe, schemes, calib, partial, state,
-                                               ctx)
+                                               ctx, rotations)
 
         def finish() -> dict[str, dict]:
             logs = _finish(files, recipe, schemes, calib, partial, state, weight_map,
-                           notes or {})
+                           notes or {}, rotations)
             _pause_point("publish")
             checkpoint.publish(partial, out, overwrite)
             return logs
@@ -183,7 +188,7 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
         # is complete.
         (out / PROGRESS).unlink(missing_ok=True)
         return _result(files, recipe, schemes, calib, out, weight_map, logs, resumed,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, rotations)
 
     return ctx.decide(published)
 
@@ -198,7 +203,8 @@ def _calibration(files: models.ModelFiles, recipe: Recipe,
 
 def _result(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],
             calib: data.CalibrationSet | None, out: Path, weight_map: dict[str, str],
-            logs: dict[str, dict], resumed: int, seconds: float) -> QuantizeResult:
+            logs: dict[str, dict], resumed: int, seconds: float,
+            rotations: rotate.RotationPlan | None) -> QuantizeResult:
     fp16_bytes = sum(2 * math.prod(files.tensors.shape(n)) for n in files.tensors.names())
     packed_bytes = sum((out / f).stat().st_size for f in set(weight_map.values()))
     written = checkpoint.SafetensorsDir(out)
@@ -210,20 +216,22 @@ def _result(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantSc
                           None if calib is None else calib.describe(),
                           {k: v["relative_error"] for k, v in logs.items()
                            if v.get("relative_error") is not None} or None,
-                          files.arch.lm_head in schemes, expert_coverage(files, logs) or None)
+                          files.arch.lm_head in schemes, expert_coverage(files, logs) or None,
+                          None if rotations is None else rotations.describe())
 
 
 def _quantize_layers(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],
                      calib: data.CalibrationSet | None, partial: Path, state: dict,
-                     ctx: distributed.Context) -> tuple[dict[str, str], int]:
+                     ctx: distributed.Context, rotations: rotate.RotationPlan | None
+                     ) -> tuple[dict[str, str], int]:
     """Each decoder layer into its shard in `partial` (a layer an interrupted run finished
     is kept); returns the tensor -> shard map and the number of layers kept.
 
     With several processes, every rank calibrates each layer on its share of the samples
     and rank 0 alone writes; the others wait for it layer by layer. RTN needs no data, so
     rank 0 rounds every layer itself and the others only wait."""
-    layer_fn = (_CalibratedLayers(files, recipe, schemes, calib, partial, state, ctx)
-                if calib is not None else _RTNLayers(files, schemes))
+    layer_fn = (_CalibratedLayers(files, recipe, schemes, calib, partial, state, ctx, rotations)
+                if calib is not None else _RTNLayers(files, schemes, rotations))
     n_layers = files.num_layers
     n_shards = n_layers + 1
 
@@ -278,7 +286,8 @@ def _quantize_layers(files: models.ModelFiles, recipe: Recipe, schemes: dict[str
 
 def _finish(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],
             calib: data.CalibrationSet | None, partial: Path, state: dict,
-            weight_map: dict[str, str], notes: dict[str, object]) -> dict[str, dict]:
+            weight_map: dict[str, str], notes: dict[str, object],
+            rotations: rotate.RotationPlan | None) -> dict[str, dict]:
     """The tensors outside the decoder layers, the metadata, no leftovers: `partial` is the
     finished checkpoint. Returns the per-module quantisation logs."""
     n_layers = files.num_layers
@@ -286,7 +295,10 @@ def _finish(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantSc
                    for n in files.tensors.with_prefix(files.arch.layer_prefix(i))}
     rest = sorted(n for n in files.tensors.names() if n not in layer_names)
     last = _shard_name(n_layers, n_layers + 1)
-    tensors = _RTNLayers(files, schemes).convert(rest)
+    source = {n: files.tensors.get(n) for n in rest}
+    if rotations is not None:
+        source = _stored(rotate.rotate_outer(source, files, rotations), files, schemes)
+    tensors = _RTNLayers(files, schemes).convert(source)
     checkpoint.atomic_save_safetensors(partial / last, tensors)
     weight_map.update(dict.fromkeys(tensors, last))
 
@@ -294,7 +306,7 @@ def _finish(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantSc
     for reason in sorted({v["awq"]["skipped"] for v in logs.values()
                           if "skipped" in v.get("awq", {})}):
         status(f"AWQ: {reason}; that group was rounded without scaling")
-    _write_metadata(files, recipe, schemes, partial, weight_map, calib, logs, notes)
+    _write_metadata(files, recipe, schemes, partial, weight_map, calib, logs, notes, rotations)
     _pause_point("metadata")
     # and the temp files of writes a killed run left (ours `.<name>.*.tmp`, safetensors'
     # own `.tmp*`): no checkpoint file is hidden
@@ -344,31 +356,44 @@ def require_finite(name: str, tensor: torch.Tensor) -> None:
 
 
 class _RTNLayers:
-    """Per-layer conversion needing no data: quantise each planned Linear, copy the rest."""
+    """Per-layer conversion needing no data: quantise each planned Linear, copy the rest
+    (rotated first when the recipe rotates)."""
 
-    def __init__(self, files: models.ModelFiles, schemes: dict[str, QuantScheme]):
-        self.files, self.schemes = files, schemes
+    def __init__(self, files: models.ModelFiles, schemes: dict[str, QuantScheme],
+                 rotations: rotate.RotationPlan | None = None):
+        self.files, self.schemes, self.rotations = files, schemes, rotations
 
     def __call__(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
-        names = sorted(self.files.tensors.with_prefix(self.files.arch.layer_prefix(i)))
-        return self.convert(names), {}
+        prefix = self.files.arch.layer_prefix(i)
+        source = {n: self.files.tensors.get(n)
+                  for n in sorted(self.files.tensors.with_prefix(prefix))}
+        if self.rotations is not None:
+            for name, tensor in source.items():
+                require_finite(name, tensor)
+            relative = rotate.rotate_layer({n.removeprefix(prefix): t for n, t in source.items()},
+                                           self.files, i, self.rotations)
+            source = _stored({prefix + n: t for n, t in relative.items()}, self.files,
+                             self.schemes)
+        return self.convert(source), {}
 
-    def convert(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def convert(self, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`source` (name -> tensor, as stored or rotated) with each planned Linear packed."""
         tensors: dict[str, torch.Tensor] = {}
-        for name in names:
+        for name, tensor in source.items():
             module, _, leaf = name.rpartition(".")
             if module in self.schemes and leaf == "weight":
-                tensors.update(self._quantized(module, name))
+                tensors.update(self._quantized(module, name, tensor))
             else:
-                tensors[name] = self.files.tensors.get(name)
+                tensors[name] = tensor
         head, embed = self.files.arch.lm_head, f"{self.files.arch.embed}.weight"
-        if head in self.schemes and self.files.tied_embeddings and embed in names:
-            tensors.update(self._quantized(head, embed))  # untied: a packed copy of the table
+        if (head in self.schemes and self.files.tied_embeddings and embed in source
+                and f"{head}.weight" not in source):
+            # untied: a packed copy of the table
+            tensors.update(self._quantized(head, embed, source[embed]))
         return tensors
 
-    def _quantized(self, module: str, weight: str) -> dict[str, torch.Tensor]:
-        w = self.files.tensors.get(weight)
-        require_finite(weight, w)
+    def _quantized(self, module: str, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        require_finite(name, w)
         qw = rtn.quantize(w, self.schemes[module], self.files.dtype)
         return pack_quantized.to_tensors(module, qw)
 
@@ -377,6 +402,22 @@ class _RTNLayers:
 
     def cleanup(self, i: int) -> None:
         pass
+
+
+def _stored(tensors: dict[str, torch.Tensor], files: models.ModelFiles,
+            schemes: dict[str, QuantScheme]) -> dict[str, torch.Tensor]:
+    """Rotated tensors that stay dense, rounded to the dtype they are stored in (a tied
+    head, new, to the embedding table's): what is exported, and so what calibration
+    computes with. The weights to be quantised keep their float32 values."""
+    embed = f"{files.arch.embed}.weight"
+    out = {}
+    for name, tensor in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if module in schemes and leaf == "weight":
+            out[name] = tensor
+        else:
+            out[name] = tensor.to(files.tensors.dtype(name if name in files.tensors else embed))
+    return out
 
 
 class _CalibratedLayers:
@@ -392,9 +433,10 @@ class _CalibratedLayers:
 
     def __init__(self, files: models.ModelFiles, recipe: Recipe,
                  schemes: dict[str, QuantScheme], calib: data.CalibrationSet, partial: Path,
-                 state: dict, ctx: distributed.Context):
+                 state: dict, ctx: distributed.Context,
+                 rotations: rotate.RotationPlan | None = None):
         self.files, self.recipe, self.schemes, self.partial = files, recipe, schemes, partial
-        self.calib, self.state, self.ctx = calib, state, ctx
+        self.calib, self.state, self.ctx, self.rotations = calib, state, ctx, rotations
         self.shares = ctx.shares(calib.samples.shape[0], calibrate_layer.CALIB_BATCH)
         self.share = self.shares[ctx.rank]
         self.rope = models.rotary(files, ctx.device)(0, calib.samples.shape[1])
@@ -418,7 +460,11 @@ class _CalibratedLayers:
         if self.hidden is not None:
             return self.hidden
         if i == 0:
-            table = self.files.tensors.get(f"{self.files.arch.embed}.weight")
+            name = f"{self.files.arch.embed}.weight"
+            table = self.files.tensors.get(name)
+            if self.rotations is not None:  # the table as exported: rotated, in its dtype
+                require_finite(name, table)
+                table = rotate.rotate_embedding(table, self.rotations)
             return self._place(layers.embed(table, self.calib.samples[self.share],
                                             torch.float32, self.files.decoder_config))
         saved = self._activations_file(i)
@@ -447,8 +493,17 @@ class _CalibratedLayers:
         x = self._inputs(i)
         device = self.ctx.device
         # built on the CPU from the memory-mapped source (refuses NaN/Inf), then moved
-        layer = models.build_layer(self.files, i, torch.float32).to(device)
+        layer = models.build_layer(self.files, i, torch.float32)
         prefix = self.files.arch.layer_prefix(i)
+        if self.rotations is not None:  # on the CPU, before the layer moves
+            params = dict(layer.named_parameters())
+            rotated = rotate.rotate_layer({n: p.data for n, p in params.items()}, self.files,
+                                          i, self.rotations)
+            stored = _stored({prefix + n: t for n, t in rotated.items()}, self.files,
+                             self.schemes)
+            for name, param in params.items():
+                param.data = stored[prefix + name].to(param.dtype)
+        layer = layer.to(device)
         quantized, log = calibrate_layer.quantize_layer(
             layer, lambda chunk: layer(chunk.to(device), self.rope), x, self.files.arch,
             self.files.layer_groups(i), self.files.layer_folds(i), prefix,
@@ -492,10 +547,11 @@ class _CalibratedLayers:
 def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],
                     partial: Path, weight_map: dict[str, str],
                     calib: data.CalibrationSet | None, logs: dict[str, dict],
-                    notes: dict[str, object]) -> None:
+                    notes: dict[str, object], rotations: rotate.RotationPlan | None) -> None:
     config = dict(files.config)
-    if files.arch.lm_head in schemes and files.tied_embeddings:
-        config["tie_word_embeddings"] = False  # the head is now its own packed tensor
+    rotated_stream = rotations is not None and rotations.residual is not None
+    if (files.arch.lm_head in schemes or rotated_stream) and files.tied_embeddings:
+        config["tie_word_embeddings"] = False  # the head is now a tensor of its own
     dense_linears = [n for n in [*files.linear_names(), files.arch.lm_head] if n not in schemes]
     dense_linears += files.gate_linears()
     actorder = None
@@ -521,6 +577,7 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
             "method": recipe.method,
             "metric": "relative output error ||(W - W_q) X||^2 / ||W X||^2 on calibration X",
             "modules": dict(sorted(logs.items())),
+            **({"rotation": rotations.describe()} if rotations is not None else {}),
             **({"experts": coverage, "expert_min_tokens": calibrate_layer.MIN_EXPERT_TOKENS}
                if coverage else {}),
         })
@@ -539,6 +596,7 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
             "source": json.loads(source_info.read_text()) if source_info.is_file() else None,
         },
         "recipe": recipe.to_dict(),
+        **({"rotation": rotations.describe()} if rotations is not None else {}),
         "calibration": None if calib is None else calib.describe(),
         "schemes": {s.label: sorted(n for n, t in schemes.items() if t == s)
                     for s in set(schemes.values())},
