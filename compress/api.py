@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import compress
-from compress import assets, data, evaluation, models, pipeline, sources
+from compress import assets, data, distributed, evaluation, models, pipeline, sources
 from compress.calibrate import sensitivity
 from compress.errors import CompressError
 from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS
@@ -47,8 +47,13 @@ def quantize(
     target_bits: float | None = None,
     options: tuple[sensitivity.Option, ...] = sensitivity.DEFAULT_OPTIONS,
     allow_pickle: bool = False,
+    device: str = "auto",
 ) -> QuantizeSummary:
     """Quantise, then (optionally) measure perplexity before and after on held-out text.
+
+    `device`: where each layer calibrates (cpu, cuda[:i], auto). Under torchrun (or
+    `compress quantize --workers N`) every process calls this: they calibrate together,
+    rank 0 writes and evaluates; the others return a summary without evaluation.
 
     `target_bits`: choose each Linear's setting among `options` (mixed precision) so the
     average stored bits per weight stay within it; the recipe's scheme and overrides are
@@ -57,14 +62,31 @@ def quantize(
 
     `allow_pickle`: a model with only `pytorch_model.bin` weights is first converted to a
     safetensors copy in the cache with torch's weights-only loader."""
+    workers = distributed.init(device)
+    try:
+        return _quantize(model, recipe, out, overwrite, resume, calibration_data, evaluate,
+                         eval_tokens, ctx, target_bits, options, allow_pickle, workers)
+    finally:
+        workers.close(together=False)  # no-op after the close that ends a run
+
+
+def _quantize(model: str | Path | None, recipe: Recipe, out: str | Path | None, overwrite: bool,
+              resume: bool, calibration_data: str | Path | None, evaluate: bool,
+              eval_tokens: int, ctx_len: int, target_bits: float | None,
+              options: tuple[sensitivity.Option, ...], allow_pickle: bool,
+              workers: distributed.Context) -> QuantizeSummary:
     if allow_pickle:
-        model = pickle_import.safetensors_copy(sources.resolve(model)[0], assets.cache_root())
+        model = workers.decide(lambda: pickle_import.safetensors_copy(
+            sources.resolve(model)[0], assets.cache_root()))
     files = models.open_model(model)
     out = Path(out) if out is not None else default_out_dir(files.name, recipe, target_bits)
     if evaluate:  # checked now: a checkpoint that cannot be evaluated is found out at the end
         data.load_tokenizer(files.path, "evaluating the checkpoint",
                             "pass --no-eval to quantise without evaluating")
     notes = None
+    if target_bits is not None and workers.world > 1:
+        raise CompressError("--target-bits measures sensitivity in one process; drop "
+                            "--workers (or run without torchrun)")
     if target_bits is not None:
         pipeline.check_inputs(files, out, overwrite)  # before minutes of measuring
         recipe, allocation = allocated_recipe(files, recipe, target_bits, options,
@@ -72,7 +94,11 @@ def quantize(
         notes = {"allocation.json": allocation}
     plan = _plan(files.name, recipe, out, target_bits, eval_tokens if evaluate else None)
     result = pipeline.quantize(files, recipe, out, overwrite=overwrite, resume=resume,
-                               calibration_data=calibration_data, notes=notes, announce=plan)
+                               calibration_data=calibration_data, notes=notes, announce=plan,
+                               ctx=workers)
+    workers.close()  # rank 0 evaluates alone; the others are done
+    if not workers.leader:
+        return QuantizeSummary(result, files.name, None, 0.0, {})
     packed = models.open_model(out)
     fallbacks: dict[str, int] = {}
     for name, scheme in packed.schemes.items():
@@ -86,7 +112,8 @@ def quantize(
         with on_interrupt(f"the checkpoint {out} is complete; its evaluation was cut short "
                           f"(`compress eval {out}` runs it)"):
             try:
-                report = evaluation.evaluate(packed, files, ctx=ctx, max_tokens=eval_tokens)
+                report = evaluation.evaluate(packed, files, ctx=ctx_len,
+                                             max_tokens=eval_tokens)
             except CompressError as e:  # the user must know the checkpoint is there
                 raise CompressError(f"the checkpoint {out} is complete, but evaluating it "
                                     f"failed: {e} (`compress eval {out}` runs it again)") \

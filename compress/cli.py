@@ -11,6 +11,7 @@ input answer at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -22,12 +23,13 @@ from typing import TYPE_CHECKING, Annotated
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import compress
 from compress import assets, choices, hub, progress, sources
 from compress import threads as threads_policy
-from compress.errors import CompressError, Interrupted
+from compress.errors import CompressError, Interrupted, prints
 from compress.progress import interrupt_note, set_quiet
 
 if TYPE_CHECKING:
@@ -89,6 +91,7 @@ Threads = Annotated[str | None, typer.Option(
 
 
 _threads_used: list[str] = []  # "N threads (why)", for the commands that report speed
+_argv: list[str] = []  # the command's arguments: `--workers` runs them again in each worker
 
 
 def _use_threads(requested: str | None) -> None:
@@ -133,6 +136,11 @@ def quantize(
         help="AWQ: scale exponents tried per group (alpha = 0, 1/N, ...).")] = 20,
     awq_clip: Annotated[bool, typer.Option(
         help="AWQ: search per-group clipping ranges after scaling.")] = True,
+    rotate: Annotated[bool, typer.Option(
+        "--rotate", help="Fold seeded randomised Hadamard rotations into the weights first "
+        "(the residual stream and each head's values; the model computes the same "
+        "function, and the checkpoint loads as any other). Also on top of --recipe.")] = False,
+    rotate_seed: Annotated[int, typer.Option(help="--rotate: seed of the random signs.")] = 0,
     calib: Annotated[Path | None, typer.Option(
         help="Calibration text: a .txt, a .json/.jsonl with a 'text' field, or a local "
         "`datasets` directory (default: the bundled calibration split).")] = None,
@@ -166,12 +174,29 @@ def quantize(
                                  "(most of a run's time; --no-eval skips it).")] = True,
     eval_tokens: Annotated[int, typer.Option(
         help="Held-out tokens for the perplexity check (0 = all).")] = choices.EVAL_MAX_TOKENS,
+    device: Annotated[str, typer.Option(
+        help="Where each layer calibrates: cpu, cuda[:i], or auto (cuda when torch sees "
+             "one). Weights stay memory-mapped; results are written from the CPU.")] = "auto",
+    workers: Annotated[int, typer.Option(
+        help="Processes calibrating together on torch.distributed (samples split, "
+             "statistics summed, GPTQ solves spread); also under torchrun "
+             "--nproc-per-node N. See docs/scale.md.")] = 1,
     quiet: Quiet = False,
     threads: Threads = None,
 ) -> None:
     """Quantise a model to a packed checkpoint (compressed-tensors pack-quantized)."""
-    set_quiet(quiet)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    set_quiet(quiet or rank != 0)  # one progress bar and one summary: rank 0's
     _use_threads(threads)
+    if workers < 1:
+        raise CompressError("--workers must be at least 1")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if workers > 1 and world == 1:
+        _launch_workers(workers, threads)
+        return
+    if workers > 1 and world != workers:
+        raise CompressError(f"--workers {workers}, but the launcher started {world} "
+                            "processes; drop --workers under torchrun")
     interrupt_note("nothing was written; re-run the same command to start again")
     sources.identify(model)  # a model that cannot work fails before seconds of imports
     from compress import api
@@ -179,6 +204,7 @@ def quantize(
     from compress.quant import QuantScheme
     from compress.quant.awq import AWQConfig
     from compress.quant.gptq import GPTQConfig
+    from compress.quant.rotate import RotationConfig
     from compress.recipe import CalibrationConfig, Recipe
 
     if recipe is not None:
@@ -190,6 +216,8 @@ def quantize(
                       awq=AWQConfig(grid=awq_grid, clip=awq_clip),
                       calibration=CalibrationConfig(calib_samples, calib_seqlen, seed,
                                                     expert_tokens))
+    if rotate:
+        spec = dataclasses.replace(spec, rotate=RotationConfig("hadamard", rotate_seed))
     try:
         allowed = tuple(sensitivity.Option.parse(o) for o in _csv(options, str))
     except ValueError:
@@ -197,9 +225,23 @@ def quantize(
             from None
     summary = api.quantize(model, spec, out, overwrite=overwrite, resume=resume,
                            calibration_data=calib, evaluate=evaluate, eval_tokens=eval_tokens,
-                           target_bits=target_bits, options=allowed, allow_pickle=allow_pickle)
+                           target_bits=target_bits, options=allowed, allow_pickle=allow_pickle,
+                           device=device)
     interrupt_note(f"the checkpoint {summary.result.out} is complete")
-    _print_quantize_summary(summary)
+    if rank == 0:
+        _print_quantize_summary(summary)
+
+
+def _launch_workers(workers: int, threads: str | None) -> None:
+    """This same command as `workers` ranks (torch's elastic launcher, as torchrun), the
+    cores shared out among them unless --threads says otherwise."""
+    from compress import distributed
+
+    if threads is None and threads_policy.ENV not in os.environ:
+        n = int(_threads_used[0].split()[0]) if _threads_used else 1
+        os.environ[threads_policy.ENV] = str(max(1, n // workers))
+    interrupt_note("the layers finished so far are kept; re-run the same command to resume")
+    distributed.launch(workers, ["-m", "compress.cli", *_argv])
 
 
 def _print_quantize_summary(s: api.QuantizeSummary) -> None:
@@ -246,6 +288,11 @@ def _print_quantize_summary(s: api.QuantizeSummary) -> None:
     if r.calibration:
         c = r.calibration
         out_console.print(f"calibration: {c['samples']} × {c['seqlen']} tokens from {c['source']}")
+    if r.rotation:
+        residual = r.rotation["residual"]
+        out_console.print("rotation: " + (f"residual stream by {residual['construction']}; "
+                                          if "construction" in residual else "")
+                          + f"each head's values by {r.rotation['heads']['construction']}")
     if r.layers_resumed:
         out_console.print(f"resumed: {r.layers_resumed} layers came from an interrupted run.")
 
@@ -724,6 +771,7 @@ def _run(args: list[str]) -> None:
     """Parse `args` and run the command. Through click's context directly, not `app()`:
     typer's runner turns Ctrl-C (and any `Exit`) into a return value, which outside its
     standalone mode nobody sees, so an interrupted command exited 0 in silence."""
+    _argv[:] = args
     command = typer.main.get_command(app)
     with command.make_context("compress", args) as ctx:
         command.invoke(ctx)
@@ -738,7 +786,10 @@ def main() -> None:
         _run(sys.argv[1:])
     except CompressError as e:
         progress.end_work()
-        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        if prints(e):  # a group of processes stops with one line
+            # escaped: messages quote library text such as gloo's "[/path/pair.cc:553]"
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}",
+                              highlight=False, soft_wrap=True)
         sys.exit(2)
     except _EXIT as e:
         sys.exit(e.exit_code)

@@ -33,8 +33,9 @@ import psutil
 import torch
 
 import compress
-from compress import data, models
+from compress import data, distributed, models
 from compress.calibrate import layer as calibrate_layer
+from compress.calibrate import rotate
 from compress.errors import CompressError
 from compress.formats import checkpoint, manifest, pack_quantized
 from compress.models import layers
@@ -64,6 +65,7 @@ class QuantizeResult:
     errors: dict | None = None  # module -> relative output error (calibrated methods)
     head_quantized: bool = False  # the output head is among the quantised Linears
     experts: dict | None = None  # expert -> its calibration coverage (`expert_coverage`)
+    rotation: dict | None = None  # the rotations folded into the weights (`RotationPlan`)
 
     @property
     def size_ratio(self) -> float:
@@ -121,105 +123,171 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
              overwrite: bool = False, resume: bool = False,
              calibration_data: str | Path | None = None,
              notes: dict[str, object] | None = None,
-             announce: str | None = None) -> QuantizeResult:
+             announce: str | None = None,
+             ctx: distributed.Context | None = None) -> QuantizeResult:
     """Quantise `model` (opened, or a directory or bundled name) with `recipe` into
     directory `out`.
 
     `notes`: extra JSON files (name -> content) written into the checkpoint and its
     manifest, such as how a mixed-precision recipe was chosen. `announce`: a status line
     saying what the run will do, shown once the inputs passed their checks (bad input
-    gets its error line alone)."""
+    gets its error line alone).
+
+    `ctx`: the device and, under torchrun or `--workers`, this process's rank
+    (`compress.distributed`); default: one process on cuda when there is one, else cpu.
+    Every rank calls this; rank 0 alone writes, and its result is every rank's."""
     started = time.perf_counter()
+    ctx = ctx or distributed.Context(distributed.resolve_device("auto"))
     out = Path(out)
     files = models.open_model(model)
-    check_inputs(files, out, overwrite)
+    ctx.decide(lambda: check_inputs(files, out, overwrite))
     schemes = plan(files, recipe)
     calib = None
     if recipe.calibrated:
-        c = recipe.calibration
-        tokenizer = data.load_tokenizer(files.path, f"{recipe.method} calibration",
-                                        "use --method rtn, which needs no data")
-        calib = data.calibration_set(tokenizer, calibration_data,
-                                     c.samples, c.seqlen, c.seed)
+        calib = ctx.decide(lambda: _calibration(files, recipe, calibration_data))
     elif calibration_data is not None:
         raise CompressError(f"method {recipe.method!r} uses no calibration data; drop --calib")
 
+    rotations = rotate.plan(files, recipe.rotate)
     partial = out.with_name(out.name + ".partial")
     run_id = identity(files, recipe, calib)
-    _pause_point("prepared")
-    state = _open_partial(partial, run_id, resume, overwrite)
-    _pause_point("opened")
-    if announce:
-        status(announce)
+
+    def open_partial() -> dict:
+        _pause_point("prepared")
+        state = _open_partial(partial, run_id, resume, overwrite)
+        _pause_point("opened")
+        if announce:
+            status(announce)
+        if rotations is not None and rotations.skipped:
+            status(f"rotation: {rotations.skipped}; only each head's values are rotated")
+        return state
+
+    state = ctx.decide(open_partial)
 
     def kept() -> str:
         return (f"{len(state['done'])} of {files.num_layers} layers are kept in {partial}; "
                 "re-run the same command to resume")
 
     with on_interrupt(kept):
-        weight_map, resumed = _quantize_layers(files, recipe, schemes, calib, partial, state)
-        logs = _finish(files, recipe, schemes, calib, partial, state, weight_map, notes or {})
-        _pause_point("publish")
-        checkpoint.publish(partial, out, overwrite)
-    _pause_point("published")
-    # progress.json goes only now: a run killed before the rename resumes instead of finding
-    # a finished `.partial` it cannot read. Killed just before this line, `out` is complete.
-    (out / PROGRESS).unlink(missing_ok=True)
+        weight_map, resumed = _quantize_layers(files, recipe, schemes, calib, partial, state,
+                                               ctx, rotations)
 
+        def finish() -> dict[str, dict]:
+            logs = _finish(files, recipe, schemes, calib, partial, state, weight_map,
+                           notes or {}, rotations)
+            _pause_point("publish")
+            checkpoint.publish(partial, out, overwrite)
+            return logs
+
+        logs = ctx.decide(finish)
+
+    def published() -> QuantizeResult:
+        _pause_point("published")
+        # progress.json goes only now: a run killed before the rename resumes instead of
+        # finding a finished `.partial` it cannot read. Killed just before this line, `out`
+        # is complete.
+        (out / PROGRESS).unlink(missing_ok=True)
+        return _result(files, recipe, schemes, calib, out, weight_map, logs, resumed,
+                       time.perf_counter() - started, rotations)
+
+    return ctx.decide(published)
+
+
+def _calibration(files: models.ModelFiles, recipe: Recipe,
+                 calibration_data: str | Path | None) -> data.CalibrationSet:
+    c = recipe.calibration
+    tokenizer = data.load_tokenizer(files.path, f"{recipe.method} calibration",
+                                    "use --method rtn, which needs no data")
+    return data.calibration_set(tokenizer, calibration_data, c.samples, c.seqlen, c.seed)
+
+
+def _result(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],
+            calib: data.CalibrationSet | None, out: Path, weight_map: dict[str, str],
+            logs: dict[str, dict], resumed: int, seconds: float,
+            rotations: rotate.RotationPlan | None) -> QuantizeResult:
     fp16_bytes = sum(2 * math.prod(files.tensors.shape(n)) for n in files.tensors.names())
     packed_bytes = sum((out / f).stat().st_size for f in set(weight_map.values()))
     written = checkpoint.SafetensorsDir(out)
     linear_fp16 = sum(2 * math.prod(files.linear_shape(m)) for m in schemes)
     linear_packed = sum(written.nbytes(f"{m}.{suffix}") for m in schemes
                         for suffix in pack_quantized.SUFFIXES if f"{m}.{suffix}" in written)
-    return QuantizeResult(out, recipe, time.perf_counter() - started, fp16_bytes, packed_bytes,
+    return QuantizeResult(out, recipe, seconds, fp16_bytes, packed_bytes,
                           len(schemes), resumed, linear_fp16, linear_packed,
                           None if calib is None else calib.describe(),
                           {k: v["relative_error"] for k, v in logs.items()
                            if v.get("relative_error") is not None} or None,
-                          files.arch.lm_head in schemes, expert_coverage(files, logs) or None)
+                          files.arch.lm_head in schemes, expert_coverage(files, logs) or None,
+                          None if rotations is None else rotations.describe())
 
 
 def _quantize_layers(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],
-                     calib: data.CalibrationSet | None, partial: Path,
-                     state: dict) -> tuple[dict[str, str], int]:
+                     calib: data.CalibrationSet | None, partial: Path, state: dict,
+                     ctx: distributed.Context, rotations: rotate.RotationPlan | None
+                     ) -> tuple[dict[str, str], int]:
     """Each decoder layer into its shard in `partial` (a layer an interrupted run finished
-    is kept); returns the tensor -> shard map and the number of layers kept."""
-    layer_fn = (_CalibratedLayers(files, recipe, schemes, calib, partial, state)
-                if calib is not None else _RTNLayers(files, schemes))
+    is kept); returns the tensor -> shard map and the number of layers kept.
+
+    With several processes, every rank calibrates each layer on its share of the samples
+    and rank 0 alone writes; the others wait for it layer by layer. RTN needs no data, so
+    rank 0 rounds every layer itself and the others only wait."""
+    layer_fn = (_CalibratedLayers(files, recipe, schemes, calib, partial, state, ctx, rotations)
+                if calib is not None else _RTNLayers(files, schemes, rotations))
     n_layers = files.num_layers
     n_shards = n_layers + 1
+
+    def kept_layers() -> list[int]:
+        kept = []
+        for i in range(n_layers):
+            record = state["done"].get(_shard_name(i, n_shards))
+            if record is not None and record["file"] == _file_record(
+                    partial / _shard_name(i, n_shards)):
+                kept.append(i)
+        return kept
+
+    kept = set(ctx.decide(kept_layers))
     weight_map: dict[str, str] = {}
     resumed = 0
     bar = track(range(n_layers), desc=f"quantize {recipe.method}", total=n_layers,
                 unit="layer")
     for i in bar:
         shard = _shard_name(i, n_shards)
-        record = state["done"].get(shard)
-        if record is not None and record["file"] == _file_record(partial / shard):
-            weight_map.update(dict.fromkeys(checkpoint.safetensors_keys(partial / shard), shard))
+        if i in kept:
+            if ctx.leader:
+                weight_map.update(dict.fromkeys(checkpoint.safetensors_keys(partial / shard),
+                                                shard))
             resumed += 1
             continue
-        tensors, log = layer_fn(i)
-        checkpoint.atomic_save_safetensors(partial / shard, tensors)
-        weight_map.update(dict.fromkeys(tensors, shard))
-        layer_fn.commit(i)
-        _pause_point(f"layer-{i}-saved")
-        state["done"][shard] = {"file": _file_record(partial / shard), "log": log}
-        checkpoint.atomic_write_json(partial / PROGRESS, state)
-        _pause_point(f"layer-{i}-done")
-        layer_fn.cleanup(i)
+        computed, following = None, None
+        if calib is not None:  # every rank: collectives inside
+            computed = layer_fn(i)
+            following = layer_fn.gather(i)
+
+        def write(i: int = i, shard: str = shard, computed: tuple | None = computed,
+                  following: torch.Tensor | None = following) -> tuple[dict, list[str]]:
+            tensors, log = computed if computed is not None else layer_fn(i)
+            checkpoint.atomic_save_safetensors(partial / shard, tensors)
+            layer_fn.commit(i, following)
+            _pause_point(f"layer-{i}-saved")
+            state["done"][shard] = {"file": _file_record(partial / shard), "log": log}
+            checkpoint.atomic_write_json(partial / PROGRESS, state)
+            _pause_point(f"layer-{i}-done")
+            layer_fn.cleanup(i)
+            return log, list(tensors)
+
+        log, names = ctx.decide(write)
+        weight_map.update(dict.fromkeys(names, shard))
         measured = [v["relative_error"] for v in log.values() if v["relative_error"] is not None]
         if measured:
             bar.set_postfix_str(f"max rel. error {max(measured):.4f}")
-        del tensors
+        del computed, following
         files.tensors.release()  # else every layer read so far stays mapped, and resident
     return weight_map, resumed
 
 
 def _finish(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],
             calib: data.CalibrationSet | None, partial: Path, state: dict,
-            weight_map: dict[str, str], notes: dict[str, object]) -> dict[str, dict]:
+            weight_map: dict[str, str], notes: dict[str, object],
+            rotations: rotate.RotationPlan | None) -> dict[str, dict]:
     """The tensors outside the decoder layers, the metadata, no leftovers: `partial` is the
     finished checkpoint. Returns the per-module quantisation logs."""
     n_layers = files.num_layers
@@ -227,7 +295,10 @@ def _finish(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantSc
                    for n in files.tensors.with_prefix(files.arch.layer_prefix(i))}
     rest = sorted(n for n in files.tensors.names() if n not in layer_names)
     last = _shard_name(n_layers, n_layers + 1)
-    tensors = _RTNLayers(files, schemes).convert(rest)
+    source = {n: files.tensors.get(n) for n in rest}
+    if rotations is not None:
+        source = _stored(rotate.rotate_outer(source, files, rotations), files, schemes)
+    tensors = _RTNLayers(files, schemes).convert(source)
     checkpoint.atomic_save_safetensors(partial / last, tensors)
     weight_map.update(dict.fromkeys(tensors, last))
 
@@ -235,7 +306,7 @@ def _finish(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantSc
     for reason in sorted({v["awq"]["skipped"] for v in logs.values()
                           if "skipped" in v.get("awq", {})}):
         status(f"AWQ: {reason}; that group was rounded without scaling")
-    _write_metadata(files, recipe, schemes, partial, weight_map, calib, logs, notes)
+    _write_metadata(files, recipe, schemes, partial, weight_map, calib, logs, notes, rotations)
     _pause_point("metadata")
     # and the temp files of writes a killed run left (ours `.<name>.*.tmp`, safetensors'
     # own `.tmp*`): no checkpoint file is hidden
@@ -285,82 +356,158 @@ def require_finite(name: str, tensor: torch.Tensor) -> None:
 
 
 class _RTNLayers:
-    """Per-layer conversion needing no data: quantise each planned Linear, copy the rest."""
+    """Per-layer conversion needing no data: quantise each planned Linear, copy the rest
+    (rotated first when the recipe rotates)."""
 
-    def __init__(self, files: models.ModelFiles, schemes: dict[str, QuantScheme]):
-        self.files, self.schemes = files, schemes
+    def __init__(self, files: models.ModelFiles, schemes: dict[str, QuantScheme],
+                 rotations: rotate.RotationPlan | None = None):
+        self.files, self.schemes, self.rotations = files, schemes, rotations
 
     def __call__(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
-        names = sorted(self.files.tensors.with_prefix(self.files.arch.layer_prefix(i)))
-        return self.convert(names), {}
+        prefix = self.files.arch.layer_prefix(i)
+        source = {n: self.files.tensors.get(n)
+                  for n in sorted(self.files.tensors.with_prefix(prefix))}
+        if self.rotations is not None:
+            for name, tensor in source.items():
+                require_finite(name, tensor)
+            relative = rotate.rotate_layer({n.removeprefix(prefix): t for n, t in source.items()},
+                                           self.files, i, self.rotations)
+            source = _stored({prefix + n: t for n, t in relative.items()}, self.files,
+                             self.schemes)
+        return self.convert(source), {}
 
-    def convert(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def convert(self, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`source` (name -> tensor, as stored or rotated) with each planned Linear packed."""
         tensors: dict[str, torch.Tensor] = {}
-        for name in names:
+        for name, tensor in source.items():
             module, _, leaf = name.rpartition(".")
             if module in self.schemes and leaf == "weight":
-                tensors.update(self._quantized(module, name))
+                tensors.update(self._quantized(module, name, tensor))
             else:
-                tensors[name] = self.files.tensors.get(name)
+                tensors[name] = tensor
         head, embed = self.files.arch.lm_head, f"{self.files.arch.embed}.weight"
-        if head in self.schemes and self.files.tied_embeddings and embed in names:
-            tensors.update(self._quantized(head, embed))  # untied: a packed copy of the table
+        if (head in self.schemes and self.files.tied_embeddings and embed in source
+                and f"{head}.weight" not in source):
+            # untied: a packed copy of the table
+            tensors.update(self._quantized(head, embed, source[embed]))
         return tensors
 
-    def _quantized(self, module: str, weight: str) -> dict[str, torch.Tensor]:
-        w = self.files.tensors.get(weight)
-        require_finite(weight, w)
+    def _quantized(self, module: str, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        require_finite(name, w)
         qw = rtn.quantize(w, self.schemes[module], self.files.dtype)
         return pack_quantized.to_tensors(module, qw)
 
-    def commit(self, i: int) -> None:
+    def commit(self, i: int, following: torch.Tensor | None) -> None:
         pass
 
     def cleanup(self, i: int) -> None:
         pass
 
 
+def _stored(tensors: dict[str, torch.Tensor], files: models.ModelFiles,
+            schemes: dict[str, QuantScheme]) -> dict[str, torch.Tensor]:
+    """Rotated tensors that stay dense, rounded to the dtype they are stored in (a tied
+    head, new, to the embedding table's): what is exported, and so what calibration
+    computes with. The weights to be quantised keep their float32 values."""
+    embed = f"{files.arch.embed}.weight"
+    out = {}
+    for name, tensor in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if module in schemes and leaf == "weight":
+            out[name] = tensor
+        else:
+            out[name] = tensor.to(files.tensors.dtype(name if name in files.tensors else embed))
+    return out
+
+
 class _CalibratedLayers:
-    """Calibrated methods, layer by layer, on activations kept in `partial/activations-*`."""
+    """Calibrated methods, layer by layer, on activations kept in `partial/activations-*`.
+
+    Each layer and its inputs move to `ctx.device` to calibrate (Hessians and solves run
+    there); packed results come back to the CPU to be written. The activations between
+    layers stay on the device when they fit in a quarter of its free memory, else in host
+    memory, whence each chunk moves to the device for its forward. With several
+    processes, this rank holds its share of the samples only; the activations saved for
+    resume hold every sample in order (rank 0 gathers them), so a resumed run may have
+    another number of processes."""
 
     def __init__(self, files: models.ModelFiles, recipe: Recipe,
                  schemes: dict[str, QuantScheme], calib: data.CalibrationSet, partial: Path,
-                 state: dict):
+                 state: dict, ctx: distributed.Context,
+                 rotations: rotate.RotationPlan | None = None):
         self.files, self.recipe, self.schemes, self.partial = files, recipe, schemes, partial
-        self.calib, self.state = calib, state
-        self.rope = models.rotary(files)(0, calib.samples.shape[1])
+        self.calib, self.state, self.ctx, self.rotations = calib, state, ctx, rotations
+        self.shares = ctx.shares(calib.samples.shape[0], calibrate_layer.CALIB_BATCH)
+        self.share = self.shares[ctx.rank]
+        self.rope = models.rotary(files, ctx.device)(0, calib.samples.shape[1])
         self.hidden: torch.Tensor | None = None
 
     def _activations_file(self, i: int) -> Path:
         return self.partial / f"activations-{i:05d}.safetensors"
 
+    def _place(self, x: torch.Tensor) -> torch.Tensor:
+        """x on the device if it fits in a quarter of the device's free memory (the
+        layer, its Hessians and the paused forwards need the rest), else in host memory."""
+        device = self.ctx.device
+        if device.type != "cuda":
+            return x
+        free, _ = torch.cuda.mem_get_info(device)
+        return x.to(device) if x.nbytes <= free // 4 else x
+
     def _inputs(self, i: int) -> torch.Tensor:
-        """The calibration activations entering layer i (computed, kept, or reloaded)."""
+        """This rank's calibration activations entering layer i (computed, kept, or
+        reloaded)."""
         if self.hidden is not None:
             return self.hidden
         if i == 0:
-            table = self.files.tensors.get(f"{self.files.arch.embed}.weight")
-            return layers.embed(table, self.calib.samples, torch.float32,
-                                self.files.decoder_config)
+            name = f"{self.files.arch.embed}.weight"
+            table = self.files.tensors.get(name)
+            if self.rotations is not None:  # the table as exported: rotated, in its dtype
+                require_finite(name, table)
+                table = rotate.rotate_embedding(table, self.rotations)
+            return self._place(layers.embed(table, self.calib.samples[self.share],
+                                            torch.float32, self.files.decoder_config))
         saved = self._activations_file(i)
-        expected = self.state.get("activations", {}).get(saved.name)
-        if expected is None or expected != _file_record(saved):
-            raise CompressError(f"cannot resume at layer {i}: {saved} is missing or damaged; "
-                                "pass --overwrite to start over")
-        return checkpoint.load_tensors(saved)["hidden"]
+
+        def check() -> None:
+            expected = self.state.get("activations", {}).get(saved.name)
+            if expected is None or expected != _file_record(saved):
+                raise CompressError(f"cannot resume at layer {i}: {saved} is missing or "
+                                    "damaged; pass --overwrite to start over")
+
+        self.ctx.decide(check)
+        return self._place(checkpoint.load_rows(saved, "hidden", self.share.start,
+                                                self.share.stop))
+
+    def _budget(self, x: torch.Tensor) -> int:
+        """Suspended calibration forwards may hold a quarter of the free memory where they
+        run; beyond that, chunks are recomputed (same bits, more time)."""
+        if self.ctx.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.ctx.device)[0]
+        else:
+            free = psutil.virtual_memory().available
+        return max(x.nbytes, free // 4)
 
     @torch.no_grad()
     def __call__(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
         x = self._inputs(i)
-        layer = models.build_layer(self.files, i, torch.float32)  # refuses NaN/Inf weights
+        device = self.ctx.device
+        # built on the CPU from the memory-mapped source (refuses NaN/Inf), then moved
+        layer = models.build_layer(self.files, i, torch.float32)
         prefix = self.files.arch.layer_prefix(i)
-        # Suspended calibration forwards may hold a quarter of the free memory; beyond
-        # that, chunks are recomputed (same bits, more time).
-        budget = max(x.nbytes, psutil.virtual_memory().available // 4)
+        if self.rotations is not None:  # on the CPU, before the layer moves
+            params = dict(layer.named_parameters())
+            rotated = rotate.rotate_layer({n: p.data for n, p in params.items()}, self.files,
+                                          i, self.rotations)
+            stored = _stored({prefix + n: t for n, t in rotated.items()}, self.files,
+                             self.schemes)
+            for name, param in params.items():
+                param.data = stored[prefix + name].to(param.dtype)
+        layer = layer.to(device)
         quantized, log = calibrate_layer.quantize_layer(
-            layer, lambda chunk: layer(chunk, self.rope), x, self.files.arch,
+            layer, lambda chunk: layer(chunk.to(device), self.rope), x, self.files.arch,
             self.files.layer_groups(i), self.files.layer_folds(i), prefix,
-            self.schemes, self.recipe, self.files.dtype, budget)
+            self.schemes, self.recipe, self.files.dtype, self._budget(x), self.ctx)
         self.hidden = x  # overwritten in place with the layer's output
         tensors: dict[str, torch.Tensor] = {}
         for name in sorted(self.files.tensors.with_prefix(prefix)):
@@ -373,15 +520,22 @@ class _CalibratedLayers:
                     current = layer.get_parameter(name.removeprefix(prefix))
                 except AttributeError:  # a buffer the decoder does not use
                     current = stored
-                tensors[name] = current.to(stored.dtype)
+                tensors[name] = current.to("cpu", stored.dtype)
         return tensors, log
 
-    def commit(self, i: int) -> None:
-        """Persist the next layer's inputs before the layer is marked done."""
+    def gather(self, i: int) -> torch.Tensor | None:
+        """Every sample's inputs to layer i + 1 in order, on rank 0 (None elsewhere, and
+        after the last layer)."""
         if i + 1 >= self.files.num_layers:
+            return None
+        return self.ctx.gather_rows(self.hidden, self.shares)
+
+    def commit(self, i: int, following: torch.Tensor | None) -> None:
+        """Persist the next layer's inputs before the layer is marked done."""
+        if following is None:
             return
         saved = self._activations_file(i + 1)
-        checkpoint.atomic_save_safetensors(saved, {"hidden": self.hidden})
+        checkpoint.atomic_save_safetensors(saved, {"hidden": following})
         self.state.setdefault("activations", {})[saved.name] = _file_record(saved)
 
     def cleanup(self, i: int) -> None:
@@ -393,10 +547,11 @@ class _CalibratedLayers:
 def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],
                     partial: Path, weight_map: dict[str, str],
                     calib: data.CalibrationSet | None, logs: dict[str, dict],
-                    notes: dict[str, object]) -> None:
+                    notes: dict[str, object], rotations: rotate.RotationPlan | None) -> None:
     config = dict(files.config)
-    if files.arch.lm_head in schemes and files.tied_embeddings:
-        config["tie_word_embeddings"] = False  # the head is now its own packed tensor
+    rotated_stream = rotations is not None and rotations.residual is not None
+    if (files.arch.lm_head in schemes or rotated_stream) and files.tied_embeddings:
+        config["tie_word_embeddings"] = False  # the head is now a tensor of its own
     dense_linears = [n for n in [*files.linear_names(), files.arch.lm_head] if n not in schemes]
     dense_linears += files.gate_linears()
     actorder = None
@@ -422,6 +577,7 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
             "method": recipe.method,
             "metric": "relative output error ||(W - W_q) X||^2 / ||W X||^2 on calibration X",
             "modules": dict(sorted(logs.items())),
+            **({"rotation": rotations.describe()} if rotations is not None else {}),
             **({"experts": coverage, "expert_min_tokens": calibrate_layer.MIN_EXPERT_TOKENS}
                if coverage else {}),
         })
@@ -440,6 +596,7 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
             "source": json.loads(source_info.read_text()) if source_info.is_file() else None,
         },
         "recipe": recipe.to_dict(),
+        **({"rotation": rotations.describe()} if rotations is not None else {}),
         "calibration": None if calib is None else calib.describe(),
         "schemes": {s.label: sorted(n for n, t in schemes.items() if t == s)
                     for s in set(schemes.values())},

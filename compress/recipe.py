@@ -12,6 +12,9 @@ Example (recipes/w4g128-rtn.yaml)::
     ignore: [lm_head]
     overrides:
       - {pattern: "*.down_proj", bits: 8, group_size: -1}
+
+`rotate: hadamard` (or `rotate: {kind: hadamard, seed: 0}`) folds seeded randomised
+Hadamard rotations into the weights first (docs/algorithms.md).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from compress.errors import CompressError
 from compress.quant import QuantScheme
 from compress.quant.awq import AWQConfig
 from compress.quant.gptq import GPTQConfig
+from compress.quant.rotate import RotationConfig
 
 CALIBRATED_METHODS = ("gptq", "awq", "awq+gptq")
 RECIPE_VERSION = 1
@@ -92,6 +96,8 @@ class Recipe:
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     awq: AWQConfig = field(default_factory=AWQConfig)
+    # Rotations folded into the weights before any method runs (compress/calibrate/rotate.py)
+    rotate: RotationConfig = field(default_factory=RotationConfig)
 
     @property
     def calibrated(self) -> bool:
@@ -129,7 +135,9 @@ class Recipe:
     @property
     def label(self) -> str:
         act = "-noactorder" if self.rounding == "gptq" and not self.gptq.act_order else ""
-        return f"{self.method}-{self.scheme.label}{act}" + ("-mixed" if self.overrides else "")
+        rotated = f"-{self.rotate.kind}" if self.rotate.enabled else ""
+        return (f"{self.method}-{self.scheme.label}{act}{rotated}"
+                + ("-mixed" if self.overrides else ""))
 
     def to_dict(self) -> dict:
         """The expanded recipe; method-specific sections only for the methods that use them."""
@@ -146,6 +154,8 @@ class Recipe:
             data["gptq"] = self.gptq.to_dict()
         if self.calibrated:
             data["calibration"] = self.calibration.to_dict()
+        if self.rotate.enabled:  # absent otherwise: earlier recipes (and runs) stay as they were
+            data["rotate"] = self.rotate.to_dict()
         return data
 
     def to_yaml(self) -> str:
@@ -157,7 +167,7 @@ class Recipe:
             raise CompressError(f"{source} must be a mapping with keys method, scheme, ignore, "
                                 "overrides")
         allowed = {"version", "method", "scheme", "ignore", "overrides", "gptq", "awq",
-                   "calibration"}
+                   "calibration", "rotate"}
         unknown = set(data) - allowed
         if unknown:  # YAML keys may be numbers or null too: sorted as text
             raise CompressError(f"{source}: unknown keys {sorted(unknown, key=str)}; allowed: "
@@ -188,7 +198,12 @@ class Recipe:
         calibration = _section(CalibrationConfig, data.get("calibration", {}),
                                f"{source}: calibration")
         awq = _section(AWQConfig, data.get("awq", {}), f"{source}: awq")
-        return cls(method, scheme, tuple(ignore), tuple(overrides), gptq, calibration, awq)
+        rotation = data.get("rotate", {})
+        if isinstance(rotation, str):  # `rotate: hadamard`, seed 0
+            rotation = {"kind": rotation}
+        rotate = _section(RotationConfig, rotation, f"{source}: rotate")
+        return cls(method, scheme, tuple(ignore), tuple(overrides), gptq, calibration, awq,
+                   rotate)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:

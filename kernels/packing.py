@@ -49,13 +49,13 @@ def pack(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     blocks = u.view(rows, -1, 32)  # 32 values = exactly `bits` words
     if 32 % bits == 0:
         per_word = 32 // bits
-        shifts = torch.arange(per_word, dtype=torch.int64) * bits
+        shifts = torch.arange(per_word, dtype=torch.int64, device=u.device) * bits
         words = (blocks.view(rows, -1, bits, per_word) << shifts).sum(-1)
     else:
         # Expand to single bits, regroup the stream into 32-bit words.
-        bit_pos = torch.arange(bits, dtype=torch.int64)
+        bit_pos = torch.arange(bits, dtype=torch.int64, device=u.device)
         stream = ((blocks.unsqueeze(-1) >> bit_pos) & 1).view(rows, -1, bits, 32)
-        words = (stream << torch.arange(32, dtype=torch.int64)).sum(-1)
+        words = (stream << torch.arange(32, dtype=torch.int64, device=u.device)).sum(-1)
     words = words.view(rows, -1)[:, : packed_width(cols, bits)]
     # Values >= 2**31 wrap to the negative int32 with the same bits.
     words = torch.where(words >= 1 << 31, words - (1 << 32), words)

@@ -15,11 +15,13 @@ weights unscaled, and the log says why.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from compress.distributed import Context
 from compress.models import Architecture, Fold, RMSNorm
 from compress.quant import QuantScheme, awq, rtn
 from compress.quant.gptq import HessianAccumulator
@@ -32,7 +34,7 @@ def transform(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
               chunks: Sequence[torch.Tensor], arch: Architecture,
               groups: Sequence[tuple[str, ...]], folds: Sequence[Fold], prefix: str,
               schemes: dict[str, QuantScheme], cfg: awq.AWQConfig, scale_dtype: torch.dtype,
-              min_expert_tokens: int) -> dict[str, dict]:
+              min_expert_tokens: int, ctx: Context | None = None) -> dict[str, dict]:
     """Scale-search and fold every foldable group of `layer`, then clip; returns the log.
 
     `groups` and `folds` are the layer's (`ModelFiles.layer_groups`/`layer_folds`);
@@ -42,7 +44,12 @@ def transform(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
     than re-measured. An expert routed fewer than `min_expert_tokens` tokens takes no
     part in any search (its statistics fit those tokens only): it is still scaled where
     its input is, but neither its own scales nor its clipping are searched.
+
+    With several processes (`ctx`) the statistics are summed over ranks; each fold's
+    search runs on one rank and its scales go to all, and the Linears' clipping searches
+    are dealt to ranks, so every rank holds the same transformed layer.
     """
+    ctx = ctx or Context()
     # Every Linear reads its group's input; a fold's dense reader outside any group (the
     # router, beside the experts' gate/ups) reads the same channels over all tokens.
     reader = {name: group[0] for group in groups for name in group}
@@ -53,7 +60,8 @@ def transform(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
 
     def record(name: str, x: torch.Tensor) -> None:
         if name not in stats:
-            stats[name] = (HessianAccumulator(x.shape[-1]), awq.InputMagnitude(x.shape[-1]))
+            stats[name] = (HessianAccumulator(x.shape[-1], x.device),
+                           awq.InputMagnitude(x.shape[-1], x.device))
         hessian, magnitude = stats[name]
         hessian.add(x)
         magnitude.add(x)
@@ -61,6 +69,8 @@ def transform(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
     with capture.observe(layer, dict.fromkeys(reader.values()), record):
         for chunk in chunks:
             forward(chunk)
+    if ctx.world > 1:
+        _reduce(layer, stats, dict.fromkeys(reader.values()), ctx)
     hessians = {name: acc.hessian() for name, (acc, _) in stats.items()}
     tokens = {name: acc.n for name, (acc, _) in stats.items()}
 
@@ -69,7 +79,7 @@ def transform(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
         return not arch.is_expert(name) or tokens.get(reader[name], 0) >= min_expert_tokens
 
     entries: dict[str, dict] = {}  # Linear -> the log of the fold that scaled its input
-    for fold in folds:
+    for k, fold in enumerate(folds):
         names = fold.group
         fold_schemes = [schemes.get(prefix + n) for n in names]
         if all(scheme is None for scheme in fold_schemes):
@@ -87,12 +97,20 @@ def transform(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
             # The widest reader's inputs (the router's: all tokens) give mean |x|.
             widest = max((reader[n] for n in names if reader[n] in stats), key=tokens.get)
             most = max(tokens[reader[names[i]]] for i in scored)
-            found = awq.search_scales(
-                [linears[i].weight for i in scored], [fold_schemes[i] for i in scored],
-                [hessians[reader[names[i]]] * (tokens[reader[names[i]]] / most)
-                 for i in scored],
-                stats[widest][1].mean(), cfg, scale_dtype)
-            s = found.scales
+
+            def search(scored: list[int] = scored, widest: str = widest, most: int = most,
+                       names: tuple[str, ...] = names, linears: list = linears,
+                       fold_schemes: list = fold_schemes) -> awq.ScaleSearch:
+                found = awq.search_scales(
+                    [linears[i].weight for i in scored], [fold_schemes[i] for i in scored],
+                    [hessians[reader[names[i]]] * (tokens[reader[names[i]]] / most)
+                     for i in scored],
+                    stats[widest][1].mean(), cfg, scale_dtype)
+                return dataclasses.replace(found, scales=found.scales.cpu())  # sent pickled
+
+            # on one rank, so that every rank folds the same scales
+            found = ctx.decide(search, owner=k % ctx.world)
+            s = found.scales.to(linears[0].weight.device)
             _fold(layer, fold, linears, s, scale_dtype,
                   dense=[m for m, scheme in zip(linears, fold_schemes, strict=True)
                          if scheme is None])
@@ -105,6 +123,7 @@ def transform(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
         entries.update(dict.fromkeys(names, entry))
 
     log: dict[str, dict] = {}
+    clips: list[tuple[str, QuantScheme, str]] = []  # (Linear, scheme, reader) to clip
     for group in groups:
         entry = entries.get(group[0]) or {"producer": None, "skipped": (
             f"{_names(group)}: no single op produces its input (it reads the residual stream)")}
@@ -120,20 +139,56 @@ def transform(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
             if r not in hessians:  # an expert no calibration token reached
                 info["relative_error"] = None  # nothing to measure it on
                 continue
-            hessian, module = hessians[r], layer.get_submodule(name)
-            scaled = module.weight.clone()
             if not covered(name):
                 info["clip_skipped"] = (f"routed {tokens[r]} calibration tokens, under the "
                                         f"minimum of {min_expert_tokens}")
-            elif cfg.clip and name not in arch.clip_exempt:
-                module.weight.data, info["clip_mean_shrink"] = awq.search_clip(
-                    scaled, scheme, hessian, cfg, scale_dtype)
+            clips.append((name, scheme, r))
+
+    def clip(jobs: list[int]) -> dict[str, tuple[torch.Tensor | None, dict]]:
+        done = {}
+        for j in jobs:
+            name, scheme, r = clips[j]
+            hessian, weight = hessians[r], layer.get_submodule(name).weight
+            info: dict = {}
+            clipped = None
+            if covered(name) and cfg.clip and name not in arch.clip_exempt:
+                clipped, info["clip_mean_shrink"] = awq.search_clip(
+                    weight.clone(), scheme, hessian, cfg, scale_dtype)
             # What RTN of the transformed weight costs, on the statistics pass's inputs.
-            rounded = rtn.fake_quantize(module.weight, scheme, scale_dtype)
-            info["relative_error"] = float(awq.output_error(scaled - rounded, hessian).sum()
-                                           / awq.output_error(scaled, hessian).sum().clamp(
+            rounded = rtn.fake_quantize(weight if clipped is None else clipped, scheme,
+                                        scale_dtype)
+            info["relative_error"] = float(awq.output_error(weight - rounded, hessian).sum()
+                                           / awq.output_error(weight, hessian).sum().clamp(
                                                min=1e-30))
+            done[name] = (None if clipped is None else clipped.cpu(), info)
+        return done
+
+    owners = ctx.deal([layer.get_submodule(name).out_features for name, _, _ in clips])
+    for part in ctx.each(lambda: clip([j for j, r in enumerate(owners) if r == ctx.rank])):
+        for name, (clipped, info) in part.items():
+            module = layer.get_submodule(name)
+            if clipped is not None:
+                module.weight.data = clipped.to(module.weight.device)
+            log[prefix + name].update(info)
     return log
+
+
+def _reduce(layer: nn.Module, stats: dict[str, tuple[HessianAccumulator, awq.InputMagnitude]],
+            readers: Sequence[str], ctx: Context) -> None:
+    """Every reader's statistics summed over ranks, in one order on every rank (a rank
+    whose samples route no token to an expert has none of its own: zeros). Readers no
+    rank saw are dropped."""
+    for name in readers:
+        if name not in stats:
+            module = layer.get_submodule(name)
+            stats[name] = (HessianAccumulator(module.in_features, module.weight.device),
+                           awq.InputMagnitude(module.in_features, module.weight.device))
+        hessian, magnitude = stats[name]
+        hessian.h, hessian.n = ctx.reduce_mean(hessian.h, hessian.n)
+        ctx.all_reduce(magnitude.total)
+        (magnitude.n,) = ctx.sum_counts([magnitude.n])
+        if hessian.n == 0:
+            del stats[name]
 
 
 def _names(names: Sequence[str]) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from compress.distributed import Context
 from compress.models import Architecture, Fold
 from compress.models.layers import SparseMLP
 from compress.quant import QuantizedWeight, QuantScheme, gptq, rtn
@@ -30,46 +31,95 @@ class _Group:
 
     def __init__(self, layer: nn.Module, prefix: str, names: list[str],
                  schemes: dict[str, QuantScheme], scale_dtype: torch.dtype,
-                 quantized: dict[str, QuantizedWeight], log: dict[str, dict]):
-        self.prefix, self.names = prefix, names
+                 quantized: dict[str, QuantizedWeight], log: dict[str, dict], ctx: Context):
+        self.prefix, self.names, self.ctx = prefix, names, ctx
         self.routed = False  # an expert's: it sees only the tokens routed to it
         self.schemes = [schemes[prefix + n] for n in names]
         self.modules = [layer.get_submodule(n) for n in names]
         self.scale_dtype, self.quantized, self.log = scale_dtype, quantized, log
 
+    @property
+    def device(self) -> torch.device:
+        return self.modules[0].weight.device
+
     def replace(self, i: int, weight: QuantizedWeight, **info: object) -> None:
-        """Linear i is now `weight`: recorded, and what every later group computes with."""
+        """Linear i is now `weight`: recorded (on the CPU, for packing and writing), and
+        what every later group computes with (on the layer's device)."""
         name = self.prefix + self.names[i]
-        self.quantized[name] = weight
-        self.modules[i].weight.data = weight.dequantize()
+        self.quantized[name] = weight.to("cpu")
+        self.modules[i].weight.data = weight.to(self.device).dequantize()
         if info:
             self.log.setdefault(name, {}).update(info)
+
+    def solve(self, jobs: list[list[int]],
+              fn: Callable[[list[int]], list[tuple[QuantizedWeight, dict]]]) -> None:
+        """Run `fn(linears)` for each job (a list of this group's Linear indices) on the
+        rank `Context.deal` gives it, then replace every Linear, on every rank, with the
+        result its owner sent. One process owns every job: nothing is sent."""
+        self.solve_on(jobs, self.ctx.deal([sum(self.modules[i].out_features for i in job)
+                                           for job in jobs]), fn)
+
+    def solve_on(self, jobs: list[list[int]], owners: list[int],
+                 fn: Callable[[list[int]], list[tuple[QuantizedWeight, dict]]]) -> None:
+
+        def mine() -> dict[int, tuple[QuantizedWeight, dict]]:
+            done = {}
+            for job, owner in zip(jobs, owners, strict=True):
+                if owner == self.ctx.rank:
+                    for i, (weight, info) in zip(job, fn(job), strict=True):
+                        done[i] = (weight.to("cpu"), info)  # sent pickled: CPU tensors
+            return done
+
+        results: dict[int, tuple[QuantizedWeight, dict]] = {}
+        for part in self.ctx.each(mine):
+            results.update(part)
+        for i in sorted(results):
+            weight, info = results[i]
+            self.replace(i, weight, **info)
 
 
 def round_to_nearest(group: _Group, inputs: Iterator[torch.Tensor], recipe: Recipe) -> None:
     """RTN of the (transformed) weights: the inputs are not needed."""
     info = {"rounding": "rtn"} if group.routed else {}
-    for i, (module, scheme) in enumerate(zip(group.modules, group.schemes, strict=True)):
-        group.replace(i, rtn.quantize(module.weight, scheme, group.scale_dtype), **info)
+
+    def rounded(job: list[int]) -> list[tuple[QuantizedWeight, dict]]:
+        return [(rtn.quantize(group.modules[i].weight, group.schemes[i], group.scale_dtype),
+                 info) for i in job]
+
+    group.solve([[i] for i in range(len(group.modules))], rounded)
 
 
 def round_gptq(group: _Group, inputs: Iterator[torch.Tensor], recipe: Recipe) -> None:
-    """GPTQ on the group's shared input Hessian; Linears with the same scheme in one pass."""
-    acc = gptq.HessianAccumulator(group.modules[0].in_features)
+    """GPTQ on the group's shared input Hessian (summed over ranks); Linears with the same
+    scheme in one pass. With several processes the Linears are dealt to ranks, each rank
+    solving its own in one pass; one process solves them all in one pass, as always."""
+    acc = gptq.HessianAccumulator(group.modules[0].in_features, group.device)
     for x in inputs:
         acc.add(x)
+    acc.h, acc.n = group.ctx.reduce_mean(acc.h, acc.n)
     if group.routed and acc.n < MIN_EXPERT_TOKENS:
         _round_uncovered(group, acc)
         return
     hessian = acc.hessian()
     for scheme in dict.fromkeys(group.schemes):
         same = [i for i, s in enumerate(group.schemes) if s == scheme]
-        results = gptq.quantize_shared_input(
-            [group.modules[i].weight for i in same], hessian, scheme, recipe.gptq,
-            group.scale_dtype, name=group.prefix + "+".join(group.names[i] for i in same))
-        for i, result in zip(same, results, strict=True):
-            group.replace(i, result.weight, relative_error=result.relative_error,
-                          damp=result.damp, dead_columns=result.dead_columns, tokens=acc.n)
+        # Linears dealt to ranks by rows; each rank stacks its own into one pass (one
+        # process: all of them, the pass it always made)
+        dealt = group.ctx.deal([group.modules[i].out_features for i in same])
+        owners = sorted(set(dealt))
+        jobs = [[i for i, r in zip(same, dealt, strict=True) if r == owner]
+                for owner in owners]
+
+        def solved(job: list[int], scheme: QuantScheme = scheme,
+                   ) -> list[tuple[QuantizedWeight, dict]]:
+            results = gptq.quantize_shared_input(
+                [group.modules[i].weight for i in job], hessian, scheme, recipe.gptq,
+                group.scale_dtype, name=group.prefix + "+".join(group.names[i] for i in job))
+            return [(r.weight, {"relative_error": r.relative_error, "damp": r.damp,
+                                "dead_columns": r.dead_columns, "tokens": acc.n})
+                    for r in results]
+
+        group.solve_on(jobs, owners, solved)
 
 
 def _round_uncovered(group: _Group, acc: gptq.HessianAccumulator) -> None:
@@ -95,12 +145,17 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
                    x: torch.Tensor, arch: Architecture, groups: tuple[tuple[str, ...], ...],
                    folds: tuple[Fold, ...], prefix: str,
                    schemes: dict[str, QuantScheme], recipe: Recipe, scale_dtype: torch.dtype,
-                   memory_budget: int) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
+                   memory_budget: int, ctx: Context | None = None,
+                   ) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
     """Quantise `layer` (its Linear `groups` in true-sequential order and its AWQ `folds`,
     named as in the table; full names under `prefix`) on the calibration activations x (N, S, D)
     entering it, which are overwritten in place with the activations leaving it.
     `forward(chunk)` runs the layer. Returns the packed weights and the per-Linear log
-    (for each Linear the tokens it saw: an expert sees only those routed to it)."""
+    (for each Linear the tokens it saw: an expert sees only those routed to it).
+
+    `ctx`: with several processes, x is this rank's share of the samples; statistics are
+    summed over ranks and each result is every rank's (`compress.distributed`)."""
+    ctx = ctx or Context()
     chunks = list(x.split(CALIB_BATCH))
     for module in layer.modules():
         if isinstance(module, SparseMLP):
@@ -108,14 +163,14 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
     log: dict[str, dict] = {}
     if recipe.uses_awq:
         log = awq.transform(layer, forward, chunks, arch, groups, folds, prefix, schemes,
-                            recipe.awq, scale_dtype, MIN_EXPERT_TOKENS)
+                            recipe.awq, scale_dtype, MIN_EXPERT_TOKENS, ctx)
     quantized: dict[str, QuantizedWeight] = {}
     round_group = ROUNDINGS[recipe.rounding]
 
     def on_group(names: tuple[str, ...], inputs: Iterator[torch.Tensor]) -> None:
         todo = [n for n in names if prefix + n in schemes]
         if todo:
-            group = _Group(layer, prefix, todo, schemes, scale_dtype, quantized, log)
+            group = _Group(layer, prefix, todo, schemes, scale_dtype, quantized, log, ctx)
             group.routed = arch.is_expert(todo[0])
             round_group(group, inputs, recipe)
 

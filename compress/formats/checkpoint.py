@@ -41,6 +41,8 @@ MANIFEST = "compress_manifest.json"
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2,
                 "BF16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1,
                 "F8_E5M2": 1}
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                 "BF16": torch.bfloat16}
 # sample_sha256: tensors up to _SAMPLE_WHOLE bytes are read whole, of others two samples
 # of at least _SAMPLE_BYTES each
 _SAMPLE_WHOLE, _SAMPLE_BYTES = 64 << 10, 4 << 10
@@ -252,6 +254,14 @@ class SafetensorsDir:
                                 "corrupt or not from compress quantize")
         return _DTYPE_BYTES[dtype] * math.prod(tensor_slice.get_shape())
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of a floating-point tensor, from the header."""
+        stored = self._slice(name).get_dtype()
+        if stored not in _FLOAT_DTYPES:
+            raise CompressError(f"tensor {name!r} in {self.path / self.weight_map[name]} has "
+                                f"dtype {stored}; a floating-point tensor was expected")
+        return _FLOAT_DTYPES[stored]
+
     def _slice(self, name: str):
         if name not in self.weight_map:
             raise CompressError(f"tensor {name} is missing from {self.path}")
@@ -300,6 +310,17 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of one safetensors file (small internal files, e.g. saved activations)."""
     try:
         return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CompressError(f"{path} is corrupt or truncated ({_reason(e)}); re-download or "
+                            "re-create it") from None
+
+
+def load_rows(path: Path, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows start..stop-1 of one tensor of a safetensors file, reading only those (a
+    process's share of saved activations)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_slice(name)[start:stop].contiguous()
     except (SafetensorError, OSError) as e:
         raise CompressError(f"{path} is corrupt or truncated ({_reason(e)}); re-download or "
                             "re-create it") from None

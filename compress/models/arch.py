@@ -189,6 +189,31 @@ class Architecture:
         downs = tuple(Fold(p + m.gate_up[1], (p + m.down,)) for p in m.mlps(experts))
         return (*attention, *mlp, *downs)
 
+    def stream_writers(self, experts: int) -> tuple[str, ...]:
+        """The Linears whose outputs are added to the residual stream: o_proj and each
+        MLP's down projection (every expert's, and a shared expert's)."""
+        if not experts:
+            return (self.o_proj, self.down_proj)
+        m = self.moe
+        if m is None:
+            raise ValueError(f"{self.name} has no mixture-of-experts layout")
+        return (self.o_proj, *(p + m.down for p in m.mlps(experts)))
+
+    @property
+    def residual_rotation_problem(self) -> str | None:
+        """Why rotating the residual stream cannot be folded exactly into this family's
+        weights (None when it can). The stream is read only through RMSNorms, whose
+        weights fold into their readers (`folds`), and written only by Linears; a norm on
+        a branch's output (Gemma's and OLMo-2's post-norms) scales channels of a
+        Linear's output before the add, and diag(w)·Q ≠ Q·diag(w)."""
+        post = self.attn_out_norm or self.mlp_out_norm
+        if post:
+            return (f"{self.name}'s {post} scales a Linear's output per channel before the "
+                    "residual add (diag(w)·Q ≠ Q·diag(w))")
+        if not (self.attn_norm and self.mlp_norm):
+            return f"{self.name} has a branch reading the residual stream without a norm"
+        return None
+
     @property
     def clip_exempt(self) -> tuple[str, ...]:
         """Linears whose outputs become attention scores: output error is a poor proxy for

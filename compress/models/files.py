@@ -119,6 +119,10 @@ class ModelFiles:
         """Layer `index`'s AWQ folds (`Architecture.folds`)."""
         return self.arch.folds(self._experts(index))
 
+    def layer_writers(self, index: int) -> tuple[str, ...]:
+        """Layer `index`'s Linears writing the residual stream (`Architecture.stream_writers`)."""
+        return self.arch.stream_writers(self._experts(index))
+
     def _experts(self, index: int) -> int:
         return self.decoder_config.experts(index) if self.arch.moe else 0
 

@@ -56,12 +56,12 @@ class AWQConfig:
 class InputMagnitude:
     """Running mean of |x| per input channel."""
 
-    def __init__(self, in_features: int):
-        self.total = torch.zeros(in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.total = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
+        x = x.reshape(-1, x.shape[-1]).to(self.total.device)
         self.total += x.abs().sum(dim=0, dtype=torch.float64)
         self.n += x.shape[0]
 

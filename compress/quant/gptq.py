@@ -68,7 +68,8 @@ class HessianAccumulator:
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (tokens, in)
+        # inputs may live in host memory while H sits on the calibration device
+        x = x.reshape(-1, x.shape[-1]).to(self.h.device, torch.float32)  # (tokens, in)
         m = x.shape[0]
         if m == 0:
             return
@@ -163,15 +164,17 @@ def _quantize_rows(
     hinv, damp = _inverse_cholesky(h, cfg.damp, name)
     del h
 
-    codes = torch.zeros(out_features, in_features, dtype=torch.int8)
+    codes = torch.zeros(out_features, in_features, dtype=torch.int8, device=w.device)
     if static is not None:
         scales, zeros = static
     else:
         n_groups = -(-in_features // group)
-        scales = torch.zeros(out_features, n_groups)
-        zeros = None if scheme.symmetric else torch.zeros(out_features, n_groups)
+        scales = torch.zeros(out_features, n_groups, device=w.device)
+        zeros = None if scheme.symmetric else torch.zeros(out_features, n_groups,
+                                                          device=w.device)
     # Original column of each position; static groups are indexed by it.
-    original = perm if perm is not None else torch.arange(in_features)
+    original = perm if perm is not None else torch.arange(in_features, device=w.device)
+    order = original.tolist()  # read per column: one transfer, not one per column on a GPU
     # Blocks hold whole groups, so a group's scales see every earlier column's update.
     block = cfg.block_size if static is not None else -(-cfg.block_size // group) * group
     for i1 in range(0, in_features, block):
@@ -182,7 +185,7 @@ def _quantize_rows(
         for i in range(i2 - i1):
             col = i1 + i
             if static is not None:
-                g = int(original[col]) // group
+                g = order[col] // group
             else:
                 g = col // group
                 if col % group == 0:  # a new group: scales from the error-updated weights

@@ -1,0 +1,86 @@
+"""RTN and GPTQ with and without `--rotate` on the bundled model: perplexity, KL and top-1
+agreement against the unquantised model, quantisation wall time.
+
+    python benchmarks/rotate.py [--calib-samples 128] [--calib-seqlen 512]
+                                [--eval-tokens 16384] [--settings w4g128,w3g128,w2g64]
+
+One run, side by side: each quantisation is a timed child process (`compress quantize
+... --no-eval`, peak RSS from wait4), every calibrated run uses the same calibration
+windows (seed 0: the same token ids, whose hash each checkpoint's manifest records), and
+every checkpoint is scored by `compress eval`'s harness against the fp16 model on the
+same held-out tokens. Writes benchmarks/results/rotate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from _quantbench import HERE, run_child, write_report
+
+from compress import assets, evaluation
+from compress.progress import set_quiet
+
+SETTINGS = {"w4g128": (4, 128), "w3g128": (3, 128), "w2g64": (2, 64)}  # symmetric
+METHODS = ("rtn", "gptq")  # gptq: static act-order, our default
+
+
+def quantize(method: str, bits: int, group: int, rotated: bool, out: Path, args) -> dict:
+    cmd = [sys.executable, "-m", "compress.cli", "quantize", assets.DEFAULT_MODEL,
+           "--method", method, "--bits", str(bits), "--group-size", str(group),
+           "--out", str(out), "--overwrite", "--no-eval", "-q"]
+    if rotated:
+        cmd += ["--rotate", "--rotate-seed", str(args.rotate_seed)]
+    if method != "rtn":
+        cmd += ["--calib-samples", str(args.calib_samples),
+                "--calib-seqlen", str(args.calib_seqlen)]
+    seconds, rss = run_child(cmd)
+    report = evaluation.evaluate(out, assets.bundled_model_dir(), max_tokens=args.eval_tokens)
+    manifest = json.loads((out / "compress_manifest.json").read_text())
+    m = report.match
+    return {"seconds": seconds, "peak_rss_bytes": rss, "ppl": report.ppl.ppl,
+            "kl_mean": m.kl_mean, "kl_p99": m.kl_p99, "top1_agreement": m.top1_agreement,
+            "calibration_sha256": (manifest.get("calibration") or {}).get("sha256"),
+            "rotation": manifest.get("rotation")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-seqlen", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--rotate-seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "rotate.json")
+    args = parser.parse_args()
+    set_quiet(True)
+
+    fp16 = evaluation.evaluate_perplexity(assets.bundled_model_dir(), max_tokens=args.eval_tokens)
+    work = Path(tempfile.mkdtemp(prefix="compress-rotate-bench-"))
+    rows: dict = {}
+
+    def save() -> None:  # after every measurement, so an interrupted run keeps its numbers
+        write_report(args.json, "rotate", args, fp16, rotate_seed=args.rotate_seed,
+                     settings=rows)
+
+    for name in args.settings.split(","):
+        bits, group = SETTINGS[name]
+        row = rows[name] = {}
+        for method in args.methods.split(","):
+            for rotated in (False, True):
+                label = method + ("+rotate" if rotated else "")
+                out = work / f"{method}-{'rot-' if rotated else ''}{name}"
+                r = row[label] = quantize(method, bits, group, rotated, out, args)
+                print(f"{name} {label:12s} ppl {r['ppl']:9.3f}  KL {r['kl_mean']:.4f} "
+                      f"(p99 {r['kl_p99']:.3f})  top-1 {r['top1_agreement']:.2%}  "
+                      f"{r['seconds']:5.0f} s", flush=True)
+                save()
+    print(f"fp16 ppl {fp16.ppl:.3f}; wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
