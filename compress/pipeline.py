@@ -160,6 +160,12 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
             status(announce)
         if rotations is not None and rotations.skipped:
             status(f"rotation: {rotations.skipped}; only each head's values are rotated")
+        if rotations is not None and recipe.method in ("rtn", "awq"):
+            # measured on the bundled model: rotation doubled RTN's KL at W4 and collapsed
+            # W3, while it lowered GPTQ's (docs/figures.md, benchmarks/results/rotate.json)
+            status(f"note: --rotate with {recipe.method} rounds without seeing the "
+                   "activations and was worse than no rotation in our measurements; "
+                   "use --method gptq or awq+gptq with it")
         return state
 
     state = ctx.decide(open_partial)

@@ -222,6 +222,7 @@ def test_rotate_flag_and_recipe_key(tiny_llama, tmp_path):
                           "--group-size", "32", "--no-eval", "--out", out)
     assert done.returncode == 0, done.stderr
     assert "rotation: residual stream by Hadamard 64" in done.stdout
+    assert "note: --rotate with rtn" in done.stderr  # measured worse: the user is told
     recipe = Recipe.from_yaml(out / "recipe.yaml")
     assert recipe.rotate == RotationConfig("hadamard", 3)
     assert recipe.label == "rtn-w4g32-sym-hadamard"
