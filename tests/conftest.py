@@ -12,8 +12,10 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -95,6 +97,24 @@ def cli_subprocess(*args, cwd=None, env=None, merged=False) -> subprocess.Comple
                           stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT if merged else subprocess.PIPE,
                           text=True, cwd=cwd, env=full, timeout=600)
+
+
+def kill_after_layers(cmd: list[str], out: Path, layers: int, env: dict) -> None:
+    """Start `cmd` (a `compress quantize ... --out out`), kill -9 it once `layers` layers
+    are recorded in `<out>.partial/progress.json`, and wait for it to die."""
+    progress = out.with_name(out.name + ".partial") / "progress.json"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads(progress.read_text())["done"]) >= layers:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    assert proc.poll() is None, "finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def cli_in_process(*args, cwd=None, env=None) -> subprocess.CompletedProcess:

@@ -7,14 +7,12 @@ transformers with our logits and resumes to identical bytes.
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import ARCH_CASES, cli_in_process, exact_load
+from conftest import ARCH_CASES, cli_in_process, exact_load, kill_after_layers
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
@@ -245,29 +243,15 @@ def test_kill_9_mid_rotated_run_then_resume_is_bit_identical(tiny_factory, tmp_p
             "--calib-seqlen", "128", "--group-size", "64", "--no-eval", "-q"]
     env = {**os.environ, "COMPRESS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
-    def cli(*extra, wait=True):
-        cmd = [sys.executable, "-m", "compress.cli", *args, *extra]
-        if wait:
-            return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    def cli(*extra):
+        return subprocess.run([sys.executable, "-m", "compress.cli", *args, *extra], env=env,
+                              capture_output=True, text=True, timeout=600)
 
     clean = cli("--out", str(tmp_path / "clean"))
     assert clean.returncode == 0, clean.stderr
     out = tmp_path / "killed"
-    progress = tmp_path / "killed.partial" / pipeline.PROGRESS
-    proc = cli("--out", str(out), wait=False)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if len(json.loads(progress.read_text())["done"]) >= 3:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.02)
-    assert proc.poll() is None, "finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_layers([sys.executable, "-m", "compress.cli", *args, "--out", str(out)], out, 3,
+                      env)
     resumed = cli("--out", str(out))
     assert resumed.returncode == 0, resumed.stderr
     a = json.loads((tmp_path / "clean" / checkpoint.MANIFEST).read_text())["files"]
