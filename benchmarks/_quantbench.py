@@ -24,16 +24,25 @@ def run_child(cmd: list[str]) -> tuple[float, int]:
     return seconds, rss
 
 
-def quantize(method: str, bits: int, group: int, extra: list[str], out: Path,
-             calib_samples: int, calib_seqlen: int, eval_tokens: int,
-             model: str = assets.DEFAULT_MODEL) -> dict:
-    """`compress quantize` in a child process, then perplexity of what it wrote."""
+def quantize_command(method: str, bits: int, group: int, extra: list[str], out: Path,
+                     calib_samples: int, calib_seqlen: int,
+                     model: str = assets.DEFAULT_MODEL) -> list[str]:
+    """The `compress quantize` command line the benchmarks run (calibration flags only for
+    the methods that calibrate)."""
     cmd = [sys.executable, "-m", "compress.cli", "quantize", model, "--method", method,
            "--bits", str(bits), "--group-size", str(group), "--out", str(out), "--overwrite",
            "--no-eval", "-q", *extra]
     if method != "rtn":
         cmd += ["--calib-samples", str(calib_samples), "--calib-seqlen", str(calib_seqlen)]
-    seconds, rss = run_child(cmd)
+    return cmd
+
+
+def quantize(method: str, bits: int, group: int, extra: list[str], out: Path,
+             calib_samples: int, calib_seqlen: int, eval_tokens: int,
+             model: str = assets.DEFAULT_MODEL) -> dict:
+    """`compress quantize` in a child process, then perplexity of what it wrote."""
+    seconds, rss = run_child(quantize_command(method, bits, group, extra, out, calib_samples,
+                                              calib_seqlen, model))
     ppl = evaluation.evaluate_perplexity(out, max_tokens=eval_tokens)
     return {"seconds": seconds, "peak_rss_bytes": rss, "ppl": ppl.ppl}
 

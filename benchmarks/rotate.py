@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-from _quantbench import HERE, run_child, write_report
+from _quantbench import HERE, quantize_command, run_child, write_report
 
 from compress import assets, evaluation
 from compress.progress import set_quiet
@@ -29,15 +28,9 @@ METHODS = ("rtn", "gptq")  # gptq: static act-order, our default
 
 
 def quantize(method: str, bits: int, group: int, rotated: bool, out: Path, args) -> dict:
-    cmd = [sys.executable, "-m", "compress.cli", "quantize", assets.DEFAULT_MODEL,
-           "--method", method, "--bits", str(bits), "--group-size", str(group),
-           "--out", str(out), "--overwrite", "--no-eval", "-q"]
-    if rotated:
-        cmd += ["--rotate", "--rotate-seed", str(args.rotate_seed)]
-    if method != "rtn":
-        cmd += ["--calib-samples", str(args.calib_samples),
-                "--calib-seqlen", str(args.calib_seqlen)]
-    seconds, rss = run_child(cmd)
+    extra = ["--rotate", "--rotate-seed", str(args.rotate_seed)] if rotated else []
+    seconds, rss = run_child(quantize_command(method, bits, group, extra, out,
+                                              args.calib_samples, args.calib_seqlen))
     report = evaluation.evaluate(out, assets.bundled_model_dir(), max_tokens=args.eval_tokens)
     manifest = json.loads((out / "compress_manifest.json").read_text())
     m = report.match
