@@ -38,6 +38,7 @@ from compress.calibrate import layer as calibrate_layer
 from compress.calibrate import rotate
 from compress.errors import CompressError
 from compress.formats import checkpoint, manifest, pack_quantized
+from compress.memory import release_freed
 from compress.models import layers
 from compress.progress import on_interrupt, status, track
 from compress.quant import QuantScheme, rtn
@@ -287,6 +288,7 @@ def _quantize_layers(files: models.ModelFiles, recipe: Recipe, schemes: dict[str
             bar.set_postfix_str(f"max rel. error {max(measured):.4f}")
         del computed, following
         files.tensors.release()  # else every layer read so far stays mapped, and resident
+        release_freed()
     return weight_map, resumed
 
 
@@ -500,6 +502,7 @@ class _CalibratedLayers:
         device = self.ctx.device
         # built on the CPU from the memory-mapped source (refuses NaN/Inf), then moved
         layer = models.build_layer(self.files, i, torch.float32)
+        self.files.tensors.release()  # the float32 copy is built: unmap the source's pages
         prefix = self.files.arch.layer_prefix(i)
         if self.rotations is not None:  # on the CPU, before the layer moves
             params = dict(layer.named_parameters())

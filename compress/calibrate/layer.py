@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from compress.distributed import Context
+from compress.memory import release_freed
 from compress.models import Architecture, Fold
 from compress.models.layers import SparseMLP
 from compress.quant import QuantizedWeight, QuantScheme, gptq, rtn
@@ -173,6 +174,7 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
             group = _Group(layer, prefix, todo, schemes, scale_dtype, quantized, log, ctx)
             group.routed = arch.is_expert(todo[0])
             round_group(group, inputs, recipe)
+            release_freed()  # each group's temporaries, else kept by the heap (see memory.py)
 
     capture.true_sequential(layer, forward, chunks, groups, on_group, memory_budget)
     return quantized, log

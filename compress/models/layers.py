@@ -411,10 +411,11 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, rope: RopeTables, start: int | torch.Tensor = 0,
                 cache: KVCache | None = None) -> torch.Tensor:
         attn_norm, attn_out, mlp_norm, mlp_out = self._places
-        h = getattr(self, self._attn)(self._norm(attn_norm, x), rope, start, cache)
-        x = x + self._norm(attn_out, h)
-        h = getattr(self, self._mlp)(self._norm(mlp_norm, x))
-        return x + self._norm(mlp_out, h)
+        # no local keeps the attention's output alive through the MLP: calibration pauses
+        # this forward at every MLP group (each expert), per chunk of samples
+        x = x + self._norm(attn_out, getattr(self, self._attn)(self._norm(attn_norm, x), rope,
+                                                               start, cache))
+        return x + self._norm(mlp_out, getattr(self, self._mlp)(self._norm(mlp_norm, x)))
 
     def part_rows(self, linear: str, part: str) -> slice:
         """Rows of a fused projection (named from the layer) that hold `part`."""
