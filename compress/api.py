@@ -84,6 +84,9 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: str | Path | None, 
         data.load_tokenizer(files.path, "evaluating the checkpoint",
                             "pass --no-eval to quantise without evaluating")
     notes = None
+    if recipe.rounding == "signround" and workers.world > 1:
+        raise CompressError("--method signround learns each layer in one process; drop "
+                            "--workers (or run without torchrun)")
     if target_bits is not None and workers.world > 1:
         raise CompressError("--target-bits measures sensitivity in one process; drop "
                             "--workers (or run without torchrun)")

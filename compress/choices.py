@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-# awq: AWQ scaling and clipping, then RTN; awq+gptq: AWQ scaling, then GPTQ rounding.
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+# awq: AWQ scaling and clipping, then RTN; awq+gptq: AWQ scaling, then GPTQ rounding;
+# signround: rounding offsets and ranges learned per layer by signed gradient descent.
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "signround")
 # The settings `quantize --target-bits` may give each Linear (sensitivity.Option labels).
 MIXED_OPTIONS = ("w3g128", "w3g64", "w3g32", "w4g128", "w4g64", "w4g32", "w8")
 EVAL_CTX = 512  # compress.evals.DEFAULT_CTX

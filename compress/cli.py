@@ -136,6 +136,11 @@ def quantize(
         help="AWQ: scale exponents tried per group (alpha = 0, 1/N, ...).")] = 20,
     awq_clip: Annotated[bool, typer.Option(
         help="AWQ: search per-group clipping ranges after scaling.")] = True,
+    signround_iters: Annotated[int, typer.Option(
+        help="signround: signed-gradient steps per layer (each a forward and backward of "
+        "the layer on --signround-batch samples).")] = 200,
+    signround_batch: Annotated[int, typer.Option(
+        help="signround: calibration samples per step.")] = 8,
     rotate: Annotated[bool, typer.Option(
         "--rotate", help="Fold seeded randomised Hadamard rotations into the weights first "
         "(the residual stream and each head's values; the model computes the same "
@@ -205,6 +210,7 @@ def quantize(
     from compress.quant.awq import AWQConfig
     from compress.quant.gptq import GPTQConfig
     from compress.quant.rotate import RotationConfig
+    from compress.quant.signround import SignRoundConfig
     from compress.recipe import CalibrationConfig, Recipe
 
     if recipe is not None:
@@ -215,7 +221,9 @@ def quantize(
                                       static_groups=static_groups, mse_clip=mse_clip),
                       awq=AWQConfig(grid=awq_grid, clip=awq_clip),
                       calibration=CalibrationConfig(calib_samples, calib_seqlen, seed,
-                                                    expert_tokens))
+                                                    expert_tokens),
+                      signround=SignRoundConfig(iters=signround_iters,
+                                                batch=signround_batch))
     if rotate:
         spec = dataclasses.replace(spec, rotate=RotationConfig("hadamard", rotate_seed))
     try:

@@ -32,8 +32,9 @@ from compress.quant import QuantScheme
 from compress.quant.awq import AWQConfig
 from compress.quant.gptq import GPTQConfig
 from compress.quant.rotate import RotationConfig
+from compress.quant.signround import SignRoundConfig
 
-CALIBRATED_METHODS = ("gptq", "awq", "awq+gptq")
+CALIBRATED_METHODS = ("gptq", "awq", "awq+gptq", "signround")
 RECIPE_VERSION = 1
 
 
@@ -98,6 +99,7 @@ class Recipe:
     awq: AWQConfig = field(default_factory=AWQConfig)
     # Rotations folded into the weights before any method runs (compress/calibrate/rotate.py)
     rotate: RotationConfig = field(default_factory=RotationConfig)
+    signround: SignRoundConfig = field(default_factory=SignRoundConfig)
 
     @property
     def calibrated(self) -> bool:
@@ -109,7 +111,9 @@ class Recipe:
 
     @property
     def rounding(self) -> str:
-        """How weights are finally rounded: "gptq" or "rtn"."""
+        """How weights are finally rounded: "gptq", "signround" or "rtn"."""
+        if self.method == "signround":
+            return "signround"
         return "gptq" if self.method.endswith("gptq") else "rtn"
 
     def __post_init__(self) -> None:
@@ -152,6 +156,8 @@ class Recipe:
             data["awq"] = self.awq.to_dict()
         if self.rounding == "gptq":
             data["gptq"] = self.gptq.to_dict()
+        if self.rounding == "signround":
+            data["signround"] = self.signround.to_dict()
         if self.calibrated:
             data["calibration"] = self.calibration.to_dict()
         if self.rotate.enabled:  # absent otherwise: earlier recipes (and runs) stay as they were
@@ -167,7 +173,7 @@ class Recipe:
             raise CompressError(f"{source} must be a mapping with keys method, scheme, ignore, "
                                 "overrides")
         allowed = {"version", "method", "scheme", "ignore", "overrides", "gptq", "awq",
-                   "calibration", "rotate"}
+                   "calibration", "rotate", "signround"}
         unknown = set(data) - allowed
         if unknown:  # YAML keys may be numbers or null too: sorted as text
             raise CompressError(f"{source}: unknown keys {sorted(unknown, key=str)}; allowed: "
@@ -202,8 +208,9 @@ class Recipe:
         if isinstance(rotation, str):  # `rotate: hadamard`, seed 0
             rotation = {"kind": rotation}
         rotate = _section(RotationConfig, rotation, f"{source}: rotate")
+        signround = _section(SignRoundConfig, data.get("signround", {}), f"{source}: signround")
         return cls(method, scheme, tuple(ignore), tuple(overrides), gptq, calibration, awq,
-                   rotate)
+                   rotate, signround)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:

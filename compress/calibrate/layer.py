@@ -19,7 +19,7 @@ from compress.models.layers import SparseMLP
 from compress.quant import QuantizedWeight, QuantScheme, gptq, rtn
 from compress.recipe import Recipe
 
-from . import awq, capture
+from . import awq, capture, signround
 
 CALIB_BATCH = 8  # calibration samples per forward chunk
 # An expert routed fewer calibration tokens than this is rounded to nearest instead of by
@@ -135,6 +135,27 @@ def _round_uncovered(group: _Group, acc: gptq.HessianAccumulator) -> None:
                              f"{MIN_EXPERT_TOKENS} for GPTQ")
 
 
+def _placing(learned: dict[str, QuantizedWeight], losses: dict[str, float]
+             ) -> Callable[[_Group, Iterator[torch.Tensor], Recipe], None]:
+    """The rounding step of learned rounding: the group's weights were learned with the
+    whole layer beforehand; each is put in place and its output error measured, like
+    GPTQ's, on the inputs it now sees."""
+
+    def place(group: _Group, inputs: Iterator[torch.Tensor], recipe: Recipe) -> None:
+        acc = gptq.HessianAccumulator(group.modules[0].in_features, group.device)
+        for x in inputs:
+            acc.add(x)
+        hessian = acc.hessian() if acc.n else None
+        for i, module in enumerate(group.modules):
+            weight = learned[group.names[i]]
+            error = (None if hessian is None else gptq.relative_output_error(
+                module.weight, weight.to(group.device).dequantize(), hessian))
+            group.replace(i, weight, relative_error=error, tokens=acc.n,
+                          layer_loss_rtn=losses["rtn"], layer_loss=losses["learned"])
+
+    return place
+
+
 ROUNDINGS: dict[str, Callable[[_Group, Iterator[torch.Tensor], Recipe], None]] = {
     "rtn": round_to_nearest,
     "gptq": round_gptq,
@@ -166,7 +187,14 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
         log = awq.transform(layer, forward, chunks, arch, groups, folds, prefix, schemes,
                             recipe.awq, scale_dtype, MIN_EXPERT_TOKENS, ctx)
     quantized: dict[str, QuantizedWeight] = {}
-    round_group = ROUNDINGS[recipe.rounding]
+    if recipe.rounding == "signround":
+        mine = {n: s for n, s in ((n, schemes.get(prefix + n)) for g in groups for n in g)
+                if s is not None}
+        learned, losses = signround.learn_layer(layer, forward, x, mine, recipe.signround,
+                                                scale_dtype, recipe.calibration.seed)
+        round_group = _placing(learned, losses)
+    else:
+        round_group = ROUNDINGS[recipe.rounding]
 
     def on_group(names: tuple[str, ...], inputs: Iterator[torch.Tensor]) -> None:
         todo = [n for n in names if prefix + n in schemes]

@@ -29,12 +29,12 @@ def qparams(
     w = w.to(torch.float32)
     lo = w.amin(dim=-1).clamp(max=0)
     hi = w.amax(dim=-1).clamp(min=0)
-    scale, zero = _range_qparams(lo, hi, bits, symmetric, scale_dtype)
+    scale, zero = range_qparams(lo, hi, bits, symmetric, scale_dtype)
     if not mse_clip:
         return scale, zero
     best = _clip_error(w, scale, zero, bits)
     for shrink in torch.arange(0.99, 0.19, -0.01).tolist():
-        s, z = _range_qparams(lo * shrink, hi * shrink, bits, symmetric, scale_dtype)
+        s, z = range_qparams(lo * shrink, hi * shrink, bits, symmetric, scale_dtype)
         err = _clip_error(w, s, z, bits)
         better = err < best
         best = torch.where(better, err, best)
@@ -44,7 +44,7 @@ def qparams(
     return scale, zero
 
 
-def _range_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+def range_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
                    scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     if symmetric:
         amax = torch.maximum(-lo, hi)
@@ -101,9 +101,17 @@ def quantize(
     weight: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype = torch.float16
 ) -> QuantizedWeight:
     """Round-to-nearest quantisation of a Linear weight [out, in]."""
-    out_features, in_features = weight.shape
     groups = grouped(weight.to(torch.float32), scheme.group_size)  # [out, G, gs]
     scale, zero = qparams(groups, scheme.bits, scheme.symmetric, scale_dtype)  # [out, G]
+    return pack_grouped(groups, scale, zero, scheme, weight.shape[1], scale_dtype)
+
+
+def pack_grouped(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 scheme: QuantScheme, in_features: int,
+                 scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
+    """Grouped weights [out, G, gs] rounded on the given (stored) scales [out, G] and
+    unsigned zero points, packed; the padding of a partial last group dropped."""
+    out_features = groups.shape[0]
     codes = quantize_codes(groups, scale.unsqueeze(-1),
                            None if zero is None else zero.unsqueeze(-1), scheme.bits)
     codes = codes.reshape(out_features, -1)[:, :in_features].to(torch.int8)

@@ -1,0 +1,93 @@
+"""Learned rounding of one decoder layer (SignRound; the math is compress.quant.signround).
+
+The unquantised layer's outputs on the calibration activations are the target. Every
+quantised Linear of the layer gets a `LearnedRounding` parametrization, so the layer's own
+forward runs on fake-quantised weights; each step takes a random batch of samples,
+measures the mean squared error against the target, and moves every offset and range
+factor by a signed step. The parameters of the step with the lowest loss are kept (as
+auto-round does), and each Linear is packed with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from compress.kernels import QuantizedWeight
+from compress.progress import track
+from compress.quant import QuantScheme
+from compress.quant.signround import LearnedRounding, SignRoundConfig, signed_step
+
+
+def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
+                x: torch.Tensor, schemes: dict[str, QuantScheme], cfg: SignRoundConfig,
+                scale_dtype: torch.dtype, seed: int, chunk: int = 8,
+                ) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
+    """Packed weights for the Linears named in `schemes` (names within `layer`), learned on
+    the activations x (N, S, D) entering the layer. Returns them with the layer-output
+    losses (mean squared error on every sample) with plain RTN and with the learned
+    rounding. The layer's weights are left as they were."""
+    with torch.no_grad():
+        targets = torch.cat([forward(part) for part in x.split(chunk)])
+    roundings = _attach(layer, schemes, scale_dtype)
+    try:
+        params = [p for r in roundings.values() for p in r.params()]
+        rtn_loss = _loss(forward, x, targets, chunk)
+        best_loss, best = float("inf"), _snapshot(params)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in track(range(cfg.iters), desc="signround steps", unit="step"):
+            pick = torch.randperm(x.shape[0], generator=gen)[:cfg.batch].to(x.device)
+            with torch.enable_grad():
+                loss = torch.nn.functional.mse_loss(forward(x[pick]), targets[pick])
+                loss.backward()
+            value = loss.detach().item()
+            if value < best_loss:  # the parameters that made this loss: keep them
+                best_loss, best = value, _snapshot(params)
+            signed_step(params, cfg.step)
+            for r in roundings.values():
+                r.clamp_()
+        _restore(params, best)
+        learned_loss = _loss(forward, x, targets, chunk)
+        packed = {name: r.quantize(_original(layer, name)) for name, r in roundings.items()}
+    finally:
+        for name in roundings:
+            parametrize.remove_parametrizations(layer.get_submodule(name), "weight",
+                                                leave_parametrized=False)
+    return packed, {"rtn": rtn_loss, "learned": learned_loss}
+
+
+def _attach(layer: nn.Module, schemes: dict[str, QuantScheme], scale_dtype: torch.dtype
+            ) -> dict[str, LearnedRounding]:
+    roundings = {}
+    for name, scheme in schemes.items():
+        linear = layer.get_submodule(name)
+        linear.weight.requires_grad_(False)
+        rounding = LearnedRounding(linear.weight, scheme, scale_dtype)
+        parametrize.register_parametrization(linear, "weight", rounding, unsafe=True)
+        roundings[name] = rounding
+    return roundings
+
+
+def _original(layer: nn.Module, name: str) -> torch.Tensor:
+    return layer.get_submodule(name).parametrizations.weight.original
+
+
+@torch.no_grad()
+def _loss(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+          targets: torch.Tensor, chunk: int) -> float:
+    total = sum(float(((forward(a) - b) ** 2).sum())
+                for a, b in zip(x.split(chunk), targets.split(chunk), strict=True))
+    return total / targets.numel()
+
+
+def _snapshot(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+@torch.no_grad()
+def _restore(params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> None:
+    for p, v in zip(params, values, strict=True):
+        p.copy_(v)

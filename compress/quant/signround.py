@@ -1,0 +1,130 @@
+"""Learned rounding (SignRound, Cheng et al. 2023, the method behind Intel's auto-round).
+
+Each weight rounds as round(w / s + v) instead of round(w / s): a learned offset v in
+[-0.5, 0.5] per weight may flip it to the other neighbouring grid point, and learned
+factors in [0.5, 1] shrink each group's range (clipping). Both are trained by signed
+gradient descent to make a whole decoder layer's output, computed with every Linear
+fake-quantised, match the unquantised layer's on the calibration tokens; rounding goes
+through a straight-through estimator. The layer loop is `compress.calibrate.signround`;
+this module holds the per-Linear math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+from compress.kernels import QuantizedWeight
+
+from . import rtn
+from .scheme import QuantScheme
+
+MIN_RANGE = 0.5  # the smallest range factor; auto-round's bound too
+
+
+@dataclass(frozen=True)
+class SignRoundConfig:
+    """iters: signed-gradient steps per decoder layer; lr: the step size (None: 1/iters,
+    so that v can travel its whole range); batch: calibration samples per step."""
+
+    iters: int = 200
+    lr: float | None = None
+    batch: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("iters", "batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CompressError(f"signround {name} must be a positive integer, "
+                                    f"got {value!r}")
+        if self.lr is not None and (isinstance(self.lr, bool)
+                                    or not isinstance(self.lr, (int, float))
+                                    or not 0 < self.lr <= 1):
+            raise CompressError(f"signround lr must be in (0, 1], got {self.lr!r}")
+
+    @property
+    def step(self) -> float:
+        return 1.0 / self.iters if self.lr is None else float(self.lr)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+class LearnedRounding(nn.Module):
+    """A weight parametrization (torch.nn.utils.parametrize): the weight it receives comes
+    out fake-quantised under the learned offsets and range factors, differentiably."""
+
+    def __init__(self, weight: torch.Tensor, scheme: QuantScheme,
+                 scale_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.scheme, self.scale_dtype = scheme, scale_dtype
+        self.in_features = weight.shape[1]
+        groups = rtn.grouped(weight.detach().to(torch.float32), scheme.group_size)
+        self.offsets = nn.Parameter(torch.zeros_like(groups))
+        self.max_factor = nn.Parameter(torch.ones(groups.shape[:2], device=weight.device))
+        self.min_factor = (None if scheme.symmetric else
+                           nn.Parameter(torch.ones(groups.shape[:2], device=weight.device)))
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in (self.offsets, self.max_factor, self.min_factor) if p is not None]
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.offsets.clamp_(-0.5, 0.5)
+        for factor in (self.max_factor, self.min_factor):
+            if factor is not None:
+                factor.clamp_(MIN_RANGE, 1.0)
+
+    def _range(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = groups.amin(dim=-1).clamp(max=0)
+        hi = groups.amax(dim=-1).clamp(min=0)
+        if self.min_factor is None:  # symmetric: one range, from the larger side
+            amax = torch.maximum(-lo, hi) * self.max_factor
+            return -amax, amax
+        return lo * self.min_factor, hi * self.max_factor
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        bits = self.scheme.bits
+        groups = rtn.grouped(weight.to(torch.float32), self.scheme.group_size)
+        lo, hi = self._range(groups)
+        if self.scheme.symmetric:
+            scale = (hi / (1 << (bits - 1))).clamp(min=1e-12).unsqueeze(-1)
+            q = torch.clamp(_round_ste(groups / scale + self.offsets),
+                            -(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+            deq = q * scale
+        else:
+            scale = ((hi - lo) / ((1 << bits) - 1)).clamp(min=1e-12).unsqueeze(-1)
+            zero = torch.clamp(_round_ste(-lo.unsqueeze(-1) / scale), 0, (1 << bits) - 1)
+            q = torch.clamp(_round_ste(groups / scale + self.offsets) + zero, 0, (1 << bits) - 1)
+            deq = (q - zero) * scale
+        return deq.reshape(weight.shape[0], -1)[:, :self.in_features].to(weight.dtype)
+
+    @torch.no_grad()
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        """The packed weight: scales rounded to the checkpoint dtype first (as RTN does),
+        then each weight rounded with its offset on them."""
+        groups = rtn.grouped(weight.to(torch.float32), self.scheme.group_size)
+        lo, hi = self._range(groups)
+        scale, zero = rtn.range_qparams(lo, hi, self.scheme.bits, self.scheme.symmetric,
+                                        self.scale_dtype)
+        shifted = groups + self.offsets * scale.unsqueeze(-1)  # round(w/s + v) = round((w + v s)/s)
+        return rtn.pack_grouped(shifted, scale, zero, self.scheme, self.in_features,
+                                self.scale_dtype)
+
+
+def signed_step(params: list[nn.Parameter], lr: float) -> None:
+    """p -= lr * sign(grad): every parameter moves by the same amount, whatever the scale
+    of its gradient (the update SignRound is named for)."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.sub_(lr * torch.sign(p.grad))
+                p.grad = None
