@@ -86,7 +86,9 @@ def true_sequential(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Te
     never reaches the group, e.g. an expert no token of it is routed to, gives none).
     `on_group` may replace the group's weights; the chunks' forwards continue with them.
     `memory_budget` bounds the bytes of suspended forwards (estimated as each one's
-    group input plus twice its chunk: the residual stream and one more of its width).
+    group input plus three times its chunk: the residual stream, the normed input and a
+    mixture of experts' output accumulator; counted from the live tensors of a Mixtral
+    layer paused at each expert).
     """
     index = {name: i for i, group in enumerate(groups) for name in group}
     finished = len(groups)
@@ -114,7 +116,7 @@ def true_sequential(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Te
         return run
 
     def resident_bytes() -> int:
-        return sum(r.input.nbytes + 2 * chunks[i].nbytes for i, r in enumerate(runs)
+        return sum(r.input.nbytes + 3 * chunks[i].nbytes for i, r in enumerate(runs)
                    if r is not None and r.input is not None)
 
     def inputs_of(k: int) -> Iterator[torch.Tensor]:

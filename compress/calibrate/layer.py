@@ -139,19 +139,24 @@ def _placing(learned: dict[str, QuantizedWeight], losses: dict[str, float]
              ) -> Callable[[_Group, Iterator[torch.Tensor], Recipe], None]:
     """The rounding step of learned rounding: the group's weights were learned with the
     whole layer beforehand; each is put in place and its output error measured, like
-    GPTQ's, on the inputs it now sees."""
+    GPTQ's, on the inputs it now sees. An expert under the token minimum is rounded to
+    nearest instead (offsets learned from a handful of tokens fit only those)."""
 
     def place(group: _Group, inputs: Iterator[torch.Tensor], recipe: Recipe) -> None:
         acc = gptq.HessianAccumulator(group.modules[0].in_features, group.device)
         for x in inputs:
             acc.add(x)
-        hessian = acc.hessian() if acc.n else None
+        if group.routed and acc.n < MIN_EXPERT_TOKENS:
+            _round_uncovered(group, acc)
+            return
+        hessian = acc.hessian()
+        routed = {"rounding": "signround"} if group.routed else {}
         for i, module in enumerate(group.modules):
             weight = learned[group.names[i]]
-            error = (None if hessian is None else gptq.relative_output_error(
-                module.weight, weight.to(group.device).dequantize(), hessian))
+            error = gptq.relative_output_error(module.weight,
+                                               weight.to(group.device).dequantize(), hessian)
             group.replace(i, weight, relative_error=error, tokens=acc.n,
-                          layer_loss_rtn=losses["rtn"], layer_loss=losses["learned"])
+                          layer_loss_rtn=losses["rtn"], layer_loss=losses["learned"], **routed)
 
     return place
 

@@ -16,10 +16,13 @@ from compress import data, models, pipeline
 from compress.calibrate.layer import MIN_EXPERT_TOKENS
 from compress.models.layers import SparseMLP
 from compress.quant import QuantScheme
+from compress.quant.signround import SignRoundConfig
 from compress.recipe import CalibrationConfig, Recipe
 
 CALIB = CalibrationConfig(samples=8, seqlen=64, seed=0)
 GPTQ = Recipe("gptq", QuantScheme(4, 32, True), calibration=CALIB)
+SIGNROUND = Recipe("signround", QuantScheme(4, 32, True), calibration=CALIB,
+                   signround=SignRoundConfig(iters=5, batch=4))
 EXPERTS = ARCH_CASES["mixtral"]["num_local_experts"]
 
 
@@ -74,10 +77,11 @@ def never_expert_3(monkeypatch):
     return lambda: monkeypatch.setattr(SparseMLP, "route", original)
 
 
+@pytest.mark.parametrize("recipe", [GPTQ, SIGNROUND], ids=["gptq", "signround"])
 def test_an_expert_no_token_reaches_is_rounded_to_nearest_and_reported(
-        tiny_mixtral, tmp_path, never_expert_3):
+        tiny_mixtral, tmp_path, never_expert_3, recipe):
     out = tmp_path / "q"
-    result = pipeline.quantize(tiny_mixtral, GPTQ, out)
+    result = pipeline.quantize(tiny_mixtral, recipe, out)
     log = json.loads((out / pipeline.QUANT_LOG).read_text())
     for layer in range(2):
         expert = f"model.layers.{layer}.block_sparse_moe.experts.3"
@@ -88,7 +92,7 @@ def test_an_expert_no_token_reaches_is_rounded_to_nearest_and_reported(
             assert entry["rounding"] == "rtn" and "under the minimum" in entry["reason"]
         others = [log["experts"][f"model.layers.{layer}.block_sparse_moe.experts.{e}"]
                   for e in range(3)]
-        assert all(c["rounding"] == "gptq" and c["tokens"] >= MIN_EXPERT_TOKENS
+        assert all(c["rounding"] == recipe.rounding and c["tokens"] >= MIN_EXPERT_TOKENS
                    for c in others)
     assert log["expert_min_tokens"] == MIN_EXPERT_TOKENS
     assert result.experts["model.layers.0.block_sparse_moe.experts.3"]["rounding"] == "rtn"
