@@ -1,8 +1,10 @@
-"""RTN and GPTQ with and without `--rotate` on the bundled model: perplexity, KL and top-1
-agreement against the unquantised model, quantisation wall time.
+"""RTN and GPTQ (and learned rounding) with and without `--rotate` on the bundled model:
+perplexity, KL and top-1 agreement against the unquantised model, quantisation wall time.
 
     python benchmarks/rotate.py [--calib-samples 128] [--calib-seqlen 512]
                                 [--eval-tokens 16384] [--settings w4g128,w3g128,w2g64]
+                                [--methods rtn,gptq,signround] [--variants plain,rotate]
+                                [--signround-iters 200] [--signround-batch 8]
 
 One run, side by side: each quantisation is a timed child process (`compress quantize
 ... --no-eval`, peak RSS from wait4), every calibrated run uses the same calibration
@@ -24,11 +26,15 @@ from compress import assets, evaluation
 from compress.progress import set_quiet
 
 SETTINGS = {"w4g128": (4, 128), "w3g128": (3, 128), "w2g64": (2, 64)}  # symmetric
-METHODS = ("rtn", "gptq")  # gptq: static act-order, our default
+METHODS = ("rtn", "gptq", "signround")  # gptq: static act-order, our default
+VARIANTS = ("plain", "rotate")
 
 
 def quantize(method: str, bits: int, group: int, rotated: bool, out: Path, args) -> dict:
     extra = ["--rotate", "--rotate-seed", str(args.rotate_seed)] if rotated else []
+    if method == "signround":
+        extra += ["--signround-iters", str(args.signround_iters),
+                  "--signround-batch", str(args.signround_batch)]
     seconds, rss = run_child(quantize_command(method, bits, group, extra, out,
                                               args.calib_samples, args.calib_seqlen))
     report = evaluation.evaluate(out, assets.bundled_model_dir(), max_tokens=args.eval_tokens)
@@ -46,7 +52,10 @@ def main() -> None:
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--settings", default=",".join(SETTINGS))
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default="rtn,gptq", help=f"among {','.join(METHODS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--signround-iters", type=int, default=200)
+    parser.add_argument("--signround-batch", type=int, default=8)
     parser.add_argument("--rotate-seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=HERE / "results" / "rotate.json")
     args = parser.parse_args()
@@ -58,13 +67,14 @@ def main() -> None:
 
     def save() -> None:  # after every measurement, so an interrupted run keeps its numbers
         write_report(args.json, "rotate", args, fp16, rotate_seed=args.rotate_seed,
+                     signround={"iters": args.signround_iters, "batch": args.signround_batch},
                      settings=rows)
 
     for name in args.settings.split(","):
         bits, group = SETTINGS[name]
         row = rows[name] = {}
         for method in args.methods.split(","):
-            for rotated in (False, True):
+            for rotated in [v == "rotate" for v in args.variants.split(",")]:
                 label = method + ("+rotate" if rotated else "")
                 out = work / f"{method}-{'rot-' if rotated else ''}{name}"
                 r = row[label] = quantize(method, bits, group, rotated, out, args)
