@@ -48,6 +48,7 @@ def quantize(
     options: tuple[sensitivity.Option, ...] = sensitivity.DEFAULT_OPTIONS,
     allow_pickle: bool = False,
     device: str = "auto",
+    save_activations: int = 1,
 ) -> QuantizeSummary:
     """Quantise, then (optionally) measure perplexity before and after on held-out text.
 
@@ -61,11 +62,15 @@ def quantize(
     allocation.json: the sensitivity table and the choice).
 
     `allow_pickle`: a model with only `pytorch_model.bin` weights is first converted to a
-    safetensors copy in the cache with torch's weights-only loader."""
+    safetensors copy in the cache with torch's weights-only loader.
+
+    `save_activations`: save the inputs of every Nth layer for resuming (1: every layer,
+    the default; 0: never), `pipeline.quantize`'s setting."""
     workers = distributed.init(device)
     try:
         return _quantize(model, recipe, out, overwrite, resume, calibration_data, evaluate,
-                         eval_tokens, ctx, target_bits, options, allow_pickle, workers)
+                         eval_tokens, ctx, target_bits, options, allow_pickle, workers,
+                         save_activations)
     finally:
         workers.close(together=False)  # no-op after the close that ends a run
 
@@ -74,7 +79,7 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: str | Path | None, 
               resume: bool, calibration_data: str | Path | None, evaluate: bool,
               eval_tokens: int, ctx_len: int, target_bits: float | None,
               options: tuple[sensitivity.Option, ...], allow_pickle: bool,
-              workers: distributed.Context) -> QuantizeSummary:
+              workers: distributed.Context, save_activations: int = 1) -> QuantizeSummary:
     if allow_pickle:
         model = workers.decide(lambda: pickle_import.safetensors_copy(
             sources.resolve(model)[0], assets.cache_root()))
@@ -98,7 +103,7 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: str | Path | None, 
     plan = _plan(files.name, recipe, out, target_bits, eval_tokens if evaluate else None)
     result = pipeline.quantize(files, recipe, out, overwrite=overwrite, resume=resume,
                                calibration_data=calibration_data, notes=notes, announce=plan,
-                               ctx=workers)
+                               ctx=workers, save_activations=save_activations)
     workers.close()  # rank 0 evaluates alone; the others are done
     if not workers.leader:
         return QuantizeSummary(result, files.name, None, 0.0, {})

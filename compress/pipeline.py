@@ -11,10 +11,11 @@ methods (GPTQ) also carry the calibration activations from layer to layer:
     then run the whole quantised layer to get the next layer's inputs.
 
 Only one layer's weights and one copy of the activations are held at a time. After each
-layer, its shard, the next layer's inputs and `progress.json` are committed atomically in
-`<out>.partial/`; re-running the same command continues from there and produces the
-same bytes as an uninterrupted run. The finished directory appears at `<out>` with one
-rename.
+layer, its shard and `progress.json` are committed atomically in `<out>.partial/`, with
+the next layer's inputs every `save_activations` layers (every layer by default);
+re-running the same command continues from the last saved inputs (calibrating the
+finished layers after them again) and produces the same bytes as an uninterrupted run.
+The finished directory appears at `<out>` with one rename.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ QUANT_LOG = "quantization_log.json"
 # Test hook (tests/faults): a stage name here stops the process (SIGSTOP) when it gets there,
 # so a test can kill it at exactly that point. See `_pause_point` for the stage names.
 FAULT_PAUSE_ENV = "COMPRESS_FAULT_PAUSE_AT"
+# `save_activations`: save the next layer's inputs after every layer (the default), or never
+SAVE_EVERY_LAYER, SAVE_NEVER = 1, 0
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,8 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
              calibration_data: str | Path | None = None,
              notes: dict[str, object] | None = None,
              announce: str | None = None,
-             ctx: distributed.Context | None = None) -> QuantizeResult:
+             ctx: distributed.Context | None = None,
+             save_activations: int = SAVE_EVERY_LAYER) -> QuantizeResult:
     """Quantise `model` (opened, or a directory or bundled name) with `recipe` into
     directory `out`.
 
@@ -136,7 +140,17 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
 
     `ctx`: the device and, under torchrun or `--workers`, this process's rank
     (`compress.distributed`); default: one process on cuda when there is one, else cpu.
-    Every rank calls this; rank 0 alone writes, and its result is every rank's."""
+    Every rank calls this; rank 0 alone writes, and its result is every rank's.
+
+    `save_activations` (calibrated methods): save the inputs of every layer whose index is
+    a multiple of it for resuming (1: every layer; 0, SAVE_NEVER: none, they stay in
+    memory only). It does not change the checkpoint, nor what makes two runs the same: a
+    resumed run goes on from the last saved inputs, calibrating the finished layers
+    after them again (the same inputs and ops give the same bytes)."""
+    if isinstance(save_activations, bool) or not isinstance(save_activations, int) \
+            or save_activations < 0:
+        raise CompressError("save_activations must be a number of layers (0: never), "
+                            f"got {save_activations!r}")
     started = time.perf_counter()
     ctx = ctx or distributed.Context(distributed.resolve_device("auto"))
     out = Path(out)
@@ -172,12 +186,14 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     state = ctx.decide(open_partial)
 
     def kept() -> str:
+        again = ("" if calib is None or save_activations == SAVE_EVERY_LAYER else
+                 " (the layers after the last saved activations are calibrated again)")
         return (f"{len(state['done'])} of {files.num_layers} layers are kept in {partial}; "
-                "re-run the same command to resume")
+                f"re-run the same command to resume{again}")
 
     with on_interrupt(kept):
         weight_map, resumed = _quantize_layers(files, recipe, schemes, calib, partial, state,
-                                               ctx, rotations)
+                                               ctx, rotations, save_activations)
 
         def finish() -> dict[str, dict]:
             logs = _finish(files, recipe, schemes, calib, partial, state, weight_map,
@@ -229,15 +245,16 @@ def _result(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantSc
 
 def _quantize_layers(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],
                      calib: data.CalibrationSet | None, partial: Path, state: dict,
-                     ctx: distributed.Context, rotations: rotate.RotationPlan | None
-                     ) -> tuple[dict[str, str], int]:
+                     ctx: distributed.Context, rotations: rotate.RotationPlan | None,
+                     save_activations: int = SAVE_EVERY_LAYER) -> tuple[dict[str, str], int]:
     """Each decoder layer into its shard in `partial` (a layer an interrupted run finished
     is kept); returns the tensor -> shard map and the number of layers kept.
 
     With several processes, every rank calibrates each layer on its share of the samples
     and rank 0 alone writes; the others wait for it layer by layer. RTN needs no data, so
     rank 0 rounds every layer itself and the others only wait."""
-    layer_fn = (_CalibratedLayers(files, recipe, schemes, calib, partial, state, ctx, rotations)
+    layer_fn = (_CalibratedLayers(files, recipe, schemes, calib, partial, state, ctx, rotations,
+                                  save_activations)
                 if calib is not None else _RTNLayers(files, schemes, rotations))
     n_layers = files.num_layers
     n_shards = n_layers + 1
@@ -251,7 +268,7 @@ def _quantize_layers(files: models.ModelFiles, recipe: Recipe, schemes: dict[str
                 kept.append(i)
         return kept
 
-    kept = set(ctx.decide(kept_layers))
+    kept = set(ctx.decide(lambda: layer_fn.resumable(kept_layers())))
     weight_map: dict[str, str] = {}
     resumed = 0
     bar = track(range(n_layers), desc=f"quantize {recipe.method}", total=n_layers,
@@ -405,6 +422,10 @@ class _RTNLayers:
         qw = rtn.quantize(w, self.schemes[module], self.files.dtype)
         return pack_quantized.to_tensors(module, qw)
 
+    def resumable(self, done: list[int]) -> list[int]:
+        """Every finished layer is kept: each is rounded on its own."""
+        return done
+
     def commit(self, i: int, following: torch.Tensor | None) -> None:
         pass
 
@@ -429,7 +450,10 @@ def _stored(tensors: dict[str, torch.Tensor], files: models.ModelFiles,
 
 
 class _CalibratedLayers:
-    """Calibrated methods, layer by layer, on activations kept in `partial/activations-*`.
+    """Calibrated methods, layer by layer, carrying the activations from layer to layer.
+
+    The inputs of every `save_every`-th layer are saved in `partial/activations-*` for
+    resuming (none when it is 0); only the newest saved file is kept.
 
     Each layer and its inputs move to `ctx.device` to calibrate (Hessians and solves run
     there); packed results come back to the CPU to be written. The activations between
@@ -442,9 +466,11 @@ class _CalibratedLayers:
     def __init__(self, files: models.ModelFiles, recipe: Recipe,
                  schemes: dict[str, QuantScheme], calib: data.CalibrationSet, partial: Path,
                  state: dict, ctx: distributed.Context,
-                 rotations: rotate.RotationPlan | None = None):
+                 rotations: rotate.RotationPlan | None = None,
+                 save_every: int = SAVE_EVERY_LAYER):
         self.files, self.recipe, self.schemes, self.partial = files, recipe, schemes, partial
         self.calib, self.state, self.ctx, self.rotations = calib, state, ctx, rotations
+        self.save_every = save_every
         self.shares = ctx.shares(calib.samples.shape[0], calibrate_layer.CALIB_BATCH)
         self.share = self.shares[ctx.rank]
         self.rope = models.rotary(files, ctx.device)(0, calib.samples.shape[1])
@@ -452,6 +478,41 @@ class _CalibratedLayers:
 
     def _activations_file(self, i: int) -> Path:
         return self.partial / f"activations-{i:05d}.safetensors"
+
+    def _saves(self, i: int) -> bool:
+        """Whether layer i's inputs are saved (layer 0's are the embedding's: never)."""
+        return (0 < i < self.files.num_layers and self.save_every != SAVE_NEVER
+                and i % self.save_every == 0)
+
+    def _intact(self, i: int) -> bool:
+        """Layer i's saved inputs are on disk as progress.json records them."""
+        saved = self._activations_file(i)
+        expected = self.state.get("activations", {}).get(saved.name)
+        return (expected is not None and saved.is_file()
+                and saved.stat().st_size == expected["bytes"]
+                and expected == _file_record(saved))
+
+    def resumable(self, done: list[int]) -> list[int]:
+        """The finished layers a resumed run keeps (rank 0 decides): those before the last
+        layer whose inputs are saved intact, at most the first unfinished one (layer 0's
+        inputs are always at hand). The finished layers from there on are calibrated
+        again, which gives the same bytes by the determinism every resume rests on (same
+        inputs, same ops), rather than run forward from their shards, which would need a
+        second way to build a layer (dense float32 from packed codes) held bit-equal to
+        the calibration's forward. The price: up to `save_every` - 1 layers calibrated
+        twice on a resume."""
+        finished = next((i for i in range(self.files.num_layers) if i not in done),
+                        self.files.num_layers)
+        if finished == self.files.num_layers:
+            return list(range(finished))
+        start = next((i for i in range(finished, 0, -1) if self._intact(i)), 0)
+        keep = self._activations_file(start).name
+        self.state["activations"] = {k: v for k, v in self.state.get("activations", {}).items()
+                                     if k == keep}
+        if start < finished:
+            status(f"calibrating layers {start}-{finished - 1} again: their inputs were not "
+                   "saved (--save-activations)")
+        return list(range(start))
 
     def _place(self, x: torch.Tensor) -> torch.Tensor:
         """x on the device if it fits in a quarter of the device's free memory (the
@@ -533,9 +594,9 @@ class _CalibratedLayers:
         return tensors, log
 
     def gather(self, i: int) -> torch.Tensor | None:
-        """Every sample's inputs to layer i + 1 in order, on rank 0 (None elsewhere, and
-        after the last layer)."""
-        if i + 1 >= self.files.num_layers:
+        """Every sample's inputs to layer i + 1 in order, on rank 0, when they are to be
+        saved (None elsewhere, after the last layer, and between saves)."""
+        if not self._saves(i + 1):
             return None
         return self.ctx.gather_rows(self.hidden, self.shares)
 
@@ -548,9 +609,15 @@ class _CalibratedLayers:
         self.state.setdefault("activations", {})[saved.name] = _file_record(saved)
 
     def cleanup(self, i: int) -> None:
-        old = self._activations_file(i)
-        self.state.get("activations", {}).pop(old.name, None)
-        old.unlink(missing_ok=True)
+        """Once layer i is recorded done, every saved activations file but the newest goes
+        (a resume starts from the newest), with any a killed run left unrecorded."""
+        recorded = self.state.setdefault("activations", {})
+        newest = max(recorded, default=None)  # the names sort by layer
+        for name in [k for k in recorded if k != newest]:
+            del recorded[name]
+        for old in self.partial.glob("activations-*.safetensors"):
+            if old.name != newest:
+                old.unlink(missing_ok=True)
 
 
 def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],

@@ -194,3 +194,175 @@ def test_gptq_with_the_head_included_rounds_the_head_to_nearest(tiny_llama, tmp_
     expected = rtn.quantize(source.linear_weight("lm_head"), files.schemes["lm_head"],
                             torch.float32)
     assert torch.equal(files.linear_weight("lm_head").qweight, expected.qweight)
+
+
+# --save-activations: how often the next layer's inputs are saved for resuming
+
+@pytest.fixture(scope="module")
+def four_layers(tiny_factory, tmp_path_factory):
+    """(model, checkpoint) of the tiny Llama with 4 layers and one uninterrupted GPTQ run,
+    saving every layer's inputs (the default)."""
+    model = tiny_factory("llama", num_hidden_layers=4)
+    out = tmp_path_factory.mktemp("four") / "q"
+    pipeline.quantize(model, gptq_recipe(), out)
+    return model, out
+
+
+def saved_at_each_layer(monkeypatch) -> tuple[dict[int, list[str]], list[int]]:
+    """(layer -> the activations files in `<out>.partial` once the layer is finished and
+    the older files are deleted, the count of such files at every pause point)."""
+    seen: dict[int, list[str]] = {}
+    counts: list[int] = []
+    partial: list = []
+    real_cleanup = pipeline._CalibratedLayers.cleanup
+
+    def cleanup(self, i: int) -> None:
+        real_cleanup(self, i)
+        seen[i] = sorted(p.name for p in self.partial.glob("activations-*"))
+        partial.append(self.partial)
+
+    def pause(stage: str) -> None:
+        if partial:
+            counts.append(len(list(partial[0].glob("activations-*"))))
+
+    monkeypatch.setattr(pipeline._CalibratedLayers, "cleanup", cleanup)
+    monkeypatch.setattr(pipeline, "_pause_point", pause)
+    return seen, counts
+
+
+@pytest.mark.parametrize("every, expected, most", [
+    (1, {0: [1], 1: [2], 2: [3], 3: [3]}, 2),
+    (2, {0: [], 1: [2], 2: [2], 3: [2]}, 1),
+    (0, {0: [], 1: [], 2: [], 3: []}, 0),
+])
+def test_disk_holds_only_the_newest_activations_the_setting_saves(
+        four_layers, tmp_path, monkeypatch, every, expected, most):
+    model, clean = four_layers
+    seen, counts = saved_at_each_layer(monkeypatch)
+    pipeline.quantize(model, gptq_recipe(), tmp_path / "q", save_activations=every)
+    assert seen == {i: [f"activations-{j:05d}.safetensors" for j in names]
+                    for i, names in expected.items()}
+    # between saving a layer's inputs and deleting the older file, both are on disk
+    assert max(counts) == most
+    # the setting changes no byte of the checkpoint
+    a = json.loads((clean / checkpoint.MANIFEST).read_text())["files"]
+    assert json.loads((tmp_path / "q" / checkpoint.MANIFEST).read_text())["files"] == a
+
+
+@pytest.mark.parametrize("every, resumed", [(2, 2), (0, 0), (3, 3)])
+def test_resume_goes_on_from_the_last_saved_inputs_to_identical_files(
+        four_layers, tmp_path, monkeypatch, every, resumed):
+    """Interrupted once layer 2 is recorded done (3 layers finished): every 2 layers, the
+    saved inputs are layer 2's, so layers 0-1 are kept and layer 2 is calibrated again;
+    never, all are calibrated again; every 3, layer 3's inputs were saved. The files equal
+    the uninterrupted run's, which saved every layer's inputs."""
+    model, clean = four_layers
+    out = tmp_path / "q"
+
+    def stop(stage: str) -> None:
+        if stage == "layer-2-done":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_pause_point", stop)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.quantize(model, gptq_recipe(), out, save_activations=every)
+    state = json.loads((tmp_path / "q.partial" / pipeline.PROGRESS).read_text())
+    assert len(state["done"]) == 3
+    monkeypatch.setattr(pipeline, "_pause_point", lambda stage: None)
+    result = pipeline.quantize(model, gptq_recipe(), out, save_activations=every)
+    assert result.layers_resumed == resumed
+    a = json.loads((clean / checkpoint.MANIFEST).read_text())["files"]
+    assert json.loads((out / checkpoint.MANIFEST).read_text())["files"] == a
+
+
+def test_the_setting_may_change_between_a_run_and_its_resume(four_layers, tmp_path,
+                                                             monkeypatch):
+    """Saved every layer, resumed saving never: the saved inputs still serve."""
+    model, clean = four_layers
+    out = tmp_path / "q"
+
+    def stop(stage: str) -> None:
+        if stage == "layer-1-done":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_pause_point", stop)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.quantize(model, gptq_recipe(), out)
+    monkeypatch.setattr(pipeline, "_pause_point", lambda stage: None)
+    result = pipeline.quantize(model, gptq_recipe(), out, save_activations=0)
+    assert result.layers_resumed == 2
+    a = json.loads((clean / checkpoint.MANIFEST).read_text())["files"]
+    assert json.loads((out / checkpoint.MANIFEST).read_text())["files"] == a
+
+
+def test_damaged_saved_inputs_fall_back_to_older_ones_or_layer_0(four_layers, tmp_path,
+                                                                  monkeypatch):
+    """Stopped once layer 1 is recorded done, before layer 1's inputs were deleted: with
+    layer 2's damaged, the run goes on from layer 1's; with both damaged, from layer 0."""
+    model, clean = four_layers
+
+    def stop(stage: str) -> None:
+        if stage == "layer-1-done":
+            raise KeyboardInterrupt
+
+    for damaged, resumed in [((2,), 1), ((1, 2), 0)]:
+        out = tmp_path / f"q{resumed}"
+        monkeypatch.setattr(pipeline, "_pause_point", stop)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.quantize(model, gptq_recipe(), out)
+        for i in damaged:
+            saved = tmp_path / f"q{resumed}.partial" / f"activations-{i:05d}.safetensors"
+            saved.write_bytes(saved.read_bytes()[:-4] + b"\0\0\0\0")  # same size
+        monkeypatch.setattr(pipeline, "_pause_point", lambda stage: None)
+        result = pipeline.quantize(model, gptq_recipe(), out)
+        assert result.layers_resumed == resumed
+        a = json.loads((clean / checkpoint.MANIFEST).read_text())["files"]
+        assert json.loads((out / checkpoint.MANIFEST).read_text())["files"] == a
+
+
+@pytest.mark.parametrize("value", ["sometimes", "0", "-2", "2.5", ""])
+def test_a_bad_save_activations_value_is_one_error_line(tiny_llama, tmp_path, value):
+    from conftest import cli_in_process
+    from test_cli import assert_one_line_error
+
+    proc = cli_in_process("quantize", tiny_llama, "--method", "gptq", "--save-activations",
+                          value, "--out", tmp_path / "q", "--no-eval")
+    assert_one_line_error(proc, r"--save-activations .*: use every, never, or a number")
+    assert not (tmp_path / "q.partial").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["2", "never"])
+def test_kill_9_then_resume_with_fewer_saved_activations_is_bit_identical(
+        tiny_factory, tmp_path, setting):
+    model = tiny_factory("llama", num_hidden_layers=8, hidden_size=256, intermediate_size=512,
+                         num_attention_heads=8, num_key_value_heads=4)
+    args = ["quantize", str(model), "--method", "gptq", "--calib-samples", "16",
+            "--calib-seqlen", "128", "--group-size", "64", "--no-eval", "-q"]
+    env = {**os.environ, "COMPRESS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+    def cli(*extra):
+        return subprocess.run([sys.executable, "-m", "compress.cli", *args, *extra], env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    clean = cli("--out", str(tmp_path / "clean"))  # saving every layer's inputs
+    assert clean.returncode == 0, clean.stderr
+
+    out = tmp_path / "killed"
+    saving = ["--save-activations", setting]
+    kill_after_layers([sys.executable, "-m", "compress.cli", *args, *saving, "--out",
+                       str(out)], out, 3, env)
+    saved = sorted(p.name for p in tmp_path.glob("killed.partial/activations-*"))
+    # never: none; every 2 layers: layer 2's inputs, or layer 4's too if the kill came
+    # between writing those and deleting the older file
+    if setting == "never":
+        assert saved == []
+    else:
+        assert saved and set(saved) <= {"activations-00002.safetensors",
+                                        "activations-00004.safetensors"}
+
+    resumed = cli("--out", str(out), *saving)
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((tmp_path / "clean" / checkpoint.MANIFEST).read_text())["files"]
+    b = json.loads((out / checkpoint.MANIFEST).read_text())["files"]
+    assert a == b
