@@ -54,9 +54,22 @@ config groups. Calibration runs in float32 by default (CPU fp16 is very slow);
 the model is cast to float16 (the source dtype) before saving with save_compressed=True
 (compressed-tensors pack-quantized). Note llm-compressor's symmetric scale is
 absmax / ((2**b - 1) / 2), e.g. absmax / 7.5 at 4 bits.
+
+Mixture of experts (--moe-experts, see benchmarks/moe_peer.py): oneshot linearises the
+fused experts of transformers 5 (MixtralExperts' 3D gate_up_proj/down_proj) into one
+gate_proj/up_proj/down_proj Linear per expert, which the SMALL/DOWN targets match.
+"all" is llm-compressor's default (oneshot's moe_calibrate_all_experts=True: every expert
+runs on every token, only the routed outputs are kept); "routed" gives each expert only
+its routed tokens. The router (Mixtral's mlp.gate, a MixtralTopKRouter, not a Linear) is
+not targeted; --ignore adds it to the ignore list anyway, as `re:` patterns (default:
+lm_head only). The JSON records the sha256 of the ids file and of the ids the model's
+embedding actually saw (its LengthAwareSampler reorders equal-length samples, an unstable
+argsort: the same rows, another order, which GPTQ's summed Hessians do not see), and every
+module GPTQ compressed.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -149,12 +162,20 @@ def main() -> None:
     ap.add_argument("--save-dtype", choices=dtypes, default="float16",
                     help="cast to this before saving (scales, embeddings, norms); source is fp16")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--ignore", action="append", default=None,
+                    help="module name or re: pattern left unquantised (repeatable; "
+                         "default: lm_head)")
+    ap.add_argument("--moe-experts", choices=["all", "routed"], default="all",
+                    help="MoE calibration: every token through every expert (llm-compressor's "
+                         "default) or routed tokens only")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    ignore = args.ignore or ["lm_head"]
     ids = torch.load(args.calib_ids)
     assert ids.dtype == torch.int64 and ids.dim() == 2, (ids.dtype, ids.shape)
+    ids_sha256 = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
     n, seqlen = ids.shape
     ds = Dataset.from_dict({
         "input_ids": ids.tolist(),
@@ -171,14 +192,28 @@ def main() -> None:
     if args.method == "gptq":
         recipe = GPTQModifier(
             config_groups=groups,
-            ignore=["lm_head"],
+            ignore=ignore,
             block_size=128,
             dampening_frac=0.01,
             actorder=None if args.actorder == "none" else args.actorder,
         )
     else:
         recipe = [AWQModifier(n_grid=20, duo_scaling=True),
-                  QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+                  QuantizationModifier(config_groups=groups, ignore=ignore)]
+
+    # What the calibration actually fed the model: the embedding's inputs, in call order.
+    seen: list[torch.Tensor] = []
+    hook = model.get_input_embeddings().register_forward_pre_hook(
+        lambda module, inputs: seen.append(inputs[0].detach().reshape(-1, seqlen).cpu()))
+    compressed: list[str] = []  # every module GPTQ compressed (RTN fallbacks included)
+    if args.method == "gptq":
+        compress_list = GPTQModifier.compress_module_list
+
+        def counting(self, module_list):
+            compressed.extend(self._module_names[m] for m in module_list)
+            return compress_list(self, module_list)
+
+        GPTQModifier.compress_module_list = counting
 
     t1 = time.perf_counter()
     model = oneshot(
@@ -190,8 +225,13 @@ def main() -> None:
         max_seq_length=seqlen,
         shuffle_calibration_samples=False,
         batch_size=1,
+        moe_calibrate_all_experts=args.moe_experts == "all",
     )
     oneshot_s = time.perf_counter() - t1
+    hook.remove()
+    fed = torch.cat(seen) if seen else torch.empty(0, seqlen, dtype=torch.int64)
+    quantised = sorted(name for name, m in model.named_modules()
+                       if getattr(m, "quantization_scheme", None) is not None)
 
     t2 = time.perf_counter()
     model.to(getattr(torch, args.save_dtype))
@@ -206,12 +246,27 @@ def main() -> None:
         "scheme": args.scheme,
         "actorder": args.actorder,
         "config_groups": groups,
-        "ignore": ["lm_head"],
+        "ignore": ignore,
+        "moe_calibrate_all_experts": args.moe_experts == "all",
         "block_size": 128,
         "dampening_frac": 0.01,
         "dtype": args.dtype,
         "save_dtype": args.save_dtype,
         "calib_ids": os.path.abspath(args.calib_ids),
+        "calib_ids_sha256": ids_sha256,
+        # the embedding runs more than once per sample (calibrate, then propagate); the
+        # first n rows are the calibration pass, in the sampler's order
+        "embedding_calls_rows": int(fed.shape[0]),
+        "embedding_first_n_rows_sha256": hashlib.sha256(
+            fed[:n].contiguous().numpy().tobytes()).hexdigest(),
+        "embedding_first_n_rows_equal_ids": bool(fed.shape[0] >= n and torch.equal(fed[:n], ids)),
+        "embedding_first_n_rows_same_rows_as_ids": bool(
+            fed.shape[0] >= n and sorted(map(tuple, fed[:n].tolist()))
+            == sorted(map(tuple, ids.tolist()))),
+        "embedding_order_of_ids": [next((j for j in range(n) if torch.equal(row, ids[j])), -1)
+                                   for row in fed[:n]],
+        "quantised_modules": quantised,
+        "gptq_modules": compressed,
         "n_samples": n,
         "seqlen": seqlen,
         "torch_threads": torch.get_num_threads(),
