@@ -117,6 +117,24 @@ def kill_after_layers(cmd: list[str], out: Path, layers: int, env: dict) -> None
     proc.wait()
 
 
+def interrupt_on_save(monkeypatch: pytest.MonkeyPatch, n: int):
+    """The n-th `atomic_save_safetensors` of a run raises KeyboardInterrupt (as Ctrl-C
+    there would). Returns the names saved so far (the n-th included) and a function that
+    restores the real save, for the resuming call."""
+    from compress.formats import checkpoint
+
+    real, calls = checkpoint.atomic_save_safetensors, []
+
+    def dies(path, tensors):
+        calls.append(path.name)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        real(path, tensors)
+
+    monkeypatch.setattr(checkpoint, "atomic_save_safetensors", dies)
+    return calls, lambda: monkeypatch.setattr(checkpoint, "atomic_save_safetensors", real)
+
+
 def cli_in_process(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
     """The same command through `compress.cli.main` in this process: the same parsing,
     output, one-line errors and exit code, without a new interpreter's imports (seconds

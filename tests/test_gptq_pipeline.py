@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import exact_load, kill_after_layers
+from conftest import exact_load, interrupt_on_save, kill_after_layers
 
 from compress import models, pipeline
 from compress.errors import CompressError
@@ -122,20 +122,12 @@ def test_interrupted_run_resumes_from_saved_activations_to_identical_files(
     shard, after layer 0's shard and layer 1's inputs were saved; the same call resumes from
     those activations to the uninterrupted run's files."""
     out = tmp_path / "q"
-    real = checkpoint.atomic_save_safetensors
-    calls = []
-
-    def dies_on_third(path, tensors):  # layer 0's shard, layer 1's inputs, layer 1's shard
-        calls.append(path.name)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        real(path, tensors)
-
-    monkeypatch.setattr(checkpoint, "atomic_save_safetensors", dies_on_third)
+    # the third save: layer 0's shard, layer 1's inputs, layer 1's shard
+    calls, restore = interrupt_on_save(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         pipeline.quantize(tiny_llama, gptq_recipe(), out)
     assert calls[1].startswith("activations-")
-    monkeypatch.setattr(checkpoint, "atomic_save_safetensors", real)
+    restore()
     result = pipeline.quantize(tiny_llama, gptq_recipe(), out)
     assert result.layers_resumed == 1
     a = json.loads((gptq_run[0] / checkpoint.MANIFEST).read_text())["files"]

@@ -196,7 +196,8 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
         mine = {n: s for n, s in ((n, schemes.get(prefix + n)) for g in groups for n in g)
                 if s is not None}
         learned, losses = signround.learn_layer(layer, forward, x, mine, recipe.signround,
-                                                scale_dtype, recipe.calibration.seed)
+                                                scale_dtype, recipe.calibration.seed,
+                                                CALIB_BATCH)
         round_group = _placing(learned, losses)
     else:
         round_group = ROUNDINGS[recipe.rounding]

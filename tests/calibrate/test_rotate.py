@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCH_CASES, cli_in_process, exact_load, kill_after_layers
+from conftest import ARCH_CASES, cli_in_process, exact_load, interrupt_on_save, kill_after_layers
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
@@ -167,20 +167,6 @@ def test_a_quantised_tied_head_is_packed_from_the_rotated_head(tiny_factory, tmp
     assert kl_to(logits(path), got) < 2e-3
 
 
-def _dies_on_third_save(monkeypatch):
-    real = checkpoint.atomic_save_safetensors
-    calls = []
-
-    def dies(path, tensors):
-        calls.append(path.name)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        real(path, tensors)
-
-    monkeypatch.setattr(checkpoint, "atomic_save_safetensors", dies)
-    return lambda: monkeypatch.setattr(checkpoint, "atomic_save_safetensors", real)
-
-
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_interrupted_rotated_run_resumes_to_identical_files(tiny_factory, tmp_path,
                                                             monkeypatch, method):
@@ -191,7 +177,7 @@ def test_interrupted_rotated_run_resumes_to_identical_files(tiny_factory, tmp_pa
     clean = tmp_path / "clean"
     pipeline.quantize(path, recipe, clean)
     out = tmp_path / "q"
-    restore = _dies_on_third_save(monkeypatch)
+    _, restore = interrupt_on_save(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         pipeline.quantize(path, recipe, out)
     restore()
@@ -206,7 +192,7 @@ def test_resume_refuses_another_rotation(tiny_llama, tmp_path, monkeypatch):
     from compress.errors import CompressError
 
     out = tmp_path / "q"
-    restore = _dies_on_third_save(monkeypatch)
+    _, restore = interrupt_on_save(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         pipeline.quantize(tiny_llama, Recipe(rotate=HADAMARD), out)
     restore()

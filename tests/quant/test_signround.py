@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import interrupt_on_save
 from torch import nn
 
 from compress import models, pipeline
@@ -155,18 +156,10 @@ def test_interrupted_run_resumes_to_identical_files(tiny_factory, tmp_path, monk
     recipe = Recipe("signround", QuantScheme(4, 32, True), calibration=CALIB, signround=QUICK)
     clean = tmp_path / "clean"
     pipeline.quantize(path, recipe, clean)
-    real, calls = checkpoint.atomic_save_safetensors, []
-
-    def dies(target, tensors):
-        calls.append(target.name)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        real(target, tensors)
-
-    monkeypatch.setattr(checkpoint, "atomic_save_safetensors", dies)
+    _, restore = interrupt_on_save(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         pipeline.quantize(path, recipe, tmp_path / "q")
-    monkeypatch.setattr(checkpoint, "atomic_save_safetensors", real)
+    restore()
     assert pipeline.quantize(path, recipe, tmp_path / "q").layers_resumed >= 1
     manifest = [json.loads((d / checkpoint.MANIFEST).read_text())["files"]
                 for d in (clean, tmp_path / "q")]
