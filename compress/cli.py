@@ -89,6 +89,15 @@ Threads = Annotated[str | None, typer.Option(
     f"command starts (a busy machine otherwise stalls every parallel step); also "
     f"${threads_policy.ENV}, then OMP_NUM_THREADS.")]
 
+# quantize's and report's: the same flags, the same help
+SignroundIters = Annotated[int, typer.Option(
+    help="signround: signed-gradient steps per layer (each a forward and backward of the "
+    "layer on --signround-batch samples).")]
+SignroundBatch = Annotated[int, typer.Option(help="signround: calibration samples per step.")]
+RotateSeed = Annotated[int, typer.Option(help="Seed of the rotations' random signs.")]
+CalibSamples = Annotated[int, typer.Option(help="Calibration windows.")]
+CalibSeqlen = Annotated[int, typer.Option(help="Tokens per calibration window.")]
+
 
 _threads_used: list[str] = []  # "N threads (why)", for the commands that report speed
 _argv: list[str] = []  # the command's arguments: `--workers` runs them again in each worker
@@ -136,21 +145,18 @@ def quantize(
         help="AWQ: scale exponents tried per group (alpha = 0, 1/N, ...).")] = 20,
     awq_clip: Annotated[bool, typer.Option(
         help="AWQ: search per-group clipping ranges after scaling.")] = True,
-    signround_iters: Annotated[int, typer.Option(
-        help="signround: signed-gradient steps per layer (each a forward and backward of "
-        "the layer on --signround-batch samples).")] = 200,
-    signround_batch: Annotated[int, typer.Option(
-        help="signround: calibration samples per step.")] = 8,
+    signround_iters: SignroundIters = 200,
+    signround_batch: SignroundBatch = 8,
     rotate: Annotated[bool, typer.Option(
         "--rotate", help="Fold seeded randomised Hadamard rotations into the weights first "
         "(the residual stream and each head's values; the model computes the same "
         "function, and the checkpoint loads as any other). Also on top of --recipe.")] = False,
-    rotate_seed: Annotated[int, typer.Option(help="--rotate: seed of the random signs.")] = 0,
+    rotate_seed: RotateSeed = 0,
     calib: Annotated[Path | None, typer.Option(
         help="Calibration text: a .txt, a .json/.jsonl with a 'text' field, or a local "
         "`datasets` directory (default: the bundled calibration split).")] = None,
-    calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
-    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    calib_samples: CalibSamples = 128,
+    calib_seqlen: CalibSeqlen = 512,
     seed: Annotated[int, typer.Option(help="Seed choosing the calibration windows.")] = 0,
     expert_tokens: Annotated[str, typer.Option(
         help="Mixture of experts: calibrate each expert on the tokens routed to it "
@@ -622,13 +628,23 @@ def bench_(
 @app.command("report", cls=_Command)
 def report_(
     model: ModelArg = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "rtn,gptq,awq",
+    methods: Annotated[str, typer.Option(
+        help=f"Comma-separated methods, among {', '.join(choices.METHODS)}.")] = "rtn,gptq,awq",
     bits: Annotated[str, typer.Option(help="Comma-separated bit widths.")] = "8,4,3",
     group_sizes: Annotated[str, typer.Option(help="Comma-separated group sizes (-1: per "
                                                   "channel).")] = "128",
     target_bits: Annotated[str | None, typer.Option(
         help="Also mixed-precision cells (`quantize --target-bits`) per method at these "
              "average bits/weight, e.g. 3.5,4.25.")] = None,
+    rotations: Annotated[str, typer.Option(
+        help="Comma-separated rotations, each cell once per rotation: none, or hadamard "
+             "(`quantize --rotate`; rows `gptq-w4g128-hadamard`). none,hadamard puts each "
+             "setting with and without rotation side by side.")] = "none",
+    rotate_seed: RotateSeed = 0,
+    signround_iters: SignroundIters = 200,
+    signround_batch: SignroundBatch = 8,
+    calib_samples: CalibSamples = 128,
+    calib_seqlen: CalibSeqlen = 512,
     out: Annotated[Path, typer.Option(help="Report directory (cells are cached in it).")] =
         Path("report"),
     tasks: Annotated[str | None, typer.Option(help="lm-eval tasks per cell (see `eval`).")] =
@@ -653,10 +669,18 @@ def report_(
     sources.identify(model)  # a model that cannot work fails before seconds of imports
     from compress import report as report_mod
     from compress.evals import harness
+    from compress.quant.signround import SignRoundConfig
+    from compress.recipe import CalibrationConfig
 
-    cells = report_mod.grid(_csv(methods, str), _csv(bits, int), _csv(group_sizes, int))
+    axis = report_mod.rotations(_csv(rotations, str), rotate_seed)
+    method_settings = {"signround": SignRoundConfig(iters=signround_iters,
+                                                    batch=signround_batch),
+                       "calibration": CalibrationConfig(calib_samples, calib_seqlen)}
+    cells = report_mod.grid(_csv(methods, str), _csv(bits, int), _csv(group_sizes, int), axis,
+                            **method_settings)
     if target_bits:
-        cells += report_mod.mixed_cells(_csv(methods, str), _csv(target_bits, float))
+        cells += report_mod.mixed_cells(_csv(methods, str), _csv(target_bits, float), axis,
+                                        **method_settings)
     settings = report_mod.Settings(eval_tokens, tuple(_csv(tasks, str)) if tasks else (), limit)
     if settings.tasks:
         try:

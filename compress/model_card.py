@@ -50,10 +50,13 @@ def render(directory: Path, repo_id: str | None = None, eval_json: Path | None =
                         required=report_dir is not None)
     bits = sorted({s["bits"] for s in [recipe["scheme"], *recipe.get("overrides", [])]})
     method = recipe["method"]
+    rotation = manifest.get("rotation")
     tags = ["compressed-tensors", "compress", "quantized",
             *[m for m in ("gptq", "awq") if m in method.split("+")],
-            *(["rtn"] if method == "rtn" else []), *[f"{b}-bit" for b in bits],
-            *(["mixed-precision"] if recipe.get("overrides") else [])]
+            *([method] if method in ("rtn", "signround") else []),
+            *[f"{b}-bit" for b in bits],
+            *(["mixed-precision"] if recipe.get("overrides") else []),
+            *([f"{rotation['kind']}-rotation"] if rotation else [])]
     meta: dict = {}
     if base_id:
         meta["base_model"] = base_id
@@ -75,13 +78,19 @@ def render(directory: Path, repo_id: str | None = None, eval_json: Path | None =
         f"# {name}", "",
         f"{base_id or base.get('name', 'The base model')} quantised with "
         f"[compress](https://pypi.org/project/compress/) {manifest['library']['compress']}: "
-        f"{method.upper()}, {schemes}"
+        f"{METHOD_NAMES.get(method, method.upper())}, {schemes}"
         + (" (mixed precision, chosen per Linear)" if overrides else "")
+        + (f", after {rotation['kind'].capitalize()} rotations of the weights" if rotation
+           else "")
         + "; weights packed as compressed-tensors `pack-quantized` safetensors.", "",
         "## How it was made", "",
         f"- Method: `{method}`; {schemes}; kept in full precision: "
         + ", ".join(f"`{p}`" for p in recipe.get("ignore", [])) + ".",
     ]
+    if rotation:
+        lines.append(_rotation_line(rotation))
+    if recipe.get("signround"):
+        lines.append(_signround_line(recipe["signround"]))
     fitted = "" if overrides else _fitted_groups(recipe["scheme"], manifest)
     if fitted:
         lines.append(f"- The recipe asks for groups of {recipe['scheme']['group_size']}; "
@@ -119,6 +128,35 @@ def render(directory: Path, repo_id: str | None = None, eval_json: Path | None =
         f"compress eval {where}", "```", "",
     ]
     return "\n".join(lines)
+
+
+METHOD_NAMES = {"signround": "SignRound (learned rounding)"}  # the rest: upper case
+
+
+def _rotation_line(rotation: dict) -> str:
+    """The manifest's `rotation` record (compress/calibrate/rotate.py `describe`)."""
+    heads, residual = rotation["heads"], rotation["residual"]
+    values = (f"each attention head's values by a {heads['size']} × {heads['size']} "
+              f"{'matrix' if 'skipped' in residual else 'one'} ({heads['construction']})")
+    if "skipped" in residual:
+        where = f"{values}; {residual['skipped']}"
+    else:
+        where = (f"the residual stream by a {residual['size']} × {residual['size']} matrix "
+                 f"({residual['construction']}) and {values}")
+    return (f"- Rotation (`compress quantize --rotate`): seeded randomised "
+            f"{rotation['kind'].capitalize()} rotations folded into the weights before "
+            f"quantising, seed {rotation['seed']}: {where}. Unquantised, the rotated model "
+            "computes the same function; nothing is rotated at run time, so the checkpoint "
+            "loads as any other.")
+
+
+def _signround_line(settings: dict) -> str:
+    """The recipe's `signround` section (compress/quant/signround.py `SignRoundConfig`)."""
+    step = (f"1/{settings['iters']}" if settings.get("lr") is None else f"{settings['lr']:g}")
+    return (f"- Learned rounding (SignRound): each weight's rounding direction and each "
+            f"group's range learned per decoder layer by signed gradient descent against the "
+            f"unquantised layer's output on the calibration data: {settings['iters']} steps "
+            f"of {settings['batch']} samples, step size {step}.")
 
 
 SCHEME_LABEL = re.compile(r"w(\d+)(?:g(\d+)|pc)-(sym|asym)")  # QuantScheme.label

@@ -1,8 +1,8 @@
 """`compress report`: the grid of quantise -> eval -> bench, as one table, one plot and one
 recommendation.
 
-Every cell (method x bits x group size, mixed-precision cells at average bit budgets, and
-the unquantised baseline) is quantised into
+Every cell (method x bits x group size x rotation, mixed-precision cells at average bit
+budgets, and the unquantised baseline) is quantised into
 `<out>/checkpoints/<label>`, evaluated against the baseline (compress.evaluation, whose
 results cache also serves here) and timed in a fresh process (prefill and batch-1 decode
 tokens/s, peak memory). A finished cell is written to `<out>/cells/<label>.json` with
@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -27,7 +27,9 @@ from compress.formats import checkpoint
 from compress.nn import kernel_backends
 from compress.progress import status
 from compress.quant import QuantScheme
-from compress.recipe import METHODS, Recipe
+from compress.quant.rotate import ROTATIONS, RotationConfig
+from compress.quant.signround import SignRoundConfig
+from compress.recipe import CALIBRATED_METHODS, METHODS, CalibrationConfig, Recipe
 from compress.serving import generation
 
 BASELINE = "baseline"
@@ -36,28 +38,58 @@ BASELINE = "baseline"
 @dataclass(frozen=True)
 class Cell:
     """One variant: a uniform scheme (bits, group size), or with `target_bits` a mixed
-    allocation (`quantize --target-bits`) among the default options."""
+    allocation (`quantize --target-bits`) among the default options; `rotate`: rotations
+    folded in first (`quantize --rotate`). `signround` and `calibration`: the settings of
+    the methods that use them (learned rounding; the calibrated methods)."""
 
     method: str
     bits: int | None = None
     group_size: int | None = None
     target_bits: float | None = None
+    rotate: RotationConfig = field(default_factory=RotationConfig)
+    signround: SignRoundConfig = field(default_factory=SignRoundConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     @property
     def label(self) -> str:
+        """`gptq-w4g128`, `gptq-mixed3.5b`; rotated: `gptq-w4g128-hadamard`, the suffix
+        `quantize --rotate` gives its output directory (Recipe.label)."""
         if self.target_bits is not None:
-            return f"{self.method}-mixed{self.target_bits:g}b"
-        return f"{self.method}-w{self.bits}" + (
-            "-channel" if self.group_size == -1 else f"g{self.group_size}")
+            base = f"{self.method}-mixed{self.target_bits:g}b"
+        else:
+            base = f"{self.method}-w{self.bits}" + (
+                "-channel" if self.group_size == -1 else f"g{self.group_size}")
+        return base + (f"-{self.rotate.kind}" if self.rotate.enabled else "")
+
+    def _base_recipe(self) -> Recipe:
+        return Recipe(self.method, rotate=self.rotate, signround=self.signround,
+                      calibration=self.calibration)
+
+    def key(self) -> dict:
+        """What the cell's result depends on: its place in the grid and, of the recipe
+        sections it uses, those not at their defaults (a rotation; signround's settings
+        for signround; the calibration size for the calibrated methods). A setting a cell
+        does not use leaves its cached result valid, and a cell at the defaults keeps the
+        key it had before the report could change them."""
+        sections = self._base_recipe().to_dict()
+        defaults = Recipe(self.method).to_dict()
+        return {"method": self.method, "bits": self.bits, "group_size": self.group_size,
+                "target_bits": self.target_bits,
+                **{k: sections[k] for k in KEYED_SECTIONS
+                   if k in sections and sections[k] != defaults.get(k)}}
 
     def recipe(self, base: models.ModelFiles) -> tuple[Recipe, dict | None]:
         """The recipe to quantise with, and (mixed) the allocation record to keep with it."""
         if self.target_bits is None:
-            return Recipe(self.method, QuantScheme(self.bits, self.group_size, True)), None
+            return replace(self._base_recipe(),
+                           scheme=QuantScheme(self.bits, self.group_size, True)), None
         from compress import api  # api drives report's CLI peers; import on use
 
-        recipe, allocation = api.allocated_recipe(base, Recipe(self.method), self.target_bits)
+        recipe, allocation = api.allocated_recipe(base, self._base_recipe(), self.target_bits)
         return recipe, {"allocation.json": allocation}
+
+
+KEYED_SECTIONS = ("rotate", "signround", "calibration")  # the recipe sections a Cell sets
 
 
 @dataclass(frozen=True)
@@ -100,17 +132,48 @@ class Report:
                 "compress_version": compress.__version__}
 
 
-def grid(methods: list[str], bits: list[int], group_sizes: list[int]) -> list[Cell]:
+def grid(methods: list[str], bits: list[int], group_sizes: list[int],
+         rotations: list[RotationConfig] | None = None, *,
+         signround: SignRoundConfig | None = None,
+         calibration: CalibrationConfig | None = None) -> list[Cell]:
+    """Every method x bits x group size x rotation, the rotations of one setting side by
+    side (`rtn-w4g128`, `rtn-w4g128-hadamard`)."""
+    _check_methods(methods)
+    extra = _method_settings(signround, calibration)
+    return [Cell(m, b, g, rotate=r, **extra)
+            for m in methods for b in bits for g in group_sizes
+            for r in rotations or [RotationConfig()]]
+
+
+def mixed_cells(methods: list[str], target_bits: list[float],
+                rotations: list[RotationConfig] | None = None, *,
+                signround: SignRoundConfig | None = None,
+                calibration: CalibrationConfig | None = None) -> list[Cell]:
+    """Mixed-precision cells: each method at each average bits/weight (and rotation)."""
+    _check_methods(methods)
+    extra = _method_settings(signround, calibration)
+    return [Cell(m, target_bits=t, rotate=r, **extra)
+            for m in methods for t in target_bits for r in rotations or [RotationConfig()]]
+
+
+def _method_settings(signround: SignRoundConfig | None,
+                     calibration: CalibrationConfig | None) -> dict:
+    return {"signround": signround or SignRoundConfig(),
+            "calibration": calibration or CalibrationConfig()}
+
+
+def rotations(kinds: list[str], seed: int = 0) -> list[RotationConfig]:
+    """The rotation axis from its kinds (`none`: not rotated), every one with `seed`."""
+    for kind in kinds:
+        if kind not in ROTATIONS:
+            raise CompressError(f"unknown rotation {kind!r}; available: {', '.join(ROTATIONS)}")
+    return [RotationConfig(kind, seed) for kind in dict.fromkeys(kinds)]
+
+
+def _check_methods(methods: list[str]) -> None:
     for m in methods:
         if m not in METHODS:
             raise CompressError(f"unknown method {m!r}; available: {', '.join(METHODS)}")
-    return [Cell(m, b, g) for m in methods for b in bits for g in group_sizes]
-
-
-def mixed_cells(methods: list[str], target_bits: list[float]) -> list[Cell]:
-    """Mixed-precision cells: each method at each average bits/weight."""
-    grid(methods, [], [])  # validates the methods
-    return [Cell(m, target_bits=t) for m in methods for t in target_bits]
 
 
 def run(model: str | Path | None, cells: list[Cell], out: str | Path,
@@ -154,7 +217,7 @@ def run(model: str | Path | None, cells: list[Cell], out: str | Path,
 
 def _cell_key(base: models.ModelFiles, cell: Cell | None, settings: Settings) -> str:
     payload = {"model": evaluation.model_identity(base),
-               "cell": None if cell is None else asdict(cell),
+               "cell": None if cell is None else cell.key(),
                "settings": asdict(settings), "version": compress.__version__}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -192,6 +255,13 @@ def _measure(base: models.ModelFiles, cell: Cell | None, out: Path,
         "bits": None if cell is None else cell.bits,
         "group_size": None if cell is None else cell.group_size,
         "target_bits": None if cell is None else cell.target_bits,
+        # what the manifest records: kind, seed, and per rotation its size and construction
+        # (or why the residual stream was not rotated)
+        "rotation": (files.manifest or {}).get("rotation") if cell is not None else None,
+        "signround": (cell.signround.to_dict() if cell is not None
+                      and cell.method == "signround" else None),
+        "calibration": (cell.calibration.to_dict() if cell is not None
+                        and cell.method in CALIBRATED_METHODS else None),
         "bits_per_weight": (quantised_bits / quantised_weights if quantised_weights
                             else 8 * files.dtype.itemsize),
         "checkpoint_bytes": size,
@@ -322,6 +392,8 @@ def markdown(report: Report) -> str:
                  _fmt(r["decode_tok_s"], ".1f"), _fmt(r["prefill_tok_s"], ".0f"),
                  _fmt(r["peak_rss_bytes"] / 1e6, ".0f"), _fmt(r.get("cost_per_1m_tokens"), ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
+    for note in _variant_notes(report.rows):
+        lines += ["", note]
     b = report.budget
     limits = ", ".join(f"{k} ≤ {v}" for k, v in (("KL", b.max_kl), ("Δppl", b.max_dppl))
                        if v is not None) or "no quality budget given"
@@ -336,6 +408,29 @@ def markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _variant_notes(rows: list[dict]) -> list[str]:
+    """What the rotated and learned-rounding rows did beyond their label's method and
+    scheme, from the settings each row records."""
+    notes = []
+    rotated = [r["rotation"] for r in rows if r.get("rotation")]
+    for kind in dict.fromkeys(r["kind"] for r in rotated):
+        these = [r for r in rotated if r["kind"] == kind]
+        seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in these}))
+        residual = these[0]["residual"]
+        where = ("the residual stream and each attention head's values" if "skipped" not in
+                 residual else f"each attention head's values only ({residual['skipped']})")
+        notes.append(f"`-{kind}`: seeded randomised {kind.capitalize()} rotations folded into "
+                     f"the weights before quantising (`quantize --rotate`, seed {seeds}): "
+                     f"{where}.")
+    for settings in dict.fromkeys(json.dumps(r["signround"], sort_keys=True) for r in rows
+                                  if r.get("signround")):
+        s = json.loads(settings)
+        lr = "1/iters" if s["lr"] is None else f"{s['lr']:g}"
+        notes.append(f"`signround`: learned rounding, {s['iters']} signed-gradient steps per "
+                     f"decoder layer on {s['batch']} calibration samples each, step size {lr}.")
+    return notes
+
+
 def pareto_front(points: list[tuple[float, float]], smaller_x_better: bool) -> list[int]:
     """Indices of points no other point beats in both coordinates (lower y is better)."""
     front = []
@@ -348,6 +443,12 @@ def pareto_front(points: list[tuple[float, float]], smaller_x_better: bool) -> l
     return front
 
 
+def _series(row: dict) -> str:
+    """The plot's colour: the method, and its rotation ("gptq", "gptq + hadamard")."""
+    rotation = row.get("rotation")
+    return row["method"] + (f" + {rotation['kind']}" if rotation else "")
+
+
 def plot(report: Report, path: Path) -> None:
     import matplotlib
 
@@ -355,8 +456,8 @@ def plot(report: Report, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = report.rows
-    colours = {m: plt.cm.tab10(i) for i, m in enumerate(sorted(
-        {r["method"] for r in rows if r["method"]}))}
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(sorted(
+        {_series(r) for r in rows if r["method"]}))}
     kl = [max(r["kl_mean"], 0.0) for r in rows]
     floor = min([k for k in kl if k > 0] or [1e-4]) / 3
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
@@ -375,10 +476,10 @@ def plot(report: Report, path: Path) -> None:
                            label=f"unquantised (KL 0, drawn at {floor:.0e})")
                 continue
             mixed = r.get("target_bits") is not None
-            ax.scatter(xs[i], ys[i], s=70, color=colours[r["method"]], zorder=2,
+            ax.scatter(xs[i], ys[i], s=70, color=colours[_series(r)], zorder=2,
                        marker="D" if mixed else "o",
                        edgecolors="red" if i in front else "none", linewidths=1.5,
-                       label=r["method"] + (" mixed precision" if mixed else ""))
+                       label=_series(r) + (" mixed precision" if mixed else ""))
             ax.annotate(r["label"].split("-", 1)[1], (xs[i], ys[i]), fontsize=8,
                         textcoords="offset points", xytext=(5, 4))
         ax.set_yscale("log")

@@ -127,6 +127,48 @@ def test_quantize_bad_options(cli, tiny_llama, tmp_path, args, pattern):
     assert not out.exists() and not (tmp_path / "q.partial").exists()
 
 
+@pytest.mark.parametrize("args,pattern", [
+    (["--rotations", "none,quarot"], r"unknown rotation 'quarot'; available: none, hadamard"),
+    (["--rotations", "hadamard", "--rotate-seed", "-1"], r"rotate seed must be a non-negative"),
+    (["--methods", "signround", "--signround-iters", "0"], r"signround iters must be a "
+                                                           r"positive integer, got 0"),
+    (["--methods", "gptq", "--calib-samples", "0"], r"calibration samples must be a positive"),
+])
+def test_report_bad_options(cli, tiny_llama, tmp_path, args, pattern):
+    out = tmp_path / "r"
+    assert_one_line_error(cli("report", tiny_llama, *args, "--out", out), pattern)
+    assert not out.exists()
+
+
+def test_report_flags_reach_the_grid(cli, tiny_llama, tmp_path, monkeypatch):
+    """--rotations is an axis beside the others; quantize's signround and calibration flags
+    reach the cells that use them."""
+    from compress import report
+    from compress.errors import CompressError
+
+    grids = []
+
+    def run(model, cells, *args, **kwargs):
+        grids.append(cells)
+        raise CompressError("stopped before the work")
+
+    monkeypatch.setattr(report, "run", run)
+    proc = cli("report", tiny_llama, "--methods", "gptq,signround", "--bits", "3",
+               "--rotations", "none,hadamard", "--rotate-seed", "4", "--target-bits", "3.5",
+               "--signround-iters", "3", "--signround-batch", "2", "--calib-samples", "16",
+               "--calib-seqlen", "64", "--out", tmp_path / "r")
+    assert_one_line_error(proc, "stopped before the work")
+    [cells] = grids
+    assert [c.label for c in cells] == [
+        "gptq-w3g128", "gptq-w3g128-hadamard", "signround-w3g128", "signround-w3g128-hadamard",
+        "gptq-mixed3.5b", "gptq-mixed3.5b-hadamard", "signround-mixed3.5b",
+        "signround-mixed3.5b-hadamard"]
+    assert {(c.rotate.kind, c.rotate.seed) for c in cells[1::2]} == {("hadamard", 4)}
+    assert {c.signround.iters for c in cells} == {3} and {c.signround.batch for c in cells} \
+        == {2}
+    assert {(c.calibration.samples, c.calibration.seqlen) for c in cells} == {(16, 64)}
+
+
 def test_unknown_flag_is_a_usage_error_not_a_traceback(cli, tiny_llama):
     proc = cli("quantize", tiny_llama, "--no-evaluate")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -97,6 +97,48 @@ def test_model_card_follows_hub_conventions(checkpoint, tmp_path):
     assert "model-index" not in with_report  # no eval JSON: no results claimed
 
 
+def test_model_card_states_rotation_and_learned_rounding(checkpoint, tiny_llama, tmp_path):
+    from compress.quant.rotate import RotationConfig
+    from compress.quant.signround import SignRoundConfig
+    from compress.recipe import CalibrationConfig
+
+    plain = model_card.render(checkpoint, REPO)
+    assert "Rotation" not in plain and "Learned rounding" not in plain
+    assert "hadamard-rotation" not in plain
+    out = tmp_path / "rotated-signround"
+    recipe = Recipe("signround", QuantScheme(4, 32), rotate=RotationConfig("hadamard", 5),
+                    calibration=CalibrationConfig(samples=8, seqlen=64),
+                    signround=SignRoundConfig(iters=2, batch=4))
+    compress_api.quantize(tiny_llama, recipe, out, evaluate=False)
+    card = model_card.render(out, REPO)
+    meta = yaml.safe_load(card.split("---")[1])
+    assert {"signround", "hadamard-rotation", "4-bit"} <= set(meta["tags"])
+    assert "SignRound (learned rounding), W4 g32" in card and "after Hadamard rotations" in card
+    rotation = json.loads((out / "compress_manifest.json").read_text())["rotation"]
+    assert (f"- Rotation (`compress quantize --rotate`): seeded randomised Hadamard rotations "
+            f"folded into the weights before quantising, seed 5: the residual stream by a "
+            f"64 × 64 matrix ({rotation['residual']['construction']}) and each attention "
+            f"head's values by a 16 × 16 one ({rotation['heads']['construction']}).") in card
+    assert ("- Learned rounding (SignRound): each weight's rounding direction and each "
+            "group's range learned per decoder layer by signed gradient descent against the "
+            "unquantised layer's output on the calibration data: 2 steps of 4 samples, step "
+            "size 1/2.") in card
+
+
+def test_model_card_says_when_the_residual_stream_was_not_rotated(tiny_factory, tmp_path):
+    from conftest import ARCH_CASES
+
+    from compress.quant.rotate import RotationConfig
+
+    src = tiny_factory("gemma3_text", **ARCH_CASES["gemma3_text"])
+    out = tmp_path / "rotated"
+    compress_api.quantize(src, Recipe("rtn", QuantScheme(8, 16),
+                                      rotate=RotationConfig("hadamard")), out, evaluate=False)
+    card = model_card.render(out, REPO)
+    assert re.search(r"seed 0: each attention head's values by a 16 × 16 matrix \(Hadamard "
+                     r"16 = [^)]*\); residual stream not rotated: gemma3's", card), card
+
+
 @pytest.mark.parametrize("model", ["tiny-stand-in",
                                    pytest.param("bundled", marks=pytest.mark.slow)])
 def test_bundled_base_model_and_license_reach_the_card(model, bundled_dir, tiny_llama, tmp_path,

@@ -22,6 +22,38 @@ def test_grid_refuses_unknown_methods():
         report.grid(["rtn", "hqq"], [4], [128])
 
 
+def test_rotations_are_an_axis_of_the_grid_with_keys_of_their_own():
+    from compress.errors import CompressError
+    from compress.quant.signround import SignRoundConfig
+    from compress.recipe import CalibrationConfig
+
+    axis = report.rotations(["none", "hadamard"], seed=2)
+    small = CalibrationConfig(samples=16, seqlen=64)
+    cells = report.grid(["rtn", "signround"], [4], [128], axis,
+                        signround=SignRoundConfig(iters=5), calibration=small)
+    assert [c.label for c in cells] == ["rtn-w4g128", "rtn-w4g128-hadamard",
+                                        "signround-w4g128", "signround-w4g128-hadamard"]
+    plain, rotated, learned, _ = cells
+    assert plain.recipe(None)[0].rotate.enabled is False
+    assert rotated.recipe(None)[0].to_dict()["rotate"] == {"kind": "hadamard", "seed": 2}
+    assert learned.recipe(None)[0].signround == SignRoundConfig(iters=5)
+    assert learned.recipe(None)[0].calibration == small
+    # a plain cell's key is what it was before rotations existed (finished cells stay
+    # reused), and settings a cell does not use leave it alone
+    assert plain.key() == {"method": "rtn", "bits": 4, "group_size": 128, "target_bits": None}
+    assert rotated.key()["rotate"] == {"kind": "hadamard", "seed": 2}
+    assert report.grid(["rtn"], [4], [128], report.rotations(["hadamard"], 3))[0].key() \
+        != rotated.key()
+    assert learned.key()["signround"] == {"iters": 5, "lr": None, "batch": 8}
+    assert learned.key()["calibration"] == {"samples": 16, "seqlen": 64, "seed": 0}
+    assert "signround" not in report.grid(["signround"], [4], [128])[0].key()
+    assert [c.label for c in report.mixed_cells(["gptq"], [3.5], axis)] == [
+        "gptq-mixed3.5b", "gptq-mixed3.5b-hadamard"]
+    with pytest.raises(CompressError, match=r"unknown rotation 'quarot'; available: none, "
+                                            r"hadamard"):
+        report.rotations(["none", "quarot"])
+
+
 class _InlinePool:
     """`ProcessPoolExecutor` that runs the submitted call here, at once: the decode timing
     without a fresh interpreter (its imports take most of a cell's time on a tiny model)."""
@@ -126,3 +158,65 @@ def test_report_serves_other_families(tiny_factory, tmp_path, model_type):
     assert [r["label"] for r in result.rows] == ["baseline", "rtn-w4g32", "gptq-w4g32"]
     rtn, gptq = result.rows[1], result.rows[2]
     assert rtn["kl_mean"] > 0 and gptq["kl_mean"] > 0 and gptq["decode_tok_s"] > 0
+
+
+def test_report_puts_rotated_and_learned_rounding_cells_beside_plain_ones(tiny_llama,
+                                                                         tmp_path,
+                                                                         monkeypatch):
+    """Plain and rotated RTN side by side, and learned rounding at 2 steps: distinct rows,
+    distinct checkpoints, each manifest's rotation in its row and the report's notes; a
+    re-run with another seed measures only the rotated cell again."""
+    import hashlib
+
+    from compress.formats import checkpoint
+    from compress.quant.signround import SignRoundConfig
+    from compress.recipe import CalibrationConfig
+
+    monkeypatch.setattr(report, "ProcessPoolExecutor", _InlinePool)
+    settings = report.Settings(eval_tokens=512, decode_tokens=8, prompt_tokens=32)
+    out = tmp_path / "report"
+    learned = SignRoundConfig(iters=2, batch=2)
+
+    def cells(seed):
+        return [*report.grid(["rtn"], [8], [32], report.rotations(["none", "hadamard"], seed)),
+                *report.grid(["signround"], [4], [32], signround=learned,
+                             calibration=CalibrationConfig(samples=8, seqlen=64))]
+
+    first = report.run(tiny_llama, cells(1), out, settings)
+    labels = ["baseline", "rtn-w8g32", "rtn-w8g32-hadamard", "signround-w4g32"]
+    assert [r["label"] for r in first.rows] == labels
+    plain, rotated, signround = first.rows[1:]
+
+    def read(label):
+        path = out / "checkpoints" / label
+        weights = hashlib.sha256(b"".join(p.read_bytes()
+                                          for p in sorted(path.glob("*.safetensors"))))
+        return checkpoint.read_manifest(path), weights.hexdigest()
+
+    (plain_manifest, plain_weights), (rotated_manifest, rotated_weights) = (
+        read("rtn-w8g32"), read("rtn-w8g32-hadamard"))
+    assert plain_weights != rotated_weights
+    assert "rotation" not in plain_manifest and plain["rotation"] is None
+    assert rotated_manifest["recipe"]["rotate"] == {"kind": "hadamard", "seed": 1}
+    assert rotated["rotation"] == rotated_manifest["rotation"]
+    assert rotated["rotation"]["residual"]["size"] == 64  # the tiny model's hidden size
+    assert rotated["kl_mean"] > 0 and rotated["kl_mean"] != plain["kl_mean"]
+    signround_manifest, _ = read("signround-w4g32")
+    assert signround_manifest["recipe"]["signround"] == learned.to_dict() \
+        == signround["signround"]
+    assert plain["signround"] is None and "rotation" not in signround_manifest
+    assert signround["calibration"] == {"samples": 8, "seqlen": 64, "seed": 0}
+    assert signround_manifest["calibration"]["samples"] == 8
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["label"] for r in saved["rows"]] == labels
+    assert saved["rows"][2]["rotation"]["seed"] == 1
+    md = (out / "report.md").read_text()
+    assert "| rtn-w8g32-hadamard |" in md and "| rtn-w8g32 |" in md
+    assert "`-hadamard`: seeded randomised Hadamard rotations" in md and "seed 1" in md
+    assert "`signround`: learned rounding, 2 signed-gradient steps" in md
+    assert report._series(rotated) == "rtn + hadamard" != report._series(plain)  # plot colour
+
+    again = report.run(tiny_llama, cells(2), out, settings)
+    assert again.reused == ["baseline", "rtn-w8g32", "signround-w4g32"]
+    assert again.rows[2]["rotation"]["seed"] == 2
+    assert read("rtn-w8g32-hadamard")[0]["recipe"]["rotate"]["seed"] == 2
