@@ -44,16 +44,19 @@ Schemes (symmetric int, lm_head and embeddings not quantised): w4 / w3 = SmolLM2
 group 64 for q/k/v/o/gate/up (in_features 576, not divisible by 128) and group 128 for
 down_proj; w4g128 = group 128 for every Linear of the decoder layers (Gemma-3-270M: in
 features 640/1024/2048; refused if a targeted Linear's in_features is not a multiple of
-128); w8 = per-channel.
+128); w2g64 = 2 bits, group 64 for every Linear (ours: --bits 2 --group-size 64);
+w8 = per-channel.
 --actorder none|weight ("weight" = "static"; llm-compressor's own default; "group"/"dynamic"
 is rejected by GPTQ in 0.14: "Only 'weight' and 'static' are supported").
 GPTQ settings: dampening_frac 0.01, block_size 128, sequential (layer-by-layer)
 pipeline, batch size 1. AWQ (--method awq): AWQModifier (n_grid 20, duo_scaling True, its
 defaults; it has no clipping search) followed by QuantizationModifier (RTN) with the same
-config groups. Calibration runs in float32 by default (CPU fp16 is very slow);
-the model is cast to float16 (the source dtype) before saving with save_compressed=True
-(compressed-tensors pack-quantized). Note llm-compressor's symmetric scale is
-absmax / ((2**b - 1) / 2), e.g. absmax / 7.5 at 4 bits.
+config groups. RTN (--method rtn): QuantizationModifier alone, the same config groups on
+its own grid (the calibration ids then only feed its observers). Calibration runs in
+float32 by default (CPU fp16 is very slow); the model is cast to float16 (the source
+dtype) before saving with save_compressed=True (compressed-tensors pack-quantized).
+Note llm-compressor's symmetric scale is absmax / ((2**b - 1) / 2), e.g. absmax / 7.5
+at 4 bits.
 
 Mixture of experts (--moe-experts, see benchmarks/moe_peer.py): oneshot linearises the
 fused experts of transformers 5 (MixtralExperts' 3D gate_up_proj/down_proj) into one
@@ -128,6 +131,8 @@ def config_groups(scheme: str) -> dict:
         }
     if scheme == "w4g128":
         return {"group_128": {"targets": [SMALL, DOWN], "weights": weights(4, "group", 128)}}
+    if scheme == "w2g64":
+        return {"group_64": {"targets": [SMALL, DOWN], "weights": weights(2, "group", 64)}}
     if scheme == "w8":
         return {"channel": {"targets": [SMALL, DOWN], "weights": weights(8, "channel")}}
     raise ValueError(scheme)
@@ -150,11 +155,11 @@ def check_group_sizes(model: torch.nn.Module, groups: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="/root/.cache/compress/models/smollm2-135m-0.1.2-fp16")
-    ap.add_argument("--method", choices=["gptq", "awq"], default="gptq")
+    ap.add_argument("--method", choices=["gptq", "awq", "rtn"], default="gptq")
     ap.add_argument("--calib-ids", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--scheme", choices=["w4", "w3", "w4g128", "w8"], default="w4")
+    ap.add_argument("--scheme", choices=["w4", "w3", "w4g128", "w2g64", "w8"], default="w4")
     ap.add_argument("--actorder", choices=["none", "weight"], default="none")
     dtypes = ["float16", "bfloat16", "float32"]
     ap.add_argument("--dtype", choices=dtypes, default="float32",
@@ -197,9 +202,11 @@ def main() -> None:
             dampening_frac=0.01,
             actorder=None if args.actorder == "none" else args.actorder,
         )
-    else:
+    elif args.method == "awq":
         recipe = [AWQModifier(n_grid=20, duo_scaling=True),
                   QuantizationModifier(config_groups=groups, ignore=ignore)]
+    else:  # its round-to-nearest, on its own symmetric grid (absmax / 7.5 at 4 bits)
+        recipe = QuantizationModifier(config_groups=groups, ignore=ignore)
 
     # What the calibration actually fed the model: the embedding's inputs, in call order.
     seen: list[torch.Tensor] = []

@@ -190,7 +190,8 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
     log: dict[str, dict] = {}
     if recipe.uses_awq:
         log = awq.transform(layer, forward, chunks, arch, groups, folds, prefix, schemes,
-                            recipe.awq, scale_dtype, MIN_EXPERT_TOKENS, ctx)
+                            recipe.awq, scale_dtype, MIN_EXPERT_TOKENS, ctx,
+                            then_gptq=recipe.rounding == "gptq")
     quantized: dict[str, QuantizedWeight] = {}
     if recipe.rounding == "signround":
         mine = {n: s for n, s in ((n, schemes.get(prefix + n)) for g in groups for n in g)

@@ -30,19 +30,28 @@ class AWQConfig:
     """grid: alphas 0, 1/grid, ..., (grid-1)/grid for s = mean|x|^alpha. duo_scaling: also
     try s = mean|x|^alpha / mean|w|^(1-alpha) (AutoAWQ's and llm-compressor's default) and
     keep whichever candidate scores best. clip: after scaling, search per-group range
-    shrinks 1, 1 - (1 - max_shrink)/clip_grid, ..., down to max_shrink."""
+    shrinks 1, 1 - (1 - max_shrink)/clip_grid, ..., down to max_shrink.
+
+    rescore: how many of the best candidates by each Linear's own output error are scored
+    again by the decoder layer's output (the group's Linears rounded, the rest exact), on
+    up to rescore_samples calibration samples; plain RTN (s = 1) always among them. 0 keeps
+    the per-Linear choice."""
 
     grid: int = 20
     duo_scaling: bool = True
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
+    rescore: int = 4
+    rescore_samples: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("grid", "clip_grid"):
+        for name in ("grid", "clip_grid", "rescore_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise CompressError(f"AWQ {name} must be a positive integer, got {value!r}")
+        if isinstance(self.rescore, bool) or not isinstance(self.rescore, int) or self.rescore < 0:
+            raise CompressError(f"AWQ rescore must be an integer >= 0, got {self.rescore!r}")
         if not isinstance(self.max_shrink, (int, float)) or not 0 < self.max_shrink <= 1:
             raise CompressError(f"AWQ max_shrink must be in (0, 1], got {self.max_shrink!r}")
         for flag in ("duo_scaling", "clip"):
@@ -91,7 +100,20 @@ def search_scales(
     cfg: AWQConfig = AWQConfig(),
     scale_dtype: torch.dtype = torch.float16,
 ) -> ScaleSearch:
-    """Per-input-channel scales for Linears sharing one input (None scheme: stays dense).
+    """The best of `rank_scales`' candidates."""
+    return rank_scales(weights, schemes, hessian, magnitude, cfg, scale_dtype)[0]
+
+
+def rank_scales(
+    weights: Sequence[torch.Tensor],
+    schemes: Sequence[QuantScheme | None],
+    hessian: torch.Tensor | Sequence[torch.Tensor],
+    magnitude: torch.Tensor,
+    cfg: AWQConfig = AWQConfig(),
+    scale_dtype: torch.dtype = torch.float16,
+) -> list[ScaleSearch]:
+    """Every candidate per-input-channel scaling for Linears sharing one input (None
+    scheme: stays dense), best first by the Linears' summed output error.
 
     `hessian` is the input's, or one per weight: experts behind one norm read the same
     channels but each only its routed tokens (each Hessian then weighted by its share of
@@ -117,8 +139,8 @@ def search_scales(
                 err += float(output_error(w - w_hat, h).sum())
         return err / total
 
-    best = ScaleSearch(torch.ones_like(x_mean), 0.0, False, score(torch.ones_like(x_mean)), 0.0)
-    unscaled = best.error
+    unscaled = score(torch.ones_like(x_mean))
+    found = [ScaleSearch(torch.ones_like(x_mean), 0.0, False, unscaled, unscaled)]
     for duo in (False, True) if w_mean is not None else (False,):
         for step in range(cfg.grid):
             alpha = step / cfg.grid
@@ -131,10 +153,8 @@ def search_scales(
             s = s / (s.max() * s.min()).sqrt()  # centre the range: scales only matter relatively
             if not torch.isfinite(s).all():
                 continue
-            err = score(s)
-            if err < best.error:
-                best = ScaleSearch(s, alpha, duo, err, unscaled)
-    return ScaleSearch(best.scales, best.alpha, best.duo, best.error, unscaled)
+            found.append(ScaleSearch(s, alpha, duo, score(s), unscaled))
+    return sorted(found, key=lambda c: c.error)  # stable: ties keep s = 1 first
 
 
 def _weight_magnitude(ws: Sequence[torch.Tensor], schemes: Sequence[QuantScheme | None]

@@ -105,8 +105,26 @@ def test_clip_search_lowers_each_groups_output_error(bits, group_size, symmetric
         w, rtn.fake_quantize(w, scheme), x)
 
 
+def test_ranked_candidates_are_scored_best_first_with_plain_rtn_among_them():
+    w, x, h, mag = outlier_problem(5)
+    scheme = QuantScheme(3, 64, True)
+    ranked = awq.rank_scales([w], [scheme], h, mag, awq.AWQConfig(grid=8))
+    errors = [c.error for c in ranked]
+    assert errors == sorted(errors) and len(ranked) == 2 * 8  # alphas x {plain, duo}
+    assert ranked[0].error == awq.search_scales([w], [scheme], h, mag,
+                                                awq.AWQConfig(grid=8)).error
+    plain = [c for c in ranked if c.alpha == 0 and not c.duo]
+    assert len(plain) == 1 and torch.equal(plain[0].scales, torch.ones_like(mag))
+    assert plain[0].error == plain[0].error_unscaled
+    for c in ranked[:3]:  # each error is that candidate's true output error
+        w_hat = rtn.fake_quantize(w * c.scales, scheme) / c.scales
+        assert c.error == pytest.approx(direct_error(w, w_hat, x), rel=1e-3)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"grid": 0}, "AWQ grid must be a positive integer"),
+    ({"rescore": -1}, "AWQ rescore must be an integer >= 0"),
+    ({"rescore_samples": 0}, "AWQ rescore_samples must be a positive integer"),
     ({"max_shrink": 1.5}, r"AWQ max_shrink must be in \(0, 1\]"),
     ({"clip": "yes"}, "AWQ clip must be true or false"),
 ])
