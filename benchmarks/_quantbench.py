@@ -47,6 +47,15 @@ def quantize(method: str, bits: int, group: int, extra: list[str], out: Path,
     return {"seconds": seconds, "peak_rss_bytes": rss, "ppl": ppl.ppl}
 
 
+def score(out: Path, eval_tokens: int) -> dict:
+    """`compress eval`'s harness on `out` against the bundled fp16 model: perplexity, KL
+    (mean, p99) and top-1 agreement on the same held-out tokens."""
+    report = evaluation.evaluate(out, assets.bundled_model_dir(), max_tokens=eval_tokens)
+    m = report.match
+    return {"ppl": report.ppl.ppl, "kl_mean": m.kl_mean, "kl_p99": m.kl_p99,
+            "top1_agreement": m.top1_agreement}
+
+
 def calibration_ids(work: Path, samples: int, seqlen: int,
                     model: str = assets.DEFAULT_MODEL) -> Path:
     """Our calibration windows as token ids, for the peer to consume verbatim."""

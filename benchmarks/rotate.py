@@ -20,7 +20,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from _quantbench import HERE, quantize_command, run_child, write_report
+from _quantbench import HERE, quantize_command, run_child, score, write_report
 
 from compress import assets, evaluation
 from compress.progress import set_quiet
@@ -37,12 +37,9 @@ def quantize(method: str, bits: int, group: int, rotated: bool, out: Path, args)
                   "--signround-batch", str(args.signround_batch)]
     seconds, rss = run_child(quantize_command(method, bits, group, extra, out,
                                               args.calib_samples, args.calib_seqlen))
-    report = evaluation.evaluate(out, assets.bundled_model_dir(), max_tokens=args.eval_tokens)
     manifest = json.loads((out / "compress_manifest.json").read_text())
-    m = report.match
-    return {"seconds": seconds, "peak_rss_bytes": rss, "ppl": report.ppl.ppl,
-            "kl_mean": m.kl_mean, "kl_p99": m.kl_p99, "top1_agreement": m.top1_agreement,
-            "calibration_sha256": (manifest.get("calibration") or {}).get("sha256"),
+    return {"seconds": seconds, "peak_rss_bytes": rss, **score(out, args.eval_tokens),
+            "calibration_sha256": (manifest.get("calibration") or {}).get("tokens_sha256"),
             "rotation": manifest.get("rotation")}
 
 
