@@ -14,9 +14,10 @@ RTN) and llmc-rtn (its RTN alone), run in /tmp/peer-venv by
 benchmarks/peer_llmcompressor.py. Every quantisation is a timed child process on the
 same seed-0 calibration token ids; every checkpoint is scored by `compress eval`'s harness
 on the same held-out tokens. The shortened protocol of benchmarks/rotate.py (32 × 512
-calibration, 8,192 tokens) by default, so its figures sit beside rotate.json's and
-signround.json's. --merge keeps the cells already in --json (same protocol, checked) and
-adds these: the grid can be filled over several runs; each cell's time is its own run's.
+calibration, 8,192 tokens) by default, so its figures sit beside rotate.json's,
+signround.json's and auto-round's (benchmarks/lowbit_peers.py, autoround.json).
+--merge keeps the cells already in --json (same protocol, checked) and adds these: the
+grid can be filled over several runs; each cell's time is its own run's.
 Writes benchmarks/results/lowbit.json.
 """
 
@@ -33,6 +34,7 @@ from _quantbench import (
     calibration_ids,
     quantize_command,
     run_child,
+    score,
     write_report,
 )
 
@@ -44,13 +46,6 @@ OURS = ("rtn", "gptq", "awq", "awq+gptq", "signround")
 PEERS = {"llmc-gptq": ("gptq", "weight"), "llmc-awq": ("awq", "none"),
          "llmc-rtn": ("rtn", "none")}
 PEER_SCHEMES = {"w4g128": "w4", "w3g128": "w3", "w2g64": "w2g64"}
-
-
-def score(out: Path, eval_tokens: int) -> dict:
-    report = evaluation.evaluate(out, assets.bundled_model_dir(), max_tokens=eval_tokens)
-    m = report.match
-    return {"ppl": report.ppl.ppl, "kl_mean": m.kl_mean, "kl_p99": m.kl_p99,
-            "top1_agreement": m.top1_agreement}
 
 
 def ours(setting: str, method: str, work: Path, args) -> dict:
@@ -65,7 +60,7 @@ def ours(setting: str, method: str, work: Path, args) -> dict:
                                               args.calib_samples, args.calib_seqlen))
     manifest = json.loads((out / "compress_manifest.json").read_text())
     return {"seconds": seconds, "peak_rss_bytes": rss, **score(out, args.eval_tokens),
-            "calibration_sha256": (manifest.get("calibration") or {}).get("sha256")}
+            "calibration_sha256": (manifest.get("calibration") or {}).get("tokens_sha256")}
 
 
 def peer(setting: str, name: str, ids: Path, work: Path, args) -> dict:
