@@ -118,7 +118,7 @@ def transform(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
                 # the best few, and s = 1 always: the layer's output then never scores
                 # worse than plain RTN's; the scales go to the other ranks pickled
                 kept = ranked[:max(1, cfg.rescore)]
-                kept += [c for c in ranked[len(kept):] if c.alpha == 0 and not c.duo]
+                kept += [c for c in ranked[len(kept):] if c.unscaled]
                 return [dataclasses.replace(c, scales=c.scales.cpu()) for c in kept]
 
             # on one rank, so that every rank folds the same scales
@@ -132,8 +132,7 @@ def transform(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
                     [c.scales.to(linears[0].weight.device) for c in candidates], scale_dtype)
                 best = min(range(len(candidates)), key=lambda j: (losses[j], j))
                 found = candidates[best]
-                unscaled = next(j for j, c in enumerate(candidates)
-                                if c.alpha == 0 and not c.duo)
+                unscaled = next(j for j, c in enumerate(candidates) if c.unscaled)
                 entry.update(block_loss=losses[best], block_loss_unscaled=losses[unscaled],
                              rescored=len(candidates))
             s = found.scales.to(linears[0].weight.device)
@@ -251,10 +250,9 @@ class _BlockOutput:
         Linear's columns times s, rounded, divided by s: the folded model's function)."""
         parent = posixpath.commonpath(
             [posixpath.dirname(n.replace(".", "/")) for n in names]).replace("/", ".")
-        block = self.layer.get_submodule(parent)
         calls, targets = self._block(parent) if parent else (
             [((x,), {}) for x in self.inputs], [self.forward(x) for x in self.inputs])
-        run = block if parent else (lambda x: self.forward(x))
+        run = self.layer.get_submodule(parent) if parent else self.forward
         linears = [self.layer.get_submodule(n) for n in names]
         weights = [m.weight.data for m in linears]
         total = torch.zeros(len(candidates) + 1, dtype=torch.float64)

@@ -86,6 +86,11 @@ class ScaleSearch:
     error: float  # relative output error of the group after scaling and RTN
     error_unscaled: float  # the same without scaling (plain RTN): what AWQ improves on
 
+    @property
+    def unscaled(self) -> bool:
+        """Whether this is the s = 1 candidate (plain RTN)."""
+        return self.alpha == 0 and not self.duo
+
 
 def output_error(dw: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     """tr(dW H dW^T) per row: the squared output error over the calibration tokens (x n/2)."""

@@ -113,7 +113,7 @@ def test_ranked_candidates_are_scored_best_first_with_plain_rtn_among_them():
     assert errors == sorted(errors) and len(ranked) == 2 * 8  # alphas x {plain, duo}
     assert ranked[0].error == awq.search_scales([w], [scheme], h, mag,
                                                 awq.AWQConfig(grid=8)).error
-    plain = [c for c in ranked if c.alpha == 0 and not c.duo]
+    plain = [c for c in ranked if c.unscaled]
     assert len(plain) == 1 and torch.equal(plain[0].scales, torch.ones_like(mag))
     assert plain[0].error == plain[0].error_unscaled
     for c in ranked[:3]:  # each error is that candidate's true output error
