@@ -174,11 +174,11 @@ def sensitivity_table(files: models.ModelFiles, options: tuple[sensitivity.Optio
     return table
 
 
-def allocated_recipe(files: models.ModelFiles, base: Recipe, target_bits: float,
-                     options: tuple[sensitivity.Option, ...] = sensitivity.DEFAULT_OPTIONS,
-                     calibration_data: str | Path | None = None) -> tuple[Recipe, dict]:
-    """`base` with every decoder-layer Linear's setting chosen for `target_bits` average
-    stored bits per weight (codes and scales), and a record of how."""
+def check_target_bits(files: models.ModelFiles, target_bits: float,
+                      options: tuple[sensitivity.Option, ...] = sensitivity.DEFAULT_OPTIONS
+                      ) -> int:
+    """Raises unless `options` can reach `target_bits` on this model (a check from shapes
+    alone, so callers make it before any work); returns the decoder-layer weight count."""
     bits, _, weights_per = sensitivity.costs(files, options, files.linear_names())
     weights = sum(weights_per.values())
     cheapest = sum(min(b.values()) for b in bits.values()) / weights
@@ -186,6 +186,15 @@ def allocated_recipe(files: models.ModelFiles, base: Recipe, target_bits: float,
         raise CompressError(f"--target-bits {target_bits:g} is below the cheapest option "
                             f"set ({cheapest:.3f} bits/weight with "
                             f"{', '.join(o.label for o in options)})")
+    return weights
+
+
+def allocated_recipe(files: models.ModelFiles, base: Recipe, target_bits: float,
+                     options: tuple[sensitivity.Option, ...] = sensitivity.DEFAULT_OPTIONS,
+                     calibration_data: str | Path | None = None) -> tuple[Recipe, dict]:
+    """`base` with every decoder-layer Linear's setting chosen for `target_bits` average
+    stored bits per weight (codes and scales), and a record of how."""
+    weights = check_target_bits(files, target_bits, options)
     table = sensitivity_table(files, options, calibration_data, base.calibration.seed)
     choice = allocate.allocate(table.losses, table.bits, target_bits * weights)
     counts = Counter(choice.values())

@@ -185,6 +185,11 @@ def run(model: str | Path | None, cells: list[Cell], out: str | Path,
     if base.is_quantized:
         raise CompressError(f"{base.path} is already quantised; report on the original model")
     data.load_tokenizer(base.path, "evaluating each cell")  # before the first cell's work
+    if any(c.target_bits is not None for c in cells):
+        from compress import api  # as in Cell.recipe
+
+        for target in sorted({c.target_bits for c in cells if c.target_bits is not None}):
+            api.check_target_bits(base, target)
     rows, reused = [], []
     for label, cell in [(BASELINE, None), *((c.label, c) for c in cells)]:
         key = _cell_key(base, cell, settings)

@@ -8,6 +8,7 @@ import json
 import sys
 
 import pytest
+from conftest import cli_in_process
 from conftest import cli_subprocess as run
 
 
@@ -133,6 +134,8 @@ def test_quantize_bad_options(cli, tiny_llama, tmp_path, args, pattern):
     (["--methods", "signround", "--signround-iters", "0"], r"signround iters must be a "
                                                            r"positive integer, got 0"),
     (["--methods", "gptq", "--calib-samples", "0"], r"calibration samples must be a positive"),
+    # before the uniform cells' minutes of work, not after them
+    (["--methods", "rtn", "--target-bits", "3.5"], r"--target-bits 3.5 is below the cheapest"),
 ])
 def test_report_bad_options(cli, tiny_llama, tmp_path, args, pattern):
     out = tmp_path / "r"
@@ -140,9 +143,10 @@ def test_report_bad_options(cli, tiny_llama, tmp_path, args, pattern):
     assert not out.exists()
 
 
-def test_report_flags_reach_the_grid(cli, tiny_llama, tmp_path, monkeypatch):
+def test_report_flags_reach_the_grid(tiny_llama, tmp_path, monkeypatch):
     """--rotations is an axis beside the others; quantize's signround and calibration flags
-    reach the cells that use them."""
+    reach the cells that use them. In this process only: the stand-in for `report.run`
+    cannot reach a subprocess."""
     from compress import report
     from compress.errors import CompressError
 
@@ -153,7 +157,7 @@ def test_report_flags_reach_the_grid(cli, tiny_llama, tmp_path, monkeypatch):
         raise CompressError("stopped before the work")
 
     monkeypatch.setattr(report, "run", run)
-    proc = cli("report", tiny_llama, "--methods", "gptq,signround", "--bits", "3",
+    proc = cli_in_process("report", tiny_llama, "--methods", "gptq,signround", "--bits", "3",
                "--rotations", "none,hadamard", "--rotate-seed", "4", "--target-bits", "3.5",
                "--signround-iters", "3", "--signround-batch", "2", "--calib-samples", "16",
                "--calib-seqlen", "64", "--out", tmp_path / "r")
