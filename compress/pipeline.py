@@ -287,7 +287,7 @@ def _quantize_layers(files: models.ModelFiles, recipe: Recipe, schemes: dict[str
             following = layer_fn.gather(i)
 
         def write(i: int = i, shard: str = shard, computed: tuple | None = computed,
-                  following: torch.Tensor | None = following) -> tuple[dict, list[str]]:
+                  following: dict | None = following) -> tuple[dict, list[str]]:
             tensors, log = computed if computed is not None else layer_fn(i)
             checkpoint.atomic_save_safetensors(partial / shard, tensors)
             layer_fn.commit(i, following)
@@ -475,6 +475,9 @@ class _CalibratedLayers:
         self.share = self.shares[ctx.rank]
         self.rope = models.rotary(files, ctx.device)(0, calib.samples.shape[1])
         self.hidden: torch.Tensor | None = None
+        # the unquantised model's activations (recipe.carries_reference), saved beside
+        # `hidden` in the activations files
+        self.reference: torch.Tensor | None = None
 
     def _activations_file(self, i: int) -> Path:
         return self.partial / f"activations-{i:05d}.safetensors"
@@ -523,19 +526,30 @@ class _CalibratedLayers:
         free, _ = torch.cuda.mem_get_info(device)
         return x.to(device) if x.nbytes <= free // 4 else x
 
-    def _inputs(self, i: int) -> torch.Tensor:
+    def _streams(self) -> tuple[str, ...]:
+        return ("hidden", "reference") if self.recipe.carries_reference else ("hidden",)
+
+    def _inputs(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's calibration activations entering layer i (computed, kept, or
-        reloaded)."""
-        if self.hidden is not None:
-            return self.hidden
+        reloaded), and the unquantised model's beside them where the recipe carries
+        them."""
+        if self.hidden is None:
+            loaded = self._load_inputs(i)
+            self.hidden, self.reference = loaded["hidden"], loaded.get("reference")
+        if self.recipe.carries_reference and self.reference is None:  # layer 0's: the same
+            self.reference = self.hidden.clone()
+        return self.hidden, self.reference
+
+    def _load_inputs(self, i: int) -> dict[str, torch.Tensor]:
         if i == 0:
             name = f"{self.files.arch.embed}.weight"
             table = self.files.tensors.get(name)
             if self.rotations is not None:  # the table as exported: rotated, in its dtype
                 require_finite(name, table)
                 table = rotate.rotate_embedding(table, self.rotations)
-            return self._place(layers.embed(table, self.calib.samples[self.share],
-                                            torch.float32, self.files.decoder_config))
+            return {"hidden": self._place(layers.embed(table, self.calib.samples[self.share],
+                                                       torch.float32,
+                                                       self.files.decoder_config))}
         saved = self._activations_file(i)
 
         def check() -> None:
@@ -545,8 +559,9 @@ class _CalibratedLayers:
                                     "damaged; pass --overwrite to start over")
 
         self.ctx.decide(check)
-        return self._place(checkpoint.load_rows(saved, "hidden", self.share.start,
-                                                self.share.stop))
+        return {name: self._place(checkpoint.load_rows(saved, name, self.share.start,
+                                                       self.share.stop))
+                for name in self._streams()}
 
     def _budget(self, x: torch.Tensor) -> int:
         """Suspended calibration forwards may hold a quarter of the free memory where they
@@ -559,7 +574,7 @@ class _CalibratedLayers:
 
     @torch.no_grad()
     def __call__(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
-        x = self._inputs(i)
+        x, reference = self._inputs(i)
         device = self.ctx.device
         # built on the CPU from the memory-mapped source (refuses NaN/Inf), then moved
         layer = models.build_layer(self.files, i, torch.float32)
@@ -577,8 +592,8 @@ class _CalibratedLayers:
         quantized, log = calibrate_layer.quantize_layer(
             layer, lambda chunk: layer(chunk.to(device), self.rope), x, self.files.arch,
             self.files.layer_groups(i), self.files.layer_folds(i), prefix,
-            self.schemes, self.recipe, self.files.dtype, self._budget(x), self.ctx)
-        self.hidden = x  # overwritten in place with the layer's output
+            self.schemes, self.recipe, self.files.dtype, self._budget(x), self.ctx, reference)
+        # x and reference were overwritten in place with the layer's outputs
         tensors: dict[str, torch.Tensor] = {}
         for name in sorted(self.files.tensors.with_prefix(prefix)):
             module, _, leaf = name.rpartition(".")
@@ -593,19 +608,22 @@ class _CalibratedLayers:
                 tensors[name] = current.to("cpu", stored.dtype)
         return tensors, log
 
-    def gather(self, i: int) -> torch.Tensor | None:
-        """Every sample's inputs to layer i + 1 in order, on rank 0, when they are to be
-        saved (None elsewhere, after the last layer, and between saves)."""
+    def gather(self, i: int) -> dict[str, torch.Tensor] | None:
+        """Every sample's inputs to layer i + 1 in order (each stream), on rank 0, when they
+        are to be saved (None elsewhere, after the last layer, and between saves)."""
         if not self._saves(i + 1):
             return None
-        return self.ctx.gather_rows(self.hidden, self.shares)
+        streams = {"hidden": self.hidden, "reference": self.reference}
+        gathered = {name: self.ctx.gather_rows(streams[name], self.shares)
+                    for name in self._streams()}
+        return gathered if self.ctx.leader else None
 
-    def commit(self, i: int, following: torch.Tensor | None) -> None:
+    def commit(self, i: int, following: dict[str, torch.Tensor] | None) -> None:
         """Persist the next layer's inputs before the layer is marked done."""
         if following is None:
             return
         saved = self._activations_file(i + 1)
-        checkpoint.atomic_save_safetensors(saved, {"hidden": following})
+        checkpoint.atomic_save_safetensors(saved, following)
         self.state.setdefault("activations", {})[saved.name] = _file_record(saved)
 
     def cleanup(self, i: int) -> None:

@@ -116,6 +116,12 @@ class Recipe:
             return "signround"
         return "gptq" if self.method.endswith("gptq") else "rtn"
 
+    @property
+    def carries_reference(self) -> bool:
+        """Whether calibration carries the unquantised model's activations beside the
+        quantised ones (learned rounding's "model" target)."""
+        return self.rounding == "signround" and self.signround.target == "model"
+
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise CompressError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")

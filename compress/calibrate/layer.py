@@ -173,12 +173,17 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
                    folds: tuple[Fold, ...], prefix: str,
                    schemes: dict[str, QuantScheme], recipe: Recipe, scale_dtype: torch.dtype,
                    memory_budget: int, ctx: Context | None = None,
+                   reference: torch.Tensor | None = None,
                    ) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
     """Quantise `layer` (its Linear `groups` in true-sequential order and its AWQ `folds`,
     named as in the table; full names under `prefix`) on the calibration activations x (N, S, D)
     entering it, which are overwritten in place with the activations leaving it.
     `forward(chunk)` runs the layer. Returns the packed weights and the per-Linear log
     (for each Linear the tokens it saw: an expert sees only those routed to it).
+
+    `reference` (learned rounding with target "model"): the unquantised model's
+    activations entering the layer, beside x: the target is the unquantised layer's output
+    on them, and they are overwritten in place with it.
 
     `ctx`: with several processes, x is this rank's share of the samples; statistics are
     summed over ranks and each result is every rank's (`compress.distributed`)."""
@@ -196,9 +201,14 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
     if recipe.rounding == "signround":
         mine = {n: s for n, s in ((n, schemes.get(prefix + n)) for g in groups for n in g)
                 if s is not None}
-        learned, losses = signround.learn_layer(layer, forward, x, mine, recipe.signround,
-                                                scale_dtype, recipe.calibration.seed,
-                                                CALIB_BATCH)
+        targets = signround.layer_outputs(forward, x if reference is None else reference,
+                                          CALIB_BATCH)
+        learned, losses = signround.learn_layer(layer, forward, x, targets, mine,
+                                                recipe.signround, scale_dtype,
+                                                recipe.calibration.seed, CALIB_BATCH)
+        if reference is not None:  # the unquantised model's, entering the next layer
+            reference.copy_(targets)
+        del targets
         round_group = _placing(learned, losses)
     else:
         round_group = ROUNDINGS[recipe.rounding]

@@ -1,16 +1,17 @@
 """Learned rounding of one decoder layer (SignRound; the math is compress.quant.signround).
 
-The unquantised layer's outputs on the calibration activations are the target. Every
-quantised Linear of the layer gets a `LearnedRounding` parametrization, so the layer's own
-forward runs on fake-quantised weights; each step takes a random batch of samples,
-measures the mean squared error against the target, and moves every offset and range
-factor by a signed step. The parameters of the step with the lowest loss are kept (as
-auto-round does), and each Linear is packed with them.
+The target is the unquantised model's output of the layer (its inputs carried beside the
+quantised ones by the pipeline; `SignRoundConfig.target`). Every quantised Linear of the
+layer gets a `LearnedRounding` parametrization, so the layer's own forward runs on
+fake-quantised weights and quantised inputs; each step takes the next batch of a shuffled
+pass over the samples, measures the mean squared error against the target, and moves
+every offset and range factor by a signed step. The parameters of the step with the
+lowest loss are kept (as auto-round does), and each Linear is packed with them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -22,31 +23,36 @@ from compress.quant import QuantScheme
 from compress.quant.signround import LearnedRounding, SignRoundConfig, signed_step
 
 
+@torch.no_grad()
+def layer_outputs(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                  chunk: int = 8) -> torch.Tensor:
+    """The layer's outputs on x, chunk by chunk (the target, from unquantised weights)."""
+    return torch.cat([forward(part) for part in x.split(chunk)])
+
+
 def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
-                x: torch.Tensor, schemes: dict[str, QuantScheme], cfg: SignRoundConfig,
-                scale_dtype: torch.dtype, seed: int, chunk: int = 8,
+                x: torch.Tensor, targets: torch.Tensor, schemes: dict[str, QuantScheme],
+                cfg: SignRoundConfig, scale_dtype: torch.dtype, seed: int, chunk: int = 8,
                 ) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
     """Packed weights for the Linears named in `schemes` (names within `layer`), learned on
-    the activations x (N, S, D) entering the layer. Returns them with the layer-output
-    losses (mean squared error on every sample) with plain RTN and with the learned
-    rounding. The layer's weights are left as they were."""
-    with torch.no_grad():
-        targets = torch.cat([forward(part) for part in x.split(chunk)])
+    the activations x (N, S, D) entering the layer to give `targets` (N, S, D). Returns
+    them with the layer-output losses (mean squared error on every sample) with plain RTN
+    and with the learned rounding. The layer's weights are left as they were."""
     roundings = _attach(layer, schemes, scale_dtype)
     try:
         params = [p for r in roundings.values() for p in r.params()]
         rtn_loss = _loss(forward, x, targets, chunk)
         best_loss, best = float("inf"), _snapshot(params)
-        gen = torch.Generator().manual_seed(seed)
-        for _ in track(range(cfg.iters), desc="signround steps", unit="step"):
-            pick = torch.randperm(x.shape[0], generator=gen)[:cfg.batch].to(x.device)
+        batches = _batches(x.shape[0], cfg.batch, seed)
+        for i in track(range(cfg.iters), desc="signround steps", unit="step"):
+            pick = next(batches).to(x.device)
             with torch.enable_grad():
                 loss = torch.nn.functional.mse_loss(forward(x[pick]), targets[pick])
                 loss.backward()
             value = loss.detach().item()
             if value < best_loss:  # the parameters that made this loss: keep them
                 best_loss, best = value, _snapshot(params)
-            signed_step(params, cfg.step)
+            signed_step(params, cfg.step_at(i))
             for r in roundings.values():
                 r.clamp_()
         _restore(params, best)
@@ -57,6 +63,17 @@ def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
             parametrize.remove_parametrizations(layer.get_submodule(name), "weight",
                                                 leave_parametrized=False)
     return packed, {"rtn": rtn_loss, "learned": learned_loss}
+
+
+def _batches(n: int, batch: int, seed: int) -> Iterator[torch.Tensor]:
+    """Sample indices `batch` at a time, in shuffled passes: every sample is used once per
+    pass (a pass's remainder is dropped), rather than drawn with replacement."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = min(batch, n)
+    while True:
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n - batch + 1, batch):
+            yield order[start:start + batch]
 
 
 def _attach(layer: nn.Module, schemes: dict[str, QuantScheme], scale_dtype: torch.dtype

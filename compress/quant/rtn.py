@@ -54,6 +54,22 @@ def range_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
     return scale, torch.round(-lo / scale).clamp(0, (1 << bits) - 1)
 
 
+def signed_symmetric_scale(lo: torch.Tensor, hi: torch.Tensor, bits: int,
+                           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The symmetric scale that maps the group's larger-magnitude end (lo <= 0 <= hi) exactly
+    to code -2^(b-1): negative where that end is positive. All 2^b codes are used and
+    neither end is clipped, where amax / 2^(b-1) clips a positive maximum to 2^(b-1) - 1
+    (llama.cpp's Q4_0 and auto-round round this way). `dtype`: rounded as stored (all-zero
+    groups get scale 1); None: unrounded, kept off zero, for differentiable use."""
+    extreme = torch.where(-lo > hi, lo, hi)
+    magnitude = extreme.abs() / (1 << (bits - 1))
+    if dtype is None:
+        magnitude = magnitude.clamp(min=1e-12)
+    else:
+        magnitude = round_scale(magnitude, extreme.abs(), dtype)
+    return torch.where(extreme > 0, -magnitude, magnitude)
+
+
 def _clip_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                 bits: int) -> torch.Tensor:
     s = scale.unsqueeze(-1)

@@ -2,11 +2,13 @@
 
 Each weight rounds as round(w / s + v) instead of round(w / s): a learned offset v in
 [-0.5, 0.5] per weight may flip it to the other neighbouring grid point, and learned
-factors in [0.5, 1] shrink each group's range (clipping). Both are trained by signed
-gradient descent to make a whole decoder layer's output, computed with every Linear
-fake-quantised, match the unquantised layer's on the calibration tokens; rounding goes
-through a straight-through estimator. The layer loop is `compress.calibrate.signround`;
-this module holds the per-Linear math.
+factors in [0.5, 1] shrink each end of each group's range (clipping). Both are trained by
+signed gradient descent, with a step that decays linearly to zero, to make a whole decoder
+layer's output, computed with every Linear fake-quantised, match the unquantised model's
+on the calibration tokens; rounding goes through a straight-through estimator. The
+symmetric grid is signed: the group's larger-magnitude end maps exactly to -2^(b-1), so
+all 2^b levels are used and that end is never clipped (`rtn.signed_symmetric_scale`).
+The layer loop is `compress.calibrate.signround`; this module holds the per-Linear math.
 """
 
 from __future__ import annotations
@@ -23,16 +25,22 @@ from . import rtn
 from .scheme import QuantScheme
 
 MIN_RANGE = 0.5  # the smallest range factor; auto-round's bound too
+# What a layer's output is trained to match: "model", the unquantised model's output of
+# this layer (its inputs carried beside the quantised ones, so each layer also undoes the
+# error the earlier layers left: auto-round's target), or "layer", the unquantised layer's
+# output on the quantised inputs (half the activation memory).
+TARGETS = ("model", "layer")
 
 
 @dataclass(frozen=True)
 class SignRoundConfig:
-    """iters: signed-gradient steps per decoder layer; lr: the step size (None: 1/iters,
-    so that v can travel its whole range); batch: calibration samples per step."""
+    """iters: signed-gradient steps per decoder layer; lr: the first step's size, decaying
+    linearly to 0 (None: 1/iters); batch: calibration samples per step; target: `TARGETS`."""
 
     iters: int = 200
     lr: float | None = None
     batch: int = 8
+    target: str = "model"
 
     def __post_init__(self) -> None:
         for name in ("iters", "batch"):
@@ -44,10 +52,19 @@ class SignRoundConfig:
                                     or not isinstance(self.lr, (int, float))
                                     or not 0 < self.lr <= 1):
             raise CompressError(f"signround lr must be in (0, 1], got {self.lr!r}")
+        if self.target not in TARGETS:
+            raise CompressError(f"signround target must be one of {', '.join(TARGETS)}, "
+                                f"got {self.target!r}")
 
     @property
     def step(self) -> float:
+        """The first step's size."""
         return 1.0 / self.iters if self.lr is None else float(self.lr)
+
+    def step_at(self, i: int) -> float:
+        """Step i's size: linear decay to 0 over `iters` (auto-round's schedule), so the
+        last steps settle instead of flipping offsets back and forth."""
+        return self.step * (1.0 - i / self.iters)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,25 +87,22 @@ class LearnedRounding(nn.Module):
         groups = rtn.grouped(weight.detach().to(torch.float32), scheme.group_size)
         self.offsets = nn.Parameter(torch.zeros_like(groups))
         self.max_factor = nn.Parameter(torch.ones(groups.shape[:2], device=weight.device))
-        self.min_factor = (None if scheme.symmetric else
-                           nn.Parameter(torch.ones(groups.shape[:2], device=weight.device)))
+        self.min_factor = nn.Parameter(torch.ones(groups.shape[:2], device=weight.device))
 
     def params(self) -> list[nn.Parameter]:
-        return [p for p in (self.offsets, self.max_factor, self.min_factor) if p is not None]
+        return [self.offsets, self.max_factor, self.min_factor]
 
     @torch.no_grad()
     def clamp_(self) -> None:
         self.offsets.clamp_(-0.5, 0.5)
         for factor in (self.max_factor, self.min_factor):
-            if factor is not None:
-                factor.clamp_(MIN_RANGE, 1.0)
+            factor.clamp_(MIN_RANGE, 1.0)
 
     def _range(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each group's (lo, hi), both ends shrunk by their learned factors (symmetric
+        grids too: the signed scale follows whichever end stays the larger)."""
         lo = groups.amin(dim=-1).clamp(max=0)
         hi = groups.amax(dim=-1).clamp(min=0)
-        if self.min_factor is None:  # symmetric: one range, from the larger side
-            amax = torch.maximum(-lo, hi) * self.max_factor
-            return -amax, amax
         return lo * self.min_factor, hi * self.max_factor
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -96,7 +110,7 @@ class LearnedRounding(nn.Module):
         groups = rtn.grouped(weight.to(torch.float32), self.scheme.group_size)
         lo, hi = self._range(groups)
         if self.scheme.symmetric:
-            scale = (hi / (1 << (bits - 1))).clamp(min=1e-12).unsqueeze(-1)
+            scale = rtn.signed_symmetric_scale(lo, hi, bits).unsqueeze(-1)
             q = torch.clamp(_round_ste(groups / scale + self.offsets),
                             -(1 << (bits - 1)), (1 << (bits - 1)) - 1)
             deq = q * scale
@@ -113,8 +127,11 @@ class LearnedRounding(nn.Module):
         then each weight rounded with its offset on them."""
         groups = rtn.grouped(weight.to(torch.float32), self.scheme.group_size)
         lo, hi = self._range(groups)
-        scale, zero = rtn.range_qparams(lo, hi, self.scheme.bits, self.scheme.symmetric,
-                                        self.scale_dtype)
+        if self.scheme.symmetric:
+            scale, zero = rtn.signed_symmetric_scale(lo, hi, self.scheme.bits,
+                                                     self.scale_dtype), None
+        else:
+            scale, zero = rtn.range_qparams(lo, hi, self.scheme.bits, False, self.scale_dtype)
         shifted = groups + self.offsets * scale.unsqueeze(-1)  # round(w/s + v) = round((w + v s)/s)
         return rtn.pack_grouped(shifted, scale, zero, self.scheme, self.in_features,
                                 self.scale_dtype)

@@ -25,23 +25,60 @@ def _weight(out=48, inp=96, seed=0) -> torch.Tensor:
     return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed))
 
 
+def _signed_rtn(w: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype = torch.float16,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round to nearest on the signed symmetric grid, written out: each group's
+    larger-magnitude weight w_e gets scale w_e / -2^(b-1) (in `dtype`, as stored), so it
+    lands on code -2^(b-1). Returns (dequantised weights, scales [out, groups])."""
+    half = 1 << (scheme.bits - 1)
+    gs = scheme.group_size if scheme.group_size > 0 else w.shape[1]
+    groups = w.reshape(w.shape[0], -1, gs)
+    extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))
+    scale = (extreme / -half).to(dtype).float()
+    codes = torch.clamp(torch.round(groups / scale), -half, half - 1)
+    return (codes * scale).reshape(w.shape), scale.squeeze(-1)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label)
 def test_untrained_rounding_is_round_to_nearest(scheme):
     w = _weight()
     rounding = LearnedRounding(w, scheme, torch.float16)
-    # packed: the very codes and scales RTN stores
-    ours, ref = rounding.quantize(w), rtn.quantize(w, scheme, torch.float16)
-    assert torch.equal(ours.qweight, ref.qweight) and torch.equal(ours.scales, ref.scales)
-    # fake-quantised forward: RTN's weights, but for the scales' float16 rounding
-    torch.testing.assert_close(rounding(w), rtn.fake_quantize(w, scheme, torch.float32),
-                               rtol=0, atol=1e-5)
+    ours = rounding.quantize(w)
+    if scheme.symmetric:  # the signed grid: every group's extreme exactly representable
+        deq, scale = _signed_rtn(w, scheme)
+        torch.testing.assert_close(ours.dequantize(), deq, rtol=0, atol=0)
+        torch.testing.assert_close(ours.scales.float(), scale, rtol=0, atol=0)
+        # each group's larger-magnitude end is kept (to the scale's float16 rounding)
+        gs = w.shape[1] // scale.shape[1]
+        groups, kept = (t.reshape(w.shape[0], -1, gs) for t in (w, ours.dequantize()))
+        at = groups.abs().argmax(-1, keepdim=True)
+        torch.testing.assert_close(kept.gather(-1, at), groups.gather(-1, at), rtol=1e-3,
+                                   atol=0)
+        assert (scale < 0).any() and (scale > 0).any()
+    else:  # the very codes and scales RTN stores
+        ref = rtn.quantize(w, scheme, torch.float16)
+        assert torch.equal(ours.qweight, ref.qweight) and torch.equal(ours.scales, ref.scales)
+    # fake-quantised forward: the same rounding on unrounded (float32) scales
+    unrounded = (_signed_rtn(w, scheme, torch.float32)[0] if scheme.symmetric else
+                 rtn.fake_quantize(w, scheme, torch.float32))
+    torch.testing.assert_close(rounding(w), unrounded, rtol=0, atol=1e-5)
+
+
+def test_signed_scale_maps_the_larger_end_to_the_lowest_code():
+    lo = torch.tensor([-3.0, -1.0, 0.0, -2.0])
+    hi = torch.tensor([1.0, 4.0, 0.0, 2.0])
+    scale = rtn.signed_symmetric_scale(lo, hi, 3, torch.float16)
+    # -3 -> -4 codes of 0.75; 4 -> -4 codes of -1; an all-zero group: scale 1; a tie: hi
+    assert scale.tolist() == [0.75, -1.0, 1.0, -0.5]
+    unrounded = rtn.signed_symmetric_scale(lo, hi, 3)
+    assert unrounded[2] > 0 and torch.equal(unrounded[[0, 1, 3]], scale[[0, 1, 3]])
 
 
 @pytest.mark.parametrize("scheme", SCHEMES[:2], ids=lambda s: s.label)
 def test_offsets_choose_the_other_grid_point(scheme):
     w = _weight()
     rounding = LearnedRounding(w, scheme, torch.float16)
-    base = rtn.quantize(w, scheme, torch.float16)
+    base = rounding.quantize(w)  # untrained: round to nearest (signed scales if symmetric)
     scale = base.scales.float().repeat_interleave(scheme.group_size, dim=1)
     frac = (w / scale) - torch.floor(w / scale)
     with torch.no_grad():  # push every weight whose fraction is under 0.4 up a step
@@ -87,7 +124,8 @@ def test_learning_a_layer_beats_rtn_and_leaves_its_weights_alone():
     x[..., :4] *= 8
     schemes = {"0": QuantScheme(3, 32, True), "2": QuantScheme(3, 32, True)}
     cfg = SignRoundConfig(iters=60, batch=4)
-    packed, losses = learn.learn_layer(layer, layer, x, schemes, cfg, torch.float16, seed=0)
+    packed, losses = learn.learn_layer(layer, layer, x, learn.layer_outputs(layer, x), schemes,
+                                       cfg, torch.float16, seed=0)
     assert losses["learned"] < 0.8 * losses["rtn"]
     assert set(packed) == {"0", "2"}
     for n, p in layer.named_parameters():  # parametrizations gone, weights untouched
@@ -101,22 +139,42 @@ def test_learning_a_layer_beats_rtn_and_leaves_its_weights_alone():
         measured = float(((layer(x) - target) ** 2).mean())
     assert measured == pytest.approx(losses["learned"], rel=0.05)
     fresh = _toy_layer()  # the same seed: the same run
-    again, _ = learn.learn_layer(fresh, fresh, x, schemes, cfg, torch.float16, seed=0)
+    again, _ = learn.learn_layer(fresh, fresh, x, learn.layer_outputs(fresh, x), schemes, cfg,
+                                 torch.float16, seed=0)
     assert all(torch.equal(again[n].qweight, packed[n].qweight) for n in packed)
 
 
-@pytest.mark.parametrize("bad", [{"iters": 0}, {"batch": -1}, {"lr": 2.0}, {"iters": True}])
+@pytest.mark.parametrize("bad", [{"iters": 0}, {"batch": -1}, {"lr": 2.0}, {"iters": True},
+                                 {"target": "teacher"}])
 def test_bad_settings_are_one_line_errors(bad):
     with pytest.raises(CompressError, match="signround"):
         SignRoundConfig(**bad)
 
 
+def test_the_step_decays_linearly_to_zero():
+    cfg = SignRoundConfig(iters=4)
+    assert [cfg.step_at(i) for i in range(4)] == [0.25, 0.1875, 0.125, 0.0625]
+    assert SignRoundConfig(iters=10, lr=0.5).step_at(5) == 0.25
+
+
+def test_batches_use_every_sample_once_per_pass():
+    batches = learn._batches(10, 3, seed=0)
+    passes = [torch.cat([next(batches) for _ in range(3)]) for _ in range(4)]
+    for indices in passes:  # 3 batches of 3 from 10 samples: one dropped per pass
+        assert len(set(indices.tolist())) == 9
+    assert len({tuple(p.tolist()) for p in passes}) > 1  # reshuffled each pass
+    assert next(learn._batches(2, 8, seed=0)).numel() == 2  # a batch larger than the set
+
+
 def test_recipe_round_trips_the_section():
     recipe = Recipe("signround", signround=SignRoundConfig(iters=50, batch=4))
     data = recipe.to_dict()
-    assert data["signround"] == {"iters": 50, "lr": None, "batch": 4} and "gptq" not in data
+    assert data["signround"] == {"iters": 50, "lr": None, "batch": 4, "target": "model"}
+    assert "gptq" not in data
     assert Recipe.from_dict(data) == recipe
-    assert recipe.calibrated and recipe.rounding == "signround"
+    assert recipe.calibrated and recipe.rounding == "signround" and recipe.carries_reference
+    assert not Recipe("signround", signround=SignRoundConfig(target="layer")).carries_reference
+    assert not Recipe("gptq").carries_reference
     assert "signround" not in Recipe("gptq").to_dict()
     with pytest.raises(CompressError, match="signround: unknown keys"):
         Recipe.from_dict({"method": "signround", "signround": {"steps": 3}})
@@ -148,6 +206,41 @@ def test_pipeline_checkpoint_beats_rtn_and_logs_the_layer_loss(tiny_llama, tmp_p
     for entry in log.values():
         assert entry["layer_loss"] < entry["layer_loss_rtn"]
         assert 0 < entry["relative_error"] < 1 and entry["tokens"] == 16 * 64
+
+
+@pytest.mark.parametrize("target", ["model", "layer"])
+def test_the_target_is_the_unquantised_models_activations(tiny_llama, tmp_path, monkeypatch,
+                                                          target):
+    """Target "model": each layer learns to give what the unquantised model's layer gives
+    (transformers' hidden states on the calibration ids), from the quantised inputs;
+    "layer": the unquantised layer on the quantised inputs, which is not that."""
+    import transformers
+
+    from compress import data
+
+    seen = []
+    real = learn.learn_layer
+
+    def spy(layer, forward, x, targets, *args, **kwargs):
+        seen.append((x.clone(), targets.clone()))
+        return real(layer, forward, x, targets, *args, **kwargs)
+
+    monkeypatch.setattr(learn, "learn_layer", spy)
+    recipe = Recipe("signround", QuantScheme(2, 32, True), calibration=CALIB,
+                    signround=SignRoundConfig(iters=2, batch=4, target=target))
+    pipeline.quantize(tiny_llama, recipe, tmp_path / "q")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    calib = data.calibration_set(data.load_tokenizer(tiny_llama), None, CALIB.samples,
+                                 CALIB.seqlen, CALIB.seed)
+    with torch.no_grad():
+        hidden = hf(calib.samples, output_hidden_states=True).hidden_states
+    layers = hf.config.num_hidden_layers
+    assert len(seen) == layers
+    for i, (x, targets) in enumerate(seen[:-1]):  # the last hidden state is normed
+        close = torch.allclose(targets, hidden[i + 1], rtol=1e-4, atol=1e-4)
+        assert close == (target == "model" or i == 0), i
+        if i > 0:  # the inputs are the quantised model's
+            assert not torch.allclose(x, hidden[i], rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.slow
