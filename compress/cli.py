@@ -833,6 +833,7 @@ def main() -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ[hub.OFFLINE_DEFAULT_MARK] = "1"  # commands that need the Hub may go online
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    progress.catch_ctrl_c()
     try:
         _run(sys.argv[1:])
     except CompressError as e:
@@ -848,6 +849,7 @@ def main() -> None:
         e.show()
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, *_ABORT) as e:
+        progress.interrupt_delivered()
         progress.end_work()
         note = e.note if isinstance(e, Interrupted) else progress.interrupt_note()
         err_console.print(f"interrupted; {note}", highlight=False, soft_wrap=True,

@@ -153,10 +153,15 @@ def _rotation_line(rotation: dict) -> str:
 def _signround_line(settings: dict) -> str:
     """The recipe's `signround` section (compress/quant/signround.py `SignRoundConfig`)."""
     step = (f"1/{settings['iters']}" if settings.get("lr") is None else f"{settings['lr']:g}")
+    target = TARGET_WORDS[settings.get("target", "layer")]  # written before targets: "layer"
     return (f"- Learned rounding (SignRound): each weight's rounding direction and each "
-            f"group's range learned per decoder layer by signed gradient descent against the "
-            f"unquantised layer's output on the calibration data: {settings['iters']} steps "
-            f"of {settings['batch']} samples, step size {step}.")
+            f"group's range learned per decoder layer by signed gradient descent against "
+            f"{target} on the calibration data: {settings['iters']} steps of "
+            f"{settings['batch']} samples, step size {step} decaying to 0.")
+
+
+TARGET_WORDS = {"model": "the unquantised model's output of that layer",
+                "layer": "the unquantised layer's output on the quantised inputs"}
 
 
 SCHEME_LABEL = re.compile(r"w(\d+)(?:g(\d+)|pc)-(sym|asym)")  # QuantScheme.label

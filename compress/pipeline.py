@@ -41,7 +41,7 @@ from compress.errors import CompressError
 from compress.formats import checkpoint, manifest, pack_quantized
 from compress.memory import release_freed
 from compress.models import layers
-from compress.progress import on_interrupt, status, track
+from compress.progress import on_interrupt, raise_if_interrupted, status, track
 from compress.quant import QuantScheme, rtn
 from compress.recipe import Recipe
 
@@ -274,6 +274,7 @@ def _quantize_layers(files: models.ModelFiles, recipe: Recipe, schemes: dict[str
     bar = track(range(n_layers), desc=f"quantize {recipe.method}", total=n_layers,
                 unit="layer")
     for i in bar:
+        raise_if_interrupted()  # between layers: a Ctrl-C a finalizer swallowed stops here
         shard = _shard_name(i, n_shards)
         if i in kept:
             if ctx.leader:

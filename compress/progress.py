@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -213,6 +215,40 @@ def interrupt_note(note: str | None = None) -> str:
     return _note
 
 
+_ctrl_c_pending = False  # a Ctrl-C whose KeyboardInterrupt may have been swallowed
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    global _ctrl_c_pending
+    _ctrl_c_pending = True
+    raise KeyboardInterrupt
+
+
+def catch_ctrl_c() -> None:
+    """Ctrl-C raises KeyboardInterrupt, as by default, and is remembered too: Python raises
+    it wherever the main thread is, and one raised inside a finalizer (a `__del__` run by
+    a collection) is printed and dropped. Long loops call `raise_if_interrupted` at their
+    safe points so such a Ctrl-C still stops them. A no-op off the main thread or where
+    someone else handles SIGINT."""
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def raise_if_interrupted() -> None:
+    """KeyboardInterrupt if a Ctrl-C came and was not delivered (see `catch_ctrl_c`)."""
+    global _ctrl_c_pending
+    if _ctrl_c_pending:
+        _ctrl_c_pending = False
+        raise KeyboardInterrupt
+
+
+def interrupt_delivered() -> None:
+    """The pending Ctrl-C reached its handler: no later safe point raises it again."""
+    global _ctrl_c_pending
+    _ctrl_c_pending = False
+
+
 @contextlib.contextmanager
 def on_interrupt(note: str | Callable[[], str]) -> Iterator[None]:
     """Ctrl-C within this block raises `Interrupted(note)`: what the work so far left
@@ -224,4 +260,5 @@ def on_interrupt(note: str | Callable[[], str]) -> Iterator[None]:
     except Interrupted:
         raise
     except KeyboardInterrupt as e:
+        interrupt_delivered()
         raise Interrupted(note() if callable(note) else note) from e

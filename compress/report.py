@@ -21,11 +21,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import compress
-from compress import data, evaluation, models, pipeline
+from compress import data, evaluation, model_card, models, pipeline
 from compress.errors import CompressError
 from compress.formats import checkpoint
 from compress.nn import kernel_backends
-from compress.progress import status
+from compress.progress import raise_if_interrupted, status
 from compress.quant import QuantScheme
 from compress.quant.rotate import ROTATIONS, RotationConfig
 from compress.quant.signround import SignRoundConfig
@@ -70,13 +70,16 @@ class Cell:
         sections it uses, those not at their defaults (a rotation; signround's settings
         for signround; the calibration size for the calibrated methods). A setting a cell
         does not use leaves its cached result valid, and a cell at the defaults keeps the
-        key it had before the report could change them."""
+        key it had before the report could change them. Except signround's: its settings
+        are always in its key, since learned rounding changed (its target, step schedule
+        and grid) after cells with the old default key were measured."""
         sections = self._base_recipe().to_dict()
         defaults = Recipe(self.method).to_dict()
+        always = {"signround"}
         return {"method": self.method, "bits": self.bits, "group_size": self.group_size,
                 "target_bits": self.target_bits,
                 **{k: sections[k] for k in KEYED_SECTIONS
-                   if k in sections and sections[k] != defaults.get(k)}}
+                   if k in sections and (k in always or sections[k] != defaults.get(k))}}
 
     def recipe(self, base: models.ModelFiles) -> tuple[Recipe, dict | None]:
         """The recipe to quantise with, and (mixed) the allocation record to keep with it."""
@@ -192,6 +195,7 @@ def run(model: str | Path | None, cells: list[Cell], out: str | Path,
             api.check_target_bits(base, target)
     rows, reused = [], []
     for label, cell in [(BASELINE, None), *((c.label, c) for c in cells)]:
+        raise_if_interrupted()  # see progress.catch_ctrl_c
         key = _cell_key(base, cell, settings)
         cached = out / "cells" / f"{label}.json"
         if cached.is_file():
@@ -432,7 +436,8 @@ def _variant_notes(rows: list[dict]) -> list[str]:
         s = json.loads(settings)
         lr = "1/iters" if s["lr"] is None else f"{s['lr']:g}"
         notes.append(f"`signround`: learned rounding, {s['iters']} signed-gradient steps per "
-                     f"decoder layer on {s['batch']} calibration samples each, step size {lr}.")
+                     f"decoder layer on {s['batch']} calibration samples each, step size {lr} "
+                     f"decaying to 0, against {model_card.TARGET_WORDS[s.get('target', 'layer')]}.")
     return notes
 
 

@@ -54,6 +54,47 @@ def test_ctrl_c_in_gptq_layers_exits_130_and_the_rerun_resumes(tiny_llama, tmp_p
     assert (out / "config.json").is_file() and not partial.exists()
 
 
+class _SwallowsCtrlC:
+    """Ctrl-C arrives while this object's finalizer runs: Python raises KeyboardInterrupt
+    there, prints it and drops it."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # bytecode, so the handler runs here, inside the finalizer
+            pass
+
+
+def test_a_ctrl_c_a_finalizer_swallowed_still_stops_between_layers(tiny_llama, tmp_path,
+                                                                   monkeypatch):
+    from compress import pipeline, progress
+    from compress.quant import QuantScheme
+    from compress.recipe import CalibrationConfig, Recipe
+
+    previous = signal.getsignal(signal.SIGINT)
+    progress.catch_ctrl_c()
+    calls = []
+
+    def release_freed():  # the layer loop's last step: the finalizer runs in layer 0
+        calls.append(1)
+        if len(calls) == 1:
+            _SwallowsCtrlC()
+
+    monkeypatch.setattr(pipeline, "release_freed", release_freed)
+    swallowed = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: swallowed.append(u.exc_type))
+    recipe = Recipe("gptq", QuantScheme(4, 32, True),
+                    calibration=CalibrationConfig(samples=4, seqlen=32))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.quantize(tiny_llama, recipe, tmp_path / "q")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert swallowed == [KeyboardInterrupt]  # dropped by the finalizer, raised by the loop
+    assert len(calls) == 1 and not (tmp_path / "q").exists()
+    assert pipeline.quantize(tiny_llama, recipe, tmp_path / "q").layers_resumed == 1
+    progress.raise_if_interrupted()  # nothing left pending
+
+
 def _raise_interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 

@@ -121,8 +121,8 @@ def test_model_card_states_rotation_and_learned_rounding(checkpoint, tiny_llama,
             f"head's values by a 16 × 16 one ({rotation['heads']['construction']}).") in card
     assert ("- Learned rounding (SignRound): each weight's rounding direction and each "
             "group's range learned per decoder layer by signed gradient descent against the "
-            "unquantised layer's output on the calibration data: 2 steps of 4 samples, step "
-            "size 1/2.") in card
+            "unquantised model's output of that layer on the calibration data: 2 steps of 4 "
+            "samples, step size 1/2 decaying to 0.") in card
 
 
 def test_model_card_says_when_the_residual_stream_was_not_rotated(tiny_factory, tmp_path):
