@@ -147,6 +147,13 @@ def quantize(
         help="AWQ: search per-group clipping ranges after scaling.")] = True,
     signround_iters: SignroundIters = 200,
     signround_batch: SignroundBatch = 8,
+    match: Annotated[str | None, typer.Option(
+        metavar="model|layer", show_default=False,
+        help="GPTQ and signround: what rounding matches. model: the unquantised model's "
+             "outputs, so each layer also undoes earlier layers' error (its activations "
+             "are carried beside the quantised ones: twice the memory); layer: the "
+             "unquantised layer on the quantised inputs. Default: signround model, GPTQ "
+             "layer.")] = None,
     rotate: Annotated[bool, typer.Option(
         "--rotate", help="Fold seeded randomised Hadamard rotations into the weights first "
         "(the residual stream and each head's values; the model computes the same "
@@ -229,14 +236,18 @@ def quantize(
     if recipe is not None:
         spec = Recipe.from_yaml(recipe)
     else:
+        if match not in (None, "model", "layer"):
+            raise CompressError(f"--match {match!r}: choose model or layer")
+        matched = {} if match is None else {"target": match}
         spec = Recipe(method, QuantScheme(bits, group_size, symmetric),
                       gptq=GPTQConfig(damp=damp, act_order=act_order,
-                                      static_groups=static_groups, mse_clip=mse_clip),
+                                      static_groups=static_groups, mse_clip=mse_clip,
+                                      **matched),
                       awq=AWQConfig(grid=awq_grid, clip=awq_clip),
                       calibration=CalibrationConfig(calib_samples, calib_seqlen, seed,
                                                     expert_tokens),
                       signround=SignRoundConfig(iters=signround_iters,
-                                                batch=signround_batch))
+                                                batch=signround_batch, **matched))
     if rotate:
         spec = dataclasses.replace(spec, rotate=RotationConfig("hadamard", rotate_seed))
     try:

@@ -119,8 +119,10 @@ class Recipe:
     @property
     def carries_reference(self) -> bool:
         """Whether calibration carries the unquantised model's activations beside the
-        quantised ones (learned rounding's "model" target)."""
-        return self.rounding == "signround" and self.signround.target == "model"
+        quantised ones (learned rounding's and GPTQ's "model" target)."""
+        if self.rounding == "signround":
+            return self.signround.target == "model"
+        return self.rounding == "gptq" and self.gptq.target == "model"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -120,6 +120,7 @@ def test_sampled_generation_is_reproducible_from_cli(cli, tiny_llama):
                                                       r"cheapest option set"),
     (["--target-bits", "4", "--options", "w5g32"], r"bits=5 is not supported"),
     (["--target-bits", "4", "--options", "int4"], r"--options 'int4': give labels like"),
+    (["--method", "gptq", "--match", "fp"], r"--match 'fp': choose model or layer"),
 ])
 def test_quantize_bad_options(cli, tiny_llama, tmp_path, args, pattern):
     out = tmp_path / "q"

@@ -73,17 +73,33 @@ class _Forward(greenlet.greenlet):
             self.throw(greenlet.GreenletExit)
 
 
+class GroupInputs:
+    """A group's inputs, chunk by chunk (an iterator); `chunk` is the index of the
+    calibration chunk the last one came from, to pair it with other per-chunk data."""
+
+    def __init__(self, items: Iterator[tuple[int, torch.Tensor]]):
+        self._items, self.chunk = items, -1
+
+    def __iter__(self) -> GroupInputs:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        self.chunk, x = next(self._items)
+        return x
+
+
 @torch.no_grad()
 def true_sequential(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
                     chunks: Sequence[torch.Tensor], groups: Sequence[Group],
-                    on_group: Callable[[Group, Iterator[torch.Tensor]], None],
+                    on_group: Callable[[Group, GroupInputs], None],
                     memory_budget: int) -> None:
     """Each group's inputs, on every chunk, passed to `on_group(group, inputs)` in order;
     then each chunk overwritten in place with its output, `forward` having run through
     the replaced groups.
 
-    `inputs` is an iterator over the chunks' inputs of the group's Linears (a chunk that
-    never reaches the group, e.g. an expert no token of it is routed to, gives none).
+    `inputs` (`GroupInputs`) iterates over the chunks' inputs of the group's Linears (a
+    chunk that never reaches the group, e.g. an expert no token of it is routed to, gives
+    none).
     `on_group` may replace the group's weights; the chunks' forwards continue with them.
     `memory_budget` bounds the bytes of suspended forwards (estimated as each one's
     group input plus three times its chunk: the residual stream, the normed input and a
@@ -119,12 +135,12 @@ def true_sequential(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Te
         return sum(r.input.nbytes + 3 * chunks[i].nbytes for i, r in enumerate(runs)
                    if r is not None and r.input is not None)
 
-    def inputs_of(k: int) -> Iterator[torch.Tensor]:
+    def inputs_of(k: int) -> Iterator[tuple[int, torch.Tensor]]:
         for i in range(len(chunks)):
             run = reach(i, k)
             if run.group != k:
                 continue
-            yield run.input
+            yield i, run.input
             if resident_bytes() > memory_budget:
                 run.stop()  # its input is used; it runs again from the start if needed
                 runs[i] = None
@@ -135,7 +151,7 @@ def true_sequential(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Te
             handles.append(layer.get_submodule(name).register_forward_pre_hook(
                 lambda _module, args, name=name: hook(name, args[0])))
         for k, group in enumerate(groups):
-            on_group(group, inputs_of(k))
+            on_group(group, GroupInputs(inputs_of(k)))
         for i in range(len(chunks)):
             chunks[i].copy_(reach(i, finished).output)  # its input is needed no more
             runs[i] = None

@@ -7,7 +7,7 @@ group's inputs, computed with every earlier group already quantised.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from compress.quant import QuantizedWeight, QuantScheme, gptq, rtn
 from compress.recipe import Recipe
 
 from . import awq, capture, signround
+from .capture import GroupInputs
 
 CALIB_BATCH = 8  # calibration samples per forward chunk
 # An expert routed fewer calibration tokens than this is rounded to nearest instead of by
@@ -35,6 +36,9 @@ class _Group:
                  quantized: dict[str, QuantizedWeight], log: dict[str, dict], ctx: Context):
         self.prefix, self.names, self.ctx = prefix, names, ctx
         self.routed = False  # an expert's: it sees only the tokens routed to it
+        # chunk index -> the unquantised model's input of this group on that chunk (GPTQ's
+        # "model" target); None: GPTQ's own target
+        self.reference: Callable[[int], torch.Tensor] | None = None
         self.schemes = [schemes[prefix + n] for n in names]
         self.modules = [layer.get_submodule(n) for n in names]
         self.scale_dtype, self.quantized, self.log = scale_dtype, quantized, log
@@ -79,7 +83,7 @@ class _Group:
             self.replace(i, weight, **info)
 
 
-def round_to_nearest(group: _Group, inputs: Iterator[torch.Tensor], recipe: Recipe) -> None:
+def round_to_nearest(group: _Group, inputs: GroupInputs, recipe: Recipe) -> None:
     """RTN of the (transformed) weights: the inputs are not needed."""
     info = {"rounding": "rtn"} if group.routed else {}
 
@@ -90,14 +94,20 @@ def round_to_nearest(group: _Group, inputs: Iterator[torch.Tensor], recipe: Reci
     group.solve([[i] for i in range(len(group.modules))], rounded)
 
 
-def round_gptq(group: _Group, inputs: Iterator[torch.Tensor], recipe: Recipe) -> None:
+def round_gptq(group: _Group, inputs: GroupInputs, recipe: Recipe) -> None:
     """GPTQ on the group's shared input Hessian (summed over ranks); Linears with the same
     scheme in one pass. With several processes the Linears are dealt to ranks, each rank
     solving its own in one pass; one process solves them all in one pass, as always."""
     acc = gptq.HessianAccumulator(group.modules[0].in_features, group.device)
+    cross = (None if group.reference is None else
+             gptq.CrossAccumulator(group.modules[0].in_features, group.device))
     for x in inputs:
         acc.add(x)
+        if cross is not None:
+            cross.add(group.reference(inputs.chunk), x)
     acc.h, acc.n = group.ctx.reduce_mean(acc.h, acc.n)
+    if cross is not None:
+        cross.c, cross.n = group.ctx.reduce_mean(cross.c, cross.n)
     if group.routed and acc.n < MIN_EXPERT_TOKENS:
         _round_uncovered(group, acc)
         return
@@ -113,12 +123,21 @@ def round_gptq(group: _Group, inputs: Iterator[torch.Tensor], recipe: Recipe) ->
 
         def solved(job: list[int], scheme: QuantScheme = scheme,
                    ) -> list[tuple[QuantizedWeight, dict]]:
-            results = gptq.quantize_shared_input(
-                [group.modules[i].weight for i in job], hessian, scheme, recipe.gptq,
-                group.scale_dtype, name=group.prefix + "+".join(group.names[i] for i in job))
+            name = group.prefix + "+".join(group.names[i] for i in job)
+            weights = [group.modules[i].weight for i in job]
+            extra: list[dict] = [{} for _ in job]
+            if cross is not None:  # rounded toward the unquantised model's outputs
+                targets = gptq.target_weight(torch.cat(weights), hessian, cross.c,
+                                             recipe.gptq.damp, name).split(
+                                                 [w.shape[0] for w in weights])
+                extra = [{"target": "model", "target_shift": gptq.relative_output_error(
+                    w, t, hessian)} for w, t in zip(weights, targets, strict=True)]
+                weights = list(targets)
+            results = gptq.quantize_shared_input(weights, hessian, scheme, recipe.gptq,
+                                                 group.scale_dtype, name=name)
             return [(r.weight, {"relative_error": r.relative_error, "damp": r.damp,
-                                "dead_columns": r.dead_columns, "tokens": acc.n})
-                    for r in results]
+                                "dead_columns": r.dead_columns, "tokens": acc.n, **more})
+                    for r, more in zip(results, extra, strict=True)]
 
         group.solve_on(jobs, owners, solved)
 
@@ -136,13 +155,13 @@ def _round_uncovered(group: _Group, acc: gptq.HessianAccumulator) -> None:
 
 
 def _placing(learned: dict[str, QuantizedWeight], losses: dict[str, float]
-             ) -> Callable[[_Group, Iterator[torch.Tensor], Recipe], None]:
+             ) -> Callable[[_Group, GroupInputs, Recipe], None]:
     """The rounding step of learned rounding: the group's weights were learned with the
     whole layer beforehand; each is put in place and its output error measured, like
     GPTQ's, on the inputs it now sees. An expert under the token minimum is rounded to
     nearest instead (offsets learned from a handful of tokens fit only those)."""
 
-    def place(group: _Group, inputs: Iterator[torch.Tensor], recipe: Recipe) -> None:
+    def place(group: _Group, inputs: GroupInputs, recipe: Recipe) -> None:
         acc = gptq.HessianAccumulator(group.modules[0].in_features, group.device)
         for x in inputs:
             acc.add(x)
@@ -161,7 +180,7 @@ def _placing(learned: dict[str, QuantizedWeight], losses: dict[str, float]
     return place
 
 
-ROUNDINGS: dict[str, Callable[[_Group, Iterator[torch.Tensor], Recipe], None]] = {
+ROUNDINGS: dict[str, Callable[[_Group, GroupInputs, Recipe], None]] = {
     "rtn": round_to_nearest,
     "gptq": round_gptq,
 }
@@ -198,6 +217,13 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
                             recipe.awq, scale_dtype, MIN_EXPERT_TOKENS, ctx,
                             then_gptq=recipe.rounding == "gptq")
     quantized: dict[str, QuantizedWeight] = {}
+    reference_of, reference_out = None, None
+    if reference is not None and recipe.rounding == "gptq":
+        # the unquantised layer's outputs now, before any group is rounded: the next
+        # layer's reference inputs
+        reference_out = signround.layer_outputs(forward, reference, CALIB_BATCH)
+        reference_of = _reference_inputs(layer, forward, reference.split(CALIB_BATCH),
+                                         [n for g in groups for n in g])
     if recipe.rounding == "signround":
         mine = {n: s for n, s in ((n, schemes.get(prefix + n)) for g in groups for n in g)
                 if s is not None}
@@ -213,13 +239,58 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
     else:
         round_group = ROUNDINGS[recipe.rounding]
 
-    def on_group(names: tuple[str, ...], inputs: Iterator[torch.Tensor]) -> None:
+    def on_group(names: tuple[str, ...], inputs: GroupInputs) -> None:
         todo = [n for n in names if prefix + n in schemes]
         if todo:
             group = _Group(layer, prefix, todo, schemes, scale_dtype, quantized, log, ctx)
             group.routed = arch.is_expert(todo[0])
+            if reference_of is not None and not group.routed:  # routes differ between the two
+                group.reference = lambda i: reference_of(todo[0], i)
             round_group(group, inputs, recipe)
             release_freed()  # each group's temporaries, else kept by the heap (see memory.py)
 
     capture.true_sequential(layer, forward, chunks, groups, on_group, memory_budget)
+    if reference_out is not None:
+        reference.copy_(reference_out)
     return quantized, log
+
+
+class _Reached(Exception):
+    """Raised by a pre-hook to stop a forward at the Linear whose input it carries."""
+
+    def __init__(self, x: torch.Tensor):
+        super().__init__()
+        self.x = x
+
+
+def _reference_inputs(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
+                      chunks: tuple[torch.Tensor, ...], names: list[str],
+                      ) -> Callable[[str, int], torch.Tensor]:
+    """A function (Linear name, chunk index) -> that Linear's input in the unquantised
+    model on that reference chunk. It runs the layer's own forward on the chunk, with the
+    unquantised weights of the Linears rounded so far put back for the call, and stops at
+    the Linear: no copy of the layer, no cache of every group's inputs. Calibration's
+    suspended forwards have passed those Linears and never see the swap."""
+    original = {n: layer.get_submodule(n).weight.data for n in names}
+
+    def reference_input(name: str, i: int) -> torch.Tensor:
+        modules = {n: layer.get_submodule(n) for n in names}
+        current = {n: m.weight.data for n, m in modules.items()}
+
+        def stop(_module: nn.Module, args: tuple) -> None:
+            raise _Reached(args[0])
+
+        handle = modules[name].register_forward_pre_hook(stop)
+        try:
+            for n, m in modules.items():
+                m.weight.data = original[n]
+            forward(chunks[i])
+        except _Reached as reached:
+            return reached.x
+        finally:
+            handle.remove()
+            for n, m in modules.items():
+                m.weight.data = current[n]
+        raise RuntimeError(f"{name} never ran on reference chunk {i}")
+
+    return reference_input

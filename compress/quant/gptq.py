@@ -21,6 +21,8 @@ from compress.progress import status
 from . import rtn
 from .scheme import QuantScheme
 
+TARGETS = ("layer", "model")  # GPTQConfig.target
+
 
 @dataclass(frozen=True)
 class GPTQConfig:
@@ -30,13 +32,18 @@ class GPTQConfig:
     group scales from the original weights before reordering, so the checkpoint needs no
     g_idx and every engine reads it; without it groups follow the new order and g_idx
     maps columns to groups (slightly more accurate, fewer readers). mse_clip: search a
-    per-group range shrink minimising the quantisation error instead of using min/max."""
+    per-group range shrink minimising the quantisation error instead of using min/max.
+    target: what the rounded Linear's output should match: "layer", the unquantised
+    Linear on the inputs the quantised model gives (GPTQ), or "model", the unquantised
+    model's output of that Linear (GPTAQ, Li et al. 2025: each Linear also undoes the
+    error earlier ones left in its input; `target_weight`)."""
 
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
     static_groups: bool = True
     mse_clip: bool = False
+    target: str = "layer"
 
     def __post_init__(self) -> None:
         if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or not (
@@ -49,6 +56,9 @@ class GPTQConfig:
         for flag in ("act_order", "static_groups", "mse_clip"):
             if not isinstance(getattr(self, flag), bool):
                 raise CompressError(f"GPTQ {flag} must be true or false")
+        if self.target not in TARGETS:
+            raise CompressError(f"GPTQ target must be one of {', '.join(TARGETS)}, got "
+                                f"{self.target!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +93,48 @@ class HessianAccumulator:
     def hessian(self) -> torch.Tensor:
         upper = self.h.triu()
         return upper + upper.triu(1).T
+
+
+class CrossAccumulator:
+    """C = 2/n * sum_t r_t x_t^T: the unquantised model's inputs r against the quantised
+    model's x at the same tokens (`target_weight`), scaled as `HessianAccumulator`'s H."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.c = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, reference: torch.Tensor, x: torch.Tensor) -> None:
+        r = reference.reshape(-1, reference.shape[-1]).to(self.c.device, torch.float32)
+        x = x.reshape(-1, x.shape[-1]).to(self.c.device, torch.float32)
+        if r.shape != x.shape:
+            raise ValueError(f"reference inputs {tuple(r.shape)} do not pair with the "
+                             f"inputs {tuple(x.shape)}")
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.c *= self.n / (self.n + m)
+        self.n += m
+        self.c.addmm_(r.T, x, alpha=2.0 / self.n)
+
+
+def target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
+                  damp: float, name: str = "layer") -> torch.Tensor:
+    """W C (H + damp)^-1: the weight whose output on the quantised model's inputs X best
+    matches (least squares) the unquantised model's W R, from H = 2 X X^T / n and
+    C = 2 R X^T / n. GPTQ of it on H minimises ||W R - Q X||^2, GPTAQ's objective: the
+    fit's residual is orthogonal to X's rows, so the two differ by a constant. Damped as
+    GPTQ damps H (a ridge fit: columns X barely spans stay near W's)."""
+    h = hessian.to(torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    mean_diag = float(torch.diag(h).mean())
+    upper, used = _inverse_cholesky(h, damp, name)  # (H + λ)^-1 = U^T U
+    del h
+    # argmin_V ||W R - V X||^2 + λ ||V - W||^2 = (W C + λ W)(H + λ)^-1: with R = X (no
+    # error upstream) exactly W, so this target then gives plain GPTQ's result
+    w = weight.to(torch.float32)
+    rhs = w @ cross.to(torch.float32) + (used * mean_diag) * w
+    return (rhs @ upper.T) @ upper
 
 
 @dataclass(frozen=True)

@@ -184,3 +184,59 @@ def test_shared_input_pass_equals_one_pass_per_linear(act_order, static_groups):
         assert differ.any(dim=1).sum() <= 1  # a near-tie may flip in one row, as above
         assert got.relative_error == pytest.approx(alone.relative_error, rel=1e-3)
         assert (got.weight.g_idx is None) == (alone.weight.g_idx is None)
+
+
+def test_cross_term_streams_like_the_hessian():
+    gen = torch.Generator().manual_seed(30)
+    x, r = torch.randn(1000, 48, generator=gen), torch.randn(1000, 48, generator=gen)
+    acc = gptq.CrossAccumulator(48)
+    for a, b in zip(r.split(137), x.split(137), strict=True):
+        acc.add(a, b)
+    torch.testing.assert_close(acc.c, 2 * r.T @ x / 1000, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not pair"):
+        acc.add(r[:10], x[:11])
+
+
+def test_target_weight_is_the_least_squares_fit_to_the_unquantised_outputs():
+    """W C H^-1 fits W R from X (float64 lstsq as the oracle); with R = X it is W itself,
+    so GPTQ's "model" target is plain GPTQ where nothing upstream was rounded."""
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(4000, 64, generator=gen) * torch.logspace(-0.5, 0.5, 64)
+    r = x + 0.2 * torch.randn(4000, 64, generator=gen)  # the error earlier layers left
+    w = torch.randn(32, 64, generator=gen)
+    h, c = gptq.HessianAccumulator(64), gptq.CrossAccumulator(64)
+    h.add(x)
+    c.add(r, x)
+    fit = torch.linalg.lstsq(x.double(), (r @ w.T).double()).solution.T.float()
+    got = gptq.target_weight(w, h.hessian(), c.c, damp=1e-6)
+    torch.testing.assert_close(got, fit, rtol=0, atol=2e-3 * float(fit.abs().max()))
+    assert (fit - w).abs().max() > 0.05  # the fit is not W: the check can fail
+    same = gptq.CrossAccumulator(64)
+    same.add(x, x)
+    torch.testing.assert_close(gptq.target_weight(w, h.hessian(), same.c, damp=0.01), w,
+                               rtol=0, atol=1e-4)
+
+
+def test_rounding_the_target_weight_lowers_the_error_against_the_unquantised_outputs():
+    gen = torch.Generator().manual_seed(32)
+    x = correlated_inputs(4000, 128, gen)
+    # the error earlier rounding left is a function of the inputs, in part a linear one
+    # the fit can undo; the rest is noise it cannot
+    r = (x @ (torch.eye(128) + 0.05 * torch.randn(128, 128, generator=gen))
+         + 0.05 * x.std(0) * torch.randn(4000, 128, generator=gen))
+    w = torch.randn(64, 128, generator=gen) * 0.05
+    h, c = gptq.HessianAccumulator(128), gptq.CrossAccumulator(128)
+    h.add(x)
+    c.add(r, x)
+    scheme = QuantScheme(3, 64, True)
+    plain = gptq.quantize_layer(w, h.hessian(), scheme).weight.dequantize()
+    target = gptq.target_weight(w, h.hessian(), c.c, damp=0.01)
+    model = gptq.quantize_layer(target, h.hessian(), scheme).weight.dequantize()
+    errors = {name: float(((r @ w.T - x @ q.T) ** 2).mean())
+              for name, q in (("plain", plain), ("model", model))}
+    assert errors["model"] < 0.8 * errors["plain"], errors
+
+
+def test_target_must_be_named():
+    with pytest.raises(CompressError, match="GPTQ target must be one of layer, model"):
+        gptq.GPTQConfig(target="fp")
