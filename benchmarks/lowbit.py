@@ -8,7 +8,7 @@ scored by KL (mean, p99), top-1 agreement and perplexity against the unquantised
 A cell is SETTING:METHOD. Settings (symmetric): w4g128, w3g128, w2g64; SmolLM2's 576-wide
 projections take group 64 where 128 is asked, on both sides (ours falls back, the peer's
 "w4"/"w3" layout says so). Methods: ours, rtn, gptq, awq, awq+gptq, signround, each
-optionally with "+rotate" (`compress quantize ... --rotate`); the peer's llmc-gptq
+optionally with "+model" or "+layer" (`--match`) and "+rotate" (`--rotate`); the peer's llmc-gptq
 (GPTQModifier, act-order "weight" = our static act-order), llmc-awq (AWQModifier then its
 RTN) and llmc-rtn (its RTN alone), run in /tmp/peer-venv by
 benchmarks/peer_llmcompressor.py. Every quantisation is a timed child process on the
@@ -48,10 +48,22 @@ PEERS = {"llmc-gptq": ("gptq", "weight"), "llmc-awq": ("awq", "none"),
 PEER_SCHEMES = {"w4g128": "w4", "w3g128": "w3", "w2g64": "w2g64"}
 
 
+# suffixes of our methods: "gptq+model+rotate" is `--method gptq --match model --rotate`
+MODIFIERS = {"rotate": ["--rotate"], "model": ["--match", "model"],
+             "layer": ["--match", "layer"]}
+
+
+def split_method(method: str) -> tuple[str, list[str]]:
+    """Our method and the flags its suffixes add."""
+    base, extra = method, []
+    while (suffix := base.rpartition("+")[2]) in MODIFIERS and base != suffix:
+        base, extra = base.rpartition("+")[0], MODIFIERS[suffix] + extra
+    return base, extra
+
+
 def ours(setting: str, method: str, work: Path, args) -> dict:
     bits, group = SETTINGS[setting]
-    base = method.removesuffix("+rotate")
-    extra = ["--rotate"] if base != method else []
+    base, extra = split_method(method)
     if base == "signround":
         extra += ["--signround-iters", str(args.signround_iters),
                   "--signround-batch", str(args.signround_batch)]
@@ -93,10 +105,11 @@ def main() -> None:
     set_quiet(True)
     cells = [tuple(c.split(":", 1)) for c in args.cells.split(",")]
     for setting, method in cells:
-        known = method in PEERS or method.removesuffix("+rotate") in OURS
+        known = method in PEERS or split_method(method)[0] in OURS
         if setting not in SETTINGS or not known:
             raise SystemExit(f"unknown cell {setting}:{method}; settings {', '.join(SETTINGS)}"
-                             f", methods {', '.join(OURS)} (+rotate), {', '.join(PEERS)}")
+                             f", methods {', '.join(OURS)} (+{', +'.join(MODIFIERS)}), "
+                             f"{', '.join(PEERS)}")
 
     fp16 = evaluation.evaluate_perplexity(assets.bundled_model_dir(), max_tokens=args.eval_tokens)
     def merged() -> dict:
