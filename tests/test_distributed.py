@@ -216,6 +216,22 @@ def test_two_ranks_awq_matches_one_process(tiny_llama, tmp_path):
     assert_close_checkpoints(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.slow
+def test_two_ranks_gptq_matching_the_model_match_one_process(tiny_llama, tmp_path):
+    """The unquantised model's activations split by rank beside the quantised ones, the
+    cross term summed like the Hessian."""
+    from dataclasses import replace
+
+    from compress.quant.gptq import GPTQConfig
+
+    one = replace(recipe(), gptq=GPTQConfig(target="model"))
+    pipeline.quantize(tiny_llama, one, tmp_path / "one", ctx=distributed.Context())
+    results = finish(start_ranks([*cli_args(tiny_llama, tmp_path / "two"), "--match",
+                                  "model"]))
+    assert [c for c, _ in results] == [0, 0], results
+    assert_close_checkpoints(tmp_path / "one", tmp_path / "two")
+
+
 def _wait_for_stop(proc: subprocess.Popen, deadline: float = 240) -> None:
     end = time.time() + deadline
     while time.time() < end:
