@@ -17,6 +17,12 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="stops and signals a process")
 
 
+def _sigint_default() -> None:
+    """In the child: Ctrl-C as a shell's foreground job gets it. A background job of a
+    non-interactive shell (`pytest ... &`) ignores SIGINT, and its children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "COMPRESS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     env.pop(PAUSE_ENV, None)
@@ -35,7 +41,8 @@ def test_ctrl_c_in_gptq_layers_exits_130_and_the_rerun_resumes(tiny_llama, tmp_p
     # The run stops itself once layer 0 is recorded, inside the layer loop; SIGINT waits
     # there as a pending signal and lands when it continues, as a Ctrl-C between layers.
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env(**{PAUSE_ENV: "layer-0-done"}))
+                            env=cli_env(**{PAUSE_ENV: "layer-0-done"}),
+                            preexec_fn=_sigint_default)
     _, status = os.waitpid(proc.pid, os.WUNTRACED)
     assert os.WIFSTOPPED(status), proc.communicate()
     os.kill(proc.pid, signal.SIGINT)
@@ -71,6 +78,7 @@ def test_a_ctrl_c_a_finalizer_swallowed_still_stops_between_layers(tiny_llama, t
     from compress.recipe import CalibrationConfig, Recipe
 
     previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a foreground job
     progress.catch_ctrl_c()
     calls = []
 

@@ -48,7 +48,10 @@ def test_outputs_equal_the_forward_of_the_replaced_module(budget):
     chunks = list(x.clone().split(2))
     seen = run(toy, chunks, budget)
     assert seen == [(("a",), 3), (("b",), 3), (("c",), 2)]  # chunk 0 never reaches c
-    torch.testing.assert_close(torch.cat(chunks), toy(x), rtol=0, atol=0)
+    # chunk by chunk, as calibration ran it (a batch of 6 may take another matmul kernel
+    # than batches of 2, and differ in the last bit)
+    expected = torch.cat([toy(part) for part in x.split(2)])
+    torch.testing.assert_close(torch.cat(chunks), expected, rtol=0, atol=0)
 
 
 def test_group_inputs_are_computed_with_earlier_groups_replaced():
