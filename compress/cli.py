@@ -149,11 +149,10 @@ def quantize(
     signround_batch: SignroundBatch = 8,
     match: Annotated[str | None, typer.Option(
         metavar="model|layer", show_default=False,
-        help="GPTQ and signround: what rounding matches. model: the unquantised model's "
-             "outputs, so each layer also undoes earlier layers' error (its activations "
-             "are carried beside the quantised ones: twice the memory); layer: the "
-             "unquantised layer on the quantised inputs. Default: signround model, GPTQ "
-             "layer.")] = None,
+        help="GPTQ and signround: what rounding matches. model (default): the "
+             "unquantised model's outputs, so each layer also undoes earlier layers' error "
+             "(its activations are carried beside the quantised ones: twice the memory); "
+             "layer: the unquantised layer on the quantised inputs.")] = None,
     rotate: Annotated[bool, typer.Option(
         "--rotate", help="Fold seeded randomised Hadamard rotations into the weights first "
         "(the residual stream and each head's values; the model computes the same "

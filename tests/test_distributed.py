@@ -217,17 +217,17 @@ def test_two_ranks_awq_matches_one_process(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_gptq_matching_the_model_match_one_process(tiny_llama, tmp_path):
-    """The unquantised model's activations split by rank beside the quantised ones, the
-    cross term summed like the Hessian."""
+def test_two_ranks_plain_gptq_match_one_process(tiny_llama, tmp_path):
+    """GPTQ's "layer" target (the default "model" is the one_process fixture's): no
+    reference activations carried, nothing summed but the Hessian."""
     from dataclasses import replace
 
     from compress.quant.gptq import GPTQConfig
 
-    one = replace(recipe(), gptq=GPTQConfig(target="model"))
+    one = replace(recipe(), gptq=GPTQConfig(target="layer"))
     pipeline.quantize(tiny_llama, one, tmp_path / "one", ctx=distributed.Context())
     results = finish(start_ranks([*cli_args(tiny_llama, tmp_path / "two"), "--match",
-                                  "model"]))
+                                  "layer"]))
     assert [c for c, _ in results] == [0, 0], results
     assert_close_checkpoints(tmp_path / "one", tmp_path / "two")
 

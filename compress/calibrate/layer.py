@@ -128,7 +128,8 @@ def round_gptq(group: _Group, inputs: GroupInputs, recipe: Recipe) -> None:
             extra: list[dict] = [{} for _ in job]
             if cross is not None:  # rounded toward the unquantised model's outputs
                 targets = gptq.target_weight(torch.cat(weights), hessian, cross.c,
-                                             recipe.gptq.damp, name).split(
+                                             recipe.gptq.damp, name,
+                                             recipe.gptq.target_strength).split(
                                                  [w.shape[0] for w in weights])
                 extra = [{"target": "model", "target_shift": gptq.relative_output_error(
                     w, t, hessian)} for w, t in zip(weights, targets, strict=True)]

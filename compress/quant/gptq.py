@@ -33,17 +33,20 @@ class GPTQConfig:
     g_idx and every engine reads it; without it groups follow the new order and g_idx
     maps columns to groups (slightly more accurate, fewer readers). mse_clip: search a
     per-group range shrink minimising the quantisation error instead of using min/max.
-    target: what the rounded Linear's output should match: "layer", the unquantised
-    Linear on the inputs the quantised model gives (GPTQ), or "model", the unquantised
-    model's output of that Linear (GPTAQ, Li et al. 2025: each Linear also undoes the
-    error earlier ones left in its input; `target_weight`)."""
+    target: what the rounded Linear's output should match: "model" (default), the
+    unquantised model's output of that Linear (GPTAQ, Li et al. 2025: each Linear also
+    undoes the error earlier ones left in its input; `target_weight`), or "layer", the
+    unquantised Linear on the inputs the quantised model gives (plain GPTQ).
+    target_strength: with "model", the fraction of the way from W to that fit GPTQ rounds
+    (the full fit to one calibration set over-corrects: docs/algorithms.md)."""
 
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
     static_groups: bool = True
     mse_clip: bool = False
-    target: str = "layer"
+    target: str = "model"
+    target_strength: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or not (
@@ -56,6 +59,10 @@ class GPTQConfig:
         for flag in ("act_order", "static_groups", "mse_clip"):
             if not isinstance(getattr(self, flag), bool):
                 raise CompressError(f"GPTQ {flag} must be true or false")
+        if isinstance(self.target_strength, bool) or not isinstance(
+                self.target_strength, int | float) or not 0 < self.target_strength <= 1:
+            raise CompressError(f"GPTQ target_strength must be in (0, 1], got "
+                                f"{self.target_strength!r}")
         if self.target not in TARGETS:
             raise CompressError(f"GPTQ target must be one of {', '.join(TARGETS)}, got "
                                 f"{self.target!r}")
@@ -118,12 +125,15 @@ class CrossAccumulator:
 
 
 def target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
-                  damp: float, name: str = "layer") -> torch.Tensor:
+                  damp: float, name: str = "layer", strength: float = 1.0) -> torch.Tensor:
     """W C (H + damp)^-1: the weight whose output on the quantised model's inputs X best
     matches (least squares) the unquantised model's W R, from H = 2 X X^T / n and
     C = 2 R X^T / n. GPTQ of it on H minimises ||W R - Q X||^2, GPTAQ's objective: the
     fit's residual is orthogonal to X's rows, so the two differ by a constant. Damped as
-    GPTQ damps H (a ridge fit: columns X barely spans stay near W's)."""
+    GPTQ damps H (a ridge fit: columns X barely spans stay near W's). `strength` < 1
+    moves only that fraction of the way from W to the fit (`GPTQConfig.target_strength`)."""
+    _require_finite_hessian(hessian, name)
+    _require_finite_hessian(cross, name)
     h = hessian.to(torch.float32).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -134,7 +144,8 @@ def target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tens
     # error upstream) exactly W, so this target then gives plain GPTQ's result
     w = weight.to(torch.float32)
     rhs = w @ cross.to(torch.float32) + (used * mean_diag) * w
-    return (rhs @ upper.T) @ upper
+    fit = (rhs @ upper.T) @ upper
+    return fit if strength == 1.0 else w + strength * (fit - w)
 
 
 @dataclass(frozen=True)
@@ -171,9 +182,7 @@ def quantize_shared_input(
     Linear exactly its own result while the column loop, the inverse Hessian and its
     act-order permutation are paid for once.
     """
-    if not torch.isfinite(hessian).all():
-        raise CompressError(f"the calibration Hessian of {name} contains NaN/Inf (activations "
-                            "overflowed?); check the model's dtype and calibration data")
+    _require_finite_hessian(hessian, name)
     if not all(bool(torch.isfinite(w).all()) for w in weights):
         raise CompressError(f"the weights of {name} contain NaN/Inf; the source model is "
                             "corrupt or overflowed its dtype")
@@ -187,6 +196,12 @@ def quantize_shared_input(
         results.append(GPTQResult(part, relative_output_error(w, part.dequantize(), hessian),
                                   stacked.damp, stacked.dead_columns))
     return results
+
+
+def _require_finite_hessian(statistic: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(statistic).all():
+        raise CompressError(f"the calibration Hessian of {name} contains NaN/Inf (activations "
+                            "overflowed?); check the model's dtype and calibration data")
 
 
 def _quantize_rows(

@@ -240,3 +240,18 @@ def test_rounding_the_target_weight_lowers_the_error_against_the_unquantised_out
 def test_target_must_be_named():
     with pytest.raises(CompressError, match="GPTQ target must be one of layer, model"):
         gptq.GPTQConfig(target="fp")
+    with pytest.raises(CompressError, match="target_strength must be in"):
+        gptq.GPTQConfig(target_strength=0)
+
+
+def test_target_strength_moves_part_of_the_way():
+    gen = torch.Generator().manual_seed(33)
+    x = torch.randn(500, 32, generator=gen)
+    r = x @ (torch.eye(32) + 0.1 * torch.randn(32, 32, generator=gen))
+    w = torch.randn(8, 32, generator=gen)
+    h, c = gptq.HessianAccumulator(32), gptq.CrossAccumulator(32)
+    h.add(x)
+    c.add(r, x)
+    full = gptq.target_weight(w, h.hessian(), c.c, 0.01)
+    half = gptq.target_weight(w, h.hessian(), c.c, 0.01, strength=0.5)
+    torch.testing.assert_close(half, (w + full) / 2, rtol=0, atol=1e-5)

@@ -14,6 +14,7 @@ from compress.calibrate import signround as learn
 from compress.errors import CompressError
 from compress.formats import checkpoint
 from compress.quant import QuantScheme, rtn
+from compress.quant.gptq import GPTQConfig
 from compress.quant.signround import LearnedRounding, SignRoundConfig, signed_step
 from compress.recipe import CalibrationConfig, Recipe
 
@@ -174,7 +175,8 @@ def test_recipe_round_trips_the_section():
     assert Recipe.from_dict(data) == recipe
     assert recipe.calibrated and recipe.rounding == "signround" and recipe.carries_reference
     assert not Recipe("signround", signround=SignRoundConfig(target="layer")).carries_reference
-    assert not Recipe("gptq").carries_reference
+    assert Recipe("gptq").carries_reference and not Recipe("awq").carries_reference
+    assert not Recipe("gptq", gptq=GPTQConfig(target="layer")).carries_reference
     assert "signround" not in Recipe("gptq").to_dict()
     with pytest.raises(CompressError, match="signround: unknown keys"):
         Recipe.from_dict({"method": "signround", "signround": {"steps": 3}})
