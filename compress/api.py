@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import compress
-from compress import assets, data, distributed, evaluation, models, pipeline, sources
+from compress import assets, data, distributed, evaluation, models, pipeline, quant, sources
 from compress.calibrate import sensitivity
 from compress.errors import CompressError
 from compress.evals import DEFAULT_CTX, DEFAULT_MAX_TOKENS
@@ -159,7 +159,7 @@ def sensitivity_table(files: models.ModelFiles, options: tuple[sensitivity.Optio
                                  samples=16, seqlen=256, seed=seed)
     key = {"model": model_identity(files), "options": [o.label for o in options],
            "tokens": calib.sha256, "method": sensitivity.METHOD,
-           "version": compress.__version__}
+           "version": compress.__version__, "rounding_revision": quant.REVISION}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     path = assets.cache_root() / "results" / "sensitivity" / f"{digest}.json"
     try:

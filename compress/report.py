@@ -21,7 +21,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import compress
-from compress import data, evaluation, model_card, models, pipeline
+from compress import data, evaluation, model_card, models, pipeline, quant
 from compress.errors import CompressError
 from compress.formats import checkpoint
 from compress.nn import kernel_backends
@@ -70,16 +70,14 @@ class Cell:
         sections it uses, those not at their defaults (a rotation; signround's settings
         for signround; the calibration size for the calibrated methods). A setting a cell
         does not use leaves its cached result valid, and a cell at the defaults keeps the
-        key it had before the report could change them. Except signround's: its settings
-        are always in its key, since learned rounding changed (its target, step schedule
-        and grid) after cells with the old default key were measured."""
+        key it had before the report could change them (a change of what the defaults
+        compute is `compress.quant.REVISION`, in every cell's cache key)."""
         sections = self._base_recipe().to_dict()
         defaults = Recipe(self.method).to_dict()
-        always = {"signround"}
         return {"method": self.method, "bits": self.bits, "group_size": self.group_size,
                 "target_bits": self.target_bits,
                 **{k: sections[k] for k in KEYED_SECTIONS
-                   if k in sections and (k in always or sections[k] != defaults.get(k))}}
+                   if k in sections and sections[k] != defaults.get(k)}}
 
     def recipe(self, base: models.ModelFiles) -> tuple[Recipe, dict | None]:
         """The recipe to quantise with, and (mixed) the allocation record to keep with it."""
@@ -227,7 +225,8 @@ def run(model: str | Path | None, cells: list[Cell], out: str | Path,
 def _cell_key(base: models.ModelFiles, cell: Cell | None, settings: Settings) -> str:
     payload = {"model": evaluation.model_identity(base),
                "cell": None if cell is None else cell.key(),
-               "settings": asdict(settings), "version": compress.__version__}
+               "settings": asdict(settings), "version": compress.__version__,
+               "rounding_revision": quant.REVISION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

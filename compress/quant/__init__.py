@@ -4,4 +4,10 @@ from compress.kernels import QuantizedWeight, num_groups
 
 from .scheme import QuantScheme
 
-__all__ = ["QuantScheme", "QuantizedWeight", "num_groups"]
+# Raised whenever an algorithm's output for the same settings changes (a new default, a new
+# grid), so cached results measured with the old rounding (report cells, sensitivity
+# tables) are measured again rather than shown beside new ones. 2: GPTQ matches the
+# unquantised model, learned rounding's target, schedule and signed grid.
+REVISION = 2
+
+__all__ = ["REVISION", "QuantScheme", "QuantizedWeight", "num_groups"]
