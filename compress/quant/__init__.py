@@ -7,7 +7,7 @@ from .scheme import QuantScheme
 # Raised whenever an algorithm's output for the same settings changes (a new default, a new
 # grid), so cached results measured with the old rounding (report cells, sensitivity
 # tables) are measured again rather than shown beside new ones. 2: GPTQ matches the
-# unquantised model, learned rounding's target, schedule and signed grid.
-REVISION = 2
+# unquantised model, learned rounding's target and schedule; 3: the signed symmetric grid.
+REVISION = 3
 
 __all__ = ["REVISION", "QuantScheme", "QuantizedWeight", "num_groups"]

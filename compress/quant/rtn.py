@@ -47,8 +47,7 @@ def qparams(
 def range_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
                    scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     if symmetric:
-        amax = torch.maximum(-lo, hi)
-        return round_scale(amax / (1 << (bits - 1)), amax, scale_dtype), None
+        return signed_symmetric_scale(lo, hi, bits, scale_dtype), None
     span = hi - lo
     scale = round_scale(span / ((1 << bits) - 1), span, scale_dtype)
     return scale, torch.round(-lo / scale).clamp(0, (1 << bits) - 1)

@@ -5,9 +5,8 @@ Each weight rounds as round(w / s + v) instead of round(w / s): a learned offset
 factors in [0.5, 1] shrink each end of each group's range (clipping). Both are trained by
 signed gradient descent, with a step that decays linearly to zero, to make a whole decoder
 layer's output, computed with every Linear fake-quantised, match the unquantised model's
-on the calibration tokens; rounding goes through a straight-through estimator. The
-symmetric grid is signed: the group's larger-magnitude end maps exactly to -2^(b-1), so
-all 2^b levels are used and that end is never clipped (`rtn.signed_symmetric_scale`).
+on the calibration tokens; rounding goes through a straight-through estimator. Scales
+are RTN's (the signed symmetric grid, `rtn.signed_symmetric_scale`) of the shrunk range.
 The layer loop is `compress.calibrate.signround`; this module holds the per-Linear math.
 """
 
@@ -127,11 +126,8 @@ class LearnedRounding(nn.Module):
         then each weight rounded with its offset on them."""
         groups = rtn.grouped(weight.to(torch.float32), self.scheme.group_size)
         lo, hi = self._range(groups)
-        if self.scheme.symmetric:
-            scale, zero = rtn.signed_symmetric_scale(lo, hi, self.scheme.bits,
-                                                     self.scale_dtype), None
-        else:
-            scale, zero = rtn.range_qparams(lo, hi, self.scheme.bits, False, self.scale_dtype)
+        scale, zero = rtn.range_qparams(lo, hi, self.scheme.bits, self.scheme.symmetric,
+                                        self.scale_dtype)
         shifted = groups + self.offsets * scale.unsqueeze(-1)  # round(w/s + v) = round((w + v s)/s)
         return rtn.pack_grouped(shifted, scale, zero, self.scheme, self.in_features,
                                 self.scale_dtype)

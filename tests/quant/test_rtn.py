@@ -27,13 +27,20 @@ def test_rtn_error_is_at_most_half_a_step(bits, group_size, symmetric):
     codes = qw.codes()
     assert int(codes.min()) >= -(1 << (bits - 1)) and int(codes.max()) < 1 << (bits - 1)
     w_hat = qw.dequantize()
-    step = expand(qw.scales.float(), group_size, 256)
+    signed = expand(qw.scales.float(), group_size, 256)
+    step = signed.abs()
     err = (w - w_hat).abs()
     if symmetric:
-        # The positive extreme may clip one step (scale = amax / 2**(b-1)).
+        # The signed grid: each group's larger-magnitude end is code -2**(b-1) exactly; the
+        # other end may clip one step, where it lies past code 2**(b-1) - 1
         assert torch.all(err <= step * 1.0001)
-        inside = w < step * ((1 << (bits - 1)) - 1)
+        inside = w / signed < (1 << (bits - 1)) - 1
         assert torch.all(err[inside] <= step[inside] * 0.5001)
+        width = 256 if group_size == -1 else group_size
+        groups, errors = w.reshape(48, -1, width), err.reshape(48, -1, width)
+        at = groups.abs().argmax(-1, keepdim=True)
+        assert torch.all(errors.gather(-1, at) <= 1e-6 * groups.abs().gather(-1, at))
+        assert (qw.scales < 0).any() and (qw.scales > 0).any()
     else:
         assert torch.all(err <= step * 0.5001)
 
@@ -82,7 +89,8 @@ def test_zero_group_dequantises_to_exact_zeros():
 def test_tiny_scales_do_not_underflow_fp16():
     w = torch.full((4, 64), 1e-9)
     qw = rtn.quantize(w, QuantScheme(4, 64, True), torch.float16)
-    assert torch.all(qw.scales > 0) and torch.isfinite(qw.dequantize()).all()
+    # all-positive groups: negative scales on the signed grid, never zero
+    assert torch.all(qw.scales.abs() > 0) and torch.isfinite(qw.dequantize()).all()
 
 
 def test_codes_roundtrip_through_packing():
