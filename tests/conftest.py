@@ -135,6 +135,26 @@ def interrupt_on_save(monkeypatch: pytest.MonkeyPatch, n: int):
     return calls, lambda: monkeypatch.setattr(checkpoint, "atomic_save_safetensors", real)
 
 
+def assert_resumes_to_identical_files(path, recipe, tmp_path, monkeypatch) -> None:
+    """A run interrupted at its third save, then resumed, keeps at least one finished
+    layer and writes the very files (sha256 of each) an uninterrupted run writes."""
+    import json
+
+    from compress import pipeline
+    from compress.formats import checkpoint
+
+    clean, out = tmp_path / "clean", tmp_path / "q"
+    pipeline.quantize(path, recipe, clean)
+    _, restore = interrupt_on_save(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.quantize(path, recipe, out)
+    restore()
+    assert pipeline.quantize(path, recipe, out).layers_resumed >= 1
+    manifests = [json.loads((d / checkpoint.MANIFEST).read_text())["files"]
+                 for d in (clean, out)]
+    assert manifests[0] == manifests[1]
+
+
 def cli_in_process(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
     """The same command through `compress.cli.main` in this process: the same parsing,
     output, one-line errors and exit code, without a new interpreter's imports (seconds

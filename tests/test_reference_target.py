@@ -63,21 +63,10 @@ def test_each_group_meets_the_unquantised_models_input(tiny_llama, tmp_path, mon
 
 @pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
 def test_model_target_runs_and_resumes_like_gptq(tiny_factory, tmp_path, monkeypatch, method):
-    from conftest import interrupt_on_save
-
-    from compress.formats import checkpoint
+    from conftest import assert_resumes_to_identical_files
 
     path = tiny_factory("llama", num_hidden_layers=3)
     recipe = Recipe(method, QuantScheme(4, 32, True), calibration=CALIB,
                     gptq=gptq.GPTQConfig(target="model"))
     assert recipe.carries_reference
-    clean = tmp_path / "clean"
-    pipeline.quantize(path, recipe, clean)
-    _, restore = interrupt_on_save(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.quantize(path, recipe, tmp_path / "q")
-    restore()
-    assert pipeline.quantize(path, recipe, tmp_path / "q").layers_resumed >= 1
-    manifest = [json.loads((d / checkpoint.MANIFEST).read_text())["files"]
-                for d in (clean, tmp_path / "q")]
-    assert manifest[0] == manifest[1]
+    assert_resumes_to_identical_files(path, recipe, tmp_path, monkeypatch)

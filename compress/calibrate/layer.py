@@ -219,22 +219,24 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
                             then_gptq=recipe.rounding == "gptq")
     quantized: dict[str, QuantizedWeight] = {}
     reference_of, reference_out = None, None
-    if reference is not None and recipe.rounding == "gptq":
-        # the unquantised layer's outputs now, before any group is rounded: the next
-        # layer's reference inputs
+    if reference is not None:
+        # the unquantised layer's outputs, before anything is rounded: the next layer's
+        # reference inputs, and learned rounding's target
         reference_out = signround.layer_outputs(forward, reference, CALIB_BATCH)
-        reference_of = _reference_inputs(layer, forward, reference.split(CALIB_BATCH),
-                                         [n for g in groups for n in g])
+        if recipe.rounding == "gptq":  # the old reference is read group by group below
+            reference_of = _reference_inputs(layer, forward, reference.split(CALIB_BATCH),
+                                             [n for g in groups for n in g])
+        else:  # nothing reads it again: advance it now, one copy fewer held
+            reference.copy_(reference_out)
+            reference_out = None
     if recipe.rounding == "signround":
         mine = {n: s for n, s in ((n, schemes.get(prefix + n)) for g in groups for n in g)
                 if s is not None}
-        targets = signround.layer_outputs(forward, x if reference is None else reference,
-                                          CALIB_BATCH)
+        targets = (reference if reference is not None else
+                   signround.layer_outputs(forward, x, CALIB_BATCH))
         learned, losses = signround.learn_layer(layer, forward, x, targets, mine,
                                                 recipe.signround, scale_dtype,
                                                 recipe.calibration.seed, CALIB_BATCH)
-        if reference is not None:  # the unquantised model's, entering the next layer
-            reference.copy_(targets)
         del targets
         round_group = _placing(learned, losses)
     else:

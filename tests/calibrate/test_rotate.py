@@ -12,7 +12,14 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCH_CASES, cli_in_process, exact_load, interrupt_on_save, kill_after_layers
+from conftest import (
+    ARCH_CASES,
+    assert_resumes_to_identical_files,
+    cli_in_process,
+    exact_load,
+    interrupt_on_save,
+    kill_after_layers,
+)
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
@@ -174,18 +181,7 @@ def test_interrupted_rotated_run_resumes_to_identical_files(tiny_factory, tmp_pa
                         norm_noise=0.1)
     recipe = Recipe(method, QuantScheme(4, 32, True), rotate=HADAMARD,
                     calibration=CalibrationConfig(8, 64, 0))
-    clean = tmp_path / "clean"
-    pipeline.quantize(path, recipe, clean)
-    out = tmp_path / "q"
-    _, restore = interrupt_on_save(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.quantize(path, recipe, out)
-    restore()
-    result = pipeline.quantize(path, recipe, out)
-    assert result.layers_resumed >= 1
-    a = json.loads((clean / checkpoint.MANIFEST).read_text())["files"]
-    b = json.loads((out / checkpoint.MANIFEST).read_text())["files"]
-    assert a == b  # every file, byte for byte (sha256)
+    assert_resumes_to_identical_files(path, recipe, tmp_path, monkeypatch)
 
 
 def test_resume_refuses_another_rotation(tiny_llama, tmp_path, monkeypatch):

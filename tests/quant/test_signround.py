@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import interrupt_on_save
+from conftest import assert_resumes_to_identical_files
 from torch import nn
 
 from compress import models, pipeline
 from compress.calibrate import signround as learn
 from compress.errors import CompressError
-from compress.formats import checkpoint
 from compress.quant import QuantScheme, rtn
 from compress.quant.gptq import GPTQConfig
 from compress.quant.signround import LearnedRounding, SignRoundConfig, signed_step
@@ -249,13 +248,4 @@ def test_the_target_is_the_unquantised_models_activations(tiny_llama, tmp_path, 
 def test_interrupted_run_resumes_to_identical_files(tiny_factory, tmp_path, monkeypatch):
     path = tiny_factory("llama", num_hidden_layers=3)
     recipe = Recipe("signround", QuantScheme(4, 32, True), calibration=CALIB, signround=QUICK)
-    clean = tmp_path / "clean"
-    pipeline.quantize(path, recipe, clean)
-    _, restore = interrupt_on_save(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.quantize(path, recipe, tmp_path / "q")
-    restore()
-    assert pipeline.quantize(path, recipe, tmp_path / "q").layers_resumed >= 1
-    manifest = [json.loads((d / checkpoint.MANIFEST).read_text())["files"]
-                for d in (clean, tmp_path / "q")]
-    assert manifest[0] == manifest[1]
+    assert_resumes_to_identical_files(path, recipe, tmp_path, monkeypatch)
