@@ -47,10 +47,10 @@ def quantize(method: str, bits: int, group: int, extra: list[str], out: Path,
     return {"seconds": seconds, "peak_rss_bytes": rss, "ppl": ppl.ppl}
 
 
-def score(out: Path, eval_tokens: int) -> dict:
-    """`compress eval`'s harness on `out` against the bundled fp16 model: perplexity, KL
+def score(out: Path, eval_tokens: int, model: str = assets.DEFAULT_MODEL) -> dict:
+    """`compress eval`'s harness on `out` against the bundled fp16 `model`: perplexity, KL
     (mean, p99) and top-1 agreement on the same held-out tokens."""
-    report = evaluation.evaluate(out, assets.bundled_model_dir(), max_tokens=eval_tokens)
+    report = evaluation.evaluate(out, assets.bundled_model_dir(model), max_tokens=eval_tokens)
     m = report.match
     return {"ppl": report.ppl.ppl, "kl_mean": m.kl_mean, "kl_p99": m.kl_p99,
             "top1_agreement": m.top1_agreement}
@@ -81,11 +81,12 @@ def peer(method: str, bits: int, actorder: str, calib_ids: Path, work: Path, nam
     return {**info, "process_seconds": wall, "process_peak_rss_bytes": rss, "ppl": ppl}
 
 
-def write_report(path: Path, benchmark: str, args, fp16, **sections) -> None:
+def write_report(path: Path, benchmark: str, args, fp16, model: str = assets.DEFAULT_MODEL,
+                 **sections) -> None:
     """The benchmark's JSON: the shared protocol header, then its own sections."""
     report = {
         "benchmark": benchmark,
-        "model": "smollm2-135m (bundled)",
+        "model": f"{model} (bundled)",
         "threads": torch.get_num_threads(),
         "calibration": {"samples": args.calib_samples, "seqlen": args.calib_seqlen,
                         "source": "bundled calibration split, seed 0"},

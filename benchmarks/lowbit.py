@@ -1,24 +1,28 @@
-"""Issue 21's grid on the bundled model: our methods and llm-compressor's at 4, 3 and 2 bits,
+"""Issue 21's grid: our methods, llm-compressor's and Intel's auto-round at 4, 3 and 2 bits,
 scored by KL (mean, p99), top-1 agreement and perplexity against the unquantised model.
 
-    python benchmarks/lowbit.py --cells w4g128:awq,w4g128:awq+gptq,w3g128:llmc-gptq,...
+    python benchmarks/lowbit.py --cells w4g128:gptq,w3g128:gptq+rotate,w2g64:autoround,...
+                                [--model smollm2-135m | gemma3-270m]
                                 [--calib-samples 32] [--calib-seqlen 512]
-                                [--eval-tokens 8192] [--merge] [--json PATH]
+                                [--eval-tokens 8192] [--autoround-iters 25] [--merge]
 
 A cell is SETTING:METHOD. Settings (symmetric): w4g128, w3g128, w2g64; SmolLM2's 576-wide
-projections take group 64 where 128 is asked, on both sides (ours falls back, the peer's
-"w4"/"w3" layout says so). Methods: ours, rtn, gptq, awq, awq+gptq, signround, each
-optionally with "+model" or "+layer" (`--match`) and "+rotate" (`--rotate`); the peer's llmc-gptq
-(GPTQModifier, act-order "weight" = our static act-order), llmc-awq (AWQModifier then its
-RTN) and llmc-rtn (its RTN alone), run in /tmp/peer-venv by
-benchmarks/peer_llmcompressor.py. Every quantisation is a timed child process on the
-same seed-0 calibration token ids; every checkpoint is scored by `compress eval`'s harness
-on the same held-out tokens. The shortened protocol of benchmarks/rotate.py (32 × 512
-calibration, 8,192 tokens) by default, so its figures sit beside rotate.json's,
-signround.json's and auto-round's (benchmarks/lowbit_peers.py, autoround.json).
---merge keeps the cells already in --json (same protocol, checked) and adds these: the
-grid can be filled over several runs; each cell's time is its own run's.
-Writes benchmarks/results/lowbit.json.
+projections take group 64 where 128 is asked (ours falls back, llm-compressor's "w4"/"w3"
+layout says so; auto-round zero-pads them to 640 and keeps 128); Gemma-3-270M's 640 and
+1024 take 128 everywhere. Methods: ours, rtn, gptq, awq, awq+gptq, signround, each
+optionally with "+model" or "+layer" (`--match`), "+mse" (`--mse-clip`), "+fromgptq"
+(`--signround-start gptq`) and "+rotate" (`--rotate`); the peers: llmc-gptq (GPTQModifier,
+act-order "weight" = our static act-order), llmc-awq (AWQModifier then its RTN), llmc-rtn
+(its RTN alone), run by benchmarks/peer_llmcompressor.py, and autoround (SignRound,
+--autoround-iters steps of --autoround-batch windows per layer; 0 = its plain RTN) by
+benchmarks/peer_autoround.py, both in /tmp/peer-venv. Every quantisation is a timed child
+process on the same seed-0 calibration token ids; every checkpoint (a peer's too) is
+scored by `compress eval`'s harness on the same held-out tokens. The shortened protocol
+of benchmarks/rotate.py (32 x 512 calibration, 8,192 tokens) by default.
+--merge keeps the cells (and other sections) already in --json (same protocol, checked)
+and adds these: the grid can be filled over several runs, two side by side; each cell's
+time is its own run's.
+Writes benchmarks/results/lowbit.json (lowbit-gemma3-270m.json for Gemma).
 """
 
 from __future__ import annotations
@@ -43,14 +47,17 @@ from compress.progress import set_quiet
 
 SETTINGS = {"w4g128": (4, 128), "w3g128": (3, 128), "w2g64": (2, 64)}
 OURS = ("rtn", "gptq", "awq", "awq+gptq", "signround")
-PEERS = {"llmc-gptq": ("gptq", "weight"), "llmc-awq": ("awq", "none"),
-         "llmc-rtn": ("rtn", "none")}
+LLMC = {"llmc-gptq": ("gptq", "weight"), "llmc-awq": ("awq", "none"),
+        "llmc-rtn": ("rtn", "none")}
+PEERS = (*LLMC, "autoround")
+HEADER = ("benchmark", "model", "threads", "calibration", "perplexity_protocol", "fp16_ppl")
 PEER_SCHEMES = {"w4g128": "w4", "w3g128": "w3", "w2g64": "w2g64"}
 
 
 # suffixes of our methods: "gptq+model+rotate" is `--method gptq --match model --rotate`
 MODIFIERS = {"rotate": ["--rotate"], "model": ["--match", "model"],
-             "layer": ["--match", "layer"]}
+             "layer": ["--match", "layer"], "mse": ["--mse-clip"],
+             "fromgptq": ["--signround-start", "gptq"]}
 
 
 def split_method(method: str) -> tuple[str, list[str]]:
@@ -69,39 +76,58 @@ def ours(setting: str, method: str, work: Path, args) -> dict:
                   "--signround-batch", str(args.signround_batch)]
     out = work / f"{method.replace('+', '-')}-{setting}"
     seconds, rss = run_child(quantize_command(base, bits, group, extra, out,
-                                              args.calib_samples, args.calib_seqlen))
+                                              args.calib_samples, args.calib_seqlen,
+                                              args.model))
     manifest = json.loads((out / "compress_manifest.json").read_text())
-    return {"seconds": seconds, "peak_rss_bytes": rss, **score(out, args.eval_tokens),
+    return {"seconds": seconds, "peak_rss_bytes": rss,
+            **score(out, args.eval_tokens, args.model),
             "calibration_sha256": (manifest.get("calibration") or {}).get("tokens_sha256")}
 
 
 def peer(setting: str, name: str, ids: Path, work: Path, args) -> dict:
-    method, actorder = PEERS[name]
     out, report = work / f"{name}-{setting}", work / f"{name}-{setting}.json"
-    seconds, rss = run_child([str(args.peer_python), str(HERE / "peer_llmcompressor.py"),
-                              "--method", method, "--model", str(assets.bundled_model_dir()),
-                              "--calib-ids", str(ids), "--scheme", PEER_SCHEMES[setting],
-                              "--actorder", actorder, "--threads", str(args.threads),
-                              "--out", str(out), "--json", str(report)])
+    model = str(assets.bundled_model_dir(args.model))
+    if name == "autoround":
+        bits, group = SETTINGS[setting]
+        cmd = [str(HERE / "peer_autoround.py"), "--bits", str(bits), "--group-size",
+               str(group), "--iters", str(args.autoround_iters), "--batch-size",
+               str(args.autoround_batch)]
+    else:
+        method, actorder = LLMC[name]
+        scheme = PEER_SCHEMES[setting] if args.model == assets.DEFAULT_MODEL else setting
+        cmd = [str(HERE / "peer_llmcompressor.py"), "--method", method, "--scheme", scheme,
+               "--actorder", actorder]
+    seconds, rss = run_child([str(args.peer_python), *cmd, "--model", model, "--calib-ids",
+                              str(ids), "--threads", str(args.threads), "--out", str(out),
+                              "--json", str(report)])
     info = json.loads(report.read_text())
-    return {"seconds": seconds, "peak_rss_bytes": rss, **score(out, args.eval_tokens),
-            "peer": info["peer"], "versions": info["versions"],
-            "calib_ids_sha256": info.get("calib_ids_sha256")}
+    for key in ("quantised_modules", "group_checks_sample", "out", "calib_ids"):
+        info.pop(key, None)  # auto-round's long listings: the peer's own JSON has them
+    return {"seconds": seconds, "peak_rss_bytes": rss,
+            **score(out, args.eval_tokens, args.model), **info}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", required=True, help="SETTING:METHOD,...")
+    parser.add_argument("--model", default=assets.DEFAULT_MODEL,
+                        choices=[assets.DEFAULT_MODEL, assets.GEMMA3_MODEL])
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--signround-iters", type=int, default=200)
     parser.add_argument("--signround-batch", type=int, default=8)
+    parser.add_argument("--autoround-iters", type=int, default=25)
+    parser.add_argument("--autoround-batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="the peer's torch threads")
     parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
     parser.add_argument("--merge", action="store_true")
-    parser.add_argument("--json", type=Path, default=HERE / "results" / "lowbit.json")
+    parser.add_argument("--json", type=Path, help="default: results/lowbit.json, "
+                        "lowbit-MODEL.json for a model other than the default")
     args = parser.parse_args()
+    if args.json is None:
+        name = "" if args.model == assets.DEFAULT_MODEL else f"-{args.model}"
+        args.json = HERE / "results" / f"lowbit{name}.json"
     set_quiet(True)
     cells = [tuple(c.split(":", 1)) for c in args.cells.split(",")]
     for setting, method in cells:
@@ -111,23 +137,25 @@ def main() -> None:
                              f", methods {', '.join(OURS)} (+{', +'.join(MODIFIERS)}), "
                              f"{', '.join(PEERS)}")
 
-    fp16 = evaluation.evaluate_perplexity(assets.bundled_model_dir(), max_tokens=args.eval_tokens)
+    fp16 = evaluation.evaluate_perplexity(assets.bundled_model_dir(args.model),
+                                          max_tokens=args.eval_tokens)
+
     def merged() -> dict:
-        """The cells already in --json (re-read before every write: two runs may fill one
+        """What --json already holds (re-read before every write: two runs may fill one
         grid side by side)."""
         if not (args.merge and args.json.is_file()):
-            return {}
+            return {"settings": {}}
         before = json.loads(args.json.read_text())
         same = (before["calibration"]["samples"], before["calibration"]["seqlen"],
                 before["perplexity_protocol"]["tokens_scored"])
         if same != (args.calib_samples, args.calib_seqlen, fp16.tokens):
             raise SystemExit(f"{args.json} was measured on another protocol {same}")
-        return before["settings"]
+        return before
 
     merged()  # refuse another protocol before any work
     rows: dict = {}
     work = Path(tempfile.mkdtemp(prefix="compress-lowbit-"))
-    ids = calibration_ids(work, args.calib_samples, args.calib_seqlen)
+    ids = calibration_ids(work, args.calib_samples, args.calib_seqlen, args.model)
     for setting, method in cells:
         r = rows.setdefault(setting, {})[method] = (
             peer(setting, method, ids, work, args) if method in PEERS
@@ -135,10 +163,15 @@ def main() -> None:
         print(f"{setting} {method:14s} KL {r['kl_mean']:.4f} (p99 {r['kl_p99']:.3f})  top-1 "
               f"{r['top1_agreement']:.2%}  ppl {r['ppl']:8.3f}  {r['seconds']:5.0f} s",
               flush=True)
-        grid = merged()
+        before = merged()
+        grid = before.pop("settings")
         for name, done in rows.items():
             grid.setdefault(name, {}).update(done)
-        write_report(args.json, "lowbit", args, fp16, settings=grid)
+        kept = {k: v for k, v in before.items() if k not in HEADER}
+        kept.update(signround={"iters": args.signround_iters, "batch": args.signround_batch}
+                    if any(m.startswith("signround") for _, m in cells)
+                    else kept.get("signround", {}))
+        write_report(args.json, "lowbit", args, fp16, args.model, settings=grid, **kept)
     print(f"fp16 ppl {fp16.ppl:.3f}; wrote {args.json}")
 
 

@@ -44,7 +44,8 @@ Schemes (symmetric int, lm_head and embeddings not quantised): w4 / w3 = SmolLM2
 group 64 for q/k/v/o/gate/up (in_features 576, not divisible by 128) and group 128 for
 down_proj; w4g128 = group 128 for every Linear of the decoder layers (Gemma-3-270M: in
 features 640/1024/2048; refused if a targeted Linear's in_features is not a multiple of
-128); w2g64 = 2 bits, group 64 for every Linear (ours: --bits 2 --group-size 64);
+128); w3g128 likewise at 3 bits; w2g64 = 2 bits, group 64 for every Linear (ours:
+--bits 2 --group-size 64);
 w8 = per-channel.
 --actorder none|weight ("weight" = "static"; llm-compressor's own default; "group"/"dynamic"
 is rejected by GPTQ in 0.14: "Only 'weight' and 'static' are supported").
@@ -129,10 +130,10 @@ def config_groups(scheme: str) -> dict:
             "group_576": {"targets": [SMALL], "weights": weights(bits, "group", 64)},
             "group_1536": {"targets": [DOWN], "weights": weights(bits, "group", 128)},
         }
-    if scheme == "w4g128":
-        return {"group_128": {"targets": [SMALL, DOWN], "weights": weights(4, "group", 128)}}
-    if scheme == "w2g64":
-        return {"group_64": {"targets": [SMALL, DOWN], "weights": weights(2, "group", 64)}}
+    if uniform := re.fullmatch(r"w(\d)g(\d+)", scheme):
+        bits, size = int(uniform[1]), int(uniform[2])
+        return {f"group_{size}": {"targets": [SMALL, DOWN],
+                                  "weights": weights(bits, "group", size)}}
     if scheme == "w8":
         return {"channel": {"targets": [SMALL, DOWN], "weights": weights(8, "channel")}}
     raise ValueError(scheme)
@@ -159,7 +160,8 @@ def main() -> None:
     ap.add_argument("--calib-ids", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--scheme", choices=["w4", "w3", "w4g128", "w2g64", "w8"], default="w4")
+    ap.add_argument("--scheme", default="w4",
+                    choices=["w4", "w3", "w4g128", "w3g128", "w2g64", "w8"])
     ap.add_argument("--actorder", choices=["none", "weight"], default="none")
     dtypes = ["float16", "bfloat16", "float32"]
     ap.add_argument("--dtype", choices=dtypes, default="float32",
