@@ -10,8 +10,8 @@ auto-round==0.15.1`). Does not import the `compress` package; no hub access.
         --calib-ids /tmp/calib_ids.pt --bits 4 --group-size 128 --iters 25 --batch-size 4 \
         --out /tmp/ar-w4g128 --json /tmp/ar-w4g128.json
 
-benchmarks/lowbit_peers.py makes the ids (our seed-0 windows), runs this as a child
-process and scores what it writes.
+benchmarks/lowbit.py (cell SETTING:autoround) makes the ids (our seed-0 windows), runs this
+as a child process and scores what it writes.
 
 Calibration: --calib-ids is a .pt int64 tensor [n, seqlen]. auto-round's `dataset`
 accepts a list of tensors in place of a dataset name; each row goes in as one [1, seqlen]
