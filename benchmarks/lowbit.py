@@ -57,7 +57,8 @@ PEER_SCHEMES = {"w4g128": "w4", "w3g128": "w3", "w2g64": "w2g64"}
 # suffixes of our methods: "gptq+model+rotate" is `--method gptq --match model --rotate`
 MODIFIERS = {"rotate": ["--rotate"], "model": ["--match", "model"],
              "layer": ["--match", "layer"], "mse": ["--mse-clip"],
-             "fromgptq": ["--signround-start", "gptq"]}
+             "fromgptq": ["--signround-start", "gptq"],
+             "s25": ["--match-strength", "0.25"]}
 
 
 def split_method(method: str) -> tuple[str, list[str]]:

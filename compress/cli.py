@@ -94,6 +94,9 @@ SignroundIters = Annotated[int, typer.Option(
     help="signround: signed-gradient steps per layer (each a forward and backward of the "
     "layer on --signround-batch samples).")]
 SignroundBatch = Annotated[int, typer.Option(help="signround: calibration samples per step.")]
+SignroundStart = Annotated[str, typer.Option(
+    help="signround: where learning starts: rtn (nearest on each group's range) or gptq "
+    "(GPTQ's result for each layer, with the GPTQ flags; costs a GPTQ pass more).")]
 RotateSeed = Annotated[int, typer.Option(help="Seed of the rotations' random signs.")]
 CalibSamples = Annotated[int, typer.Option(help="Calibration windows.")]
 CalibSeqlen = Annotated[int, typer.Option(help="Tokens per calibration window.")]
@@ -147,12 +150,17 @@ def quantize(
         help="AWQ: search per-group clipping ranges after scaling.")] = True,
     signround_iters: SignroundIters = 200,
     signround_batch: SignroundBatch = 8,
+    signround_start: SignroundStart = "rtn",
     match: Annotated[str | None, typer.Option(
         metavar="model|layer", show_default=False,
         help="GPTQ and signround: what rounding matches. model (default): the "
              "unquantised model's outputs, so each layer also undoes earlier layers' error "
              "(its activations are carried beside the quantised ones: twice the memory); "
              "layer: the unquantised layer on the quantised inputs.")] = None,
+    match_strength: Annotated[float, typer.Option(
+        help="GPTQ matching the model: how far GPTQ moves toward the weights that fit the "
+             "unquantised model's outputs (1: all the way, which over-fits the calibration "
+             "set).")] = 0.5,
     rotate: Annotated[bool, typer.Option(
         "--rotate", help="Fold seeded randomised Hadamard rotations into the weights first "
         "(the residual stream and each head's values; the model computes the same "
@@ -241,12 +249,13 @@ def quantize(
         spec = Recipe(method, QuantScheme(bits, group_size, symmetric),
                       gptq=GPTQConfig(damp=damp, act_order=act_order,
                                       static_groups=static_groups, mse_clip=mse_clip,
-                                      **matched),
+                                      target_strength=match_strength, **matched),
                       awq=AWQConfig(grid=awq_grid, clip=awq_clip),
                       calibration=CalibrationConfig(calib_samples, calib_seqlen, seed,
                                                     expert_tokens),
                       signround=SignRoundConfig(iters=signround_iters,
-                                                batch=signround_batch, **matched))
+                                                batch=signround_batch, start=signround_start,
+                                                **matched))
     if rotate:
         spec = dataclasses.replace(spec, rotate=RotationConfig("hadamard", rotate_seed))
     try:
@@ -653,6 +662,7 @@ def report_(
     rotate_seed: RotateSeed = 0,
     signround_iters: SignroundIters = 200,
     signround_batch: SignroundBatch = 8,
+    signround_start: SignroundStart = "rtn",
     calib_samples: CalibSamples = 128,
     calib_seqlen: CalibSeqlen = 512,
     out: Annotated[Path, typer.Option(help="Report directory (cells are cached in it).")] =
@@ -684,7 +694,8 @@ def report_(
 
     axis = report_mod.rotations(_csv(rotations, str), rotate_seed)
     method_settings = {"signround": SignRoundConfig(iters=signround_iters,
-                                                    batch=signround_batch),
+                                                    batch=signround_batch,
+                                                    start=signround_start),
                        "calibration": CalibrationConfig(calib_samples, calib_seqlen)}
     cells = report_mod.grid(_csv(methods, str), _csv(bits, int), _csv(group_sizes, int), axis,
                             **method_settings)

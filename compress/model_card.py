@@ -154,10 +154,12 @@ def _signround_line(settings: dict) -> str:
     """The recipe's `signround` section (compress/quant/signround.py `SignRoundConfig`)."""
     step = (f"1/{settings['iters']}" if settings.get("lr") is None else f"{settings['lr']:g}")
     target = TARGET_WORDS[settings.get("target", "layer")]  # written before targets: "layer"
+    start = (" Learning started from GPTQ's result for each layer (its grid and its "
+             "error-compensated weights)." if settings.get("start") == "gptq" else "")
     return (f"- Learned rounding (SignRound): each weight's rounding direction and each "
             f"group's range learned per decoder layer by signed gradient descent against "
             f"{target} on the calibration data: {settings['iters']} steps of "
-            f"{settings['batch']} samples, step size {step} decaying to 0.")
+            f"{settings['batch']} samples, step size {step} decaying to 0.{start}")
 
 
 TARGET_WORDS = {"model": "the unquantised model's output of that layer",

@@ -117,6 +117,13 @@ class Recipe:
         return "gptq" if self.method.endswith("gptq") else "rtn"
 
     @property
+    def rounds_gptq(self) -> bool:
+        """Whether GPTQ runs on each layer: as the rounding, or where learned rounding
+        starts (`SignRoundConfig.start`), with the `gptq` settings either way."""
+        return self.rounding == "gptq" or (self.rounding == "signround"
+                                           and self.signround.start == "gptq")
+
+    @property
     def carries_reference(self) -> bool:
         """Whether calibration carries the unquantised model's activations beside the
         quantised ones (learned rounding's and GPTQ's "model" target)."""
@@ -133,6 +140,11 @@ class Recipe:
                     re.compile(pattern[3:])
                 except (re.error, RecursionError, OverflowError) as e:  # nesting, {huge}
                     raise CompressError(f"bad regex in recipe pattern {pattern!r}: {e}") from None
+        if (self.rounding == "signround" and self.signround.start == "gptq"
+                and self.gptq.act_order and not self.gptq.static_groups):
+            raise CompressError("signround starting from GPTQ needs GPTQ's static groups "
+                                "(its grid must be contiguous groups); drop "
+                                "--dynamic-groups or start from rtn")
 
     def scheme_for(self, name: str) -> QuantScheme | None:
         """The scheme for module `name`; None if it stays dense. The last matching override wins."""
@@ -146,7 +158,7 @@ class Recipe:
 
     @property
     def label(self) -> str:
-        act = "-noactorder" if self.rounding == "gptq" and not self.gptq.act_order else ""
+        act = "-noactorder" if self.rounds_gptq and not self.gptq.act_order else ""
         rotated = f"-{self.rotate.kind}" if self.rotate.enabled else ""
         return (f"{self.method}-{self.scheme.label}{act}{rotated}"
                 + ("-mixed" if self.overrides else ""))
@@ -162,7 +174,7 @@ class Recipe:
         }
         if self.uses_awq:
             data["awq"] = self.awq.to_dict()
-        if self.rounding == "gptq":
+        if self.rounds_gptq:
             data["gptq"] = self.gptq.to_dict()
         if self.rounding == "signround":
             data["signround"] = self.signround.to_dict()

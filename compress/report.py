@@ -436,7 +436,8 @@ def _variant_notes(rows: list[dict]) -> list[str]:
         lr = "1/iters" if s["lr"] is None else f"{s['lr']:g}"
         notes.append(f"`signround`: learned rounding, {s['iters']} signed-gradient steps per "
                      f"decoder layer on {s['batch']} calibration samples each, step size {lr} "
-                     f"decaying to 0, against {model_card.TARGET_WORDS[s.get('target', 'layer')]}.")
+                     f"decaying to 0, against {model_card.TARGET_WORDS[s.get('target', 'layer')]}"
+                     + (", starting from GPTQ's result." if s.get("start") == "gptq" else "."))
     return notes
 
 

@@ -121,6 +121,11 @@ def test_sampled_generation_is_reproducible_from_cli(cli, tiny_llama):
     (["--target-bits", "4", "--options", "w5g32"], r"bits=5 is not supported"),
     (["--target-bits", "4", "--options", "int4"], r"--options 'int4': give labels like"),
     (["--method", "gptq", "--match", "fp"], r"--match 'fp': choose model or layer"),
+    (["--method", "signround", "--signround-start", "awq"],
+     r"signround start must be one of rtn, gptq, got 'awq'"),
+    (["--method", "signround", "--signround-start", "gptq", "--dynamic-groups"],
+     r"signround starting from GPTQ needs GPTQ's static groups"),
+    (["--method", "gptq", "--match-strength", "0"], r"GPTQ target_strength must be in"),
 ])
 def test_quantize_bad_options(cli, tiny_llama, tmp_path, args, pattern):
     out = tmp_path / "q"
@@ -160,8 +165,8 @@ def test_report_flags_reach_the_grid(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(report, "run", run)
     proc = cli_in_process("report", tiny_llama, "--methods", "gptq,signround", "--bits", "3",
                "--rotations", "none,hadamard", "--rotate-seed", "4", "--target-bits", "3.5",
-               "--signround-iters", "3", "--signround-batch", "2", "--calib-samples", "16",
-               "--calib-seqlen", "64", "--out", tmp_path / "r")
+               "--signround-iters", "3", "--signround-batch", "2", "--signround-start", "gptq",
+               "--calib-samples", "16", "--calib-seqlen", "64", "--out", tmp_path / "r")
     assert_one_line_error(proc, "stopped before the work")
     [cells] = grids
     assert [c.label for c in cells] == [
@@ -169,8 +174,8 @@ def test_report_flags_reach_the_grid(tiny_llama, tmp_path, monkeypatch):
         "gptq-mixed3.5b", "gptq-mixed3.5b-hadamard", "signround-mixed3.5b",
         "signround-mixed3.5b-hadamard"]
     assert {(c.rotate.kind, c.rotate.seed) for c in cells[1::2]} == {("hadamard", 4)}
-    assert {c.signround.iters for c in cells} == {3} and {c.signround.batch for c in cells} \
-        == {2}
+    assert {(c.signround.iters, c.signround.batch, c.signround.start) for c in cells} == {
+        (3, 2, "gptq")}
     assert {(c.calibration.samples, c.calibration.seqlen) for c in cells} == {(16, 64)}
 
 

@@ -45,7 +45,7 @@ def test_rotations_are_an_axis_of_the_grid_with_keys_of_their_own():
     assert report.grid(["rtn"], [4], [128], report.rotations(["hadamard"], 3))[0].key() \
         != rotated.key()
     assert learned.key()["signround"] == {"iters": 5, "lr": None, "batch": 8,
-                                          "target": "model"}
+                                          "target": "model", "start": "rtn"}
     assert learned.key()["calibration"] == {"samples": 16, "seqlen": 64, "seed": 0}
     assert "signround" not in report.grid(["signround"], [4], [128])[0].key()
     assert [c.label for c in report.mixed_cells(["gptq"], [3.5], axis)] == [

@@ -17,6 +17,7 @@ from compress.memory import release_freed
 from compress.models import Architecture, Fold
 from compress.models.layers import SparseMLP
 from compress.quant import QuantizedWeight, QuantScheme, gptq, rtn
+from compress.quant.signround import grid_bounds
 from compress.recipe import Recipe
 
 from . import awq, capture, signround
@@ -39,6 +40,8 @@ class _Group:
         # chunk index -> the unquantised model's input of this group on that chunk (GPTQ's
         # "model" target); None: GPTQ's own target
         self.reference: Callable[[int], torch.Tensor] | None = None
+        # name -> GPTQ's error-compensated weights (`GPTQResult.continuous`), when wanted
+        self.continuous: dict[str, torch.Tensor] | None = None
         self.schemes = [schemes[prefix + n] for n in names]
         self.modules = [layer.get_submodule(n) for n in names]
         self.scale_dtype, self.quantized, self.log = scale_dtype, quantized, log
@@ -52,6 +55,9 @@ class _Group:
         what every later group computes with (on the layer's device)."""
         name = self.prefix + self.names[i]
         self.quantized[name] = weight.to("cpu")
+        kept = info.pop("continuous", None)
+        if self.continuous is not None and kept is not None:
+            self.continuous[name] = kept
         self.modules[i].weight.data = weight.to(self.device).dequantize()
         if info:
             self.log.setdefault(name, {}).update(info)
@@ -135,9 +141,12 @@ def round_gptq(group: _Group, inputs: GroupInputs, recipe: Recipe) -> None:
                     w, t, hessian)} for w, t in zip(weights, targets, strict=True)]
                 weights = list(targets)
             results = gptq.quantize_shared_input(weights, hessian, scheme, recipe.gptq,
-                                                 group.scale_dtype, name=name)
+                                                 group.scale_dtype, name=name,
+                                                 continuous=group.continuous is not None)
             return [(r.weight, {"relative_error": r.relative_error, "damp": r.damp,
-                                "dead_columns": r.dead_columns, "tokens": acc.n, **more})
+                                "dead_columns": r.dead_columns, "tokens": acc.n, **more,
+                                **({} if r.continuous is None else
+                                   {"continuous": r.continuous.cpu()})})
                     for r, more in zip(results, extra, strict=True)]
 
         group.solve_on(jobs, owners, solved)
@@ -176,7 +185,7 @@ def _placing(learned: dict[str, QuantizedWeight], losses: dict[str, float]
             error = gptq.relative_output_error(module.weight,
                                                weight.to(group.device).dequantize(), hessian)
             group.replace(i, weight, relative_error=error, tokens=acc.n,
-                          layer_loss_rtn=losses["rtn"], layer_loss=losses["learned"], **routed)
+                          layer_loss_start=losses["start"], layer_loss=losses["learned"], **routed)
 
     return place
 
@@ -223,39 +232,84 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
         # the unquantised layer's outputs, before anything is rounded: the next layer's
         # reference inputs, and learned rounding's target
         reference_out = signround.layer_outputs(forward, reference, CALIB_BATCH)
-        if recipe.rounding == "gptq":  # the old reference is read group by group below
+        if recipe.rounds_gptq:  # the old reference is read group by group below
             reference_of = _reference_inputs(layer, forward, reference.split(CALIB_BATCH),
                                              [n for g in groups for n in g])
         else:  # nothing reads it again: advance it now, one copy fewer held
             reference.copy_(reference_out)
             reference_out = None
+
+    def rounding_pass(round_group: Callable[[_Group, GroupInputs, Recipe], None],
+                      to: dict[str, QuantizedWeight],
+                      continuous: dict[str, torch.Tensor] | None = None) -> None:
+        def on_group(names: tuple[str, ...], inputs: GroupInputs) -> None:
+            todo = [n for n in names if prefix + n in schemes]
+            if todo:
+                group = _Group(layer, prefix, todo, schemes, scale_dtype, to, log, ctx)
+                group.routed = arch.is_expert(todo[0])
+                group.continuous = continuous
+                if reference_of is not None and not group.routed:  # routes differ
+                    group.reference = lambda i: reference_of(todo[0], i)
+                round_group(group, inputs, recipe)
+                release_freed()  # each group's temporaries, else kept by the heap (memory.py)
+
+        capture.true_sequential(layer, forward, chunks, groups, on_group, memory_budget)
+
     if recipe.rounding == "signround":
         mine = {n: s for n, s in ((n, schemes.get(prefix + n)) for g in groups for n in g)
                 if s is not None}
-        targets = (reference if reference is not None else
+        targets = (reference_out if reference_out is not None else
+                   reference if reference is not None else
                    signround.layer_outputs(forward, x, CALIB_BATCH))
-        learned, losses = signround.learn_layer(layer, forward, x, targets, mine,
-                                                recipe.signround, scale_dtype,
-                                                recipe.calibration.seed, CALIB_BATCH)
+        start = (_start_from_gptq(layer, x, prefix, mine, rounding_pass)
+                 if recipe.signround.start == "gptq" else None)
+        learned, losses = signround.learn_layer(
+            layer, forward, x, targets, mine, recipe.signround, scale_dtype,
+            recipe.calibration.seed, CALIB_BATCH, None if start is None else start.bounds)
         del targets
-        round_group = _placing(learned, losses)
+        if start is not None:
+            start.put_back(layer)
+        rounding_pass(_placing(learned, losses), quantized)
     else:
-        round_group = ROUNDINGS[recipe.rounding]
-
-    def on_group(names: tuple[str, ...], inputs: GroupInputs) -> None:
-        todo = [n for n in names if prefix + n in schemes]
-        if todo:
-            group = _Group(layer, prefix, todo, schemes, scale_dtype, quantized, log, ctx)
-            group.routed = arch.is_expert(todo[0])
-            if reference_of is not None and not group.routed:  # routes differ between the two
-                group.reference = lambda i: reference_of(todo[0], i)
-            round_group(group, inputs, recipe)
-            release_freed()  # each group's temporaries, else kept by the heap (see memory.py)
-
-    capture.true_sequential(layer, forward, chunks, groups, on_group, memory_budget)
+        rounding_pass(ROUNDINGS[recipe.rounding], quantized)
     if reference_out is not None:
         reference.copy_(reference_out)
     return quantized, log
+
+
+class _GPTQStart:
+    """Where learned rounding starts from GPTQ (`SignRoundConfig.start`): each Linear holds
+    GPTQ's error-compensated weights and `bounds` is GPTQ's grid, so zero offsets give
+    GPTQ's codes; `original` keeps the unquantised weights for `put_back`."""
+
+    def __init__(self, original: dict[str, torch.Tensor],
+                 bounds: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.original, self.bounds = original, bounds
+
+    def put_back(self, layer: nn.Module) -> None:
+        for name, weight in self.original.items():
+            layer.get_submodule(name).weight.data = weight
+
+
+def _start_from_gptq(layer: nn.Module, x: torch.Tensor, prefix: str,
+                     schemes: dict[str, QuantScheme], rounding_pass: Callable) -> _GPTQStart:
+    """One GPTQ pass over the layer (x, which it advances, is put back after it)."""
+    entering = x.clone()
+    rounded: dict[str, QuantizedWeight] = {}
+    continuous: dict[str, torch.Tensor] = {}
+    original = {n: layer.get_submodule(n).weight.data for n in schemes}
+    rounding_pass(round_gptq, rounded, continuous)
+    x.copy_(entering)
+    del entering
+    bounds = {}
+    for name, weight in original.items():
+        if prefix + name in continuous:
+            layer.get_submodule(name).weight.data = continuous[prefix + name].to(weight)
+            bounds[name] = tuple(b.to(weight.device)
+                                 for b in grid_bounds(rounded[prefix + name]))
+        else:  # an expert GPTQ left to RTN (too few tokens): learning starts from RTN
+            layer.get_submodule(name).weight.data = weight
+    return _GPTQStart(original, bounds)
 
 
 class _Reached(Exception):

@@ -6,7 +6,8 @@ layer gets a `LearnedRounding` parametrization, so the layer's own forward runs 
 fake-quantised weights and quantised inputs; each step takes the next batch of a shuffled
 pass over the samples, measures the mean squared error against the target, and moves
 every offset and range factor by a signed step. The parameters of the step with the
-lowest loss are kept (as auto-round does), and each Linear is packed with them.
+lowest loss are kept (as auto-round does) unless they lose to the start on the whole
+calibration set, and each Linear is packed with them.
 """
 
 from __future__ import annotations
@@ -33,16 +34,20 @@ def layer_outputs(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
 def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
                 x: torch.Tensor, targets: torch.Tensor, schemes: dict[str, QuantScheme],
                 cfg: SignRoundConfig, scale_dtype: torch.dtype, seed: int, chunk: int = 8,
+                bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                 ) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
     """Packed weights for the Linears named in `schemes` (names within `layer`), learned on
     the activations x (N, S, D) entering the layer to give `targets` (N, S, D). Returns
-    them with the layer-output losses (mean squared error on every sample) with plain RTN
-    and with the learned rounding. The layer's weights are left as they were."""
-    roundings = _attach(layer, schemes, scale_dtype)
+    them with the layer-output losses (mean squared error on every sample) where learning
+    started ("start": zero offsets, full ranges) and with the learned rounding. `bounds`:
+    fixed group ranges per Linear (`LearnedRounding`). The layer's weights are left as
+    they were."""
+    roundings = _attach(layer, schemes, scale_dtype, bounds or {})
     try:
         params = [p for r in roundings.values() for p in r.params()]
-        rtn_loss = _loss(forward, x, targets, chunk)
-        best_loss, best = float("inf"), _snapshot(params)
+        start_loss = _loss(forward, x, targets, chunk)
+        initial = _snapshot(params)
+        best_loss, best = float("inf"), initial
         batches = _batches(x.shape[0], cfg.batch, seed)
         for i in track(range(cfg.iters), desc="signround steps", unit="step"):
             pick = next(batches).to(x.device)
@@ -57,12 +62,15 @@ def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
                 r.clamp_()
         _restore(params, best)
         learned_loss = _loss(forward, x, targets, chunk)
+        if learned_loss > start_loss:  # the best batch was a lucky one: keep the start
+            _restore(params, initial)
+            learned_loss = start_loss
         packed = {name: r.quantize(_original(layer, name)) for name, r in roundings.items()}
     finally:
         for name in roundings:
             parametrize.remove_parametrizations(layer.get_submodule(name), "weight",
                                                 leave_parametrized=False)
-    return packed, {"rtn": rtn_loss, "learned": learned_loss}
+    return packed, {"start": start_loss, "learned": learned_loss}
 
 
 def _batches(n: int, batch: int, seed: int) -> Iterator[torch.Tensor]:
@@ -76,13 +84,14 @@ def _batches(n: int, batch: int, seed: int) -> Iterator[torch.Tensor]:
             yield order[start:start + batch]
 
 
-def _attach(layer: nn.Module, schemes: dict[str, QuantScheme], scale_dtype: torch.dtype
+def _attach(layer: nn.Module, schemes: dict[str, QuantScheme], scale_dtype: torch.dtype,
+            bounds: dict[str, tuple[torch.Tensor, torch.Tensor]],
             ) -> dict[str, LearnedRounding]:
     roundings = {}
     for name, scheme in schemes.items():
         linear = layer.get_submodule(name)
         linear.weight.requires_grad_(False)
-        rounding = LearnedRounding(linear.weight, scheme, scale_dtype)
+        rounding = LearnedRounding(linear.weight, scheme, scale_dtype, bounds.get(name))
         parametrize.register_parametrization(linear, "weight", rounding, unsafe=True)
         roundings[name] = rounding
     return roundings

@@ -154,6 +154,9 @@ class GPTQResult:
     relative_error: float  # tr(dW H dW^T) / tr(W H W^T): output error relative to the output
     damp: float  # the damping that made H positive definite
     dead_columns: int  # inputs that were always zero
+    # each weight as it stood, error-compensated, when it was rounded (round(it / scale)
+    # gives the code): where learned rounding starts from GPTQ; only when asked for
+    continuous: torch.Tensor | None = None
 
 
 def quantize_layer(
@@ -163,9 +166,11 @@ def quantize_layer(
     cfg: GPTQConfig = GPTQConfig(),
     scale_dtype: torch.dtype = torch.float16,
     name: str = "layer",
+    continuous: bool = False,
 ) -> GPTQResult:
     """GPTQ-quantise `weight` [out, in] given the input Hessian [in, in]."""
-    return quantize_shared_input([weight], hessian, scheme, cfg, scale_dtype, name)[0]
+    return quantize_shared_input([weight], hessian, scheme, cfg, scale_dtype, name,
+                                 continuous)[0]
 
 
 def quantize_shared_input(
@@ -175,6 +180,7 @@ def quantize_shared_input(
     cfg: GPTQConfig = GPTQConfig(),
     scale_dtype: torch.dtype = torch.float16,
     name: str = "layer",
+    continuous: bool = False,
 ) -> list[GPTQResult]:
     """GPTQ for several Linears that read the same input (q/k/v, gate/up), in one pass.
 
@@ -188,13 +194,14 @@ def quantize_shared_input(
                             "corrupt or overflowed its dtype")
     sizes = [w.shape[0] for w in weights]
     stacked = _quantize_rows(torch.cat([w.to(torch.float32) for w in weights]), hessian,
-                             scheme, cfg, scale_dtype, name)
+                             scheme, cfg, scale_dtype, name, continuous)
     results, start = [], 0
     for w, size in zip(weights, sizes, strict=True):
         part = stacked.weight.rows(start, start + size)
+        kept = None if stacked.continuous is None else stacked.continuous[start:start + size]
         start += size
         results.append(GPTQResult(part, relative_output_error(w, part.dequantize(), hessian),
-                                  stacked.damp, stacked.dead_columns))
+                                  stacked.damp, stacked.dead_columns, kept))
     return results
 
 
@@ -211,6 +218,7 @@ def _quantize_rows(
     cfg: GPTQConfig,
     scale_dtype: torch.dtype,
     name: str,
+    continuous: bool = False,
 ) -> GPTQResult:
     out_features, in_features = weight.shape
     w = weight.to(torch.float32).clone()
@@ -232,6 +240,7 @@ def _quantize_rows(
     del h
 
     codes = torch.zeros(out_features, in_features, dtype=torch.int8, device=w.device)
+    kept = torch.zeros_like(w) if continuous else None
     if static is not None:
         scales, zeros = static
     else:
@@ -262,6 +271,8 @@ def _quantize_rows(
                     if zeros is not None:
                         zeros[:, g] = z_new
             s, z = scales[:, g], None if zeros is None else zeros[:, g]
+            if kept is not None:
+                kept[:, col] = w1[:, i]
             q = rtn.quantize_codes(w1[:, i], s, z, scheme.bits)
             codes[:, col] = q.to(torch.int8)
             deq = rtn.dequantize_codes(q, s, z, scheme.bits)
@@ -274,6 +285,8 @@ def _quantize_rows(
     if perm is not None:
         inverse = torch.argsort(perm)
         codes = codes[:, inverse]
+        if kept is not None:
+            kept = kept[:, inverse]
         if static is None:
             g_idx = (inverse // group).to(torch.int32)
     offset = 1 << (scheme.bits - 1)
@@ -281,7 +294,7 @@ def _quantize_rows(
         codes, scales.to(scale_dtype),
         None if zeros is None else (zeros - offset).to(torch.int8),
         bits=scheme.bits, group_size=scheme.group_size, g_idx=g_idx)
-    return GPTQResult(qw, float("nan"), damp, int(dead.sum()))  # error: per caller's part
+    return GPTQResult(qw, float("nan"), damp, int(dead.sum()), kept)  # error: per caller's part
 
 
 def _group_qparams(w: torch.Tensor, group: int, scheme: QuantScheme, cfg: GPTQConfig,

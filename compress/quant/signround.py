@@ -29,17 +29,23 @@ MIN_RANGE = 0.5  # the smallest range factor; auto-round's bound too
 # error the earlier layers left: auto-round's target), or "layer", the unquantised layer's
 # output on the quantised inputs (half the activation memory).
 TARGETS = ("model", "layer")
+# Where the rounding starts: "rtn", each weight's nearest grid point on its own range, or
+# "gptq", GPTQ's result for the layer: its grid, and its error-compensated weights, so
+# that zero offsets give GPTQ's codes and learning moves on from there.
+STARTS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
 class SignRoundConfig:
     """iters: signed-gradient steps per decoder layer; lr: the first step's size, decaying
-    linearly to 0 (None: 1/iters); batch: calibration samples per step; target: `TARGETS`."""
+    linearly to 0 (None: 1/iters); batch: calibration samples per step; target: `TARGETS`;
+    start: `STARTS`."""
 
     iters: int = 200
     lr: float | None = None
     batch: int = 8
     target: str = "model"
+    start: str = "rtn"
 
     def __post_init__(self) -> None:
         for name in ("iters", "batch"):
@@ -54,6 +60,9 @@ class SignRoundConfig:
         if self.target not in TARGETS:
             raise CompressError(f"signround target must be one of {', '.join(TARGETS)}, "
                                 f"got {self.target!r}")
+        if self.start not in STARTS:
+            raise CompressError(f"signround start must be one of {', '.join(STARTS)}, "
+                                f"got {self.start!r}")
 
     @property
     def step(self) -> float:
@@ -79,7 +88,10 @@ class LearnedRounding(nn.Module):
     out fake-quantised under the learned offsets and range factors, differentiably."""
 
     def __init__(self, weight: torch.Tensor, scheme: QuantScheme,
-                 scale_dtype: torch.dtype = torch.float16):
+                 scale_dtype: torch.dtype = torch.float16,
+                 bounds: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`bounds`: each group's (lo, hi) [out, groups] the range factors shrink, fixed
+        (another method's grid, e.g. GPTQ's); None: the weight's own min and max."""
         super().__init__()
         self.scheme, self.scale_dtype = scheme, scale_dtype
         self.in_features = weight.shape[1]
@@ -87,6 +99,7 @@ class LearnedRounding(nn.Module):
         self.offsets = nn.Parameter(torch.zeros_like(groups))
         self.max_factor = nn.Parameter(torch.ones(groups.shape[:2], device=weight.device))
         self.min_factor = nn.Parameter(torch.ones(groups.shape[:2], device=weight.device))
+        self.bounds = bounds
 
     def params(self) -> list[nn.Parameter]:
         return [self.offsets, self.max_factor, self.min_factor]
@@ -100,8 +113,10 @@ class LearnedRounding(nn.Module):
     def _range(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each group's (lo, hi), both ends shrunk by their learned factors (symmetric
         grids too: the signed scale follows whichever end stays the larger)."""
-        lo = groups.amin(dim=-1).clamp(max=0)
-        hi = groups.amax(dim=-1).clamp(min=0)
+        if self.bounds is None:
+            lo, hi = groups.amin(dim=-1).clamp(max=0), groups.amax(dim=-1).clamp(min=0)
+        else:
+            lo, hi = self.bounds
         return lo * self.min_factor, hi * self.max_factor
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -131,6 +146,21 @@ class LearnedRounding(nn.Module):
         shifted = groups + self.offsets * scale.unsqueeze(-1)  # round(w/s + v) = round((w + v s)/s)
         return rtn.pack_grouped(shifted, scale, zero, self.scheme, self.in_features,
                                 self.scale_dtype)
+
+
+def grid_bounds(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's (lo, hi) [out, groups] that give back `weight`'s scales (and zeros)
+    through `rtn.range_qparams`: the grid a learned rounding starting from it keeps."""
+    if weight.g_idx is not None:
+        raise CompressError("learned rounding can only start from contiguous groups "
+                            "(GPTQ with static groups), not from a g_idx weight")
+    scale = weight.scales.to(torch.float32)
+    if weight.zeros is None:  # signed symmetric: the extreme -2^(b-1) * scale, 0 the other end
+        extreme = -scale * (1 << (weight.bits - 1))
+        zero = torch.zeros_like(extreme)
+        return torch.minimum(extreme, zero), torch.maximum(extreme, zero)
+    unsigned = weight.zeros.to(torch.float32) + (1 << (weight.bits - 1))
+    return -unsigned * scale, ((1 << weight.bits) - 1 - unsigned) * scale
 
 
 def signed_step(params: list[nn.Parameter], lr: float) -> None:

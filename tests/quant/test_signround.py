@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,9 +13,14 @@ from torch import nn
 from compress import models, pipeline
 from compress.calibrate import signround as learn
 from compress.errors import CompressError
-from compress.quant import QuantScheme, rtn
+from compress.quant import QuantScheme, gptq, rtn
 from compress.quant.gptq import GPTQConfig
-from compress.quant.signround import LearnedRounding, SignRoundConfig, signed_step
+from compress.quant.signround import (
+    LearnedRounding,
+    SignRoundConfig,
+    grid_bounds,
+    signed_step,
+)
 from compress.recipe import CalibrationConfig, Recipe
 
 SCHEMES = [QuantScheme(4, 32, True), QuantScheme(3, 32, False), QuantScheme(4, -1, True),
@@ -37,6 +43,39 @@ def _signed_rtn(w: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype = torch
     scale = (extreme / -half).to(dtype).float()
     codes = torch.clamp(torch.round(groups / scale), -half, half - 1)
     return (codes * scale).reshape(w.shape), scale.squeeze(-1)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label)
+def test_untrained_rounding_from_gptq_is_gptqs_result(scheme):
+    """Started from GPTQ (its error-compensated weights on its grid), zero offsets and
+    full ranges pack exactly GPTQ's codes, scales and zeros, and fake-quantise to them."""
+    w = _weight(inp=128)
+    x = torch.randn(512, 128, generator=torch.Generator().manual_seed(1))
+    x[:, :8] *= 10  # act-order reorders: the compensated weights must come back in place
+    hessian = 2 * x.T @ x / x.shape[0]
+    result = gptq.quantize_layer(w, hessian, scheme, GPTQConfig(target="layer"),
+                                 name="w", continuous=True)
+    assert not torch.equal(result.continuous, w)  # GPTQ moved the weights it had not rounded
+    rounding = LearnedRounding(result.continuous, scheme, torch.float16,
+                               grid_bounds(result.weight))
+    packed = rounding.quantize(result.continuous)
+    assert torch.equal(packed.qweight, result.weight.qweight)
+    assert torch.equal(packed.scales, result.weight.scales)
+    assert (packed.zeros is None) == scheme.symmetric
+    assert scheme.symmetric or torch.equal(packed.zeros, result.weight.zeros)
+    torch.testing.assert_close(rounding(result.continuous), result.weight.dequantize(),
+                               rtol=1e-3, atol=1e-6)
+
+
+def test_start_from_gptq_needs_contiguous_groups():
+    cfg = GPTQConfig(target="layer", static_groups=False)
+    result = gptq.quantize_layer(_weight(inp=128), torch.eye(128) + 0.1, QuantScheme(4, 32, True),
+                                 cfg, continuous=True)
+    with pytest.raises(CompressError, match="static groups"):
+        grid_bounds(result.weight)
+    with pytest.raises(CompressError, match="static groups"):
+        Recipe("signround", QuantScheme(4, 32, True), gptq=cfg,
+               signround=SignRoundConfig(start="gptq"))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label)
@@ -126,7 +165,7 @@ def test_learning_a_layer_beats_rtn_and_leaves_its_weights_alone():
     cfg = SignRoundConfig(iters=60, batch=4)
     packed, losses = learn.learn_layer(layer, layer, x, learn.layer_outputs(layer, x), schemes,
                                        cfg, torch.float16, seed=0)
-    assert losses["learned"] < 0.8 * losses["rtn"]
+    assert losses["learned"] < 0.8 * losses["start"]
     assert set(packed) == {"0", "2"}
     for n, p in layer.named_parameters():  # parametrizations gone, weights untouched
         assert torch.equal(p, before[n])
@@ -169,9 +208,14 @@ def test_batches_use_every_sample_once_per_pass():
 def test_recipe_round_trips_the_section():
     recipe = Recipe("signround", signround=SignRoundConfig(iters=50, batch=4))
     data = recipe.to_dict()
-    assert data["signround"] == {"iters": 50, "lr": None, "batch": 4, "target": "model"}
+    assert data["signround"] == {"iters": 50, "lr": None, "batch": 4, "target": "model",
+                                 "start": "rtn"}
     assert "gptq" not in data
     assert Recipe.from_dict(data) == recipe
+    from_gptq = Recipe("signround", signround=SignRoundConfig(start="gptq"),
+                       gptq=GPTQConfig(target_strength=0.25))
+    assert from_gptq.rounds_gptq and Recipe.from_dict(from_gptq.to_dict()) == from_gptq
+    assert from_gptq.to_dict()["gptq"]["target_strength"] == 0.25
     assert recipe.calibrated and recipe.rounding == "signround" and recipe.carries_reference
     assert not Recipe("signround", signround=SignRoundConfig(target="layer")).carries_reference
     assert Recipe("gptq").carries_reference and not Recipe("awq").carries_reference
@@ -205,8 +249,37 @@ def test_pipeline_checkpoint_beats_rtn_and_logs_the_layer_loss(tiny_llama, tmp_p
     log = json.loads((tmp_path / "sr" / pipeline.QUANT_LOG).read_text())["modules"]
     assert set(log) == set(models.open_model(tmp_path / "sr").schemes)
     for entry in log.values():
-        assert entry["layer_loss"] < entry["layer_loss_rtn"]
+        assert entry["layer_loss"] < entry["layer_loss_start"]
         assert 0 < entry["relative_error"] < 1 and entry["tokens"] == 16 * 64
+
+
+@pytest.mark.parametrize("target", ["model", "layer"])
+def test_a_start_from_gptq_that_learns_nothing_is_gptqs_checkpoint(tiny_llama, tmp_path,
+                                                                   target):
+    """Learned rounding started from GPTQ, with steps too small to flip a code, writes
+    GPTQ's checkpoint bit for bit (its codes, grid, and what every later layer sees);
+    with real steps it lowers every layer's loss below GPTQ's."""
+    from safetensors.torch import load_file
+
+    scheme, gptq_cfg = QuantScheme(2, 32, True), GPTQConfig(target=target)
+    still = SignRoundConfig(iters=1, lr=1e-9, batch=4, target=target, start="gptq")
+    pipeline.quantize(tiny_llama, Recipe("gptq", scheme, calibration=CALIB, gptq=gptq_cfg),
+                      tmp_path / "gptq")
+    pipeline.quantize(tiny_llama, Recipe("signround", scheme, calibration=CALIB,
+                                         gptq=gptq_cfg, signround=still), tmp_path / "still")
+    ours, theirs = ({k: v for f in sorted((tmp_path / n).glob("*.safetensors"))
+                     for k, v in load_file(f).items()} for n in ("still", "gptq"))
+    assert len(ours) > 20
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    learned = dataclasses.replace(still, iters=30, lr=None)
+    pipeline.quantize(tiny_llama, Recipe("signround", scheme, calibration=CALIB,
+                                         gptq=gptq_cfg, signround=learned), tmp_path / "sr")
+    log = json.loads((tmp_path / "sr" / pipeline.QUANT_LOG).read_text())["modules"]
+    for entry in log.values():
+        assert entry["layer_loss"] < entry["layer_loss_start"]
+        assert entry["target"] == "model" if target == "model" else "target" not in entry
 
 
 @pytest.mark.parametrize("target", ["model", "layer"])
