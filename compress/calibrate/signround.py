@@ -5,9 +5,9 @@ quantised ones by the pipeline; `SignRoundConfig.target`). Every quantised Linea
 layer gets a `LearnedRounding` parametrization, so the layer's own forward runs on
 fake-quantised weights and quantised inputs; each step takes the next batch of a shuffled
 pass over the samples, measures the mean squared error against the target, and moves
-every offset and range factor by a signed step. The parameters of the step with the
-lowest loss are kept (as auto-round does) unless they lose to the start on the whole
-calibration set, and each Linear is packed with them.
+every offset and range factor by a signed step. Of the last step's parameters, those of
+the step with the lowest batch loss (what auto-round keeps) and the start, the one with
+the lowest loss on the whole calibration set is kept, and each Linear is packed with it.
 """
 
 from __future__ import annotations
@@ -60,11 +60,15 @@ def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
             signed_step(params, cfg.step_at(i))
             for r in roundings.values():
                 r.clamp_()
-        _restore(params, best)
-        learned_loss = _loss(forward, x, targets, chunk)
-        if learned_loss > start_loss:  # the best batch was a lucky one: keep the start
-            _restore(params, initial)
-            learned_loss = start_loss
+        # judged on the whole calibration set: the last step's parameters, the best
+        # batch's (which may have been an easy batch) and the start
+        learned_loss, chosen = _loss(forward, x, targets, chunk), _snapshot(params)
+        for candidate, known in ((best, None), (initial, start_loss)):
+            _restore(params, candidate)
+            loss = known if known is not None else _loss(forward, x, targets, chunk)
+            if loss < learned_loss:
+                learned_loss, chosen = loss, candidate
+        _restore(params, chosen)
         packed = {name: r.quantize(_original(layer, name)) for name, r in roundings.items()}
     finally:
         for name in roundings:
