@@ -183,6 +183,30 @@ def test_learning_a_layer_beats_rtn_and_leaves_its_weights_alone():
     assert all(torch.equal(again[n].qweight, packed[n].qweight) for n in packed)
 
 
+def test_what_is_kept_is_judged_on_the_whole_set(monkeypatch):
+    """Of the last step, the best batch and the start, the lowest whole-set loss is kept
+    and reported (three whole-set losses measured, the kept one the least); steps so large
+    they wreck the layer leave it where it started."""
+    layer = _toy_layer()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 32, 64, generator=gen) @ torch.randn(64, 64, generator=gen)
+    x[..., :4] *= 8
+    schemes = {"0": QuantScheme(3, 32, True), "2": QuantScheme(3, 32, True)}
+    targets = learn.layer_outputs(layer, x)
+    wild = SignRoundConfig(iters=6, batch=2, lr=1.0)
+    rtn_only = {n: rtn.quantize(layer.get_submodule(n).weight, s) for n, s in schemes.items()}
+    packed, losses = learn.learn_layer(layer, layer, x, targets, schemes, wild, torch.float16,
+                                       seed=0)
+    assert losses["learned"] == losses["start"]
+    assert all(torch.equal(packed[n].qweight, rtn_only[n].qweight) for n in schemes)
+    seen = []  # the whole-set losses compared at the end
+    real = learn._loss
+    monkeypatch.setattr(learn, "_loss", lambda *a: seen.append(real(*a)) or seen[-1])
+    _, losses = learn.learn_layer(layer, layer, x, targets, schemes,
+                                  SignRoundConfig(iters=30, batch=2), torch.float16, seed=0)
+    assert len(seen) == 3 and losses["learned"] == min(seen) < seen[0]
+
+
 @pytest.mark.parametrize("bad", [{"iters": 0}, {"batch": -1}, {"lr": 2.0}, {"iters": True},
                                  {"target": "teacher"}])
 def test_bad_settings_are_one_line_errors(bad):
