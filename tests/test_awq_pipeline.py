@@ -1,6 +1,7 @@
 """AWQ through the layer-by-layer pipeline: folding, export, interop, the real model."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -10,8 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from compress import evaluation, models, pipeline, progress
 from compress.calibrate import awq as awq_layer
-from compress.quant import QuantScheme, rtn
+from compress.quant import QuantScheme, gptq, rtn
 from compress.quant.awq import AWQConfig
+from compress.quant.gptq import GPTQConfig, HessianAccumulator
 from compress.recipe import CalibrationConfig, Recipe
 
 CALIB = CalibrationConfig(samples=8, seqlen=64, seed=0)
@@ -79,10 +81,14 @@ def test_transform_without_clipping_changes_no_logits(tiny_factory, model_type, 
     torch.testing.assert_close(logits(model), before, rtol=1e-4, atol=1e-4)
 
 
-def test_rescoring_keeps_the_scaling_with_the_lowest_block_output_error(tiny_factory):
+@pytest.mark.parametrize("then_gptq", [None, GPTQConfig()], ids=["rtn", "gptq"])
+def test_rescoring_keeps_the_scaling_with_the_lowest_block_output_error(tiny_factory,
+                                                                        then_gptq):
     """The candidates kept by the per-Linear proxy are scored again by the output of the
     block holding the group (attention for q/k/v, the MLP for gate/up), as the reference
-    AWQ scores; the logged loss of the chosen one is what the folded, rounded block gives."""
+    AWQ scores; the logged loss of the chosen one is what the folded, rounded block gives.
+    When GPTQ rounds next, the candidates are rounded by GPTQ, a single Linear's too (the
+    proxy prices RTN)."""
     path = tiny_factory("llama", num_key_value_heads=4)
     model, files = models.load(path, dtype=torch.float32)
     scheme = QuantScheme(3, 32, True)
@@ -109,16 +115,31 @@ def test_rescoring_keeps_the_scaling_with_the_lowest_block_output_error(tiny_fac
         cfg = AWQConfig(clip=False, rescore=rescore, rescore_samples=3)
         log = awq_layer.transform(layer, lambda c: layer(c, rope), list(x.split(2)),
                                   files.arch, files.layer_groups(0), files.layer_folds(0),
-                                  prefix, schemes, cfg, torch.float32, min_expert_tokens=1)
+                                  prefix, schemes, cfg, torch.float32, min_expert_tokens=1,
+                                  then_gptq=then_gptq)
         return layer, log
+
+    def rounded(layer, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if then_gptq is None:
+            return rtn.fake_quantize(weight, scheme, torch.float32)
+        # GPTQ on the Hessian of the input the folded Linear now reads, measured afresh
+        seen = HessianAccumulator(weight.shape[1])
+        handle = layer.get_submodule(name).register_forward_pre_hook(
+            lambda _m, args: seen.add(args[0]))
+        with torch.no_grad():
+            layer(x, rope)
+        handle.remove()
+        cfg = dataclasses.replace(then_gptq, target="layer")
+        return gptq.quantize_layer(weight, seen.hessian(), scheme, cfg,
+                                   torch.float32).weight.dequantize()
 
     def rounded_loss(layer, names) -> float:
         """The block's output error with `names` rounded as they now are (folded)."""
         block = names[0][len(prefix):].split(".")[0]
         originals = {n: layer.get_submodule(n[len(prefix):]).weight.data.clone() for n in names}
         for n in names:
-            layer.get_submodule(n[len(prefix):]).weight.data = rtn.fake_quantize(
-                originals[n], scheme, torch.float32)
+            layer.get_submodule(n[len(prefix):]).weight.data = rounded(
+                layer, n[len(prefix):], originals[n])
         loss = float((blocks(layer)[block] - target[block]).pow(2).mean())
         for n in names:
             layer.get_submodule(n[len(prefix):]).weight.data = originals[n]
@@ -128,8 +149,10 @@ def test_rescoring_keeps_the_scaling_with_the_lowest_block_output_error(tiny_fac
     entries = {tuple(sorted(n for n, v in log.items() if v["awq"] is e)): e
                for e in {id(v["awq"]): v["awq"] for v in log.values()}.values()}
     rescored = {names: e for names, e in entries.items() if "block_loss" in e}
-    # q/k/v and gate/up read one input each: rescored; o_proj and down_proj: not
-    assert sorted(len(names) for names in rescored) == [2, 3]
+    # q/k/v and gate/up read one input each: rescored; o_proj and down_proj (alone in
+    # their folds) only when GPTQ rounds
+    assert sorted(len(names) for names in rescored) == ([2, 3] if then_gptq is None
+                                                        else [1, 1, 2, 3])
     for names, e in rescored.items():
         assert e["rescored"] >= 2 and e["block_loss"] <= e["block_loss_unscaled"]
         assert rounded_loss(layer, names) == pytest.approx(e["block_loss"], rel=1e-3)

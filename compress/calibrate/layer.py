@@ -225,7 +225,7 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
     if recipe.uses_awq:
         log = awq.transform(layer, forward, chunks, arch, groups, folds, prefix, schemes,
                             recipe.awq, scale_dtype, MIN_EXPERT_TOKENS, ctx,
-                            then_gptq=recipe.rounding == "gptq")
+                            then_gptq=recipe.gptq if recipe.rounding == "gptq" else None)
     quantized: dict[str, QuantizedWeight] = {}
     reference_of, reference_out = None, None
     if reference is not None:
