@@ -122,8 +122,10 @@ def transform(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
                     stats[widest][1].mean(), cfg, scale_dtype)
                 # the best few, and s = 1 always: the layer's output then never scores
                 # worse than plain RTN's; the scales go to the other ranks pickled
-                kept = ranked[:max(1, cfg.rescore)]
-                kept += [c for c in ranked[len(kept):] if c.unscaled]
+                kept = (ranked[:max(1, cfg.rescore)] if then_gptq is None
+                        else _milder(ranked, max(1, cfg.rescore)))
+                if not any(c.unscaled for c in kept):
+                    kept.append(next(c for c in ranked if c.unscaled))
                 return [dataclasses.replace(c, scales=c.scales.cpu()) for c in kept]
 
             # on one rank, so that every rank folds the same scales
@@ -286,6 +288,22 @@ class _BlockOutput:
                 m.weight.data = w
         self.ctx.all_reduce(total)
         return (total[:-1] / total[-1].clamp(min=1)).tolist()
+
+
+def _milder(ranked: Sequence[awq.ScaleSearch], count: int) -> list[awq.ScaleSearch]:
+    """The proxy's best scaling and `count - 1` milder ones for GPTQ to be scored with:
+    plain mean|x|^alpha at fractions of the best's alpha. The proxy's runners-up sit next
+    to its best, and its best is too strong for GPTQ (the rescoring then mostly chose
+    s = 1, measured at W3)."""
+    best = ranked[0]
+    kept = [best]
+    plain = [c for c in ranked if not c.duo and not c.unscaled]
+    for k in range(count - 1, 0, -1):
+        if plain and best.alpha > 0:
+            near = min(plain, key=lambda c: abs(c.alpha - best.alpha * k / count))
+            if all(near is not c for c in kept):
+                kept.append(near)
+    return kept
 
 
 # (which Linear of the group, its weight with columns times s, s, its scheme) -> the
