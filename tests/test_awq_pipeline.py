@@ -223,3 +223,20 @@ def test_awq_beats_rtn_on_the_real_model(bundled_dir, tmp_path):
                                                 use_cache=False).ppl for name in ("awq", "rtn")}
     # seen: RTN 190.4, AWQ 151.4 (0.80x) on these 4,088 tokens; a clear margin, not a tie
     assert ppl["awq"] < 0.9 * ppl["rtn"]
+
+
+def test_gptq_rescoring_candidates_are_the_best_and_milder_scalings():
+    """Under GPTQ the proxy's runners-up (next to its best) are replaced by plain
+    mean|x|^alpha at fractions of the best's alpha; no scaling is added by the caller."""
+    from compress.quant.awq import ScaleSearch
+
+    def cand(alpha: float, duo: bool, error: float) -> ScaleSearch:
+        return ScaleSearch(torch.ones(2), alpha, duo, error, 1.0)
+
+    grid = [cand(a / 20, duo, 0.0) for duo in (False, True) for a in range(20)]
+    best = cand(0.6, True, -1.0)  # duo: the milder ones come from the plain family
+    ranked = [best, *sorted(grid, key=lambda c: abs(c.alpha - 0.6) + c.duo)]
+    kept = awq_layer._milder(ranked, 4)
+    assert kept[0] is best
+    assert [(c.alpha, c.duo) for c in kept[1:]] == [(0.45, False), (0.3, False), (0.15, False)]
+    assert awq_layer._milder(ranked, 1) == [best]
