@@ -209,9 +209,10 @@ def test_two_ranks_rtn_is_byte_identical(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_awq_matches_one_process(tiny_llama, tmp_path):
-    pipeline.quantize(tiny_llama, recipe("awq"), tmp_path / "one", ctx=distributed.Context())
-    results = finish(start_ranks(cli_args(tiny_llama, tmp_path / "two", "awq")))
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])  # the rescoring rounds by RTN, GPTQ
+def test_two_ranks_awq_matches_one_process(tiny_llama, tmp_path, method):
+    pipeline.quantize(tiny_llama, recipe(method), tmp_path / "one", ctx=distributed.Context())
+    results = finish(start_ranks(cli_args(tiny_llama, tmp_path / "two", method)))
     assert [c for c, _ in results] == [0, 0], results
     assert_close_checkpoints(tmp_path / "one", tmp_path / "two")
 
