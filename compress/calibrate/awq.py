@@ -137,7 +137,7 @@ def transform(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
                 if rescorer is None:
                     rescorer = _BlockOutput(layer, forward, chunks, cfg.rescore_samples, ctx)
                 rounding = _rtn_rounding(scale_dtype) if then_gptq is None else _gptq_rounding(
-                    then_gptq, [hessians[reader[names[i]]] for i in scored], scale_dtype)
+                    then_gptq, [reader[names[i]] for i in scored], hessians, scale_dtype)
                 losses = rescorer.losses(
                     [names[i] for i in scored], [fold_schemes[i] for i in scored],
                     [c.scales.to(linears[0].weight.device) for c in candidates], rounding)
@@ -279,8 +279,9 @@ class _BlockOutput:
         total[-1] = sum(t.numel() for t in targets)
         try:
             for j, s in enumerate(candidates):
-                for i, (m, w, scheme) in enumerate(zip(linears, weights, schemes, strict=True)):
-                    m.weight.data = rounding(i, w * s, s, scheme) / s
+                rounded = rounding([w * s for w in weights], s, schemes)
+                for m, w_hat in zip(linears, rounded, strict=True):
+                    m.weight.data = w_hat / s
                 for (args, kwargs), target in zip(calls, targets, strict=True):
                     total[j] += float((run(*args, **kwargs) - target).pow(2).sum(
                         dtype=torch.float64))
@@ -299,33 +300,47 @@ def _milder(ranked: Sequence[awq.ScaleSearch], count: int) -> list[awq.ScaleSear
     best = ranked[0]
     kept = [best]
     plain = [c for c in ranked if not c.duo and not c.unscaled]
+    if not plain or best.alpha == 0:
+        return kept
     for k in range(count - 1, 0, -1):
-        if plain and best.alpha > 0:
-            near = min(plain, key=lambda c: abs(c.alpha - best.alpha * k / count))
-            if all(near is not c for c in kept):
-                kept.append(near)
+        near = min(plain, key=lambda c: abs(c.alpha - best.alpha * k / count))
+        if all(near is not c for c in kept):
+            kept.append(near)
     return kept
 
 
-# (which Linear of the group, its weight with columns times s, s, its scheme) -> the
-# weight rounded and dequantised
-Rounding = Callable[[int, torch.Tensor, torch.Tensor, QuantScheme], torch.Tensor]
+# (a group's weights with columns times s, s, their schemes) -> the weights rounded and
+# dequantised
+Rounding = Callable[[list[torch.Tensor], torch.Tensor, Sequence[QuantScheme]],
+                    list[torch.Tensor]]
 
 
 def _rtn_rounding(scale_dtype: torch.dtype) -> Rounding:
-    return lambda _i, w, _s, scheme: rtn.fake_quantize(w, scheme, scale_dtype)
+    return lambda weights, _s, schemes: [rtn.fake_quantize(w, scheme, scale_dtype)
+                                         for w, scheme in zip(weights, schemes, strict=True)]
 
 
-def _gptq_rounding(cfg: GPTQConfig, hessians: Sequence[torch.Tensor],
+def _gptq_rounding(cfg: GPTQConfig, readers: Sequence[str], hessians: dict[str, torch.Tensor],
                    scale_dtype: torch.dtype) -> Rounding:
-    """GPTQ as the pipeline runs it next, on each Linear's input Hessian as scaled by s
-    (x / s), against the Linear's own output: the unquantised model's inputs, which the
-    model target needs, are not at hand here."""
+    """GPTQ as the pipeline runs it next, on each Linear's input Hessian (that of
+    `readers[i]`) as scaled by s (x / s), against the Linear's own output: the unquantised
+    model's inputs, which the model target needs, are not at hand here. Linears reading one
+    input at one scheme (q/k/v) share a GPTQ pass, as in the pipeline."""
     plain = dataclasses.replace(cfg, target="layer")
 
-    def rounding(i: int, w: torch.Tensor, s: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-        hessian = hessians[i] / s[:, None] / s[None, :]
-        return gptq.quantize_layer(w, hessian, scheme, plain, scale_dtype).weight.dequantize()
+    def rounding(weights: list[torch.Tensor], s: torch.Tensor,
+                 schemes: Sequence[QuantScheme]) -> list[torch.Tensor]:
+        together: dict[tuple[str, QuantScheme], list[int]] = {}
+        for i, key in enumerate(zip(readers, schemes, strict=True)):
+            together.setdefault(key, []).append(i)
+        rounded: list[torch.Tensor] = [torch.empty(0)] * len(weights)
+        for (name, scheme), members in together.items():
+            hessian = hessians[name] / s[:, None] / s[None, :]
+            results = gptq.quantize_shared_input([weights[i] for i in members], hessian,
+                                                 scheme, plain, scale_dtype)
+            for i, result in zip(members, results, strict=True):
+                rounded[i] = result.weight.dequantize()
+        return rounded
 
     return rounding
 
