@@ -279,19 +279,19 @@ def test_help_lines_name_kinds_not_python_types(command):
         assert "--asym" in sym and "Symmetric" in sym and "BOOL" not in sym.upper()
 
 
-def test_quantize_without_tokenizer_fails_before_the_work(tmp_path):
+def test_quantize_without_tokenizer_fails_before_the_work(cli, tmp_path):
     from conftest import make_tiny_model
 
     src = make_tiny_model(tmp_path / "m", tmp_path / "no-tokenizer-here")
     out = tmp_path / "q"
-    assert_one_line_error(run("quantize", src, "--out", out),
+    assert_one_line_error(cli("quantize", src, "--out", out),
                           r"cannot load a tokenizer from .*, which evaluating the checkpoint "
                           r"needs \(it has no tokenizer files: .*\); copy the base model's "
                           r"tokenizer files into it, or pass --no-eval")
     assert not out.exists() and not (tmp_path / "q.partial").exists()
-    assert_one_line_error(run("quantize", src, "--method", "gptq", "--out", out, "--no-eval"),
+    assert_one_line_error(cli("quantize", src, "--method", "gptq", "--out", out, "--no-eval"),
                           r"which gptq calibration needs .* or use --method rtn")
-    proc = run("quantize", src, "--out", out, "--no-eval", "-q")
+    proc = cli("quantize", src, "--out", out, "--no-eval", "-q")
     assert proc.returncode == 0, proc.stderr
     assert (out / "config.json").is_file()
 
@@ -317,14 +317,14 @@ def test_a_failed_evaluation_says_the_checkpoint_is_there(tiny_llama, tmp_path, 
     assert (out / "config.json").is_file()
 
 
-def test_quantize_says_what_it_will_do_before_it_starts(tiny_llama, tmp_path):
+def test_quantize_says_what_it_will_do_before_it_starts(cli, tiny_llama, tmp_path):
     out = tmp_path / "q"
-    proc = run("quantize", tiny_llama, "--out", out, "--eval-tokens", "256")
+    proc = cli("quantize", tiny_llama, "--out", out, "--eval-tokens", "256")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines()[0] == (
         f"Quantising {tiny_llama.name} (rtn-w4g128-sym) into {out}, then evaluating the "
         "original and the quantised model on 256 held-out tokens (most of the run's time; "
         "--no-eval skips it)")
-    proc = run("quantize", tiny_llama, "--out", tmp_path / "r", "--no-eval")
+    proc = cli("quantize", tiny_llama, "--out", tmp_path / "r", "--no-eval")
     assert proc.stderr.splitlines()[0] == (f"Quantising {tiny_llama.name} (rtn-w4g128-sym) "
                                            f"into {tmp_path / 'r'}")

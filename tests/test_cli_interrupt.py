@@ -33,6 +33,7 @@ def lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+@pytest.mark.slow  # two interpreters; in-process below: the stop between layers, the resume
 def test_ctrl_c_in_gptq_layers_exits_130_and_the_rerun_resumes(tiny_llama, tmp_path):
     out = tmp_path / "q"
     args = [sys.executable, "-m", "compress.cli", "quantize", str(tiny_llama), "--method",

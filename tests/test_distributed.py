@@ -191,6 +191,7 @@ def test_workers_2_gptq_matches_one_process(tiny_llama, one_process, tmp_path):
     assert not list(out.glob("activations-*")) and not (out / pipeline.PROGRESS).exists()
 
 
+@pytest.mark.slow  # three interpreters; the fast set keeps the two-rank Hessian sum above
 def test_torchrun_env_two_ranks_gptq_matches_one_process(tiny_llama, one_process, tmp_path):
     out = tmp_path / "q"
     results = finish(start_ranks(cli_args(tiny_llama, out)))
