@@ -23,13 +23,13 @@ def hf_scores(model_dir, task, limit):
     out = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={model_dir},dtype=float32", device="cpu",
         tasks=[task], limit=limit, batch_size=8,
-        task_manager=TaskManager(include_path=str(harness.TASKS_DIR)))
+        task_manager=harness.local_task_manager(TaskManager))
     return {k.split(",")[0]: v for k, v in out["results"][task].items()
             if isinstance(v, float)}
 
 
-# The tiny model on one multiple-choice task by default (lm-eval indexes its task folders on
-# each run: ~10 s a side); the real model on each kind of task in the slow set.
+# The tiny model on one multiple-choice task by default; the real model on each kind of
+# task in the slow set.
 @pytest.mark.parametrize("model,task,limit", [
     ("tiny", "compress_arc_easy", 10),
     *(pytest.param("bundled", task, limit, marks=pytest.mark.slow) for task, limit in

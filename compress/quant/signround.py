@@ -23,7 +23,9 @@ from compress.kernels import QuantizedWeight
 from . import rtn
 from .scheme import QuantScheme
 
-MIN_RANGE = 0.5  # the smallest range factor; auto-round's bound too
+# The smallest range factor. auto-round 0.15 clamps at 0, but at the default step (1/iters
+# decaying linearly to 0, about 0.5 in all) a factor starting at 1 cannot pass 0.5 there.
+MIN_RANGE = 0.5
 # What a layer's output is trained to match: "model", the unquantised model's output of
 # this layer (its inputs carried beside the quantised ones, so each layer also undoes the
 # error the earlier layers left: auto-round's target), or "layer", the unquantised layer's
