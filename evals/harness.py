@@ -51,11 +51,13 @@ def check_task_data() -> None:
         raise TaskError(str(e)) from None
 
 
-def local_task_manager(task_manager: type):
+def local_task_manager():
     """lm-eval's `TaskManager` over the local task folder alone: every task we run is
     local (`resolve_tasks`), and indexing lm-eval's ~15,000 own task files as well costs
     10-20 s per run."""
-    return task_manager(include_path=str(TASKS_DIR), include_defaults=False)
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
 
 
 def run_tasks(model_dir: str | Path, tasks: list[str], limit: int | None = None,
@@ -63,7 +65,6 @@ def run_tasks(model_dir: str | Path, tasks: list[str], limit: int | None = None,
               device: str = "cpu") -> dict[str, dict[str, float]]:
     """Task -> metric -> value (lm-eval's metric names, e.g. "acc", "acc_stderr")."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from . import lm_eval_model  # registers the "compress" model
 
@@ -78,7 +79,7 @@ def run_tasks(model_dir: str | Path, tasks: list[str], limit: int | None = None,
           libraries_quiet()):
         out = lm_eval.simple_evaluate(
             model=model, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-            task_manager=local_task_manager(TaskManager), log_samples=False,
+            task_manager=local_task_manager(), log_samples=False,
             bootstrap_iters=1000)
     return {task: {metric.split(",")[0]: float(value) for metric, value in values.items()
                    if metric != "alias" and isinstance(value, int | float)}

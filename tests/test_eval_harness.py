@@ -9,7 +9,6 @@ import lm_eval
 import pytest
 import torch
 from compress.evals import harness, perplexity
-from lm_eval.tasks import TaskManager
 from test_cli import assert_one_line_error
 from transformers import AutoModelForCausalLM
 
@@ -23,7 +22,7 @@ def hf_scores(model_dir, task, limit):
     out = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={model_dir},dtype=float32", device="cpu",
         tasks=[task], limit=limit, batch_size=8,
-        task_manager=harness.local_task_manager(TaskManager))
+        task_manager=harness.local_task_manager())
     return {k.split(",")[0]: v for k, v in out["results"][task].items()
             if isinstance(v, float)}
 
