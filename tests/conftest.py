@@ -36,8 +36,13 @@ set_quiet(True)
 # One intra-op thread in the test process (COMPRESS_TEST_THREADS=N for more): the models
 # here are tiny, so a second thread saves little, and on a shared or busy machine threads
 # that wait for each other cost several times the work itself. Tests of threading set
-# their own count; CLI subprocesses keep torch's default.
-torch.set_num_threads(int(os.environ.get("COMPRESS_TEST_THREADS", "1")))
+# their own count. CLI subprocesses get the same fixed count through $COMPRESS_THREADS:
+# left on "auto" they would pick the cores free at their start, and a float sum split
+# over another number of threads rounds differently, so two runs the tests compare byte
+# for byte (a clean run and a killed-then-resumed one) could differ on a busy machine.
+TEST_THREADS = os.environ.get("COMPRESS_TEST_THREADS", "1")
+torch.set_num_threads(int(TEST_THREADS))
+os.environ["COMPRESS_THREADS"] = TEST_THREADS
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
