@@ -11,14 +11,15 @@ projections take group 64 where 128 is asked (ours falls back, llm-compressor's 
 layout says so; auto-round zero-pads them to 640 and keeps 128); Gemma-3-270M's 640 and
 1024 take 128 everywhere. Methods: ours, rtn, gptq, awq, awq+gptq, signround, each
 optionally with "+model" or "+layer" (`--match`), "+mse" (`--mse-clip`), "+fromgptq"
-(`--signround-start gptq`) and "+rotate" (`--rotate`); the peers: llmc-gptq (GPTQModifier,
-act-order "weight" = our static act-order), llmc-awq (AWQModifier then its RTN), llmc-rtn
-(its RTN alone), run by benchmarks/peer_llmcompressor.py, and autoround (SignRound,
---autoround-iters steps of --autoround-batch windows per layer; 0 = its plain RTN) by
-benchmarks/peer_autoround.py, both in /tmp/peer-venv. Every quantisation is a timed child
-process on the same seed-0 calibration token ids; every checkpoint (a peer's too) is
-scored by `compress eval`'s harness on the same held-out tokens. The shortened protocol
-of benchmarks/rotate.py (32 x 512 calibration, 8,192 tokens) by default.
+(`--signround-start gptq`) and "+rotate" (`--rotate`), and last "+tune" (`compress tune`
+on the result, --tune-epochs; the cell's time is both commands'); the peers: llmc-gptq
+(GPTQModifier, act-order "weight" = our static act-order), llmc-awq (AWQModifier then its
+RTN), llmc-rtn (its RTN alone), run by benchmarks/peer_llmcompressor.py, and autoround
+(SignRound, --autoround-iters steps of --autoround-batch windows per layer; 0 = its plain
+RTN) by benchmarks/peer_autoround.py, both in /tmp/peer-venv. Every quantisation is a
+timed child process on the same seed-0 calibration token ids; every checkpoint (a peer's
+too) is scored by `compress eval`'s harness on the same held-out tokens. The shortened
+protocol of benchmarks/rotate.py (32 x 512 calibration, 8,192 tokens) by default.
 --merge keeps the cells (and other sections) already in --json (same protocol, checked)
 and adds these: the grid can be filled over several runs, two side by side; each cell's
 time is its own run's.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -69,9 +71,17 @@ def split_method(method: str) -> tuple[str, list[str]]:
     return base, extra
 
 
+def split_tune(method: str) -> tuple[str, bool]:
+    """A trailing "+tune": `compress tune` (end-to-end scale tuning, --tune-epochs) runs on
+    the checkpoint afterwards, its time added to the cell's."""
+    tuned = method.endswith("+tune")
+    return (method.removesuffix("+tune"), tuned)
+
+
 def ours(setting: str, method: str, work: Path, args) -> dict:
     bits, group = SETTINGS[setting]
-    base, extra = split_method(method)
+    quantized_method, tuned = split_tune(method)
+    base, extra = split_method(quantized_method)
     if base == "signround":
         extra += ["--signround-iters", str(args.signround_iters),
                   "--signround-batch", str(args.signround_batch)]
@@ -80,9 +90,18 @@ def ours(setting: str, method: str, work: Path, args) -> dict:
                                               args.calib_samples, args.calib_seqlen,
                                               args.model))
     manifest = json.loads((out / "compress_manifest.json").read_text())
+    cell = {"calibration_sha256": (manifest.get("calibration") or {}).get("tokens_sha256")}
+    if tuned:
+        cell["before_tuning"] = {"seconds": seconds, **score(out, args.eval_tokens, args.model)}
+        tuned_out = out.with_name(out.name + "-tuned")
+        tune_seconds, tune_rss = run_child([
+            sys.executable, "-m", "compress.cli", "tune", str(out), "--out", str(tuned_out),
+            "--epochs", str(args.tune_epochs), "--overwrite", "-q"])
+        cell["tuning"] = {"seconds": tune_seconds, "peak_rss_bytes": tune_rss,
+                          **json.loads((tuned_out / "scale_tuning.json").read_text())}
+        seconds, rss, out = seconds + tune_seconds, max(rss, tune_rss), tuned_out
     return {"seconds": seconds, "peak_rss_bytes": rss,
-            **score(out, args.eval_tokens, args.model),
-            "calibration_sha256": (manifest.get("calibration") or {}).get("tokens_sha256")}
+            **score(out, args.eval_tokens, args.model), **cell}
 
 
 def peer(setting: str, name: str, ids: Path, work: Path, args) -> dict:
@@ -120,6 +139,7 @@ def main() -> None:
     parser.add_argument("--signround-batch", type=int, default=8)
     parser.add_argument("--autoround-iters", type=int, default=25)
     parser.add_argument("--autoround-batch", type=int, default=4)
+    parser.add_argument("--tune-epochs", type=int, default=2, help="+tune: compress tune's")
     parser.add_argument("--threads", type=int, default=1, help="the peer's torch threads")
     parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
     parser.add_argument("--merge", action="store_true")
@@ -132,7 +152,7 @@ def main() -> None:
     set_quiet(True)
     cells = [tuple(c.split(":", 1)) for c in args.cells.split(",")]
     for setting, method in cells:
-        known = method in PEERS or split_method(method)[0] in OURS
+        known = method in PEERS or split_method(split_tune(method)[0])[0] in OURS
         if setting not in SETTINGS or not known:
             raise SystemExit(f"unknown cell {setting}:{method}; settings {', '.join(SETTINGS)}"
                              f", methods {', '.join(OURS)} (+{', +'.join(MODIFIERS)}), "

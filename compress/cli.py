@@ -370,6 +370,54 @@ def _mb(n: int) -> str:
 
 
 @app.command(cls=_Command)
+def tune(
+    directory: Annotated[Path, typer.Argument(help="Packed checkpoint to tune.",
+                                              metavar="DIRECTORY")],
+    out: Annotated[Path | None, typer.Option(
+        help="Where the tuned checkpoint goes (default: DIRECTORY-tuned).")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the calibration windows.")] = 2,
+    lr: Annotated[float, typer.Option(
+        help="Adam step for the scales' log-factors (cosine decay; norms take a tenth).")]
+        = 2e-3,
+    batch: Annotated[int, typer.Option(help="Calibration windows per step.")] = 4,
+    norms: Annotated[bool, typer.Option(
+        help="Also tune the RMSNorm weights (stored in float beside the codes).")] = True,
+    baseline: Annotated[str, typer.Option(
+        help="The unquantised model to match: 'auto' is the base model the checkpoint "
+             "records, or a directory or bundled name.")] = "auto",
+    calib: Annotated[Path | None, typer.Option(
+        help="Calibration text (default: the bundled calibration split).")] = None,
+    calib_samples: Annotated[int | None, typer.Option(
+        help="Calibration windows (default: the checkpoint's).", show_default=False)] = None,
+    calib_seqlen: Annotated[int | None, typer.Option(
+        help="Tokens per window (default: the checkpoint's).", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    quiet: Quiet = False,
+    threads: Threads = None,
+) -> None:
+    """Tune a packed checkpoint's group scales (and norms) end to end: the codes stay,
+    the float parameters beside them learn to make the whole model's next-token
+    distribution match the unquantised model's on the calibration windows (EfficientQAT's
+    second stage). Writes a new checkpoint in the same format."""
+    set_quiet(quiet)
+    _use_threads(threads)
+    from compress.quant.scale_tuning import ScaleTuningConfig
+
+    cfg = ScaleTuningConfig(epochs=epochs, lr=lr, batch=batch, norms=norms)
+    interrupt_note("nothing was written; the same command starts the tuning again")
+    from compress import tune as tuning
+
+    s = tuning.tune_checkpoint(directory, out, cfg, baseline, calib, calib_samples,
+                               calib_seqlen, overwrite)
+    r = s.result
+    out_console.print(
+        f"calibration KL {r.kl_start:.4f} -> {r.kl_tuned:.4f} after {r.steps} steps "
+        f"({r.scales:,} scales, {r.norm_weights:,} norm weights) in {s.seconds:.0f} s\n"
+        f"tuned checkpoint: {s.out}\n"
+        f"measure it: compress eval {s.out}", highlight=False, markup=False)
+
+
+@app.command(cls=_Command)
 def generate(
     model: ModelArg = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",

@@ -1,0 +1,177 @@
+"""End-to-end tuning of a packed model's group scales (and norm weights), the second stage
+of EfficientQAT (Chen et al. 2024, "E2E-QP"): the integer codes stay as quantisation left
+them, and only the float parameters a checkpoint stores beside them are trained, by
+Adam, to make the whole model's next-token distribution match the unquantised model's
+(KL divergence) on the calibration windows.
+
+Layer-wise methods (GPTQ, AWQ, learned rounding) each match one layer's output; errors
+that only show in the logits, or that later layers could absorb, are what this stage
+sees. The result keeps the checkpoint's format: the same codes, scales of the same shape
+and dtype, the same norms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.errors import CompressError
+from compress.kernels import QuantizedWeight, reference
+
+# A scale may move by at most this factor either way: the codes were chosen for scales
+# near the start, and a bound keeps every dequantised weight inside float16's range
+# (the checkpoint's scale check) however the training goes.
+MAX_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class ScaleTuningConfig:
+    """epochs: passes over the calibration windows; lr: Adam's step for the scales'
+    log-factors (cosine decay to 0), a tenth of it for the norm weights; batch: windows
+    per step; norms: also train the RMSNorm weights."""
+
+    epochs: int = 2
+    lr: float = 2e-3
+    batch: int = 4
+    norms: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CompressError(f"scale tuning {name} must be a positive integer, "
+                                    f"got {value!r}")
+        if (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                or not 0 < self.lr <= 1 or not math.isfinite(self.lr)):
+            raise CompressError(f"scale tuning lr must be in (0, 1], got {self.lr!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TunableScalesLinear(nn.Module):
+    """A packed Linear as fixed codes (q - z, float32) times trainable group scales:
+    scale = start * exp(log_factor), the factor bounded by `MAX_FACTOR`."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.scale_dtype = weight.scales.dtype
+        ones = torch.ones_like(weight.scales, dtype=torch.float32)
+        codes = reference.dequantize(weight.qweight, ones, weight.zeros, weight.g_idx,
+                                     bits=weight.bits, group_size=weight.group_size,
+                                     in_features=self.in_features)
+        groups = (weight.g_idx.long() if weight.g_idx is not None else
+                  reference.group_index(self.in_features, weight.group_size, codes.device))
+        self.register_buffer("codes", codes)
+        self.register_buffer("groups", groups)
+        self.register_buffer("start", weight.scales.to(torch.float32))
+        self.register_buffer("bias", None if bias is None else bias.to(torch.float32))
+        self.log_factor = nn.Parameter(torch.zeros_like(self.start))
+
+    def scales(self) -> torch.Tensor:
+        return self.start * torch.exp(self.log_factor)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        bound = math.log(MAX_FACTOR)
+        self.log_factor.clamp_(-bound, bound)
+
+    def stored_scales(self) -> torch.Tensor:
+        """The tuned scales in the checkpoint's dtype."""
+        return self.scales().detach().to(self.scale_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.codes * self.scales()[:, self.groups]
+        return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def next_token_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student), computed in float32."""
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    teacher = teacher_logprobs.float()
+    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+
+@dataclass
+class ScaleTuningResult:
+    """Calibration KL before and after, and what was trained."""
+
+    kl_start: float
+    kl_tuned: float
+    steps: int
+    scales: int
+    norm_weights: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tune(model: nn.Module, linears: dict[str, TunableScalesLinear],
+         norms: dict[str, nn.Parameter], tokens: torch.Tensor,
+         teacher_logprobs: Callable[[torch.Tensor], torch.Tensor], cfg: ScaleTuningConfig,
+         seed: int = 0, progress: Callable[[torch.Tensor], Iterable[torch.Tensor]] = iter,
+         ) -> ScaleTuningResult:
+    """Train `linears`' scales (and `norms`, when cfg.norms) of `model` (tokens (B, S) ->
+    logits) on the windows `tokens` (N, S) to match `teacher_logprobs(indices)` (the
+    unquantised model's log-probabilities on those windows). `progress` wraps the
+    (steps, batch) window indices (a progress bar). Keeps the better of the tuned and
+    the starting parameters on the whole calibration set."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    scale_params = [lin.log_factor for lin in linears.values()]
+    norm_params = list(norms.values()) if cfg.norms else []
+    for p in (*scale_params, *norm_params):
+        p.requires_grad_(True)
+    groups = [{"params": scale_params, "lr": cfg.lr}]
+    if norm_params:
+        groups.append({"params": norm_params, "lr": cfg.lr / 10})
+    optimizer = torch.optim.Adam(groups)
+    n = tokens.shape[0]
+    batch = min(cfg.batch, n)
+    per_epoch = n // batch
+    steps = cfg.epochs * per_epoch
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    params = [*scale_params, *norm_params]
+    start = [p.detach().clone() for p in params]
+    kl_start = calibration_kl(model, tokens, teacher_logprobs, batch)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(n, generator=gen)[:per_epoch * batch]
+                       for _ in range(cfg.epochs)]).view(steps, batch)
+    for pick in progress(order):
+        with torch.enable_grad():
+            loss = next_token_kl(model(tokens[pick]), teacher_logprobs(pick))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        optimizer.step()
+        schedule.step()
+        for lin in linears.values():
+            lin.clamp_()
+    for p in params:
+        p.requires_grad_(False)
+    kl_tuned = calibration_kl(model, tokens, teacher_logprobs, batch)
+    if not kl_tuned < kl_start:  # never leave the model worse than it came
+        with torch.no_grad():
+            for p, s in zip(params, start, strict=True):
+                p.copy_(s)
+        kl_tuned = kl_start
+    return ScaleTuningResult(kl_start, kl_tuned, steps,
+                             sum(p.numel() for p in scale_params),
+                             sum(p.numel() for p in norm_params))
+
+
+@torch.no_grad()
+def calibration_kl(model: nn.Module, tokens: torch.Tensor,
+                   teacher_logprobs: Callable[[torch.Tensor], torch.Tensor],
+                   batch: int) -> float:
+    """The mean next-token KL over every window of `tokens`."""
+    total = 0.0
+    for first in range(0, tokens.shape[0], batch):
+        pick = torch.arange(first, min(first + batch, tokens.shape[0]))
+        total += float(next_token_kl(model(tokens[pick]), teacher_logprobs(pick))) * len(pick)
+    return total / tokens.shape[0]

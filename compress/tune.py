@@ -1,0 +1,187 @@
+"""`compress tune`: end-to-end scale tuning of a finished packed checkpoint
+(compress.quant.scale_tuning holds the math), written as a new checkpoint.
+
+The unquantised base model the checkpoint records is the teacher; the calibration
+windows are the ones the checkpoint was quantised on (its recipe's samples, length and
+seed) unless told otherwise. Nothing in the input checkpoint changes: the result goes to
+`<out>.partial` and is renamed into place once complete, so a killed run leaves the old
+state and the same command starts again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compress import data, models
+from compress.errors import CompressError
+from compress.formats import checkpoint
+from compress.models.layers import RMSNorm
+from compress.nn import QuantLinear
+from compress.progress import status, track
+from compress.quant.scale_tuning import (
+    ScaleTuningConfig,
+    ScaleTuningResult,
+    TunableScalesLinear,
+    tune,
+)
+from compress.recipe import CalibrationConfig
+
+NOTE = "scale_tuning.json"
+# Teacher log-probabilities up to this size are computed once and kept (bfloat16);
+# beyond it the teacher runs again on every step's windows.
+TEACHER_CACHE_BYTES = 2 << 30
+
+
+@dataclass
+class TuneSummary:
+    out: Path
+    base: str
+    calibration: dict
+    result: ScaleTuningResult
+    seconds: float
+
+
+def default_out(checkpoint_dir: Path) -> Path:
+    return checkpoint_dir.with_name(checkpoint_dir.name + "-tuned")
+
+
+def tune_checkpoint(checkpoint_dir: str | Path, out: str | Path | None = None,
+                    cfg: ScaleTuningConfig | None = None,
+                    baseline: str | Path = "auto", calibration_data: str | Path | None = None,
+                    samples: int | None = None, seqlen: int | None = None,
+                    overwrite: bool = False, seed: int = 0) -> TuneSummary:
+    """Tune `checkpoint_dir`'s scales (and norms) against its base model; write `out`."""
+    from compress import evaluation
+
+    cfg = cfg or ScaleTuningConfig()
+    started = time.perf_counter()
+    files = models.open_model(checkpoint_dir)
+    if not files.is_quantized:
+        raise CompressError(f"{files.path} is not a packed checkpoint; quantise it first "
+                            "(compress quantize), then tune the result")
+    out = Path(out) if out is not None else default_out(files.path)
+    if out.resolve() == files.path.resolve():
+        raise CompressError("--out must differ from the checkpoint being tuned")
+    checkpoint.check_output_dir(out, overwrite)
+    base = evaluation.resolve_baseline(files, baseline)
+    if base is None:
+        raise CompressError(f"{files.path} records no base model; pass --baseline DIR (the "
+                            "unquantised model it was made from)")
+    calib = _calibration(files, calibration_data, samples, seqlen)
+    status(f"tuning the scales{' and norms' if cfg.norms else ''} of {files.path.name} "
+           f"against {base.name} on {calib.samples.shape[0]} × {calib.samples.shape[1]} "
+           f"calibration tokens, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}")
+
+    student, _ = models.load(files, dtype=torch.float32, head_dtype=torch.float32)
+    linears = _tunable_linears(student)
+    norms = _norm_weights(student, files)
+    teacher, _ = models.load(base, dtype=torch.float32)
+    tokens = calib.samples
+    teacher_logprobs = _teacher(teacher, tokens, cfg.batch)
+    result = tune(student, linears, norms, tokens, teacher_logprobs, cfg, seed,
+                  progress=lambda order: track(order, desc="tuning steps", unit="step",
+                                               total=len(order)))
+    tuned = {f"{name}.weight_scale": lin.stored_scales() for name, lin in linears.items()}
+    if cfg.norms:
+        tuned.update({name: w.detach() for name, w in norms.items()})
+    summary = TuneSummary(out, base.name, calib.describe(), result,
+                          time.perf_counter() - started)
+    _write(files, out, tuned, {"config": cfg.to_dict(), "base_model": base.name,
+                               "calibration": summary.calibration, **result.to_dict()},
+           overwrite)
+    return summary
+
+
+def _calibration(files: models.ModelFiles, path: str | Path | None, samples: int | None,
+                 seqlen: int | None) -> data.CalibrationSet:
+    """The checkpoint's own calibration windows (its recipe's), as far as not overridden."""
+    recorded = ((files.manifest or {}).get("recipe") or {}).get("calibration") or {}
+    default = CalibrationConfig()
+    c = CalibrationConfig(samples=samples or recorded.get("samples", default.samples),
+                          seqlen=seqlen or recorded.get("seqlen", default.seqlen),
+                          seed=recorded.get("seed", default.seed))
+    tokenizer = data.load_tokenizer(files.path, "scale tuning")
+    calib = data.calibration_set(tokenizer, path, c.samples, c.seqlen, c.seed)
+    used = ((files.manifest or {}).get("calibration") or {}).get("tokens_sha256")
+    if used and used != calib.sha256 and path is None and samples is None and seqlen is None:
+        status("note: these calibration windows differ from the ones the checkpoint was "
+               "quantised on (pass --calib FILE with the text it used)")
+    return calib
+
+
+def _tunable_linears(model: torch.nn.Module) -> dict[str, TunableScalesLinear]:
+    """Swap every packed Linear of `model` for its trainable-scales form."""
+    linears = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            parent, _, child = name.rpartition(".")
+            tunable = TunableScalesLinear(module.quantized_weight, module.bias)
+            setattr(model.get_submodule(parent) if parent else model, child, tunable)
+            linears[name] = tunable
+    return linears
+
+
+def _norm_weights(model: torch.nn.Module, files: models.ModelFiles,
+                  ) -> dict[str, torch.nn.Parameter]:
+    """The RMSNorm weights, by the checkpoint tensor each is stored as."""
+    stored = set(files.tensors.names())
+    return {f"{name}.weight": module.weight for name, module in model.named_modules()
+            if isinstance(module, RMSNorm) and f"{name}.weight" in stored}
+
+
+def _teacher(teacher: torch.nn.Module, tokens: torch.Tensor, batch: int):
+    """indices -> the teacher's log-probabilities on those windows: cached when they fit
+    `TEACHER_CACHE_BYTES`, else recomputed each time."""
+    vocab = teacher.cfg.vocab_size
+    if tokens.numel() * vocab * 2 <= TEACHER_CACHE_BYTES:
+        with torch.no_grad():
+            cached = torch.cat([
+                torch.log_softmax(teacher(part).float(), dim=-1).to(torch.bfloat16)
+                for part in track(tokens.split(batch), desc="teacher", unit="batch")])
+        return lambda pick: cached[pick]
+
+    @torch.no_grad()
+    def on_the_fly(pick: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(teacher(tokens[pick]).float(), dim=-1)
+
+    return on_the_fly
+
+
+def _write(files: models.ModelFiles, out: Path, tuned: dict[str, torch.Tensor], note: dict,
+           overwrite: bool) -> None:
+    """The input checkpoint with `tuned`'s tensors replaced, its manifest updated and the
+    note added, published to `out` in one rename."""
+    from safetensors.torch import load_file
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    manifest = json.loads((files.path / checkpoint.MANIFEST).read_text())
+    listed = [n for n in manifest["files"] if n != NOTE]
+    left = dict(tuned)
+    for name in listed:
+        source = files.path / name
+        if name.endswith(".safetensors"):
+            tensors = load_file(source)
+            hits = [k for k in tensors if k in left]
+            if hits:
+                for k in hits:
+                    tensors[k] = left.pop(k).to(tensors[k].dtype).contiguous()
+                checkpoint.atomic_save_safetensors(partial / name, tensors)
+                continue
+        with checkpoint.writing(partial / name):
+            shutil.copyfile(source, partial / name)
+    if left:
+        raise CompressError(f"{len(left)} tuned tensors (e.g. {next(iter(left))}) are in no "
+                            f"shard of {files.path}; the checkpoint's index is inconsistent")
+    checkpoint.atomic_write_json(partial / NOTE, note)
+    manifest["scale_tuning"] = {k: note[k] for k in ("config", "kl_start", "kl_tuned")}
+    manifest["files"] = checkpoint.file_entries(partial, [*listed, NOTE])
+    checkpoint.atomic_write_json(partial / checkpoint.MANIFEST, manifest)
+    checkpoint.publish(partial, out, overwrite)

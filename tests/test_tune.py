@@ -1,0 +1,151 @@
+"""End-to-end scale tuning (compress.quant.scale_tuning, `compress tune`)."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from compress import models
+from compress.errors import CompressError
+from compress.formats import checkpoint
+from compress.kernels import reference
+from compress.quant import QuantScheme, rtn
+from compress.quant.scale_tuning import (
+    MAX_FACTOR,
+    ScaleTuningConfig,
+    TunableScalesLinear,
+    next_token_kl,
+    tune,
+)
+
+
+@pytest.mark.parametrize(("bits", "group", "symmetric"), [(4, 32, True), (2, 16, False),
+                                                         (3, -1, True)])
+def test_untrained_scales_give_the_packed_weights_product(bits, group, symmetric):
+    torch.manual_seed(bits)
+    w = torch.randn(48, 96)
+    qw = rtn.quantize(w, QuantScheme(bits, group, symmetric))
+    bias = torch.randn(48)
+    x = torch.randn(5, 96)
+    layer = TunableScalesLinear(qw, bias)
+    expected = x @ reference.dequantize(qw.qweight, qw.scales, qw.zeros, qw.g_idx, bits=bits,
+                                        group_size=qw.group_size, in_features=96).T + bias
+    got = layer(x)
+    # float32 both ways: only the product's summation order differs
+    assert (got - expected).norm() / expected.norm() < 1e-6
+    assert torch.equal(layer.stored_scales(), qw.scales)
+
+
+def test_a_factor_stays_within_its_bound_and_moves_the_scale():
+    qw = rtn.quantize(torch.randn(8, 64), QuantScheme(4, 32, True))
+    layer = TunableScalesLinear(qw)
+    with torch.no_grad():
+        layer.log_factor.fill_(5.0)
+    layer.clamp_()
+    ratio = layer.scales() / qw.scales.float()
+    assert torch.allclose(ratio, torch.full_like(ratio, MAX_FACTOR))
+
+
+def test_next_token_kl_is_zero_on_the_teachers_own_logits_and_positive_elsewhere():
+    logits = torch.randn(2, 5, 11)
+    teacher = torch.log_softmax(logits, -1)
+    assert float(next_token_kl(logits, teacher)) == pytest.approx(0.0, abs=1e-6)
+    assert float(next_token_kl(logits + torch.randn_like(logits), teacher)) > 0.01
+
+
+def test_tuning_lowers_the_calibration_kl_of_a_two_layer_net():
+    """A toy model: two packed Linears at 2 bits, taught to match the float net's
+    distribution; only the scales move, the codes stay."""
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(32, 16), torch.randn(24, 32) / 4
+    scheme = QuantScheme(2, 8, True)
+    q1, q2 = rtn.quantize(w1, scheme), rtn.quantize(w2, scheme)
+
+    class Net(torch.nn.Module):
+        def __init__(self, a, b):
+            super().__init__()
+            self.a, self.b = a, b
+
+        def forward(self, tokens):
+            return self.b(torch.relu(self.a(tokens)))
+
+    tokens = torch.randn(16, 6, 16)
+    teacher = torch.log_softmax(torch.relu(tokens @ w1.T) @ w2.T, -1)
+    linears = {"a": TunableScalesLinear(q1), "b": TunableScalesLinear(q2)}
+    codes = {k: v.codes.clone() for k, v in linears.items()}
+    net = Net(linears["a"], linears["b"])
+    result = tune(net, linears, {}, tokens, lambda pick: teacher[pick],
+                  ScaleTuningConfig(epochs=20, lr=2e-2, batch=4, norms=False))
+    assert result.steps == 80 and result.scales == q1.scales.numel() + q2.scales.numel()
+    assert result.kl_tuned < 0.9 * result.kl_start
+    assert all(torch.equal(linears[k].codes, codes[k]) for k in codes)
+    assert not torch.equal(linears["a"].stored_scales(), q1.scales)
+
+
+@pytest.mark.parametrize("bad", [{"epochs": 0}, {"batch": -1}, {"lr": 0.0}, {"lr": 2.0},
+                                 {"epochs": True}])
+def test_bad_settings_are_one_line(bad):
+    with pytest.raises(CompressError, match="scale tuning"):
+        ScaleTuningConfig(**bad)
+
+
+@pytest.fixture(scope="module")
+def packed_tiny(tiny_llama, tmp_path_factory):
+    from compress import api
+    from compress.recipe import CalibrationConfig, Recipe
+
+    out = tmp_path_factory.mktemp("tune") / "w2"
+    recipe = Recipe("gptq", QuantScheme(2, 32, True),
+                    calibration=CalibrationConfig(samples=8, seqlen=32))
+    api.quantize(tiny_llama, recipe, out, evaluate=False)
+    return out
+
+
+def _tensors(path):
+    found = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            found.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    return found
+
+
+def test_compress_tune_writes_a_checkpoint_with_only_scales_and_norms_changed(
+        cli, packed_tiny, tmp_path):
+    out = tmp_path / "tuned"
+    proc = cli("tune", packed_tiny, "--out", out, "--epochs", "2", "--lr", "0.01", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "calibration KL" in proc.stdout and str(out) in proc.stdout
+    before, after = _tensors(packed_tiny), _tensors(out)
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "nothing was tuned"
+    assert all(k.endswith(".weight_scale") or "norm" in k for k in changed)
+    assert any(k.endswith(".weight_scale") for k in changed)
+    assert all(before[k].dtype == after[k].dtype for k in before)
+    note = json.loads((out / "scale_tuning.json").read_text())
+    assert note["kl_tuned"] < note["kl_start"]
+    assert note["calibration"]["samples"] == 8 and note["calibration"]["seqlen"] == 32
+    assert note["calibration"]["tokens_sha256"] == json.loads(
+        (packed_tiny / checkpoint.MANIFEST).read_text())["calibration"]["tokens_sha256"]
+    files = models.open_model(out)  # verifies every file against the manifest
+    assert files.manifest["scale_tuning"]["kl_tuned"] == note["kl_tuned"]
+    model, _ = models.load(out)
+    logits = model(torch.tensor([[1, 42, 7, 99]]))
+    assert torch.isfinite(logits).all()
+    assert not (out.parent / "tuned.partial").exists()
+
+
+def test_tune_refuses_bad_input_in_one_line(cli, packed_tiny, tiny_llama, tmp_path):
+    proc = cli("tune", tiny_llama, "--out", tmp_path / "x")
+    assert proc.returncode == 2 and "not a packed checkpoint" in proc.stderr
+    proc = cli("tune", packed_tiny, "--out", packed_tiny)
+    assert proc.returncode == 2 and "must differ" in proc.stderr
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "f").write_text("x")
+    proc = cli("tune", packed_tiny, "--out", tmp_path / "taken")
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    proc = cli("tune", packed_tiny, "--epochs", "0", "--out", tmp_path / "y")
+    assert proc.returncode == 2 and "epochs must be a positive integer" in proc.stderr
+    for p in (proc,):
+        assert len(p.stderr.strip().splitlines()) == 1
