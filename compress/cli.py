@@ -166,6 +166,12 @@ def quantize(
         "(the residual stream and each head's values; the model computes the same "
         "function, and the checkpoint loads as any other). Also on top of --recipe.")] = False,
     rotate_seed: RotateSeed = 0,
+    tune: Annotated[bool, typer.Option(
+        "--tune", help="Then tune the finished checkpoint's scales and norms end to end "
+        "against the unquantised model (as `compress tune` does; also on top of "
+        "--recipe).")] = False,
+    tune_epochs: Annotated[int, typer.Option(help="--tune: passes over the calibration "
+                                             "windows.")] = 2,
     calib: Annotated[Path | None, typer.Option(
         help="Calibration text: a .txt, a .json/.jsonl with a 'text' field, or a local "
         "`datasets` directory (default: the bundled calibration split).")] = None,
@@ -237,6 +243,7 @@ def quantize(
     from compress.quant.awq import AWQConfig
     from compress.quant.gptq import GPTQConfig
     from compress.quant.rotate import RotationConfig
+    from compress.quant.scale_tuning import ScaleTuningConfig
     from compress.quant.signround import SignRoundConfig
     from compress.recipe import CalibrationConfig, Recipe
 
@@ -258,6 +265,8 @@ def quantize(
                                                 **matched))
     if rotate:
         spec = dataclasses.replace(spec, rotate=RotationConfig("hadamard", rotate_seed))
+    if tune:
+        spec = dataclasses.replace(spec, tune=ScaleTuningConfig(epochs=tune_epochs))
     try:
         allowed = tuple(sensitivity.Option.parse(o) for o in _csv(options, str))
     except ValueError:

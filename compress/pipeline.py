@@ -35,6 +35,7 @@ import torch
 
 import compress
 from compress import data, distributed, models
+from compress import tune as tuning
 from compress.calibrate import layer as calibrate_layer
 from compress.calibrate import rotate
 from compress.errors import CompressError
@@ -157,9 +158,11 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     files = models.open_model(model)
     ctx.decide(lambda: check_inputs(files, out, overwrite))
     schemes = plan(files, recipe)
-    calib = None
+    calib = tune_calib = None
     if recipe.calibrated:
-        calib = ctx.decide(lambda: _calibration(files, recipe, calibration_data))
+        calib = tune_calib = ctx.decide(lambda: _calibration(files, recipe, calibration_data))
+    elif recipe.tune is not None:  # RTN's rounding needs none, its tuning does
+        tune_calib = ctx.decide(lambda: _calibration(files, recipe, calibration_data))
     elif calibration_data is not None:
         raise CompressError(f"method {recipe.method!r} uses no calibration data; drop --calib")
 
@@ -198,8 +201,15 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
         def finish() -> dict[str, dict]:
             logs = _finish(files, recipe, schemes, calib, partial, state, weight_map,
                            notes or {}, rotations)
+            ready = partial
+            if recipe.tune is not None:  # the finished layers stay in `partial` meanwhile
+                ready = out.with_name(out.name + ".tuning")
+                tuning.tune_into(models.open_model(partial), files, tune_calib, recipe.tune,
+                                 ready)
             _pause_point("publish")
-            checkpoint.publish(partial, out, overwrite)
+            checkpoint.publish(ready, out, overwrite)
+            if ready != partial:
+                shutil.rmtree(partial, ignore_errors=True)
             return logs
 
         logs = ctx.decide(finish)

@@ -14,7 +14,8 @@ Example (recipes/w4g128-rtn.yaml)::
       - {pattern: "*.down_proj", bits: 8, group_size: -1}
 
 `rotate: hadamard` (or `rotate: {kind: hadamard, seed: 0}`) folds seeded randomised
-Hadamard rotations into the weights first (docs/algorithms.md).
+Hadamard rotations into the weights first, and `tune: true` (or `tune: {epochs: 2, ...}`)
+tunes the finished checkpoint's scales end to end (docs/algorithms.md).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from compress.quant import QuantScheme
 from compress.quant.awq import AWQConfig
 from compress.quant.gptq import GPTQConfig
 from compress.quant.rotate import RotationConfig
+from compress.quant.scale_tuning import ScaleTuningConfig
 from compress.quant.signround import SignRoundConfig
 
 CALIBRATED_METHODS = ("gptq", "awq", "awq+gptq", "signround")
@@ -100,6 +102,8 @@ class Recipe:
     # Rotations folded into the weights before any method runs (compress/calibrate/rotate.py)
     rotate: RotationConfig = field(default_factory=RotationConfig)
     signround: SignRoundConfig = field(default_factory=SignRoundConfig)
+    # End-to-end scale tuning of the finished checkpoint (compress/tune.py); None: none
+    tune: ScaleTuningConfig | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -178,10 +182,12 @@ class Recipe:
             data["gptq"] = self.gptq.to_dict()
         if self.rounding == "signround":
             data["signround"] = self.signround.to_dict()
-        if self.calibrated:
+        if self.calibrated or self.tune is not None:
             data["calibration"] = self.calibration.to_dict()
         if self.rotate.enabled:  # absent otherwise: earlier recipes (and runs) stay as they were
             data["rotate"] = self.rotate.to_dict()
+        if self.tune is not None:  # likewise
+            data["tune"] = self.tune.to_dict()
         return data
 
     def to_yaml(self) -> str:
@@ -193,7 +199,7 @@ class Recipe:
             raise CompressError(f"{source} must be a mapping with keys method, scheme, ignore, "
                                 "overrides")
         allowed = {"version", "method", "scheme", "ignore", "overrides", "gptq", "awq",
-                   "calibration", "rotate", "signround"}
+                   "calibration", "rotate", "signround", "tune"}
         unknown = set(data) - allowed
         if unknown:  # YAML keys may be numbers or null too: sorted as text
             raise CompressError(f"{source}: unknown keys {sorted(unknown, key=str)}; allowed: "
@@ -229,8 +235,13 @@ class Recipe:
             rotation = {"kind": rotation}
         rotate = _section(RotationConfig, rotation, f"{source}: rotate")
         signround = _section(SignRoundConfig, data.get("signround", {}), f"{source}: signround")
+        tune = data.get("tune")
+        if tune is True:  # `tune: true`: the default settings
+            tune = {}
+        tune = None if tune in (None, False) else _section(ScaleTuningConfig, tune,
+                                                           f"{source}: tune")
         return cls(method, scheme, tuple(ignore), tuple(overrides), gptq, calibration, awq,
-                   rotate, signround)
+                   rotate, signround, tune)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:

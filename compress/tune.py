@@ -19,17 +19,13 @@ from pathlib import Path
 import torch
 
 from compress import data, models
+from compress.calibrate.scale_tuning import ScaleTuningResult, tune
 from compress.errors import CompressError
 from compress.formats import checkpoint
 from compress.models.layers import RMSNorm
 from compress.nn import QuantLinear
 from compress.progress import status, track
-from compress.quant.scale_tuning import (
-    ScaleTuningConfig,
-    ScaleTuningResult,
-    TunableScalesLinear,
-    tune,
-)
+from compress.quant.scale_tuning import ScaleTuningConfig, TunableScalesLinear
 from compress.recipe import CalibrationConfig
 
 NOTE = "scale_tuning.json"
@@ -74,28 +70,38 @@ def tune_checkpoint(checkpoint_dir: str | Path, out: str | Path | None = None,
         raise CompressError(f"{files.path} records no base model; pass --baseline DIR (the "
                             "unquantised model it was made from)")
     calib = _calibration(files, calibration_data, samples, seqlen)
-    status(f"tuning the scales{' and norms' if cfg.norms else ''} of {files.path.name} "
-           f"against {base.name} on {calib.samples.shape[0]} × {calib.samples.shape[1]} "
-           f"calibration tokens, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}")
+    partial = out.with_name(out.name + ".partial")
+    result = tune_into(files, base, calib, cfg, partial, seed)
+    checkpoint.publish(partial, out, overwrite)
+    return TuneSummary(out, base.name, calib.describe(), result,
+                       time.perf_counter() - started)
 
+
+def tune_into(files: models.ModelFiles, base: models.ModelFiles,
+              calib: data.CalibrationSet, cfg: ScaleTuningConfig, dest: Path,
+              seed: int = 0) -> ScaleTuningResult:
+    """Tune the packed checkpoint `files` against `base` on `calib`'s windows and write
+    the tuned copy as a complete checkpoint directory `dest` (replaced if there; removed
+    again if the write fails). `files` itself is only read."""
+    tokens = calib.samples
+    status(f"tuning the scales{' and norms' if cfg.norms else ''} end to end against "
+           f"{base.name} on {tokens.shape[0]} × {tokens.shape[1]} calibration tokens, "
+           f"{cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}")
     student, _ = models.load(files, dtype=torch.float32, head_dtype=torch.float32)
     linears = _tunable_linears(student)
     norms = _norm_weights(student, files)
     teacher, _ = models.load(base, dtype=torch.float32)
-    tokens = calib.samples
     teacher_logprobs = _teacher(teacher, tokens, cfg.batch)
     result = tune(student, linears, norms, tokens, teacher_logprobs, cfg, seed,
                   progress=lambda order: track(order, desc="tuning steps", unit="step",
                                                total=len(order)))
+    status(f"scale tuning: calibration KL {result.kl_start:.4f} -> {result.kl_tuned:.4f}")
     tuned = {f"{name}.weight_scale": lin.stored_scales() for name, lin in linears.items()}
     if cfg.norms:
         tuned.update({name: w.detach() for name, w in norms.items()})
-    summary = TuneSummary(out, base.name, calib.describe(), result,
-                          time.perf_counter() - started)
-    _write(files, out, tuned, {"config": cfg.to_dict(), "base_model": base.name,
-                               "calibration": summary.calibration, **result.to_dict()},
-           overwrite)
-    return summary
+    _write(files, dest, tuned, {"config": cfg.to_dict(), "base_model": base.name,
+                                "calibration": calib.describe(), **result.to_dict()})
+    return result
 
 
 def _calibration(files: models.ModelFiles, path: str | Path | None, samples: int | None,
@@ -153,15 +159,23 @@ def _teacher(teacher: torch.nn.Module, tokens: torch.Tensor, batch: int):
     return on_the_fly
 
 
-def _write(files: models.ModelFiles, out: Path, tuned: dict[str, torch.Tensor], note: dict,
-           overwrite: bool) -> None:
+def _write(files: models.ModelFiles, dest: Path, tuned: dict[str, torch.Tensor],
+           note: dict) -> None:
     """The input checkpoint with `tuned`'s tensors replaced, its manifest updated and the
-    note added, published to `out` in one rename."""
+    note added, as directory `dest`."""
+    shutil.rmtree(dest, ignore_errors=True)  # a killed run's
+    dest.mkdir(parents=True)
+    try:
+        _fill(files, dest, tuned, note)
+    except BaseException:  # Ctrl-C or a full disk: leave no half-written copy
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def _fill(files: models.ModelFiles, partial: Path, tuned: dict[str, torch.Tensor],
+          note: dict) -> None:
     from safetensors.torch import load_file
 
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     manifest = json.loads((files.path / checkpoint.MANIFEST).read_text())
     listed = [n for n in manifest["files"] if n != NOTE]
     left = dict(tuned)
@@ -184,4 +198,3 @@ def _write(files: models.ModelFiles, out: Path, tuned: dict[str, torch.Tensor], 
     manifest["scale_tuning"] = {k: note[k] for k in ("config", "kl_start", "kl_tuned")}
     manifest["files"] = checkpoint.file_entries(partial, [*listed, NOTE])
     checkpoint.atomic_write_json(partial / checkpoint.MANIFEST, manifest)
-    checkpoint.publish(partial, out, overwrite)

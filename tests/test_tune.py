@@ -4,19 +4,20 @@ import json
 
 import pytest
 import torch
+from compress.kernels import reference
+from conftest import ARCH_CASES
 from safetensors import safe_open
 
 from compress import models
+from compress.calibrate.scale_tuning import tune
 from compress.errors import CompressError
 from compress.formats import checkpoint
-from compress.kernels import reference
 from compress.quant import QuantScheme, rtn
 from compress.quant.scale_tuning import (
     MAX_FACTOR,
     ScaleTuningConfig,
     TunableScalesLinear,
     next_token_kl,
-    tune,
 )
 
 
@@ -149,3 +150,126 @@ def test_tune_refuses_bad_input_in_one_line(cli, packed_tiny, tiny_llama, tmp_pa
     assert proc.returncode == 2 and "epochs must be a positive integer" in proc.stderr
     for p in (proc,):
         assert len(p.stderr.strip().splitlines()) == 1
+
+
+FAST_ARCHS = {"llama", "gemma3_text", "qwen2_moe"}  # plain; norm offset + tied head; experts
+
+
+@pytest.mark.parametrize("model_type", [
+    pytest.param(t, marks=() if t in FAST_ARCHS else pytest.mark.slow)
+    for t in sorted(ARCH_CASES)])
+def test_tuning_lowers_the_calibration_kl_on_every_architecture(model_type, tiny_factory,
+                                                                tmp_path):
+    from compress import api
+    from compress.recipe import Recipe
+    from compress.tune import tune_checkpoint
+
+    model = tiny_factory(model_type, **ARCH_CASES[model_type])
+    packed = tmp_path / "w2"
+    api.quantize(model, Recipe("rtn", QuantScheme(2, 16, True)), packed, evaluate=False)
+    s = tune_checkpoint(packed, tmp_path / "tuned", ScaleTuningConfig(epochs=2, lr=1e-2),
+                        samples=4, seqlen=32)
+    assert s.result.kl_tuned < s.result.kl_start
+    before, after = _tensors(packed), _tensors(tmp_path / "tuned")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.endswith(".weight_scale") for k in changed)
+    assert all(k.endswith(".weight_scale") or "norm" in k for k in changed)
+    models.open_model(tmp_path / "tuned")  # every file matches the manifest
+
+
+def test_a_rotated_checkpoint_tunes_against_the_unrotated_base(tiny_llama, tmp_path):
+    """The tuned model keeps the checkpoint's rotated embeddings and head; the teacher is
+    the base model as it was: both compute the same function before quantisation."""
+    from compress import api
+    from compress.recipe import Recipe, RotationConfig
+    from compress.tune import tune_checkpoint
+
+    packed = tmp_path / "rotated"
+    api.quantize(tiny_llama, Recipe("rtn", QuantScheme(3, 16, True),
+                                    rotate=RotationConfig("hadamard", 0)), packed,
+                 evaluate=False)
+    s = tune_checkpoint(packed, tmp_path / "tuned", ScaleTuningConfig(epochs=2, lr=1e-2),
+                        samples=4, seqlen=32)
+    assert s.result.kl_tuned < s.result.kl_start
+
+
+def test_an_interrupted_write_leaves_no_partial_copy(packed_tiny, tmp_path, monkeypatch):
+    from compress import tune as tuning
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuning.checkpoint, "atomic_save_safetensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tuning.tune_checkpoint(packed_tiny, tmp_path / "tuned", ScaleTuningConfig(epochs=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.undo()  # the same call then goes through
+    tuning.tune_checkpoint(packed_tiny, tmp_path / "tuned", ScaleTuningConfig(epochs=1))
+    models.open_model(tmp_path / "tuned")
+
+
+def _quantize_tiny(model, out, tune_cfg, method="gptq"):
+    from compress import api
+    from compress.recipe import CalibrationConfig, Recipe
+
+    recipe = Recipe(method, QuantScheme(2, 32, True),
+                    calibration=CalibrationConfig(samples=8, seqlen=32), tune=tune_cfg)
+    return api.quantize(model, recipe, out, evaluate=False)
+
+
+def test_quantize_tune_gives_what_compress_tune_gives_on_the_untuned_run(
+        cli, tiny_llama, packed_tiny, tmp_path):
+    """`quantize --tune` is the untuned run, then `compress tune` with the same settings:
+    the same tensors, with the tuning in the recipe and the manifest."""
+    out = tmp_path / "q"
+    proc = cli("quantize", tiny_llama, "--method", "gptq", "--bits", "2", "--group-size", "32",
+               "--calib-samples", "8", "--calib-seqlen", "32", "--tune", "--tune-epochs", "1",
+               "--no-eval", "--out", out, "-q")
+    assert proc.returncode == 0, proc.stderr
+    separate = tmp_path / "separate"
+    assert cli("tune", packed_tiny, "--out", separate, "--epochs", "1", "-q").returncode == 0
+    together, apart = _tensors(out), _tensors(separate)
+    assert together.keys() == apart.keys()
+    assert all(torch.equal(together[k], apart[k]) for k in together)
+    manifest = models.open_model(out).manifest
+    assert manifest["recipe"]["tune"]["epochs"] == 1
+    assert manifest["scale_tuning"]["kl_tuned"] < manifest["scale_tuning"]["kl_start"]
+    assert (out / "scale_tuning.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "separate"]
+
+
+def test_quantize_killed_while_tuning_resumes_to_the_same_checkpoint(tiny_llama, tmp_path,
+                                                                      monkeypatch):
+    from compress import tune as tuning
+    from compress.errors import CompressError as Error
+
+    cfg = ScaleTuningConfig(epochs=1)
+    clean = tmp_path / "clean"
+    _quantize_tiny(tiny_llama, clean, cfg)
+    real = tuning.tune
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuning, "tune", killed)
+    out = tmp_path / "out"
+    with pytest.raises((KeyboardInterrupt, Error)):
+        _quantize_tiny(tiny_llama, out, cfg)
+    # the layers are kept, nothing half-tuned is
+    assert not out.exists() and not (tmp_path / "out.tuning").exists()
+    assert (tmp_path / "out.partial" / "progress.json").is_file()
+    monkeypatch.setattr(tuning, "tune", real)
+    _quantize_tiny(tiny_llama, out, cfg)
+    a, b = _tensors(clean), _tensors(out)
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_rtn_with_tuning_calibrates_only_the_tuning(tiny_llama, tmp_path):
+    out = tmp_path / "rtn"
+    _quantize_tiny(tiny_llama, out, ScaleTuningConfig(epochs=1), method="rtn")
+    manifest = models.open_model(out).manifest
+    assert manifest["calibration"] is None  # RTN's rounding saw no data
+    assert manifest["recipe"]["calibration"]["samples"] == 8
+    note = json.loads((out / "scale_tuning.json").read_text())
+    assert note["calibration"]["samples"] == 8 and note["kl_tuned"] < note["kl_start"]
