@@ -267,6 +267,8 @@ def quantize(
         spec = dataclasses.replace(spec, rotate=RotationConfig("hadamard", rotate_seed))
     if tune:
         spec = dataclasses.replace(spec, tune=ScaleTuningConfig(epochs=tune_epochs))
+    elif tune_epochs != 2:
+        raise CompressError("--tune-epochs sets the tuning that --tune turns on; add --tune")
     try:
         allowed = tuple(sensitivity.Option.parse(o) for o in _csv(options, str))
     except ValueError:

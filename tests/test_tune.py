@@ -146,6 +146,8 @@ def test_tune_refuses_bad_input_in_one_line(cli, packed_tiny, tiny_llama, tmp_pa
     (tmp_path / "taken" / "f").write_text("x")
     proc = cli("tune", packed_tiny, "--out", tmp_path / "taken")
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    proc = cli("quantize", tiny_llama, "--tune-epochs", "3", "--out", tmp_path / "z")
+    assert proc.returncode == 2 and "add --tune" in proc.stderr
     proc = cli("tune", packed_tiny, "--epochs", "0", "--out", tmp_path / "y")
     assert proc.returncode == 2 and "epochs must be a positive integer" in proc.stderr
     for p in (proc,):
