@@ -719,6 +719,10 @@ def report_(
              "(`quantize --rotate`; rows `gptq-w4g128-hadamard`). none,hadamard puts each "
              "setting with and without rotation side by side.")] = "none",
     rotate_seed: RotateSeed = 0,
+    tunings: Annotated[str, typer.Option(
+        help="Comma-separated: none, or tuned (`quantize --tune`; rows "
+             "`gptq-w3g128-tuned`). none,tuned puts each setting as quantised and tuned "
+             "side by side.")] = "none",
     signround_iters: SignroundIters = 200,
     signround_batch: SignroundBatch = 8,
     signround_start: SignroundStart = "rtn",
@@ -755,7 +759,8 @@ def report_(
     method_settings = {"signround": SignRoundConfig(iters=signround_iters,
                                                     batch=signround_batch,
                                                     start=signround_start),
-                       "calibration": CalibrationConfig(calib_samples, calib_seqlen)}
+                       "calibration": CalibrationConfig(calib_samples, calib_seqlen),
+                       "tunings": report_mod.tunings(_csv(tunings, str))}
     cells = report_mod.grid(_csv(methods, str), _csv(bits, int), _csv(group_sizes, int), axis,
                             **method_settings)
     if target_bits:

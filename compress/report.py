@@ -28,6 +28,7 @@ from compress.nn import kernel_backends
 from compress.progress import raise_if_interrupted, status
 from compress.quant import QuantScheme
 from compress.quant.rotate import ROTATIONS, RotationConfig
+from compress.quant.scale_tuning import ScaleTuningConfig
 from compress.quant.signround import SignRoundConfig
 from compress.recipe import CALIBRATED_METHODS, METHODS, CalibrationConfig, Recipe
 from compress.serving import generation
@@ -49,6 +50,8 @@ class Cell:
     rotate: RotationConfig = field(default_factory=RotationConfig)
     signround: SignRoundConfig = field(default_factory=SignRoundConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    # the finished checkpoint's scales tuned end to end (`quantize --tune`); None: not
+    tune: ScaleTuningConfig | None = None
 
     @property
     def label(self) -> str:
@@ -59,11 +62,12 @@ class Cell:
         else:
             base = f"{self.method}-w{self.bits}" + (
                 "-channel" if self.group_size == -1 else f"g{self.group_size}")
-        return base + (f"-{self.rotate.kind}" if self.rotate.enabled else "")
+        return (base + (f"-{self.rotate.kind}" if self.rotate.enabled else "")
+                + ("-tuned" if self.tune is not None else ""))
 
     def _base_recipe(self) -> Recipe:
         return Recipe(self.method, rotate=self.rotate, signround=self.signround,
-                      calibration=self.calibration)
+                      calibration=self.calibration, tune=self.tune)
 
     def key(self) -> dict:
         """What the cell's result depends on: its place in the grid and, of the recipe
@@ -90,7 +94,7 @@ class Cell:
         return recipe, {"allocation.json": allocation}
 
 
-KEYED_SECTIONS = ("rotate", "signround", "calibration")  # the recipe sections a Cell sets
+KEYED_SECTIONS = ("rotate", "signround", "calibration", "tune")  # the recipe sections a Cell sets
 
 
 @dataclass(frozen=True)
@@ -136,31 +140,44 @@ class Report:
 def grid(methods: list[str], bits: list[int], group_sizes: list[int],
          rotations: list[RotationConfig] | None = None, *,
          signround: SignRoundConfig | None = None,
-         calibration: CalibrationConfig | None = None) -> list[Cell]:
-    """Every method x bits x group size x rotation, the rotations of one setting side by
-    side (`rtn-w4g128`, `rtn-w4g128-hadamard`)."""
+         calibration: CalibrationConfig | None = None,
+         tunings: list[ScaleTuningConfig | None] | None = None) -> list[Cell]:
+    """Every method x bits x group size x rotation x tuning, the variants of one setting
+    side by side (`rtn-w4g128`, `rtn-w4g128-hadamard`, `rtn-w4g128-tuned`)."""
     _check_methods(methods)
     extra = _method_settings(signround, calibration)
-    return [Cell(m, b, g, rotate=r, **extra)
+    return [Cell(m, b, g, rotate=r, tune=t, **extra)
             for m in methods for b in bits for g in group_sizes
-            for r in rotations or [RotationConfig()]]
+            for r in rotations or [RotationConfig()] for t in tunings or [None]]
 
 
 def mixed_cells(methods: list[str], target_bits: list[float],
                 rotations: list[RotationConfig] | None = None, *,
                 signround: SignRoundConfig | None = None,
-                calibration: CalibrationConfig | None = None) -> list[Cell]:
-    """Mixed-precision cells: each method at each average bits/weight (and rotation)."""
+                calibration: CalibrationConfig | None = None,
+                tunings: list[ScaleTuningConfig | None] | None = None) -> list[Cell]:
+    """Mixed-precision cells: each method at each average bits/weight (and rotation and
+    tuning)."""
     _check_methods(methods)
     extra = _method_settings(signround, calibration)
-    return [Cell(m, target_bits=t, rotate=r, **extra)
-            for m in methods for t in target_bits for r in rotations or [RotationConfig()]]
+    return [Cell(m, target_bits=t, rotate=r, tune=tuned, **extra)
+            for m in methods for t in target_bits for r in rotations or [RotationConfig()]
+            for tuned in tunings or [None]]
 
 
 def _method_settings(signround: SignRoundConfig | None,
                      calibration: CalibrationConfig | None) -> dict:
     return {"signround": signround or SignRoundConfig(),
             "calibration": calibration or CalibrationConfig()}
+
+
+def tunings(kinds: list[str], epochs: int = 2) -> list[ScaleTuningConfig | None]:
+    """The tuning axis: `none` (as quantised) and `tuned` (`quantize --tune`)."""
+    axis = {"none": None, "tuned": ScaleTuningConfig(epochs=epochs)}
+    for kind in kinds:
+        if kind not in axis:
+            raise CompressError(f"unknown tuning {kind!r}; available: none, tuned")
+    return [axis[kind] for kind in dict.fromkeys(kinds)]
 
 
 def rotations(kinds: list[str], seed: int = 0) -> list[RotationConfig]:
@@ -269,7 +286,10 @@ def _measure(base: models.ModelFiles, cell: Cell | None, out: Path,
         "signround": (cell.signround.to_dict() if cell is not None
                       and cell.method == "signround" else None),
         "calibration": (cell.calibration.to_dict() if cell is not None
-                        and cell.method in CALIBRATED_METHODS else None),
+                        and (cell.method in CALIBRATED_METHODS or cell.tune is not None)
+                        else None),
+        # the settings and the calibration KL before and after (`quantize --tune`)
+        "tuning": (files.manifest or {}).get("scale_tuning") if cell is not None else None,
         "bits_per_weight": (quantised_bits / quantised_weights if quantised_weights
                             else 8 * files.dtype.itemsize),
         "checkpoint_bytes": size,
@@ -438,6 +458,14 @@ def _variant_notes(rows: list[dict]) -> list[str]:
                      f"decoder layer on {s['batch']} calibration samples each, step size {lr} "
                      f"decaying to 0, against {model_card.TARGET_WORDS[s.get('target', 'layer')]}"
                      + (", starting from GPTQ's result." if s.get("start") == "gptq" else "."))
+    for settings in dict.fromkeys(json.dumps(r["tuning"]["config"], sort_keys=True)
+                                  for r in rows if r.get("tuning")):
+        s = json.loads(settings)
+        what = "scales and norms" if s["norms"] else "scales"
+        notes.append(f"`-tuned`: the finished checkpoint's {what} tuned end to end "
+                     f"against the unquantised model's next-token distribution "
+                     f"(`quantize --tune`): {s['epochs']} epochs of Adam at {s['lr']:g} over "
+                     f"the calibration windows, {s['batch']} per step.")
     return notes
 
 

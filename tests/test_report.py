@@ -230,3 +230,40 @@ def test_a_new_rounding_revision_measures_cached_cells_again(tiny_llama, monkeyp
     before = report._cell_key(base, cell, report.Settings())
     monkeypatch.setattr(quant, "REVISION", quant.REVISION + 1)
     assert report._cell_key(base, cell, report.Settings()) != before
+
+
+def test_tuning_is_an_axis_of_the_grid_with_keys_of_its_own():
+    """`--tunings none,tuned`: each setting as quantised and tuned side by side; an untuned
+    cell keeps its old key (its cached result stays valid), a tuned one has its own. (The
+    tuned row carries the calibration KL the manifest records, and a note says what ran:
+    the slow test below.)"""
+    from compress.errors import CompressError
+    from compress.recipe import CalibrationConfig
+
+    axis = report.tunings(["none", "tuned"], epochs=1)
+    small = CalibrationConfig(samples=4, seqlen=32)
+    cells = report.grid(["rtn"], [4], [32], tunings=axis, calibration=small)
+    plain, tuned = cells
+    assert [c.label for c in cells] == ["rtn-w4g32", "rtn-w4g32-tuned"]
+    assert plain.key() == {"method": "rtn", "bits": 4, "group_size": 32, "target_bits": None}
+    assert tuned.key()["tune"]["epochs"] == 1
+    assert tuned.recipe(None)[0].tune.epochs == 1
+    with pytest.raises(CompressError, match="unknown tuning 'qat'; available: none, tuned"):
+        report.tunings(["qat"])
+
+
+@pytest.mark.slow
+def test_a_tuned_row_records_its_tuning(tiny_llama, tmp_path, monkeypatch):
+    from compress.recipe import CalibrationConfig
+
+    cells = report.grid(["rtn"], [4], [32], tunings=report.tunings(["none", "tuned"], 1),
+                        calibration=CalibrationConfig(samples=4, seqlen=32))
+    monkeypatch.setattr(report, "ProcessPoolExecutor", _InlinePool)
+    settings = report.Settings(eval_tokens=512, decode_tokens=8, prompt_tokens=32)
+    result = report.run(tiny_llama, cells, tmp_path / "report", settings)
+    plain_row, tuned_row = result.rows[1:]
+    assert plain_row["tuning"] is None
+    assert tuned_row["tuning"]["kl_tuned"] < tuned_row["tuning"]["kl_start"]
+    assert tuned_row["calibration"] == {"samples": 4, "seqlen": 32, "seed": 0}
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| rtn-w4g32-tuned |" in md and "`-tuned`: the finished checkpoint's scales" in md
