@@ -92,6 +92,11 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: str | Path | None, 
     if recipe.rounding == "signround" and workers.world > 1:
         raise CompressError("--method signround learns each layer in one process; drop "
                             "--workers (or run without torchrun)")
+    if recipe.tune is not None and workers.world > 1:
+        # rank 0 would tune alone while the others wait in a collective with a timeout
+        raise CompressError("--tune trains the finished checkpoint in one process; drop "
+                            "--workers (or run without torchrun), then run compress tune "
+                            "on the result")
     if target_bits is not None and workers.world > 1:
         raise CompressError("--target-bits measures sensitivity in one process; drop "
                             "--workers (or run without torchrun)")

@@ -275,3 +275,18 @@ def test_rtn_with_tuning_calibrates_only_the_tuning(tiny_llama, tmp_path):
     assert manifest["recipe"]["calibration"]["samples"] == 8
     note = json.loads((out / "scale_tuning.json").read_text())
     assert note["calibration"]["samples"] == 8 and note["kl_tuned"] < note["kl_start"]
+
+
+def test_quantize_tune_is_refused_with_several_processes(tiny_llama, tmp_path):
+    """Rank 0 would tune alone while the other ranks wait in a collective that times out."""
+    from types import SimpleNamespace
+
+    from compress import api
+    from compress.recipe import Recipe
+
+    two_ranks = SimpleNamespace(world=2, rank=0, decide=lambda f: f())
+    with pytest.raises(CompressError, match="--tune trains the finished checkpoint in one "
+                                            "process; drop --workers"):
+        api._quantize(tiny_llama, Recipe("rtn", tune=ScaleTuningConfig()), tmp_path / "q",
+                      False, False, None, False, 512, 512, None, (), False, two_ranks)
+    assert not any(tmp_path.iterdir())
