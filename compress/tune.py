@@ -32,6 +32,9 @@ NOTE = "scale_tuning.json"
 # Teacher log-probabilities up to this size are computed once and kept (bfloat16);
 # beyond it the teacher runs again on every step's windows.
 TEACHER_CACHE_BYTES = 2 << 30
+# A forward's float32 logits stay under this: a step's windows go through in smaller
+# groups where they would not (Gemma's 262k vocabulary: 0.5 GB per 512-token window).
+LOGITS_BYTES = 1 << 30
 
 
 @dataclass
@@ -92,9 +95,11 @@ def tune_into(files: models.ModelFiles, base: models.ModelFiles,
     norms = _norm_weights(student, files)
     teacher, _ = models.load(base, dtype=torch.float32)
     teacher_logprobs = _teacher(teacher, tokens, cfg.batch)
+    per_window = tokens.shape[1] * base.decoder_config.vocab_size * 4
     result = tune(student, linears, norms, tokens, teacher_logprobs, cfg, seed,
                   progress=lambda order: track(order, desc="tuning steps", unit="step",
-                                               total=len(order)))
+                                               total=len(order)),
+                  micro=max(1, LOGITS_BYTES // per_window))
     status(f"scale tuning: calibration KL {result.kl_start:.4f} -> {result.kl_tuned:.4f}")
     tuned = {f"{name}.weight_scale": lin.stored_scales() for name, lin in linears.items()}
     if cfg.norms:

@@ -290,3 +290,25 @@ def test_quantize_tune_is_refused_with_several_processes(tiny_llama, tmp_path):
         api._quantize(tiny_llama, Recipe("rtn", tune=ScaleTuningConfig()), tmp_path / "q",
                       False, False, None, False, 512, 512, None, (), False, two_ranks)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_step_over_smaller_window_groups_is_the_same_step():
+    """`micro`: the step's gradient summed over groups of windows, for large vocabularies;
+    the same training up to float rounding."""
+    torch.manual_seed(1)
+    w = torch.randn(24, 16)
+    q = rtn.quantize(w, QuantScheme(2, 8, True))
+    tokens = torch.randn(8, 5, 16)
+    teacher = torch.log_softmax(tokens @ w.T, -1)
+    results = []
+    for micro in (None, 1, 3):
+        linear = TunableScalesLinear(q)
+        results.append((tune(linear, {"a": linear}, {}, tokens, lambda pick: teacher[pick],
+                             ScaleTuningConfig(epochs=3, lr=1e-2, batch=4, norms=False),
+                             micro=micro), linear.scales().detach()))
+    (whole, scales), *others = results
+    assert whole.kl_tuned < whole.kl_start
+    for result, other_scales in others:
+        assert result.kl_start == pytest.approx(whole.kl_start, rel=1e-5)
+        assert result.kl_tuned == pytest.approx(whole.kl_tuned, rel=1e-4)
+        assert torch.allclose(other_scales, scales, rtol=1e-4)

@@ -31,11 +31,13 @@ def tune(model: nn.Module, linears: dict[str, TunableScalesLinear],
          norms: dict[str, nn.Parameter], tokens: torch.Tensor,
          teacher_logprobs: Callable[[torch.Tensor], torch.Tensor], cfg: ScaleTuningConfig,
          seed: int = 0, progress: Callable[[torch.Tensor], Iterable[torch.Tensor]] = iter,
-         ) -> ScaleTuningResult:
+         micro: int | None = None) -> ScaleTuningResult:
     """Train `linears`' scales (and `norms`, when cfg.norms) of `model` (tokens (B, S) ->
     logits) on the windows `tokens` (N, S) to match `teacher_logprobs(indices)` (the
     unquantised model's log-probabilities on those windows). `progress` wraps the
-    (steps, batch) window indices (a progress bar). Keeps the better of the tuned and
+    (steps, batch) window indices (a progress bar). `micro`: windows per forward, the
+    step's gradient summed over them (the same step in less memory: a large vocabulary's
+    logits are gigabytes per window batch); None: the whole batch. Keeps the better of the tuned and
     the starting parameters on the whole calibration set."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -54,22 +56,24 @@ def tune(model: nn.Module, linears: dict[str, TunableScalesLinear],
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     params = [*scale_params, *norm_params]
     start = [p.detach().clone() for p in params]
-    kl_start = calibration_kl(model, tokens, teacher_logprobs, batch)
+    micro = min(micro or batch, batch)
+    kl_start = calibration_kl(model, tokens, teacher_logprobs, micro)
     gen = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(n, generator=gen)[:per_epoch * batch]
                        for _ in range(cfg.epochs)]).view(steps, batch)
     for pick in progress(order):
-        with torch.enable_grad():
-            loss = next_token_kl(model(tokens[pick]), teacher_logprobs(pick))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        for part in pick.split(micro):  # equal-length windows: weights make the batch mean
+            with torch.enable_grad():
+                loss = next_token_kl(model(tokens[part]), teacher_logprobs(part))
+                (loss * (len(part) / len(pick))).backward()
         optimizer.step()
         schedule.step()
         for lin in linears.values():
             lin.clamp_()
     for p in params:
         p.requires_grad_(False)
-    kl_tuned = calibration_kl(model, tokens, teacher_logprobs, batch)
+    kl_tuned = calibration_kl(model, tokens, teacher_logprobs, micro)
     if not kl_tuned < kl_start:  # never leave the model worse than it came
         with torch.no_grad():
             for p, s in zip(params, start, strict=True):
