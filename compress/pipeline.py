@@ -158,13 +158,12 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     files = models.open_model(model)
     ctx.decide(lambda: check_inputs(files, out, overwrite))
     schemes = plan(files, recipe)
-    calib = tune_calib = None
-    if recipe.calibrated:
-        calib = tune_calib = ctx.decide(lambda: _calibration(files, recipe, calibration_data))
-    elif recipe.tune is not None:  # RTN's rounding needs none, its tuning does
+    tune_calib = None
+    if recipe.calibrated or recipe.tune is not None:
         tune_calib = ctx.decide(lambda: _calibration(files, recipe, calibration_data))
     elif calibration_data is not None:
         raise CompressError(f"method {recipe.method!r} uses no calibration data; drop --calib")
+    calib = tune_calib if recipe.calibrated else None  # RTN's rounding needs none, tuning does
 
     rotations = rotate.plan(files, recipe.rotate)
     partial = out.with_name(out.name + ".partial")
@@ -204,8 +203,9 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
             ready = partial
             if recipe.tune is not None:  # the finished layers stay in `partial` meanwhile
                 ready = out.with_name(out.name + ".tuning")
-                tuning.tune_into(models.open_model(partial), files, tune_calib, recipe.tune,
-                                 ready)
+                # written and hashed a moment ago: not read back to check the hashes
+                tuning.tune_into(models.open_model(partial, verify=False), files, tune_calib,
+                                 recipe.tune, ready)
             _pause_point("publish")
             checkpoint.publish(ready, out, overwrite)
             if ready != partial:

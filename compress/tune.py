@@ -94,12 +94,13 @@ def tune_into(files: models.ModelFiles, base: models.ModelFiles,
     linears = _tunable_linears(student)
     norms = _norm_weights(student, files)
     teacher, _ = models.load(base, dtype=torch.float32)
-    teacher_logprobs = _teacher(teacher, tokens, cfg.batch)
-    per_window = tokens.shape[1] * base.decoder_config.vocab_size * 4
+    # windows per forward, the teacher's too
+    micro = min(cfg.batch, max(1, LOGITS_BYTES // (tokens.shape[1] * teacher.cfg.vocab_size * 4)))
+    teacher_logprobs = _teacher(teacher, tokens, micro)
     result = tune(student, linears, norms, tokens, teacher_logprobs, cfg, seed,
                   progress=lambda order: track(order, desc="tuning steps", unit="step",
                                                total=len(order)),
-                  micro=max(1, LOGITS_BYTES // per_window))
+                  micro=micro)
     status(f"scale tuning: calibration KL {result.kl_start:.4f} -> {result.kl_tuned:.4f}")
     tuned = {f"{name}.weight_scale": lin.stored_scales() for name, lin in linears.items()}
     if cfg.norms:
