@@ -11,15 +11,16 @@ projections take group 64 where 128 is asked (ours falls back, llm-compressor's 
 layout says so; auto-round zero-pads them to 640 and keeps 128); Gemma-3-270M's 640 and
 1024 take 128 everywhere. Methods: ours, rtn, gptq, awq, awq+gptq, signround, each
 optionally with "+model" or "+layer" (`--match`), "+mse" (`--mse-clip`), "+fromgptq"
-(`--signround-start gptq`) and "+rotate" (`--rotate`), and last "+tune" (`compress tune`
-on the result, --tune-epochs; the cell's time is both commands'); the peers: llmc-gptq
-(GPTQModifier, act-order "weight" = our static act-order), llmc-awq (AWQModifier then its
-RTN), llmc-rtn (its RTN alone), run by benchmarks/peer_llmcompressor.py, and autoround
-(SignRound, --autoround-iters steps of --autoround-batch windows per layer; 0 = its plain
-RTN) by benchmarks/peer_autoround.py, both in /tmp/peer-venv. Every quantisation is a
-timed child process on the same seed-0 calibration token ids; every checkpoint (a peer's
-too) is scored by `compress eval`'s harness on the same held-out tokens. The shortened
-protocol of benchmarks/rotate.py (32 x 512 calibration, 8,192 tokens) by default.
+(`--signround-start gptq`), "+adam" (`--signround-optimizer adam`) and "+rotate"
+(`--rotate`), and last "+tune" (`compress tune` on the result, --tune-epochs; the cell's
+time is both commands'); the peers: llmc-gptq (GPTQModifier, act-order "weight" = our
+static act-order), llmc-awq (AWQModifier then its RTN), llmc-rtn (its RTN alone), run by
+benchmarks/peer_llmcompressor.py, and autoround (SignRound, --autoround-iters steps of
+--autoround-batch windows per layer; 0 = its plain RTN) by benchmarks/peer_autoround.py,
+both in /tmp/peer-venv. Every quantisation is a timed child process on the same seed-0
+calibration token ids; every checkpoint (a peer's too) is scored by `compress eval`'s
+harness on the same held-out tokens. The shortened protocol of benchmarks/rotate.py
+(32 x 512 calibration, 8,192 tokens) by default.
 --merge keeps the cells (and other sections) already in --json (same protocol, checked)
 and adds these: the grid can be filled over several runs, two side by side; each cell's
 time is its own run's.
@@ -60,6 +61,7 @@ PEER_SCHEMES = {"w4g128": "w4", "w3g128": "w3", "w2g64": "w2g64"}
 MODIFIERS = {"rotate": ["--rotate"], "model": ["--match", "model"],
              "layer": ["--match", "layer"], "mse": ["--mse-clip"],
              "fromgptq": ["--signround-start", "gptq"],
+             "adam": ["--signround-optimizer", "adam"],
              "s25": ["--match-strength", "0.25"]}
 
 

@@ -91,12 +91,16 @@ Threads = Annotated[str | None, typer.Option(
 
 # quantize's and report's: the same flags, the same help
 SignroundIters = Annotated[int, typer.Option(
-    help="signround: signed-gradient steps per layer (each a forward and backward of the "
-    "layer on --signround-batch samples).")]
+    help="signround: steps per layer (each a forward and backward of the layer on "
+    "--signround-batch samples).")]
 SignroundBatch = Annotated[int, typer.Option(help="signround: calibration samples per step.")]
 SignroundStart = Annotated[str, typer.Option(
     help="signround: where learning starts: rtn (nearest on each group's range) or gptq "
     "(GPTQ's result for each layer, with the GPTQ flags; costs a GPTQ pass more).")]
+SignroundOptimizer = Annotated[str, typer.Option(
+    help="signround: sign (signed-gradient steps, SignRound's) or adam (Adam with wider "
+    "limits: a weight may move two grid points; best with --signround-start gptq and "
+    "about 100 steps).")]
 RotateSeed = Annotated[int, typer.Option(help="Seed of the rotations' random signs.")]
 CalibSamples = Annotated[int, typer.Option(help="Calibration windows.")]
 CalibSeqlen = Annotated[int, typer.Option(help="Tokens per calibration window.")]
@@ -151,6 +155,7 @@ def quantize(
     signround_iters: SignroundIters = 200,
     signround_batch: SignroundBatch = 8,
     signround_start: SignroundStart = "rtn",
+    signround_optimizer: SignroundOptimizer = "sign",
     match: Annotated[str | None, typer.Option(
         metavar="model|layer", show_default=False,
         help="GPTQ and signround: what rounding matches. model (default): the "
@@ -262,7 +267,7 @@ def quantize(
                                                     expert_tokens),
                       signround=SignRoundConfig(iters=signround_iters,
                                                 batch=signround_batch, start=signround_start,
-                                                **matched))
+                                                optimizer=signround_optimizer, **matched))
     if rotate:
         spec = dataclasses.replace(spec, rotate=RotationConfig("hadamard", rotate_seed))
     if tune:
@@ -726,6 +731,7 @@ def report_(
     signround_iters: SignroundIters = 200,
     signround_batch: SignroundBatch = 8,
     signround_start: SignroundStart = "rtn",
+    signround_optimizer: SignroundOptimizer = "sign",
     calib_samples: CalibSamples = 128,
     calib_seqlen: CalibSeqlen = 512,
     out: Annotated[Path, typer.Option(help="Report directory (cells are cached in it).")] =
@@ -758,7 +764,8 @@ def report_(
     axis = report_mod.rotations(_csv(rotations, str), rotate_seed)
     method_settings = {"signround": SignRoundConfig(iters=signround_iters,
                                                     batch=signround_batch,
-                                                    start=signround_start),
+                                                    start=signround_start,
+                                                    optimizer=signround_optimizer),
                        "calibration": CalibrationConfig(calib_samples, calib_seqlen),
                        "tunings": report_mod.tunings(_csv(tunings, str))}
     cells = report_mod.grid(_csv(methods, str), _csv(bits, int), _csv(group_sizes, int), axis,

@@ -5,9 +5,10 @@ quantised ones by the pipeline; `SignRoundConfig.target`). Every quantised Linea
 layer gets a `LearnedRounding` parametrization, so the layer's own forward runs on
 fake-quantised weights and quantised inputs; each step takes the next batch of a shuffled
 pass over the samples, measures the mean squared error against the target, and moves
-every offset and range factor by a signed step. Of the last step's parameters, those of
-the step with the lowest batch loss (what auto-round keeps) and the start, the one with
-the lowest loss on the whole calibration set is kept, and each Linear is packed with it.
+every offset and range factor by a signed step (or Adam's: `SignRoundConfig.optimizer`).
+Of the last step's parameters, those of the step with the lowest batch loss (what
+auto-round keeps) and the start, the one with the lowest loss on the whole calibration
+set is kept, and each Linear is packed with it.
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
     started ("start": zero offsets, full ranges) and with the learned rounding. `bounds`:
     fixed group ranges per Linear (`LearnedRounding`). The layer's weights are left as
     they were."""
-    roundings = _attach(layer, schemes, scale_dtype, bounds or {})
+    roundings = _attach(layer, schemes, scale_dtype, bounds or {}, cfg.limits)
     try:
         params = [p for r in roundings.values() for p in r.params()]
         start_loss = _loss(forward, x, targets, chunk)
         initial = _snapshot(params)
         best_loss, best = float("inf"), initial
         batches = _batches(x.shape[0], cfg.batch, seed)
+        step = _stepper(params, cfg)
         for i in track(range(cfg.iters), desc="signround steps", unit="step"):
             pick = next(batches).to(x.device)
             with torch.enable_grad():
@@ -57,7 +59,7 @@ def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
             value = loss.detach().item()
             if value < best_loss:  # the parameters that made this loss: keep them
                 best_loss, best = value, _snapshot(params)
-            signed_step(params, cfg.step_at(i))
+            step(i)
             for r in roundings.values():
                 r.clamp_()
         # judged on the whole calibration set: the last step's parameters, the best
@@ -77,6 +79,22 @@ def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
     return packed, {"start": start_loss, "learned": learned_loss}
 
 
+def _stepper(params: list[nn.Parameter], cfg: SignRoundConfig) -> Callable[[int], None]:
+    """Step i's update of `params` from their gradients (which it clears): a signed step,
+    or Adam's, both at `cfg.step_at(i)`."""
+    if cfg.optimizer == "sign":
+        return lambda i: signed_step(params, cfg.step_at(i))
+    adam = torch.optim.Adam(params, lr=cfg.step)
+
+    def adam_step(i: int) -> None:
+        for group in adam.param_groups:
+            group["lr"] = cfg.step_at(i)
+        adam.step()
+        adam.zero_grad(set_to_none=True)
+
+    return adam_step
+
+
 def _batches(n: int, batch: int, seed: int) -> Iterator[torch.Tensor]:
     """Sample indices `batch` at a time, in shuffled passes: every sample is used once per
     pass (a pass's remainder is dropped), rather than drawn with replacement."""
@@ -90,12 +108,13 @@ def _batches(n: int, batch: int, seed: int) -> Iterator[torch.Tensor]:
 
 def _attach(layer: nn.Module, schemes: dict[str, QuantScheme], scale_dtype: torch.dtype,
             bounds: dict[str, tuple[torch.Tensor, torch.Tensor]],
-            ) -> dict[str, LearnedRounding]:
+            limits: tuple[float, float]) -> dict[str, LearnedRounding]:
     roundings = {}
     for name, scheme in schemes.items():
         linear = layer.get_submodule(name)
         linear.weight.requires_grad_(False)
-        rounding = LearnedRounding(linear.weight, scheme, scale_dtype, bounds.get(name))
+        rounding = LearnedRounding(linear.weight, scheme, scale_dtype, bounds.get(name),
+                                   limits)
         parametrize.register_parametrization(linear, "weight", rounding, unsafe=True)
         roundings[name] = rounding
     return roundings
