@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
 from compress import data, models
@@ -35,6 +36,9 @@ TEACHER_CACHE_BYTES = 2 << 30
 # A forward's float32 logits stay under this: a step's windows go through in smaller
 # groups where they would not (Gemma's 262k vocabulary: 0.5 GB per 512-token window).
 LOGITS_BYTES = 1 << 30
+# The share of the memory free once both models are loaded that the activations kept for
+# backward may take (the rest: the optimizer, the allocator's slack, other processes).
+ACTIVATION_SHARE = 0.7
 
 
 @dataclass
@@ -97,10 +101,12 @@ def tune_into(files: models.ModelFiles, base: models.ModelFiles,
     # windows per forward, the teacher's too
     micro = min(cfg.batch, max(1, LOGITS_BYTES // (tokens.shape[1] * teacher.cfg.vocab_size * 4)))
     teacher_logprobs = _teacher(teacher, tokens, micro)
+    del teacher  # a cached teacher is its log-probabilities alone; else the closure holds it
     result = tune(student, linears, norms, tokens, teacher_logprobs, cfg, seed,
                   progress=lambda order: track(order, desc="tuning steps", unit="step",
                                                total=len(order)),
-                  micro=micro)
+                  micro=micro, layers=student.model.layers,
+                  memory=int(psutil.virtual_memory().available * ACTIVATION_SHARE))
     status(f"scale tuning: calibration KL {result.kl_start:.4f} -> {result.kl_tuned:.4f}")
     tuned = {f"{name}.weight_scale": lin.stored_scales() for name, lin in linears.items()}
     if cfg.norms:

@@ -9,7 +9,7 @@ from conftest import ARCH_CASES
 from safetensors import safe_open
 
 from compress import models
-from compress.calibrate.scale_tuning import tune
+from compress.calibrate.scale_tuning import activation_plan, recomputed, saved_bytes, tune
 from compress.errors import CompressError
 from compress.formats import checkpoint
 from compress.quant import QuantScheme, rtn
@@ -312,3 +312,107 @@ def test_a_step_over_smaller_window_groups_is_the_same_step():
         assert result.kl_start == pytest.approx(whole.kl_start, rel=1e-5)
         assert result.kl_tuned == pytest.approx(whole.kl_tuned, rel=1e-4)
         assert torch.allclose(other_scales, scales, rtol=1e-4)
+
+
+def test_saved_bytes_count_what_backward_keeps_and_grow_with_the_windows():
+    """A Linear keeps its input for the weight's gradient: exactly x's bytes, the weight
+    itself (held anyway) not counted; two windows keep twice one's."""
+    linear = torch.nn.Linear(16, 8)
+    x = torch.randn(3, 5, 16)
+    assert saved_bytes(linear, lambda: linear(x).sum()) == x.nbytes
+    with torch.no_grad():
+        assert saved_bytes(linear, lambda: linear(x).sum()) == x.nbytes  # grad forced on
+
+
+def _tiny_student(packed_tiny, tiny_llama):
+    """The packed tiny model ready to tune: its model, tunable Linears, norms, windows and
+    the base model's log-probabilities on them."""
+    from compress import tune as tune_mod
+
+    files = models.open_model(packed_tiny)
+    student, _ = models.load(files, dtype=torch.float32, head_dtype=torch.float32)
+    linears = tune_mod._tunable_linears(student)
+    norms = tune_mod._norm_weights(student, files)
+    teacher, _ = models.load(tiny_llama, dtype=torch.float32)
+    tokens = torch.randint(0, teacher.cfg.vocab_size, (8, 32), generator=torch.Generator()
+                           .manual_seed(0))
+    with torch.no_grad():
+        logprobs = torch.log_softmax(teacher(tokens), -1)
+    return student, linears, norms, tokens, lambda pick: logprobs[pick]
+
+
+class _Stack(torch.nn.Module):
+    """Six wide residual blocks: their internals, not a head, are what backward keeps."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.GELU(),
+                                torch.nn.Linear(256, 32)) for _ in range(6))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def test_the_activation_plan_fits_the_memory_it_is_given():
+    """Plenty: all windows at once. Less: fewer windows per forward. Less than one
+    window's activations: each layer recomputed in the backward pass, which keeps less.
+    Less than that: a one-line error naming the fix."""
+    model = _Stack()
+    x = torch.randn(4, 64, 32)
+
+    def loss_on(k):
+        return model(x[:k]).pow(2).mean()
+
+    one, two = (saved_bytes(model, lambda k=k: loss_on(k)) for k in (1, 2))
+    with recomputed(model.layers):
+        one_recomputed = saved_bytes(model, lambda: loss_on(1))
+    assert 1.9 * one < two < 2 * one  # x itself is held once, however many windows
+    assert one > 4 * one_recomputed  # recomputing: the blocks' inputs alone
+    assert activation_plan(model, model.layers, loss_on, 4, 4 * one) == (4, False)
+    assert activation_plan(model, model.layers, loss_on, 4, 3 * one + 1) == (3, False)
+    assert activation_plan(model, model.layers, loss_on, 4, one - 1) == (4, True)
+    assert activation_plan(model, model.layers, loss_on, 4, one // 2) == (2, True)
+    assert not any(type(m).__name__ == "_Recomputed" for m in model.layers)  # put back
+    with pytest.raises(CompressError, match=r"scale tuning needs about .* shorter windows"):
+        activation_plan(model, model.layers, loss_on, 4, one // 8)
+
+
+def test_tuning_with_recomputed_layers_is_the_same_tuning(packed_tiny, tiny_llama,
+                                                          monkeypatch):
+    """Recomputing every layer in the backward pass (and fewer windows per forward)
+    changes the time, not the result (up to float rounding), and is recorded."""
+    from compress.calibrate import scale_tuning
+
+    cfg = ScaleTuningConfig(epochs=2, lr=1e-2, batch=4)
+    runs = []
+    for plan in (None, (2, True)):
+        if plan is not None:
+            monkeypatch.setattr(scale_tuning, "activation_plan", lambda *a, plan=plan: plan)
+        student, linears, norms, tokens, teacher = _tiny_student(packed_tiny, tiny_llama)
+        result = tune(student, linears, norms, tokens, teacher, cfg,
+                      layers=student.model.layers, memory=1 << 40)
+        runs.append((result, {k: lin.scales().detach() for k, lin in linears.items()}))
+    (plain, scales), (limited, limited_scales) = runs
+    assert not plain.recomputed and plain.windows_per_forward == 4
+    assert limited.recomputed and limited.windows_per_forward == 2
+    assert limited.kl_tuned < limited.kl_start
+    assert limited.kl_tuned == pytest.approx(plain.kl_tuned, rel=1e-4)
+    for name, value in scales.items():
+        assert torch.allclose(limited_scales[name], value, rtol=1e-4), name
+    assert not any(type(m).__name__ == "_Recomputed" for m in student.model.layers)
+
+
+def test_tuning_that_cannot_fit_the_memory_is_a_one_line_error(cli, packed_tiny, tmp_path,
+                                                              monkeypatch):
+    from compress import tune as tune_mod
+
+    monkeypatch.setattr(tune_mod, "ACTIVATION_SHARE", 1e-12)
+    out = tmp_path / "tuned"
+    proc = cli("tune", packed_tiny, "--out", out, "-q")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "scale tuning needs about" in proc.stderr and "--calib-seqlen" in proc.stderr
+    assert not out.exists() and not (tmp_path / "tuned.partial").exists()

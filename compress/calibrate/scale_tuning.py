@@ -4,12 +4,16 @@ next-token distribution on the calibration windows."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from compress.errors import CompressError
+from compress.progress import status
 from compress.quant.scale_tuning import ScaleTuningConfig, TunableScalesLinear, next_token_kl
 
 
@@ -22,6 +26,8 @@ class ScaleTuningResult:
     steps: int
     scales: int
     norm_weights: int
+    windows_per_forward: int = 0
+    recomputed: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -31,32 +37,61 @@ def tune(model: nn.Module, linears: dict[str, TunableScalesLinear],
          norms: dict[str, nn.Parameter], tokens: torch.Tensor,
          teacher_logprobs: Callable[[torch.Tensor], torch.Tensor], cfg: ScaleTuningConfig,
          seed: int = 0, progress: Callable[[torch.Tensor], Iterable[torch.Tensor]] = iter,
-         micro: int | None = None) -> ScaleTuningResult:
+         micro: int | None = None, layers: nn.ModuleList | None = None,
+         memory: int | None = None) -> ScaleTuningResult:
     """Train `linears`' scales (and `norms`, when cfg.norms) of `model` (tokens (B, S) ->
     logits) on the windows `tokens` (N, S) to match `teacher_logprobs(indices)` (the
     unquantised model's log-probabilities on those windows). `progress` wraps the
     (steps, batch) window indices (a progress bar). `micro`: windows per forward, the
     step's gradient summed over them (the same step in less memory: a large vocabulary's
-    logits are gigabytes per window batch); None: the whole batch. Keeps the better of the tuned and
-    the starting parameters on the whole calibration set."""
+    logits are gigabytes per window batch); None: the whole batch. `memory`: bytes the
+    activations kept for backward may take (None: no limit); fewer windows per forward,
+    then recomputing each of `layers` (the decoder layers) in the backward pass, keep
+    them under it (`activation_plan`). Keeps the better of the tuned and the starting
+    parameters on the whole calibration set."""
     for p in model.parameters():
         p.requires_grad_(False)
     scale_params = [lin.log_factor for lin in linears.values()]
     norm_params = list(norms.values()) if cfg.norms else []
     for p in (*scale_params, *norm_params):
         p.requires_grad_(True)
+    batch = min(cfg.batch, tokens.shape[0])
+    micro = min(micro or batch, batch)
+    recompute = False
+    if memory is not None and layers is not None:
+        def loss_on(k: int) -> torch.Tensor:  # the first k windows (as many as there are)
+            pick = torch.arange(min(k, tokens.shape[0]))
+            return next_token_kl(model(tokens[pick]), teacher_logprobs(pick))
+
+        asked = micro
+        micro, recompute = activation_plan(model, layers, loss_on, micro, memory)
+        if recompute or micro < asked:
+            status(f"scale tuning: {micro} window{'s' if micro > 1 else ''} per forward"
+                   f"{', each layer recomputed in the backward pass' if recompute else ''}"
+                   f", to fit the free memory ({_gb(memory)})")
+    with recomputed(layers if recompute else None):
+        result = _train(model, linears, scale_params, norm_params, tokens, teacher_logprobs,
+                        cfg, seed, progress, batch, micro)
+    result.windows_per_forward, result.recomputed = micro, recompute
+    return result
+
+
+def _train(model: nn.Module, linears: dict[str, TunableScalesLinear],
+           scale_params: list[nn.Parameter], norm_params: list[nn.Parameter],
+           tokens: torch.Tensor, teacher_logprobs: Callable[[torch.Tensor], torch.Tensor],
+           cfg: ScaleTuningConfig, seed: int,
+           progress: Callable[[torch.Tensor], Iterable[torch.Tensor]], batch: int,
+           micro: int) -> ScaleTuningResult:
     groups = [{"params": scale_params, "lr": cfg.lr}]
     if norm_params:
         groups.append({"params": norm_params, "lr": cfg.lr / 10})
     optimizer = torch.optim.Adam(groups)
     n = tokens.shape[0]
-    batch = min(cfg.batch, n)
     per_epoch = n // batch
     steps = cfg.epochs * per_epoch
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     params = [*scale_params, *norm_params]
     start = [p.detach().clone() for p in params]
-    micro = min(micro or batch, batch)
     kl_start = calibration_kl(model, tokens, teacher_logprobs, micro)
     gen = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(n, generator=gen)[:per_epoch * batch]
@@ -94,3 +129,91 @@ def calibration_kl(model: nn.Module, tokens: torch.Tensor,
         pick = torch.arange(first, min(first + batch, tokens.shape[0]))
         total += float(next_token_kl(model(tokens[pick]), teacher_logprobs(pick))) * len(pick)
     return total / tokens.shape[0]
+
+
+def saved_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes autograd keeps for the backward pass while `forward()` builds its graph: every
+    saved tensor's storage once, `model`'s own parameters and buffers (held anyway) not."""
+    held = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in held:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(saved.values())
+
+
+def activation_plan(model: nn.Module, layers: nn.ModuleList,
+                    loss_on: Callable[[int], torch.Tensor], micro: int,
+                    memory: int) -> tuple[int, bool]:
+    """(windows per forward, recompute the layers?) whose saved activations fit `memory`
+    bytes, measured on the loss of the first one and two windows (`loss_on(k)`): `micro`
+    windows as they are where they fit; else fewer windows (the same step, summed: only
+    slower per window); else each decoder layer recomputed in the backward pass (about a
+    third more time; a forward then keeps the layers' inputs, plus one layer's
+    internals while its backward runs), with as many windows as fit that."""
+    fixed, per_window = _fit(lambda k: saved_bytes(model, lambda: loss_on(k)))
+    if fixed + micro * per_window <= memory:
+        return micro, False
+    if fixed + per_window <= memory:
+        return int((memory - fixed) // per_window), False
+    with recomputed(layers):
+        fixed_r, per_window_r = _fit(lambda k: saved_bytes(model, lambda: loss_on(k)))
+    # while a layer's backward runs, its recomputed internals are back: a 1/n share of
+    # what recomputation saved
+    n = max(1, len(layers))
+    layer_fixed, layer_per_window = (fixed - fixed_r) / n, (per_window - per_window_r) / n
+    fits = (memory - fixed_r - layer_fixed) // (per_window_r + layer_per_window)
+    if fits < 1:
+        need = fixed_r + per_window_r + layer_fixed + layer_per_window
+        raise CompressError(
+            f"scale tuning needs about {_gb(need)} for one calibration window's "
+            f"activations, even recomputing each layer, and {_gb(memory)} are free: use "
+            "shorter windows (--calib-seqlen) or a machine with more memory")
+    return int(min(micro, fits)), True
+
+
+def _fit(measure: Callable[[int], int]) -> tuple[float, float]:
+    """(fixed bytes, bytes per window) from measurements on one and two windows: a
+    forward's own tensors (each Linear's dense weight) do not grow with the windows."""
+    one, two = measure(1), measure(2)
+    per_window = max(two - one, 1)
+    return max(one - per_window, 0), per_window
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+class _Recomputed(nn.Module):
+    """A decoder layer whose activations are recomputed in the backward pass instead of
+    kept (torch.utils.checkpoint)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        return checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
+
+
+@contextmanager
+def recomputed(layers: nn.ModuleList | None) -> Iterator[None]:
+    """Within it, each of `layers` recomputes its activations in the backward pass (None:
+    nothing changes); the layers are put back after."""
+    if layers is None:
+        yield
+        return
+    originals = list(layers)
+    for i, layer in enumerate(originals):
+        layers[i] = _Recomputed(layer)
+    try:
+        yield
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
