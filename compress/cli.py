@@ -420,7 +420,8 @@ def tune(
     from compress.quant.scale_tuning import ScaleTuningConfig
 
     cfg = ScaleTuningConfig(epochs=epochs, lr=lr, batch=batch, norms=norms)
-    interrupt_note("nothing was written; the same command starts the tuning again")
+    interrupt_note("the tuning's progress is saved every 5 minutes beside the output "
+                   "(OUT.partial.state); the same command goes on from the last save")
     from compress import tune as tuning
 
     s = tuning.tune_checkpoint(directory, out, cfg, baseline, calib, calib_samples,

@@ -190,8 +190,10 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     def kept() -> str:
         again = ("" if calib is None or save_activations == SAVE_EVERY_LAYER else
                  " (the layers after the last saved activations are calibrated again)")
-        return (f"{len(state['done'])} of {files.num_layers} layers are kept in {partial}; "
-                f"re-run the same command to resume{again}")
+        tuning_note = (" (and the tuning's progress, saved every 5 minutes)"
+                       if recipe.tune is not None else "")
+        return (f"{len(state['done'])} of {files.num_layers} layers are kept in {partial}"
+                f"{tuning_note}; re-run the same command to resume{again}")
 
     with on_interrupt(kept):
         weight_map, resumed = _quantize_layers(files, recipe, schemes, calib, partial, state,

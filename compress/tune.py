@@ -20,7 +20,7 @@ import psutil
 import torch
 
 from compress import data, models
-from compress.calibrate.scale_tuning import ScaleTuningResult, tune
+from compress.calibrate.scale_tuning import ScaleTuningResult, TrainingState, tune
 from compress.errors import CompressError
 from compress.formats import checkpoint
 from compress.models.layers import RMSNorm
@@ -39,6 +39,9 @@ LOGITS_BYTES = 1 << 30
 # The share of the memory free once both models are loaded that the activations kept for
 # backward may take (the rest: the optimizer, the allocator's slack, other processes).
 ACTIVATION_SHARE = 0.7
+# How often a run's progress is saved beside its output (`<dest>.state/`): a killed run
+# goes on from the last save, to the same result.
+SAVE_EVERY_SECONDS = 300.0
 
 
 @dataclass
@@ -102,18 +105,87 @@ def tune_into(files: models.ModelFiles, base: models.ModelFiles,
     micro = min(cfg.batch, max(1, LOGITS_BYTES // (tokens.shape[1] * teacher.cfg.vocab_size * 4)))
     teacher_logprobs = _teacher(teacher, tokens, micro)
     del teacher  # a cached teacher is its log-probabilities alone; else the closure holds it
+    saved = SavedState(dest, {"checkpoint": _content_id(files), "base": _content_id(base),
+                              "calibration": calib.sha256, "config": cfg.to_dict(),
+                              "seed": seed})
+    resume = saved.load()
+    if resume is not None:
+        status(f"resuming the tuning after step {resume.step} (saved in {saved.dir})")
     result = tune(student, linears, norms, tokens, teacher_logprobs, cfg, seed,
                   progress=lambda order: track(order, desc="tuning steps", unit="step",
                                                total=len(order)),
                   micro=micro, layers=student.model.layers,
-                  memory=int(psutil.virtual_memory().available * ACTIVATION_SHARE))
+                  memory=int(psutil.virtual_memory().available * ACTIVATION_SHARE),
+                  resume=resume, save=saved.save, save_every=SAVE_EVERY_SECONDS)
     status(f"scale tuning: calibration KL {result.kl_start:.4f} -> {result.kl_tuned:.4f}")
     tuned = {f"{name}.weight_scale": lin.stored_scales() for name, lin in linears.items()}
     if cfg.norms:
         tuned.update({name: w.detach() for name, w in norms.items()})
     _write(files, dest, tuned, {"config": cfg.to_dict(), "base_model": base.name,
                                 "calibration": calib.describe(), **result.to_dict()})
+    saved.clear()
     return result
+
+
+def state_dir(dest: Path) -> Path:
+    """Where a tuning run writing `dest` keeps its progress."""
+    return dest.with_name(dest.name + ".state")
+
+
+class SavedState:
+    """A tuning run's progress in `state_dir(dest)`: a safetensors file of its tensors and
+    a JSON note naming it, written in that order, each atomically, so a kill at any
+    moment leaves the previous save or this one. `identity` (what was tuned, against
+    what, on which windows, how) must match for a save to be used."""
+
+    NOTE = "state.json"
+
+    def __init__(self, dest: Path, identity: dict):
+        self.dir, self.identity = state_dir(dest), identity
+
+    def load(self) -> TrainingState | None:
+        from safetensors.torch import load_file
+
+        try:
+            note = json.loads((self.dir / self.NOTE).read_text())
+        except (OSError, ValueError):
+            return None
+        if note.get("identity") != self.identity:
+            status(f"note: the tuning progress saved in {self.dir} is for other settings; "
+                   "starting over")
+            return None
+        try:
+            tensors = load_file(self.dir / note["tensors"])
+        except Exception:
+            status(f"note: the tuning progress saved in {self.dir} is unreadable; "
+                   "starting over")
+            return None
+        return TrainingState(note["step"], note["kl_start"], tensors, note["schedule"])
+
+    def save(self, state: TrainingState) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"state-{state.step:06d}.safetensors"
+        checkpoint.atomic_save_safetensors(self.dir / name, state.tensors)
+        checkpoint.atomic_write_json(self.dir / self.NOTE, {
+            "identity": self.identity, "step": state.step, "kl_start": state.kl_start,
+            "schedule": state.schedule, "tensors": name})
+        for old in self.dir.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _content_id(files: models.ModelFiles) -> str:
+    """The hash of a model's files as its manifest lists them (a checkpoint of ours), else
+    its resolved path."""
+    import hashlib
+
+    listed = (files.manifest or {}).get("files")
+    if not listed:
+        return str(files.path.resolve())
+    return hashlib.sha256(json.dumps(listed, sort_keys=True).encode()).hexdigest()
 
 
 def _calibration(files: models.ModelFiles, path: str | Path | None, samples: int | None,

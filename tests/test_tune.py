@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from compress.kernels import reference
-from conftest import ARCH_CASES
+from conftest import ARCH_CASES, cli_in_process
 from safetensors import safe_open
 
 from compress import models
@@ -416,3 +416,83 @@ def test_tuning_that_cannot_fit_the_memory_is_a_one_line_error(cli, packed_tiny,
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "scale tuning needs about" in proc.stderr and "--calib-seqlen" in proc.stderr
     assert not out.exists() and not (tmp_path / "tuned.partial").exists()
+
+
+def test_a_resumed_tuning_ends_where_an_unbroken_one_does():
+    """Saved after every step, the state after step 3 of 6, taken up by a fresh model,
+    gives the unbroken run's scales bit for bit (Adam's moments and the schedule too)."""
+    torch.manual_seed(1)
+    w = torch.randn(24, 16)
+    q = rtn.quantize(w, QuantScheme(2, 8, True))
+    tokens = torch.randn(8, 5, 16)
+    teacher = torch.log_softmax(tokens @ w.T, -1)
+    cfg = ScaleTuningConfig(epochs=3, lr=1e-2, batch=4, norms=False)
+    states = []
+    linear = TunableScalesLinear(q)
+    whole = tune(linear, {"a": linear}, {}, tokens, lambda pick: teacher[pick], cfg,
+                 save=states.append, save_every=0)
+    assert [s.step for s in states] == [1, 2, 3, 4, 5]  # not after the last
+    again = TunableScalesLinear(q)
+    resumed = tune(again, {"a": again}, {}, tokens, lambda pick: teacher[pick], cfg,
+                   resume=states[2])
+    assert torch.equal(again.scales(), linear.scales())
+    assert resumed.kl_start == whole.kl_start and resumed.kl_tuned == whole.kl_tuned
+
+
+def _stop_tuning_after(monkeypatch, steps):
+    """compress tune's step loop raises KeyboardInterrupt after `steps` steps, as a Ctrl-C
+    there would; every step's state is saved."""
+    from compress import tune as tune_mod
+
+    real = tune_mod.track
+
+    def track(items, **kw):
+        if kw.get("desc") != "tuning steps":
+            yield from real(items, **kw)
+            return
+        for i, item in enumerate(items):
+            if i == steps:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(tune_mod, "track", track)
+    monkeypatch.setattr(tune_mod, "SAVE_EVERY_SECONDS", 0.0)
+
+
+def test_compress_tune_killed_goes_on_from_its_last_save(packed_tiny, tmp_path, monkeypatch):
+    args = ("--epochs", "2", "--lr", "0.01", "-q")
+    clean = tmp_path / "clean"
+    assert cli_in_process("tune", packed_tiny, "--out", clean, *args).returncode == 0
+    out = tmp_path / "tuned"
+    with monkeypatch.context() as m:
+        _stop_tuning_after(m, 2)
+        stopped = cli_in_process("tune", packed_tiny, "--out", out, *args)
+    assert stopped.returncode != 0 and not out.exists()
+    assert "OUT.partial.state" in stopped.stderr
+    state = tmp_path / "tuned.partial.state"
+    assert json.loads((state / "state.json").read_text())["step"] == 2
+    other = cli_in_process("tune", packed_tiny, "--out", tmp_path / "other", "--lr", "0.02", "-q")
+    assert other.returncode == 0 and "resuming" not in other.stderr  # its own state dir
+    resumed = cli_in_process("tune", packed_tiny, "--out", out, *args[:4])
+    assert resumed.returncode == 0 and "resuming the tuning after step 2" in resumed.stderr
+    assert not state.exists()
+    ours, theirs = _tensors(out), _tensors(clean)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert json.loads((out / "scale_tuning.json").read_text())["kl_tuned"] == json.loads(
+        (clean / "scale_tuning.json").read_text())["kl_tuned"]
+
+
+def test_a_save_for_other_settings_is_not_used(packed_tiny, tmp_path, monkeypatch):
+    from compress import tune as tune_mod
+
+    with monkeypatch.context() as m:
+        _stop_tuning_after(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            tune_mod.tune_checkpoint(packed_tiny, tmp_path / "t",
+                                     ScaleTuningConfig(epochs=1, lr=0.01))
+    assert (tmp_path / "t.partial.state" / "state.json").exists()
+    notes = []
+    monkeypatch.setattr(tune_mod, "status", notes.append)
+    tune_mod.tune_checkpoint(packed_tiny, tmp_path / "t", ScaleTuningConfig(epochs=1, lr=0.02))
+    assert any("for other settings; starting over" in n for n in notes)
+    assert not any("resuming" in n for n in notes)

@@ -4,6 +4,7 @@ next-token distribution on the calibration windows."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -15,6 +16,48 @@ from torch.utils.checkpoint import checkpoint
 from compress.errors import CompressError
 from compress.progress import status
 from compress.quant.scale_tuning import ScaleTuningConfig, TunableScalesLinear, next_token_kl
+
+
+@dataclass
+class TrainingState:
+    """A tuning run after `step` steps: the trained parameters, their starting values,
+    Adam's moments and the schedule, enough to go on exactly as if never stopped."""
+
+    step: int
+    kl_start: float
+    tensors: dict[str, torch.Tensor]
+    schedule: dict
+
+    @classmethod
+    def capture(cls, step: int, kl_start: float, params: list[nn.Parameter],
+                start: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+                schedule: torch.optim.lr_scheduler.LRScheduler) -> TrainingState:
+        tensors = {}
+        for i, (p, s) in enumerate(zip(params, start, strict=True)):
+            tensors[f"param.{i}"], tensors[f"start.{i}"] = p.detach().clone(), s
+            for key, value in optimizer.state.get(p, {}).items():
+                tensors[f"adam.{i}.{key}"] = value.detach().clone()
+        return cls(step, kl_start, tensors, schedule.state_dict())
+
+    @torch.no_grad()
+    def restore(self, params: list[nn.Parameter], start: list[torch.Tensor],
+                optimizer: torch.optim.Optimizer,
+                schedule: torch.optim.lr_scheduler.LRScheduler) -> None:
+        for i, p in enumerate(params):
+            if self.tensors[f"param.{i}"].shape != p.shape:
+                raise CompressError("the saved tuning state does not fit this checkpoint; "
+                                    "pass --overwrite to start over")
+            p.copy_(self.tensors[f"param.{i}"])
+            start[i] = self.tensors[f"start.{i}"]
+            prefix = f"adam.{i}."
+            moments = {k[len(prefix):]: v.clone() for k, v in self.tensors.items()
+                       if k.startswith(prefix)}
+            if moments:
+                optimizer.state[p] = moments
+        schedule.load_state_dict(self.schedule)
+        # the scheduler computes each step's rate from the last one the groups hold
+        for group, lr in zip(optimizer.param_groups, schedule.get_last_lr(), strict=True):
+            group["lr"] = lr
 
 
 @dataclass
@@ -38,7 +81,9 @@ def tune(model: nn.Module, linears: dict[str, TunableScalesLinear],
          teacher_logprobs: Callable[[torch.Tensor], torch.Tensor], cfg: ScaleTuningConfig,
          seed: int = 0, progress: Callable[[torch.Tensor], Iterable[torch.Tensor]] = iter,
          micro: int | None = None, layers: nn.ModuleList | None = None,
-         memory: int | None = None) -> ScaleTuningResult:
+         memory: int | None = None, resume: TrainingState | None = None,
+         save: Callable[[TrainingState], None] | None = None,
+         save_every: float = 300.0) -> ScaleTuningResult:
     """Train `linears`' scales (and `norms`, when cfg.norms) of `model` (tokens (B, S) ->
     logits) on the windows `tokens` (N, S) to match `teacher_logprobs(indices)` (the
     unquantised model's log-probabilities on those windows). `progress` wraps the
@@ -47,8 +92,10 @@ def tune(model: nn.Module, linears: dict[str, TunableScalesLinear],
     logits are gigabytes per window batch); None: the whole batch. `memory`: bytes the
     activations kept for backward may take (None: no limit); fewer windows per forward,
     then recomputing each of `layers` (the decoder layers) in the backward pass, keep
-    them under it (`activation_plan`). Keeps the better of the tuned and the starting
-    parameters on the whole calibration set."""
+    them under it (`activation_plan`). `save` receives the run's `TrainingState` every
+    `save_every` seconds; `resume` (one it received) goes on from there, giving what an
+    unbroken run gives. Keeps the better of the tuned and the starting parameters on the
+    whole calibration set."""
     for p in model.parameters():
         p.requires_grad_(False)
     scale_params = [lin.log_factor for lin in linears.values()]
@@ -71,7 +118,7 @@ def tune(model: nn.Module, linears: dict[str, TunableScalesLinear],
                    f", to fit the free memory ({_gb(memory)})")
     with recomputed(layers if recompute else None):
         result = _train(model, linears, scale_params, norm_params, tokens, teacher_logprobs,
-                        cfg, seed, progress, batch, micro)
+                        cfg, seed, progress, batch, micro, resume, save, save_every)
     result.windows_per_forward, result.recomputed = micro, recompute
     return result
 
@@ -81,7 +128,9 @@ def _train(model: nn.Module, linears: dict[str, TunableScalesLinear],
            tokens: torch.Tensor, teacher_logprobs: Callable[[torch.Tensor], torch.Tensor],
            cfg: ScaleTuningConfig, seed: int,
            progress: Callable[[torch.Tensor], Iterable[torch.Tensor]], batch: int,
-           micro: int) -> ScaleTuningResult:
+           micro: int, resume: TrainingState | None,
+           save: Callable[[TrainingState], None] | None, save_every: float,
+           ) -> ScaleTuningResult:
     groups = [{"params": scale_params, "lr": cfg.lr}]
     if norm_params:
         groups.append({"params": norm_params, "lr": cfg.lr / 10})
@@ -92,11 +141,16 @@ def _train(model: nn.Module, linears: dict[str, TunableScalesLinear],
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     params = [*scale_params, *norm_params]
     start = [p.detach().clone() for p in params]
-    kl_start = calibration_kl(model, tokens, teacher_logprobs, micro)
+    if resume is None:
+        done, kl_start = 0, calibration_kl(model, tokens, teacher_logprobs, micro)
+    else:
+        done, kl_start = resume.step, resume.kl_start
+        resume.restore(params, start, optimizer, schedule)
     gen = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(n, generator=gen)[:per_epoch * batch]
                        for _ in range(cfg.epochs)]).view(steps, batch)
-    for pick in progress(order):
+    saved_at = time.monotonic()
+    for step, pick in enumerate(progress(order[done:]), start=done + 1):
         optimizer.zero_grad(set_to_none=True)
         for part in pick.split(micro):  # equal-length windows: weights make the batch mean
             with torch.enable_grad():
@@ -106,6 +160,9 @@ def _train(model: nn.Module, linears: dict[str, TunableScalesLinear],
         schedule.step()
         for lin in linears.values():
             lin.clamp_()
+        if save is not None and step < steps and time.monotonic() - saved_at >= save_every:
+            save(TrainingState.capture(step, kl_start, params, start, optimizer, schedule))
+            saved_at = time.monotonic()
     for p in params:
         p.requires_grad_(False)
     kl_tuned = calibration_kl(model, tokens, teacher_logprobs, micro)
