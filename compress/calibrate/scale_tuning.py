@@ -45,8 +45,9 @@ class TrainingState:
                 schedule: torch.optim.lr_scheduler.LRScheduler) -> None:
         for i, p in enumerate(params):
             if self.tensors[f"param.{i}"].shape != p.shape:
-                raise CompressError("the saved tuning state does not fit this checkpoint; "
-                                    "pass --overwrite to start over")
+                raise CompressError("the saved tuning progress does not fit this checkpoint; "
+                                    "delete the .state directory beside the output to "
+                                    "start over")
             p.copy_(self.tensors[f"param.{i}"])
             start[i] = self.tensors[f"start.{i}"]
             prefix = f"adam.{i}."
