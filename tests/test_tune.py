@@ -9,7 +9,12 @@ from conftest import ARCH_CASES, cli_in_process
 from safetensors import safe_open
 
 from compress import models
-from compress.calibrate.scale_tuning import activation_plan, recomputed, saved_bytes, tune
+from compress.calibrate.scale_tuning import (
+    ActivationBytes,
+    activation_plan,
+    measure_activations,
+    tune,
+)
 from compress.errors import CompressError
 from compress.formats import checkpoint
 from compress.quant import QuantScheme, rtn
@@ -314,14 +319,26 @@ def test_a_step_over_smaller_window_groups_is_the_same_step():
         assert torch.allclose(other_scales, scales, rtol=1e-4)
 
 
-def test_saved_bytes_count_what_backward_keeps_and_grow_with_the_windows():
-    """A Linear keeps its input for the weight's gradient: exactly x's bytes, the weight
-    itself (held anyway) not counted; two windows keep twice one's."""
+def test_activation_bytes_count_what_backward_keeps_layer_by_layer():
+    """A Linear keeps its input for its weight's gradient: x's bytes exactly, the weight
+    itself (held anyway) not; inside a stack each block's internals count once per block
+    (the largest), its input once per block, and what comes after the blocks outside."""
     linear = torch.nn.Linear(16, 8)
     x = torch.randn(3, 5, 16)
-    assert saved_bytes(linear, lambda: linear(x).sum()) == x.nbytes
-    with torch.no_grad():
-        assert saved_bytes(linear, lambda: linear(x).sum()) == x.nbytes  # grad forced on
+    with torch.no_grad():  # measured with gradients on whatever the caller's mode
+        seen = measure_activations(linear, torch.nn.ModuleList(), lambda: linear(x).sum())
+    assert seen == ActivationBytes(outside=x.nbytes, layer=0, inputs=0, layers=0)
+    model = _Stack()
+    x = torch.randn(2, 10, 32)
+    whole = torch.nn.Sequential(model, torch.nn.Linear(32, 4))  # with a head
+    seen = measure_activations(whole, model.layers, lambda: whole(x).sum())
+    hidden = 2 * 10 * 256 * 4  # a block's 256-wide activations, in float32
+    assert seen.layers == 6 and seen.inputs == 6 * x.nbytes
+    # each block keeps its input (for the first Linear), the GELU's input and output
+    assert seen.layer == x.nbytes + 2 * hidden
+    assert seen.outside == x.nbytes  # the head's input
+    assert seen.kept(False) == x.nbytes + 6 * seen.layer
+    assert seen.kept(True) == x.nbytes + 6 * x.nbytes + seen.layer
 
 
 def _tiny_student(packed_tiny, tiny_llama):
@@ -367,16 +384,12 @@ def test_the_activation_plan_fits_the_memory_it_is_given():
     def loss_on(k):
         return model(x[:k]).pow(2).mean()
 
-    one, two = (saved_bytes(model, lambda k=k: loss_on(k)) for k in (1, 2))
-    with recomputed(model.layers):
-        one_recomputed = saved_bytes(model, lambda: loss_on(1))
-    assert 1.9 * one < two < 2 * one  # x itself is held once, however many windows
-    assert one > 4 * one_recomputed  # recomputing: the blocks' inputs alone
+    one = measure_activations(model, model.layers, lambda: loss_on(1)).kept(False)
     assert activation_plan(model, model.layers, loss_on, 4, 4 * one) == (4, False)
     assert activation_plan(model, model.layers, loss_on, 4, 3 * one + 1) == (3, False)
     assert activation_plan(model, model.layers, loss_on, 4, one - 1) == (4, True)
     assert activation_plan(model, model.layers, loss_on, 4, one // 2) == (2, True)
-    assert not any(type(m).__name__ == "_Recomputed" for m in model.layers)  # put back
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.layers)
     with pytest.raises(CompressError, match=r"scale tuning needs about .* shorter windows"):
         activation_plan(model, model.layers, loss_on, 4, one // 8)
 

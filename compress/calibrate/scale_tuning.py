@@ -189,21 +189,70 @@ def calibration_kl(model: nn.Module, tokens: torch.Tensor,
     return total / tokens.shape[0]
 
 
-def saved_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]) -> int:
-    """Bytes autograd keeps for the backward pass while `forward()` builds its graph: every
-    saved tensor's storage once, `model`'s own parameters and buffers (held anyway) not."""
+@dataclass(frozen=True)
+class ActivationBytes:
+    """What autograd keeps for the backward pass of one forward: `outside` the decoder
+    layers (embedding, final norm, head, loss), `layer` the most any one layer keeps
+    inside it, `inputs` the layers' inputs together, over `layers` layers."""
+
+    outside: int
+    layer: int
+    inputs: int
+    layers: int
+
+    def kept(self, recompute: bool) -> int:
+        """Every layer's internals kept; or, recomputing, only the layers' inputs, plus one
+        layer's internals while its backward runs."""
+        if recompute:
+            return self.outside + self.inputs + self.layer
+        return self.outside + self.layers * self.layer
+
+
+def measure_activations(model: nn.Module, layers: nn.ModuleList,
+                        forward: Callable[[], torch.Tensor]) -> ActivationBytes:
+    """`ActivationBytes` of `forward()` (which builds a graph it does not run backward),
+    counted by saved-tensor hooks: each storage once, `model`'s own parameters and buffers
+    (held anyway) not. A layer's saved tensors are let go as the layer ends, so measuring
+    holds at most one layer's internals, never the whole graph a plan may not afford."""
     held = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    saved: dict[int, int] = {}
+    outside: dict[int, int] = {}
+    inside: dict[int, int] = {}  # the current layer's
+    boxes: list[list[torch.Tensor]] = []
+    state = {"in_layer": False, "layer": 0, "inputs": 0}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in held:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
+    def pack(t: torch.Tensor) -> object:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in held:
+            return t
+        if not state["in_layer"]:
+            outside[ptr] = t.untyped_storage().nbytes()
+            return t
+        inside[ptr] = t.untyped_storage().nbytes()
+        box = [t]  # emptied when the layer ends: never unpacked, as backward never runs
+        boxes.append(box)
+        return box
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    return sum(saved.values())
+    def enter(_module: nn.Module, args: tuple) -> None:
+        state["in_layer"] = True
+        state["inputs"] += args[0].untyped_storage().nbytes()
+        inside.clear()
+
+    def leave(_module: nn.Module, _args: tuple, _out: object) -> None:
+        state["in_layer"] = False
+        state["layer"] = max(state["layer"], sum(inside.values()))
+        for box in boxes:
+            box.clear()
+        boxes.clear()
+
+    hooks = [h for layer in layers for h in (layer.register_forward_pre_hook(enter),
+                                             layer.register_forward_hook(leave))]
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return ActivationBytes(sum(outside.values()), state["layer"], state["inputs"], len(layers))
 
 
 def activation_plan(model: nn.Module, layers: nn.ModuleList,
@@ -213,33 +262,26 @@ def activation_plan(model: nn.Module, layers: nn.ModuleList,
     bytes, measured on the loss of the first one and two windows (`loss_on(k)`): `micro`
     windows as they are where they fit; else fewer windows (the same step, summed: only
     slower per window); else each decoder layer recomputed in the backward pass (about a
-    third more time; a forward then keeps the layers' inputs, plus one layer's
-    internals while its backward runs), with as many windows as fit that."""
-    fixed, per_window = _fit(lambda k: saved_bytes(model, lambda: loss_on(k)))
+    third more time), with as many windows as fit that."""
+    one, two = (measure_activations(model, layers, lambda k=k: loss_on(k)) for k in (1, 2))
+    fixed, per_window = _fit(one.kept(False), two.kept(False))
     if fixed + micro * per_window <= memory:
         return micro, False
     if fixed + per_window <= memory:
         return int((memory - fixed) // per_window), False
-    with recomputed(layers):
-        fixed_r, per_window_r = _fit(lambda k: saved_bytes(model, lambda: loss_on(k)))
-    # while a layer's backward runs, its recomputed internals are back: a 1/n share of
-    # what recomputation saved
-    n = max(1, len(layers))
-    layer_fixed, layer_per_window = (fixed - fixed_r) / n, (per_window - per_window_r) / n
-    fits = (memory - fixed_r - layer_fixed) // (per_window_r + layer_per_window)
+    fixed, per_window = _fit(one.kept(True), two.kept(True))
+    fits = (memory - fixed) // per_window
     if fits < 1:
-        need = fixed_r + per_window_r + layer_fixed + layer_per_window
         raise CompressError(
-            f"scale tuning needs about {_gb(need)} for one calibration window's "
-            f"activations, even recomputing each layer, and {_gb(memory)} are free: use "
-            "shorter windows (--calib-seqlen) or a machine with more memory")
+            f"scale tuning needs about {_gb(fixed + per_window)} for one calibration "
+            f"window's activations, even recomputing each layer, and {_gb(memory)} are "
+            "free: use shorter windows (--calib-seqlen) or a machine with more memory")
     return int(min(micro, fits)), True
 
 
-def _fit(measure: Callable[[int], int]) -> tuple[float, float]:
-    """(fixed bytes, bytes per window) from measurements on one and two windows: a
-    forward's own tensors (each Linear's dense weight) do not grow with the windows."""
-    one, two = measure(1), measure(2)
+def _fit(one: int, two: int) -> tuple[int, int]:
+    """(fixed bytes, bytes per window) from what one and two windows keep: a forward's own
+    tensors (each Linear's dense weight) do not grow with the windows."""
     per_window = max(two - one, 1)
     return max(one - per_window, 0), per_window
 
