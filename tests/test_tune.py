@@ -419,13 +419,13 @@ def test_tuning_with_recomputed_layers_is_the_same_tuning(packed_tiny, tiny_llam
     assert not any(type(m).__name__ == "_Recomputed" for m in student.model.layers)
 
 
-def test_tuning_that_cannot_fit_the_memory_is_a_one_line_error(cli, packed_tiny, tmp_path,
+def test_tuning_that_cannot_fit_the_memory_is_a_one_line_error(packed_tiny, tmp_path,
                                                               monkeypatch):
     from compress import tune as tune_mod
 
-    monkeypatch.setattr(tune_mod, "ACTIVATION_SHARE", 1e-12)
+    monkeypatch.setattr(tune_mod, "ACTIVATION_SHARE", 1e-12)  # in this process only
     out = tmp_path / "tuned"
-    proc = cli("tune", packed_tiny, "--out", out, "-q")
+    proc = cli_in_process("tune", packed_tiny, "--out", out, "-q")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "scale tuning needs about" in proc.stderr and "--calib-seqlen" in proc.stderr
     assert not out.exists() and not (tmp_path / "tuned.partial").exists()
