@@ -38,7 +38,7 @@ TEACHER_CACHE_BYTES = 2 << 30
 LOGITS_BYTES = 1 << 30
 # The share of the memory free once both models are loaded that the activations kept for
 # backward may take. On the bundled model 4 windows keep 3.7 GiB (measured by
-# `saved_bytes`) and the run peaked at 11 GB, 2.7 GB of it models and the teacher's cache:
+# `measure_activations`) and the run peaked at 11 GB, 2.7 GB of it models and the teacher's cache:
 # backward's temporaries and the allocator's slack took about as much again as the saved
 # tensors, hence half of 70%.
 ACTIVATION_SHARE = 0.35
@@ -108,7 +108,7 @@ def tune_into(files: models.ModelFiles, base: models.ModelFiles,
     micro = min(cfg.batch, max(1, LOGITS_BYTES // (tokens.shape[1] * teacher.cfg.vocab_size * 4)))
     teacher_logprobs = _teacher(teacher, tokens, micro)
     del teacher  # a cached teacher is its log-probabilities alone; else the closure holds it
-    saved = SavedState(dest, {"checkpoint": _content_id(files), "base": _content_id(base),
+    saved = SavedState(dest, {"checkpoint": files.identity(), "base": base.identity(),
                               "calibration": calib.sha256, "config": cfg.to_dict(),
                               "seed": seed})
     resume = saved.load()
@@ -178,17 +178,6 @@ class SavedState:
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _content_id(files: models.ModelFiles) -> str:
-    """The hash of a model's files as its manifest lists them (a checkpoint of ours), else
-    its resolved path."""
-    import hashlib
-
-    listed = (files.manifest or {}).get("files")
-    if not listed:
-        return str(files.path.resolve())
-    return hashlib.sha256(json.dumps(listed, sort_keys=True).encode()).hexdigest()
 
 
 def _calibration(files: models.ModelFiles, path: str | Path | None, samples: int | None,

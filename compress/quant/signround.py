@@ -4,10 +4,10 @@ Each weight rounds as round(w / s + v) instead of round(w / s): a learned offset
 [-0.5, 0.5] per weight may flip it to the other neighbouring grid point, and learned
 factors in [0.5, 1] shrink each end of each group's range (clipping). Both are trained by
 signed gradient descent (or Adam, with wider limits: `OPTIMIZERS`), with a step that
-decays linearly to zero, to make a whole decoder
-layer's output, computed with every Linear fake-quantised, match the unquantised model's
-on the calibration tokens; rounding goes through a straight-through estimator. Scales
-are RTN's (the signed symmetric grid, `rtn.signed_symmetric_scale`) of the shrunk range.
+decays linearly to zero, to make a whole decoder layer's output, computed with every
+Linear fake-quantised, match the unquantised model's on the calibration tokens; rounding
+goes through a straight-through estimator. Scales are RTN's (the signed symmetric grid,
+`rtn.signed_symmetric_scale`) of the shrunk range.
 The layer loop is `compress.calibrate.signround`; this module holds the per-Linear math.
 """
 
