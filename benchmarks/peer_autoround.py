@@ -68,11 +68,6 @@ import shutil
 import sys
 import time
 
-# Run as a script, this folder is sys.path[0], and its kernels.py shadows the `kernels`
-# package that transformers probes for at import. Nothing here imports from this folder.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -14,7 +14,7 @@ weight-only ops, with the weights repacked once at load time.
     Groups become one call per group, summed; zero points fold into a rank-G correction
     `-(per-group sums of x) @ (z * scale).T`.
   Both ops are fast only for bfloat16 activations (float32 and float16 inputs take a
-  scalar path ~20x slower, measured in benchmarks/kernels.py), so they compute in
+  scalar path ~20x slower, measured in benchmarks/kernel_speed.py), so they compute in
   bfloat16 whatever the input dtype: W4A16 semantics, relative error around 1e-2 (scales
   rounded to bfloat16).
 * Many rows at once (prefill, evaluation: M >= dense_min_rows): the weight is dequantised
@@ -51,7 +51,7 @@ _ROW_MULTIPLE = 16
 _INT8_COLUMN_MULTIPLE = 32
 # Rows from which dequantise + bf16 GEMM beats the weight-only kernels. Below 512 rows
 # ours won on every SmolLM2 shape (4-bit q/k/v, gate/up, down; 8-bit gate/up and the
-# 49152-row head; benchmarks/kernels.py, 2026-11-26); torch's ops lose from 256.
+# 49152-row head; benchmarks/kernel_speed.py, 2026-11-26); torch's ops lose from 256.
 DENSE_MIN_ROWS = 512
 TORCH_OPS_DENSE_MIN_ROWS = 256
 COMPUTE_DTYPE = torch.bfloat16

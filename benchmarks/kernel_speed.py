@@ -1,7 +1,7 @@
 """Per-shape CPU matmul speed: packed weights through our kernel and torch's weight-only
 ops vs dense float32/bf16.
 
-    python benchmarks/kernels.py [--json benchmarks/results/kernels.json]
+    python benchmarks/kernel_speed.py [--json benchmarks/results/kernels.json]
 
 Shapes are the bundled model's Linears (q/o, k/v, fused q/k/v, gate/up, fused gate/up,
 down) and its output head, at M = 1 (decode), 16, 128 and 512 rows. Weights are random
