@@ -163,7 +163,8 @@ class SavedState:
             status(f"note: the tuning progress saved in {self.dir} is unreadable; "
                    "starting over")
             return None
-        return TrainingState(note["step"], note["kl_start"], tensors, note["schedule"])
+        return TrainingState(note["step"], note["kl_start"], tensors, note["schedule"],
+                             note.get("windows_per_forward", 0))
 
     def save(self, state: TrainingState) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +172,8 @@ class SavedState:
         checkpoint.atomic_save_safetensors(self.dir / name, state.tensors)
         checkpoint.atomic_write_json(self.dir / self.NOTE, {
             "identity": self.identity, "step": state.step, "kl_start": state.kl_start,
-            "schedule": state.schedule, "tensors": name})
+            "schedule": state.schedule, "windows_per_forward": state.micro,
+            "tensors": name})
         for old in self.dir.glob("state-*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)

@@ -452,6 +452,27 @@ def test_a_resumed_tuning_ends_where_an_unbroken_one_does():
     assert resumed.kl_start == whole.kl_start and resumed.kl_tuned == whole.kl_tuned
 
 
+def test_a_resume_keeps_the_saved_runs_windows_per_forward():
+    """A run that summed each step over 2 windows per forward, resumed where the whole
+    batch of 4 would fit, goes on 2 at a time: its steps are the saved run's exactly."""
+    torch.manual_seed(2)
+    w = torch.randn(24, 16)
+    q = rtn.quantize(w, QuantScheme(2, 8, True))
+    tokens = torch.randn(8, 5, 16)
+    teacher = torch.log_softmax(tokens @ w.T, -1)
+    cfg = ScaleTuningConfig(epochs=3, lr=1e-2, batch=4, norms=False)
+    states = []
+    linear = TunableScalesLinear(q)
+    split = tune(linear, {"a": linear}, {}, tokens, lambda pick: teacher[pick], cfg,
+                 micro=2, save=states.append, save_every=0)
+    assert states[2].micro == 2 and split.windows_per_forward == 2
+    again = TunableScalesLinear(q)
+    resumed = tune(again, {"a": again}, {}, tokens, lambda pick: teacher[pick], cfg,
+                   resume=states[2])
+    assert resumed.windows_per_forward == 2
+    assert torch.equal(again.scales(), linear.scales())
+
+
 def _stop_tuning_after(monkeypatch, steps):
     """compress tune's step loop raises KeyboardInterrupt after `steps` steps, as a Ctrl-C
     there would; every step's state is saved."""

@@ -27,17 +27,20 @@ class TrainingState:
     kl_start: float
     tensors: dict[str, torch.Tensor]
     schedule: dict
+    # windows per forward: another split sums the step's gradient in another order
+    micro: int = 0
 
     @classmethod
     def capture(cls, step: int, kl_start: float, params: list[nn.Parameter],
                 start: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-                schedule: torch.optim.lr_scheduler.LRScheduler) -> TrainingState:
+                schedule: torch.optim.lr_scheduler.LRScheduler,
+                micro: int = 0) -> TrainingState:
         tensors = {}
         for i, (p, s) in enumerate(zip(params, start, strict=True)):
             tensors[f"param.{i}"], tensors[f"start.{i}"] = p.detach().clone(), s
             for key, value in optimizer.state.get(p, {}).items():
                 tensors[f"adam.{i}.{key}"] = value.detach().clone()
-        return cls(step, kl_start, tensors, schedule.state_dict())
+        return cls(step, kl_start, tensors, schedule.state_dict(), micro)
 
     @torch.no_grad()
     def restore(self, params: list[nn.Parameter], start: list[torch.Tensor],
@@ -117,6 +120,13 @@ def tune(model: nn.Module, linears: dict[str, TunableScalesLinear],
             status(f"scale tuning: {micro} window{'s' if micro > 1 else ''} per forward"
                    f"{', each layer recomputed in the backward pass' if recompute else ''}"
                    f", to fit the free memory ({_gb(memory)})")
+    if resume is not None and resume.micro and resume.micro != micro:
+        if resume.micro < micro:  # fits too: the saved run's split gives its exact steps
+            micro = resume.micro
+        else:
+            status(f"note: the resumed run took {resume.micro} windows per forward and "
+                   f"this one fits {micro}: its steps match the saved run's only to float "
+                   "rounding")
     with recomputed(layers if recompute else None):
         result = _train(model, linears, scale_params, norm_params, tokens, teacher_logprobs,
                         cfg, seed, progress, batch, micro, resume, save, save_every)
@@ -162,7 +172,8 @@ def _train(model: nn.Module, linears: dict[str, TunableScalesLinear],
         for lin in linears.values():
             lin.clamp_()
         if save is not None and step < steps and time.monotonic() - saved_at >= save_every:
-            save(TrainingState.capture(step, kl_start, params, start, optimizer, schedule))
+            save(TrainingState.capture(step, kl_start, params, start, optimizer, schedule,
+                                       micro))
             saved_at = time.monotonic()
     for p in params:
         p.requires_grad_(False)
