@@ -46,3 +46,11 @@ def test_only_the_checkout_root_is_dropped(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "path", ["", str(ROOT)])
     import_path.drop_checkout_root()
     assert sys.path == [""]
+
+
+def test_no_script_folder_holds_a_module_of_those_names():
+    # a script's own folder is first on its sys.path
+    for folder in ("benchmarks", "tests", ".ci"):
+        for name in ("kernels", "evals"):
+            found = [p for p in (ROOT / folder).rglob(f"{name}.py")]
+            assert not found, found

@@ -1,7 +1,7 @@
 """What quantisation costs the bundled model, measured by `compress eval`'s three kinds of
 evidence, for RTN and GPTQ at W8, W4 g128 and W3 g128.
 
-    python benchmarks/evals.py [--tasks arc_easy,piqa,winogrande,hellaswag] [--limit 300]
+    python benchmarks/quality_evals.py [--tasks arc_easy,piqa,winogrande,hellaswag] [--limit 300]
                                [--json benchmarks/results/evals.json]
 
 Perplexity and the distribution match (KL(baseline || quantised) per token, top-1
