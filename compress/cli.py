@@ -398,6 +398,12 @@ def tune(
     batch: Annotated[int, typer.Option(help="Calibration windows per step.")] = 4,
     norms: Annotated[bool, typer.Option(
         help="Also tune the RMSNorm weights (stored in float beside the codes).")] = True,
+    teacher_top: Annotated[int | None, typer.Option(
+        help="Match only the unquantised model's K most likely next tokens per position "
+             "(and the rest's total): its targets then take 2 KB a token. 0: its whole "
+             "distribution, recomputed every step where it exceeds 2 GiB. Default: the "
+             "whole where it fits 2 GiB, else 256.", metavar="K",
+        show_default=False)] = None,
     baseline: Annotated[str, typer.Option(
         help="The unquantised model to match: 'auto' is the base model the checkpoint "
              "records, or a directory or bundled name.")] = "auto",
@@ -419,7 +425,8 @@ def tune(
     _use_threads(threads)
     from compress.quant.scale_tuning import ScaleTuningConfig
 
-    cfg = ScaleTuningConfig(epochs=epochs, lr=lr, batch=batch, norms=norms)
+    cfg = ScaleTuningConfig(epochs=epochs, lr=lr, batch=batch, norms=norms,
+                            teacher_top=teacher_top)
     interrupt_note("the tuning's progress is saved every 5 minutes beside the output "
                    "(OUT.partial.state); the same command goes on from the last save")
     from compress import tune as tuning

@@ -26,13 +26,16 @@ from compress.formats import checkpoint
 from compress.models.layers import RMSNorm
 from compress.nn import QuantLinear
 from compress.progress import status, track
-from compress.quant.scale_tuning import ScaleTuningConfig, TunableScalesLinear
+from compress.quant.scale_tuning import ScaleTuningConfig, TopLogprobs, TunableScalesLinear
 from compress.recipe import CalibrationConfig
 
 NOTE = "scale_tuning.json"
-# Teacher log-probabilities up to this size are computed once and kept (bfloat16);
-# beyond it the teacher runs again on every step's windows.
+# The teacher's whole log-probabilities up to this size are computed once and kept
+# (bfloat16); beyond it, by default, only its `TEACHER_TOP` most likely tokens per position
+# and the rest's total (`TopLogprobs`: 2 KB a token, against 512 KB for all of Gemma's
+# 262k), and with teacher_top 0 the teacher runs again on every step's windows.
 TEACHER_CACHE_BYTES = 2 << 30
+TEACHER_TOP = 256
 # A forward's float32 logits stay under this: a step's windows go through in smaller
 # groups where they would not (Gemma's 262k vocabulary: 0.5 GB per 512-token window).
 LOGITS_BYTES = 1 << 30
@@ -106,7 +109,7 @@ def tune_into(files: models.ModelFiles, base: models.ModelFiles,
     teacher, _ = models.load(base, dtype=torch.float32)
     # windows per forward, the teacher's too
     micro = min(cfg.batch, max(1, LOGITS_BYTES // (tokens.shape[1] * teacher.cfg.vocab_size * 4)))
-    teacher_logprobs = _teacher(teacher, tokens, micro)
+    teacher_logprobs = _teacher(teacher, tokens, micro, cfg.teacher_top)
     del teacher  # a cached teacher is its log-probabilities alone; else the closure holds it
     saved = SavedState(dest, {"checkpoint": files.identity(), "base": base.identity(),
                               "calibration": calib.sha256, "config": cfg.to_dict(),
@@ -219,11 +222,24 @@ def _norm_weights(model: torch.nn.Module, files: models.ModelFiles,
             if isinstance(module, RMSNorm) and f"{name}.weight" in stored}
 
 
-def _teacher(teacher: torch.nn.Module, tokens: torch.Tensor, batch: int):
-    """indices -> the teacher's log-probabilities on those windows: cached when they fit
-    `TEACHER_CACHE_BYTES`, else recomputed each time."""
-    vocab = teacher.cfg.vocab_size
-    if tokens.numel() * vocab * 2 <= TEACHER_CACHE_BYTES:
+def _teacher(teacher: torch.nn.Module, tokens: torch.Tensor, batch: int, top: int | None):
+    """indices -> the teacher's targets on those windows (`ScaleTuningConfig.teacher_top`):
+    its `top` most likely tokens per position, cached (`TopLogprobs`); or with top 0 its
+    whole log-probabilities, cached where they fit `TEACHER_CACHE_BYTES`, else recomputed
+    each time; None: the whole where it fits, else the `TEACHER_TOP` most likely."""
+    whole = tokens.numel() * teacher.cfg.vocab_size * 2
+    if top is None and whole > TEACHER_CACHE_BYTES:
+        top = TEACHER_TOP
+        status(f"teacher: its {top} most likely tokens per position (and the rest's total) "
+               f"are kept, where its whole distribution would take {whole / 2**30:.1f} GiB "
+               "(--teacher-top 0 keeps the whole, recomputed every step)")
+    if top:
+        with torch.no_grad():
+            kept = TopLogprobs.cat([
+                TopLogprobs.of(torch.log_softmax(teacher(part).float(), dim=-1), top)
+                for part in track(tokens.split(batch), desc="teacher", unit="batch")])
+        return lambda pick: kept[pick]
+    if whole <= TEACHER_CACHE_BYTES:
         with torch.no_grad():
             cached = torch.cat([
                 torch.log_softmax(teacher(part).float(), dim=-1).to(torch.bfloat16)

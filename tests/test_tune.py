@@ -21,6 +21,7 @@ from compress.quant import QuantScheme, rtn
 from compress.quant.scale_tuning import (
     MAX_FACTOR,
     ScaleTuningConfig,
+    TopLogprobs,
     TunableScalesLinear,
     next_token_kl,
 )
@@ -89,8 +90,42 @@ def test_tuning_lowers_the_calibration_kl_of_a_two_layer_net():
     assert not torch.equal(linears["a"].stored_scales(), q1.scales)
 
 
+def test_the_teachers_top_tokens_bound_the_kl_from_below_and_keep_its_gradient():
+    torch.manual_seed(3)
+    vocab = 40
+    teacher = torch.log_softmax(3 * torch.randn(2, 6, vocab), -1)
+    student = torch.randn(2, 6, vocab, requires_grad=True)
+    whole = next_token_kl(student, teacher)
+    (grad,) = torch.autograd.grad(whole, student)
+    whole = float(whole.detach())
+    last = 0.0
+    for k in (1, 4, 16, vocab - 1, vocab):
+        cut = next_token_kl(student, TopLogprobs.of(teacher, k))
+        (cut_grad,) = torch.autograd.grad(cut, student)
+        assert torch.isfinite(cut_grad).all(), k
+        cut = float(cut.detach())
+        assert last - 1e-6 <= cut <= whole + 1e-6, k  # grows with k, to the whole
+        last = cut
+    assert cut == pytest.approx(whole, rel=1e-6)  # every token kept
+    assert torch.allclose(cut_grad, grad, atol=1e-7)
+    top = TopLogprobs.of(teacher, 4)
+    assert float(next_token_kl(teacher.clone(), top)) == pytest.approx(0.0, abs=1e-6)
+    # the rest's total is what the top tokens leave
+    total = top.logprobs.exp().sum(-1) + top.rest.exp()
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-5)
+    pick = torch.tensor([1])
+    assert torch.equal(top[pick].ids, top.ids[pick]) and top[pick].rest.shape == (1, 6)
+
+
+def test_teacher_top_setting_round_trips_and_is_omitted_when_automatic():
+    assert "teacher_top" not in ScaleTuningConfig().to_dict()
+    assert ScaleTuningConfig(teacher_top=0).to_dict()["teacher_top"] == 0
+    assert ScaleTuningConfig(**ScaleTuningConfig(teacher_top=64).to_dict()).teacher_top == 64
+
+
 @pytest.mark.parametrize("bad", [{"epochs": 0}, {"batch": -1}, {"lr": 0.0}, {"lr": 2.0},
-                                 {"epochs": True}])
+                                 {"epochs": True}, {"teacher_top": -1},
+                                 {"teacher_top": 2.5}])
 def test_bad_settings_are_one_line(bad):
     with pytest.raises(CompressError, match="scale tuning"):
         ScaleTuningConfig(**bad)
@@ -142,6 +177,41 @@ def test_compress_tune_writes_a_checkpoint_with_only_scales_and_norms_changed(
     assert not (out.parent / "tuned.partial").exists()
 
 
+def test_tuning_against_the_teachers_top_tokens(packed_tiny, tmp_path, monkeypatch):
+    """Past the cache size the teacher's top tokens are kept (said once), and the tuning
+    still lowers the whole KL; --teacher-top K asks for it and is recorded."""
+    from compress import tune as tune_mod
+
+    monkeypatch.setattr(tune_mod, "TEACHER_CACHE_BYTES", 1)  # the whole never fits
+    monkeypatch.setattr(tune_mod, "TEACHER_TOP", 8)
+    seen = []
+    real = tune_mod._teacher
+
+    def spy(*args):
+        targets = real(*args)
+        seen.append(targets(torch.tensor([0])))
+        return targets
+
+    monkeypatch.setattr(tune_mod, "_teacher", spy)
+    auto = cli_in_process("tune", packed_tiny, "--out", tmp_path / "auto", "--epochs", "2",
+                          "--lr", "0.01")
+    assert auto.returncode == 0, auto.stderr
+    assert "8 most likely tokens per position" in auto.stderr
+    assert isinstance(seen[-1], TopLogprobs) and seen[-1].ids.shape[-1] == 8
+    note = json.loads((tmp_path / "auto" / "scale_tuning.json").read_text())
+    assert note["kl_tuned"] < note["kl_start"] and "teacher_top" not in note["config"]
+    asked = cli_in_process("tune", packed_tiny, "--out", tmp_path / "asked", "--epochs", "2",
+                           "--lr", "0.01", "--teacher-top", "16", "-q")
+    assert asked.returncode == 0, asked.stderr
+    assert seen[-1].ids.shape[-1] == 16
+    note = json.loads((tmp_path / "asked" / "scale_tuning.json").read_text())
+    assert note["config"]["teacher_top"] == 16 and note["kl_tuned"] < note["kl_start"]
+    whole = cli_in_process("tune", packed_tiny, "--out", tmp_path / "whole", "--epochs", "1",
+                           "--teacher-top", "0", "-q")
+    assert whole.returncode == 0, whole.stderr
+    assert isinstance(seen[-1], torch.Tensor)  # recomputed each step, not cut
+
+
 def test_tune_refuses_bad_input_in_one_line(cli, packed_tiny, tiny_llama, tmp_path):
     proc = cli("tune", tiny_llama, "--out", tmp_path / "x")
     assert proc.returncode == 2 and "not a packed checkpoint" in proc.stderr
@@ -155,7 +225,9 @@ def test_tune_refuses_bad_input_in_one_line(cli, packed_tiny, tiny_llama, tmp_pa
     assert proc.returncode == 2 and "add --tune" in proc.stderr
     proc = cli("tune", packed_tiny, "--epochs", "0", "--out", tmp_path / "y")
     assert proc.returncode == 2 and "epochs must be a positive integer" in proc.stderr
-    for p in (proc,):
+    top = cli("tune", packed_tiny, "--teacher-top", "-3", "--out", tmp_path / "y")
+    assert top.returncode == 2 and "teacher_top must be a whole number" in top.stderr
+    for p in (proc, top):
         assert len(p.stderr.strip().splitlines()) == 1
 
 
