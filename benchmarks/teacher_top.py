@@ -28,6 +28,8 @@ SETTINGS = {"w4g128": (4, 128), "w3g128": (3, 128), "w2g64": (2, 64)}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=assets.DEFAULT_MODEL,
+                        help="a bundled model (gemma3-270m: a 262k vocabulary)")
     parser.add_argument("--setting", default="w2g64", choices=sorted(SETTINGS))
     parser.add_argument("--method", default="gptq")
     parser.add_argument("--tops", default="0,256,64", help="0: the whole distribution")
@@ -35,16 +37,20 @@ def main() -> None:
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--tune-epochs", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=HERE / "results" / "teacher_top.json")
+    parser.add_argument("--json", type=Path, help="default: results/teacher_top[-MODEL].json")
     args = parser.parse_args()
+    if args.json is None:
+        name = "" if args.model == assets.DEFAULT_MODEL else f"-{args.model}"
+        args.json = HERE / "results" / f"teacher_top{name}.json"
     set_quiet(True)
     bits, group = SETTINGS[args.setting]
     work = Path(tempfile.mkdtemp(prefix="compress-teacher-top-"))
     packed = work / "packed"
     seconds, rss = run_child(quantize_command(args.method, bits, group, [], packed,
-                                              args.calib_samples, args.calib_seqlen))
+                                              args.calib_samples, args.calib_seqlen,
+                                              args.model))
     rows = {"untuned": {"seconds": seconds, "peak_rss_bytes": rss,
-                        **score(packed, args.eval_tokens)}}
+                        **score(packed, args.eval_tokens, args.model)}}
     for top in (int(k) for k in args.tops.split(",")):
         out = work / f"tuned-{top}"
         seconds, rss = run_child([
@@ -54,13 +60,14 @@ def main() -> None:
         note = json.loads((out / "scale_tuning.json").read_text())
         rows[f"top {top}" if top else "whole"] = {
             "seconds": seconds, "peak_rss_bytes": rss, "calibration_kl":
-            [note["kl_start"], note["kl_tuned"]], **score(out, args.eval_tokens)}
-    fp16 = evaluation.evaluate_perplexity(assets.bundled_model_dir(), max_tokens=args.eval_tokens)
+            [note["kl_start"], note["kl_tuned"]], **score(out, args.eval_tokens, args.model)}
+    fp16 = evaluation.evaluate_perplexity(assets.bundled_model_dir(args.model),
+                                          max_tokens=args.eval_tokens)
     for name, r in rows.items():
         print(f"{args.setting} {args.method} {name:8s} KL {r['kl_mean']:.4f} "
               f"(p99 {r['kl_p99']:.3f})  top-1 {r['top1_agreement']:.2%}  ppl {r['ppl']:8.3f}"
               f"  {r['seconds']:5.0f} s  peak {r['peak_rss_bytes'] / 2**30:.1f} GiB", flush=True)
-    write_report(args.json, "teacher_top", args, fp16, setting=args.setting,
+    write_report(args.json, "teacher_top", args, fp16, args.model, setting=args.setting,
                  method=args.method, rows=rows)
     print(f"wrote {args.json}")
 

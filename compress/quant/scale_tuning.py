@@ -69,7 +69,7 @@ class ScaleTuningConfig:
 class TopLogprobs:
     """A teacher's next-token distribution cut to its k most likely tokens per position:
     their log-probabilities and ids (..., k), and `rest`, the log of the other tokens'
-    total probability (...). A 256-token cut of 512 positions takes 0.8 MB where the
+    total probability (...). A 256-token cut of 512 positions takes 1 MB where the
     whole of a 262k vocabulary takes 268 MB."""
 
     logprobs: torch.Tensor
