@@ -41,8 +41,9 @@ STARTS = ("rtn", "gptq")
 # with each offset free within one grid step either side and each range end within
 # [0.5, 1.25] of its start (a weight may then move two grid points, and a group's range
 # widen, which the signed step's half-step budget never reaches). On the bundled model's
-# W2 g64 layers 1-3 Adam's 100 steps left 10%, 9% and 0.5% less held-out layer error than
-# 25 signed steps (docs/algorithms.md; benchmarks/lowbit.py "+adam" for the whole model).
+# W2 g64 layers 1-3 Adam's 100 steps left 0.74x GPTQ's held-out layer error on average,
+# 25 signed steps 0.89x (benchmarks/signround_steps.py; benchmarks/lowbit.py "+adam" for
+# the whole model).
 OPTIMIZERS = ("sign", "adam")
 ADAM_LR = 5e-3
 
