@@ -131,6 +131,7 @@ def _options(version: Annotated[bool, typer.Option(
 
 @app.command(cls=_Command)
 def quantize(
+    ctx: typer.Context,
     model: ModelArg = None,
     method: Annotated[str, typer.Option(help=f"Algorithm: {', '.join(choices.METHODS)}.")] = "rtn",
     bits: Annotated[int, typer.Option(help="Weight bits: 2, 3, 4 or 8.")] = 4,
@@ -187,7 +188,9 @@ def quantize(
         help="Mixture of experts: calibrate each expert on the tokens routed to it "
              "(routed), or on every token, keeping only routed outputs (all).")] = "routed",
     recipe: Annotated[Path | None, typer.Option(
-        help="YAML recipe; replaces the method, scheme, GPTQ, AWQ and sample flags.")] = None,
+        help="YAML recipe: sets the method, scheme and algorithm settings (their flags "
+             "are refused beside it); --calib-samples, --calib-seqlen, --seed and "
+             "--expert-tokens override its calibration windows.")] = None,
     allow_pickle: Annotated[bool, typer.Option(
         help="Accept a model whose weights are pickle files (pytorch_model.bin): converted "
              "once to safetensors with torch's weights-only loader.")] = False,
@@ -253,7 +256,8 @@ def quantize(
     from compress.recipe import CalibrationConfig, Recipe
 
     if recipe is not None:
-        spec = Recipe.from_yaml(recipe)
+        spec = _recipe_with_calibration_flags(ctx, Recipe.from_yaml(recipe), calib_samples,
+                                              calib_seqlen, seed, expert_tokens)
     else:
         if match not in (None, "model", "layer"):
             raise CompressError(f"--match {match!r}: choose model or layer")
@@ -286,6 +290,43 @@ def quantize(
     interrupt_note(f"the checkpoint {summary.result.out} is complete")
     if rank == 0:
         _print_quantize_summary(summary)
+
+
+# What a recipe sets, as the flags that set it without one: given beside --recipe they
+# would be ignored, so they are refused. The calibration windows are data, not the
+# recipe's algorithm: their flags override the recipe's.
+_RECIPE_FLAGS = ("method", "bits", "group_size", "symmetric", "act_order", "static_groups",
+                 "damp", "mse_clip", "awq_grid", "awq_clip", "signround_iters",
+                 "signround_batch", "signround_start", "signround_optimizer", "match",
+                 "match_strength")
+_CALIBRATION_FLAGS = {"calib_samples": "samples", "calib_seqlen": "seqlen", "seed": "seed",
+                      "expert_tokens": "expert_tokens"}
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the command line set parameter `name` (not its default). By the source's
+    name: newer typer releases vendor their own copy of click, with its own enum."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _recipe_with_calibration_flags(ctx: typer.Context, spec, calib_samples: int,
+                                   calib_seqlen: int, seed: int, expert_tokens: str):
+    """`spec` (a recipe file's) with the calibration flags the command line gives; an
+    error naming any flag the recipe sets instead."""
+    for name in _RECIPE_FLAGS:
+        if _given(ctx, name):
+            flag = "--sym/--asym" if name == "symmetric" else "--" + name.replace("_", "-")
+            raise CompressError(f"{flag} is set by the recipe; edit the recipe file, or "
+                                "drop --recipe to use the flags")
+    given = {"calib_samples": calib_samples, "calib_seqlen": calib_seqlen, "seed": seed,
+             "expert_tokens": expert_tokens}
+    changes = {field: given[name] for name, field in _CALIBRATION_FLAGS.items()
+               if _given(ctx, name)}
+    if not changes:
+        return spec
+    return dataclasses.replace(spec, calibration=dataclasses.replace(spec.calibration,
+                                                                     **changes))
 
 
 def _save_interval(text: str) -> int:

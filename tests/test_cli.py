@@ -328,3 +328,26 @@ def test_quantize_says_what_it_will_do_before_it_starts(cli, tiny_llama, tmp_pat
     proc = cli("quantize", tiny_llama, "--out", tmp_path / "r", "--no-eval")
     assert proc.stderr.splitlines()[0] == (f"Quantising {tiny_llama.name} (rtn-w4g128-sym) "
                                            f"into {tmp_path / 'r'}")
+
+
+def test_recipe_takes_calibration_flags_and_refuses_the_flags_it_sets(tiny_llama, tmp_path):
+    from compress.recipe import Recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: gptq\nscheme: {bits: 4, group_size: 32}\n"
+                      "calibration: {samples: 64, seqlen: 256}\n")
+    out = tmp_path / "out"
+    done = cli_in_process("quantize", tiny_llama, "--recipe", recipe, "--calib-samples", "4",
+                          "--calib-seqlen", "16", "--seed", "7", "--no-eval", "-q",
+                          "--out", out)
+    assert done.returncode == 0, done.stderr
+    calibration = Recipe.from_yaml(out / "recipe.yaml").calibration
+    assert (calibration.samples, calibration.seqlen, calibration.seed) == (4, 16, 7)
+    for flag in (["--bits", "3"], ["--method", "rtn"], ["--asym"], ["--damp", "0.1"],
+                 ["--signround-iters", "10"]):
+        refused = cli_in_process("quantize", tiny_llama, "--recipe", recipe, *flag,
+                                 "--no-eval", "--out", tmp_path / "no")
+        assert refused.returncode == 2, flag
+        assert "is set by the recipe" in refused.stderr and flag[0] in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "no").exists()
