@@ -84,6 +84,8 @@ def ours(setting: str, method: str, work: Path, args) -> dict:
     bits, group = SETTINGS[setting]
     quantized_method, tuned = split_tune(method)
     base, extra = split_method(quantized_method)
+    # a fixed thread count: at 2 bits another one changes the result by up to ~10%
+    extra = [*extra, "--threads", str(args.threads)]
     if base == "signround":
         extra += ["--signround-iters", str(args.signround_iters),
                   "--signround-batch", str(args.signround_batch)]
@@ -92,13 +94,15 @@ def ours(setting: str, method: str, work: Path, args) -> dict:
                                               args.calib_samples, args.calib_seqlen,
                                               args.model))
     manifest = json.loads((out / "compress_manifest.json").read_text())
-    cell = {"calibration_sha256": (manifest.get("calibration") or {}).get("tokens_sha256")}
+    cell = {"calibration_sha256": (manifest.get("calibration") or {}).get("tokens_sha256"),
+            "threads": args.threads}
     if tuned:
         cell["before_tuning"] = {"seconds": seconds, **score(out, args.eval_tokens, args.model)}
         tuned_out = out.with_name(out.name + "-tuned")
         tune_seconds, tune_rss = run_child([
             sys.executable, "-m", "compress.cli", "tune", str(out), "--out", str(tuned_out),
-            "--epochs", str(args.tune_epochs), "--overwrite", "-q"])
+            "--epochs", str(args.tune_epochs), "--threads", str(args.threads), "--overwrite",
+            "-q"])
         cell["tuning"] = {"seconds": tune_seconds, "peak_rss_bytes": tune_rss,
                           **json.loads((tuned_out / "scale_tuning.json").read_text())}
         seconds, rss, out = seconds + tune_seconds, max(rss, tune_rss), tuned_out
@@ -142,7 +146,8 @@ def main() -> None:
     parser.add_argument("--autoround-iters", type=int, default=25)
     parser.add_argument("--autoround-batch", type=int, default=4)
     parser.add_argument("--tune-epochs", type=int, default=2, help="+tune: compress tune's")
-    parser.add_argument("--threads", type=int, default=1, help="the peer's torch threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads, ours (--threads) and the peer's")
     parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
     parser.add_argument("--merge", action="store_true")
     parser.add_argument("--json", type=Path, help="default: results/lowbit.json, "

@@ -46,7 +46,7 @@ def main() -> None:
     bits, group = SETTINGS[args.setting]
     work = Path(tempfile.mkdtemp(prefix="compress-teacher-top-"))
     packed = work / "packed"
-    seconds, rss = run_child(quantize_command(args.method, bits, group, [], packed,
+    seconds, rss = run_child(quantize_command(args.method, bits, group, ["--threads", "1"], packed,
                                               args.calib_samples, args.calib_seqlen,
                                               args.model))
     rows = {"untuned": {"seconds": seconds, "peak_rss_bytes": rss,
@@ -55,7 +55,8 @@ def main() -> None:
         out = work / f"tuned-{top}"
         seconds, rss = run_child([
             sys.executable, "-m", "compress.cli", "tune", str(packed), "--out", str(out),
-            "--epochs", str(args.tune_epochs), "--teacher-top", str(top), "--overwrite",
+            "--epochs", str(args.tune_epochs), "--teacher-top", str(top), "--threads", "1",
+            "--overwrite",
             "-q"])
         note = json.loads((out / "scale_tuning.json").read_text())
         rows[f"top {top}" if top else "whole"] = {
