@@ -351,3 +351,21 @@ def test_recipe_takes_calibration_flags_and_refuses_the_flags_it_sets(tiny_llama
         assert "is set by the recipe" in refused.stderr and flag[0] in refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "no").exists()
+
+
+def test_every_quantize_flag_is_placed_beside_a_recipe():
+    """A new quantize flag must say how it meets --recipe: refused (the recipe sets it),
+    overriding the recipe's calibration, or independent of the recipe."""
+    import typer
+
+    from compress import cli
+
+    independent = {"model", "rotate", "rotate_seed", "tune", "tune_epochs", "calib", "recipe",
+                   "allow_pickle", "target_bits", "options", "out", "overwrite", "resume",
+                   "evaluate", "eval_tokens", "device", "workers", "save_activations", "quiet",
+                   "threads"}
+    command = typer.main.get_command(cli.app).commands["quantize"]
+    names = {p.name for p in command.params}
+    placed = set(cli._RECIPE_FLAGS) | set(cli._CALIBRATION_FLAGS) | independent
+    assert names - placed == set()
+    assert set(cli._RECIPE_FLAGS) <= names and set(cli._CALIBRATION_FLAGS) <= names
