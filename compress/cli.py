@@ -256,8 +256,7 @@ def quantize(
     from compress.recipe import CalibrationConfig, Recipe
 
     if recipe is not None:
-        spec = _recipe_with_calibration_flags(ctx, Recipe.from_yaml(recipe), calib_samples,
-                                              calib_seqlen, seed, expert_tokens)
+        spec = _recipe_with_calibration_flags(ctx, Recipe.from_yaml(recipe))
     else:
         if match not in (None, "model", "layer"):
             raise CompressError(f"--match {match!r}: choose model or layer")
@@ -310,8 +309,7 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name == "COMMANDLINE"
 
 
-def _recipe_with_calibration_flags(ctx: typer.Context, spec, calib_samples: int,
-                                   calib_seqlen: int, seed: int, expert_tokens: str):
+def _recipe_with_calibration_flags(ctx: typer.Context, spec):
     """`spec` (a recipe file's) with the calibration flags the command line gives; an
     error naming any flag the recipe sets instead."""
     for name in _RECIPE_FLAGS:
@@ -319,9 +317,7 @@ def _recipe_with_calibration_flags(ctx: typer.Context, spec, calib_samples: int,
             flag = "--sym/--asym" if name == "symmetric" else "--" + name.replace("_", "-")
             raise CompressError(f"{flag} is set by the recipe; edit the recipe file, or "
                                 "drop --recipe to use the flags")
-    given = {"calib_samples": calib_samples, "calib_seqlen": calib_seqlen, "seed": seed,
-             "expert_tokens": expert_tokens}
-    changes = {field: given[name] for name, field in _CALIBRATION_FLAGS.items()
+    changes = {field: ctx.params[name] for name, field in _CALIBRATION_FLAGS.items()
                if _given(ctx, name)}
     if not changes:
         return spec

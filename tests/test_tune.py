@@ -503,22 +503,28 @@ def test_tuning_that_cannot_fit_the_memory_is_a_one_line_error(packed_tiny, tmp_
     assert not out.exists() and not (tmp_path / "tuned.partial").exists()
 
 
-def test_a_resumed_tuning_ends_where_an_unbroken_one_does():
-    """Saved after every step, the state after step 3 of 6, taken up by a fresh model,
-    gives the unbroken run's scales bit for bit (Adam's moments and the schedule too)."""
-    torch.manual_seed(1)
+def _toy_tuning(seed: int):
+    """A packed 24 x 16 Linear, 8 windows of 5 inputs, its teacher and a 3-epoch config."""
+    torch.manual_seed(seed)
     w = torch.randn(24, 16)
     q = rtn.quantize(w, QuantScheme(2, 8, True))
     tokens = torch.randn(8, 5, 16)
     teacher = torch.log_softmax(tokens @ w.T, -1)
     cfg = ScaleTuningConfig(epochs=3, lr=1e-2, batch=4, norms=False)
+    return q, tokens, lambda pick: teacher[pick], cfg
+
+
+def test_a_resumed_tuning_ends_where_an_unbroken_one_does():
+    """Saved after every step, the state after step 3 of 6, taken up by a fresh model,
+    gives the unbroken run's scales bit for bit (Adam's moments and the schedule too)."""
+    q, tokens, teacher, cfg = _toy_tuning(1)
     states = []
     linear = TunableScalesLinear(q)
-    whole = tune(linear, {"a": linear}, {}, tokens, lambda pick: teacher[pick], cfg,
+    whole = tune(linear, {"a": linear}, {}, tokens, teacher, cfg,
                  save=states.append, save_every=0)
     assert [s.step for s in states] == [1, 2, 3, 4, 5]  # not after the last
     again = TunableScalesLinear(q)
-    resumed = tune(again, {"a": again}, {}, tokens, lambda pick: teacher[pick], cfg,
+    resumed = tune(again, {"a": again}, {}, tokens, teacher, cfg,
                    resume=states[2])
     assert torch.equal(again.scales(), linear.scales())
     assert resumed.kl_start == whole.kl_start and resumed.kl_tuned == whole.kl_tuned
@@ -527,19 +533,14 @@ def test_a_resumed_tuning_ends_where_an_unbroken_one_does():
 def test_a_resume_keeps_the_saved_runs_windows_per_forward():
     """A run that summed each step over 2 windows per forward, resumed where the whole
     batch of 4 would fit, goes on 2 at a time: its steps are the saved run's exactly."""
-    torch.manual_seed(2)
-    w = torch.randn(24, 16)
-    q = rtn.quantize(w, QuantScheme(2, 8, True))
-    tokens = torch.randn(8, 5, 16)
-    teacher = torch.log_softmax(tokens @ w.T, -1)
-    cfg = ScaleTuningConfig(epochs=3, lr=1e-2, batch=4, norms=False)
+    q, tokens, teacher, cfg = _toy_tuning(2)
     states = []
     linear = TunableScalesLinear(q)
-    split = tune(linear, {"a": linear}, {}, tokens, lambda pick: teacher[pick], cfg,
+    split = tune(linear, {"a": linear}, {}, tokens, teacher, cfg,
                  micro=2, save=states.append, save_every=0)
     assert states[2].micro == 2 and split.windows_per_forward == 2
     again = TunableScalesLinear(q)
-    resumed = tune(again, {"a": again}, {}, tokens, lambda pick: teacher[pick], cfg,
+    resumed = tune(again, {"a": again}, {}, tokens, teacher, cfg,
                    resume=states[2])
     assert resumed.windows_per_forward == 2
     assert torch.equal(again.scales(), linear.scales())

@@ -78,8 +78,9 @@ class TopLogprobs:
 
     @classmethod
     def of(cls, logprobs: torch.Tensor, k: int) -> TopLogprobs:
-        top, ids = logprobs.float().topk(min(k, logprobs.shape[-1]), dim=-1)
-        rest = torch.logsumexp(logprobs.float().scatter(-1, ids, float("-inf")), dim=-1)
+        logprobs = logprobs.float()
+        top, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+        rest = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), dim=-1)
         return cls(top, ids.to(torch.int32), rest)
 
     def __getitem__(self, pick: torch.Tensor) -> TopLogprobs:
