@@ -6,21 +6,23 @@ scored by KL (mean, p99), top-1 agreement and perplexity against the unquantised
                                 [--calib-samples 32] [--calib-seqlen 512]
                                 [--eval-tokens 8192] [--autoround-iters 25] [--merge]
 
-A cell is SETTING:METHOD. Settings (symmetric): w4g128, w3g128, w2g64; SmolLM2's 576-wide
-projections take group 64 where 128 is asked (ours falls back, llm-compressor's "w4"/"w3"
-layout says so; auto-round zero-pads them to 640 and keeps 128); Gemma-3-270M's 640 and
-1024 take 128 everywhere. Methods: ours, rtn, gptq, awq, awq+gptq, signround, each
-optionally with "+model" or "+layer" (`--match`), "+mse" (`--mse-clip`), "+fromgptq"
-(`--signround-start gptq`), "+adam" (`--signround-optimizer adam`) and "+rotate"
-(`--rotate`), and last "+tune" (`compress tune` on the result, --tune-epochs; the cell's
-time is both commands'); the peers: llmc-gptq (GPTQModifier, act-order "weight" = our
-static act-order), llmc-awq (AWQModifier then its RTN), llmc-rtn (its RTN alone), run by
+A cell is SETTING:METHOD. Settings (symmetric): w4g128, w3g128, w2g64; SmolLM2's
+576-wide projections take group 64 where 128 is asked (ours falls back, llm-compressor's
+"w4"/"w3" layout says so; auto-round zero-pads them to 640 and keeps 128);
+Gemma-3-270M's 640 and 1024 take 128 everywhere. Methods: ours, rtn, gptq, awq,
+awq+gptq, signround, each optionally with "+model" or "+layer" (`--match`), "+mse"
+(`--mse-clip`), "+fromgptq" (`--signround-start gptq`), "+adam" (`--signround-optimizer
+adam`), "+rotate" (`--rotate`) and "+sampled96" (`--calib-sampled 96`: 96 windows
+sampled from the model beside the 32 of text, the tuning's too), and last "+tune"
+(`compress tune` on the result, --tune-epochs; the cell's time is both commands'); the
+peers: llmc-gptq (GPTQModifier, act-order "weight" = our static act-order), llmc-awq
+(AWQModifier then its RTN), llmc-rtn (its RTN alone), run by
 benchmarks/peer_llmcompressor.py, and autoround (SignRound, --autoround-iters steps of
 --autoround-batch windows per layer; 0 = its plain RTN) by benchmarks/peer_autoround.py,
 both in /tmp/peer-venv. Every quantisation is a timed child process on the same seed-0
 calibration token ids; every checkpoint (a peer's too) is scored by `compress eval`'s
-harness on the same held-out tokens. The shortened protocol of benchmarks/rotate.py
-(32 x 512 calibration, 8,192 tokens) by default.
+harness on the same held-out tokens. The shortened protocol of benchmarks/rotate.py (32
+x 512 calibration, 8,192 tokens) by default.
 --merge keeps the cells (and other sections) already in --json (same protocol, checked)
 and adds these: the grid can be filled over several runs, two side by side; each cell's
 time is its own run's.
@@ -62,7 +64,8 @@ MODIFIERS = {"rotate": ["--rotate"], "model": ["--match", "model"],
              "layer": ["--match", "layer"], "mse": ["--mse-clip"],
              "fromgptq": ["--signround-start", "gptq"],
              "adam": ["--signround-optimizer", "adam"],
-             "s25": ["--match-strength", "0.25"]}
+             "s25": ["--match-strength", "0.25"],
+             "sampled96": ["--calib-sampled", "96"]}
 
 
 def split_method(method: str) -> tuple[str, list[str]]:

@@ -36,7 +36,7 @@ def variant_flags(variant: str) -> list[str]:
     flags: list[str] = []
     for item in filter(None, variant.split(",")):
         name, _, value = item.partition("=")
-        if name not in TUNE_FLAGS or not value:
+        if name not in TUNE_FLAGS or not value or "=" in value:
             raise SystemExit(f"variant item {item!r}: expected NAME=VALUE with NAME one of "
                              f"{', '.join(TUNE_FLAGS)}")
         if name == "norms":

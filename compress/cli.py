@@ -104,6 +104,11 @@ SignroundOptimizer = Annotated[str, typer.Option(
 RotateSeed = Annotated[int, typer.Option(help="Seed of the rotations' random signs.")]
 CalibSamples = Annotated[int, typer.Option(help="Calibration windows.")]
 CalibSeqlen = Annotated[int, typer.Option(help="Tokens per calibration window.")]
+CALIB_SAMPLED_HELP = (
+    "Add N windows of text sampled from the unquantised model (each begun with 4 tokens "
+    "of a calibration window) to the calibration windows: more to fit on with no more "
+    "data, for learned rounding and --tune, which fit 32 windows far better than held-out "
+    "text. The model is loaded whole to sample.")
 
 
 _threads_used: list[str] = []  # "N threads (why)", for the commands that report speed
@@ -184,13 +189,15 @@ def quantize(
     calib_samples: CalibSamples = 128,
     calib_seqlen: CalibSeqlen = 512,
     seed: Annotated[int, typer.Option(help="Seed choosing the calibration windows.")] = 0,
+    calib_sampled: Annotated[int, typer.Option(help=CALIB_SAMPLED_HELP, metavar="N")] = 0,
     expert_tokens: Annotated[str, typer.Option(
         help="Mixture of experts: calibrate each expert on the tokens routed to it "
              "(routed), or on every token, keeping only routed outputs (all).")] = "routed",
     recipe: Annotated[Path | None, typer.Option(
         help="YAML recipe: sets the method, scheme and algorithm settings (their flags "
-             "are refused beside it); --calib-samples, --calib-seqlen, --seed and "
-             "--expert-tokens override its calibration windows.")] = None,
+             "are refused beside it); --calib-samples, --calib-seqlen, --seed, "
+             "--calib-sampled and --expert-tokens override its calibration windows.")]
+        = None,
     allow_pickle: Annotated[bool, typer.Option(
         help="Accept a model whose weights are pickle files (pytorch_model.bin): converted "
              "once to safetensors with torch's weights-only loader.")] = False,
@@ -267,7 +274,7 @@ def quantize(
                                       target_strength=match_strength, **matched),
                       awq=AWQConfig(grid=awq_grid, clip=awq_clip),
                       calibration=CalibrationConfig(calib_samples, calib_seqlen, seed,
-                                                    expert_tokens),
+                                                    expert_tokens, calib_sampled),
                       signround=SignRoundConfig(iters=signround_iters,
                                                 batch=signround_batch, start=signround_start,
                                                 optimizer=signround_optimizer, **matched))
@@ -299,7 +306,7 @@ _RECIPE_FLAGS = ("method", "bits", "group_size", "symmetric", "act_order", "stat
                  "signround_batch", "signround_start", "signround_optimizer", "match",
                  "match_strength")
 _CALIBRATION_FLAGS = {"calib_samples": "samples", "calib_seqlen": "seqlen", "seed": "seed",
-                      "expert_tokens": "expert_tokens"}
+                      "expert_tokens": "expert_tokens", "calib_sampled": "sampled"}
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -450,6 +457,10 @@ def tune(
         help="Calibration windows (default: the checkpoint's).", show_default=False)] = None,
     calib_seqlen: Annotated[int | None, typer.Option(
         help="Tokens per window (default: the checkpoint's).", show_default=False)] = None,
+    calib_sampled: Annotated[int | None, typer.Option(
+        help=CALIB_SAMPLED_HELP.replace("to the calibration windows", "(default: the "
+                                        "checkpoint's)"), metavar="N",
+        show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     quiet: Quiet = False,
     threads: Threads = None,
@@ -469,7 +480,7 @@ def tune(
     from compress import tune as tuning
 
     s = tuning.tune_checkpoint(directory, out, cfg, baseline, calib, calib_samples,
-                               calib_seqlen, overwrite)
+                               calib_seqlen, overwrite, sampled=calib_sampled)
     r = s.result
     out_console.print(
         f"calibration KL {r.kl_start:.4f} -> {r.kl_tuned:.4f} after {r.steps} steps "

@@ -160,7 +160,8 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     schemes = plan(files, recipe)
     tune_calib = None
     if recipe.calibrated or recipe.tune is not None:
-        tune_calib = ctx.decide(lambda: _calibration(files, recipe, calibration_data))
+        tune_calib = ctx.decide(lambda: _calibration(files, recipe, calibration_data,
+                                                     ctx.device))
     elif calibration_data is not None:
         raise CompressError(f"method {recipe.method!r} uses no calibration data; drop --calib")
     calib = tune_calib if recipe.calibrated else None  # RTN's rounding needs none, tuning does
@@ -229,11 +230,13 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
 
 
 def _calibration(files: models.ModelFiles, recipe: Recipe,
-                 calibration_data: str | Path | None) -> data.CalibrationSet:
+                 calibration_data: str | Path | None,
+                 device: torch.device | str = "cpu") -> data.CalibrationSet:
     c = recipe.calibration
     tokenizer = data.load_tokenizer(files.path, f"{recipe.method} calibration",
                                     "use --method rtn, which needs no data")
-    return data.calibration_set(tokenizer, calibration_data, c.samples, c.seqlen, c.seed)
+    calib = data.calibration_set(tokenizer, calibration_data, c.samples, c.seqlen, c.seed)
+    return data.with_sampled(calib, files, c.sampled, c.seed, device)
 
 
 def _result(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],

@@ -47,20 +47,23 @@ EXPERT_TOKENS = ("routed", "all")
 class CalibrationConfig:
     """How many calibration windows, how long, and the seed that picks them.
     `expert_tokens`: what a mixture-of-experts layer's experts calibrate on, the tokens
-    routed to each ("routed") or every token, only the routed outputs going on ("all")."""
+    routed to each ("routed") or every token, only the routed outputs going on ("all").
+    `sampled`: windows of text sampled from the unquantised model added to the `samples`
+    (`data.with_sampled`)."""
 
     samples: int = 128
     seqlen: int = 512
     seed: int = 0
     expert_tokens: str = "routed"
+    sampled: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("samples", "seqlen", "seed"):
+        for name in ("samples", "seqlen", "seed", "sampled"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (
-                    0 if name == "seed" else 1):
+            positive = name in ("samples", "seqlen")
+            if isinstance(value, bool) or not isinstance(value, int) or value < positive:
                 raise CompressError(f"calibration {name} must be a "
-                                    f"{'non-negative' if name == 'seed' else 'positive'} "
+                                    f"{'positive' if positive else 'non-negative'} "
                                     f"integer, got {value!r}")
         if self.seqlen < 2:
             raise CompressError("calibration seqlen must be at least 2 tokens")
@@ -72,6 +75,8 @@ class CalibrationConfig:
         data = asdict(self)
         if self.expert_tokens == "routed":  # the default, and what dense models have
             del data["expert_tokens"]
+        if not self.sampled:  # recipes written before the choice existed stay as they were
+            del data["sampled"]
         return data
 
 

@@ -67,8 +67,11 @@ def tune_checkpoint(checkpoint_dir: str | Path, out: str | Path | None = None,
                     cfg: ScaleTuningConfig | None = None,
                     baseline: str | Path = "auto", calibration_data: str | Path | None = None,
                     samples: int | None = None, seqlen: int | None = None,
-                    overwrite: bool = False, seed: int = 0) -> TuneSummary:
-    """Tune `checkpoint_dir`'s scales (and norms) against its base model; write `out`."""
+                    overwrite: bool = False, seed: int = 0,
+                    sampled: int | None = None) -> TuneSummary:
+    """Tune `checkpoint_dir`'s scales (and norms) against its base model; write `out`.
+    The calibration windows (`samples` of `seqlen` tokens, and `sampled` more sampled
+    from the base model) are the checkpoint's where not given."""
     from compress import evaluation
 
     cfg = cfg or ScaleTuningConfig()
@@ -85,7 +88,7 @@ def tune_checkpoint(checkpoint_dir: str | Path, out: str | Path | None = None,
     if base is None:
         raise CompressError(f"{files.path} records no base model; pass --baseline DIR (the "
                             "unquantised model it was made from)")
-    calib = _calibration(files, calibration_data, samples, seqlen)
+    calib = _calibration(files, base, calibration_data, samples, seqlen, sampled)
     partial = out.with_name(out.name + ".partial")
     result = tune_into(files, base, calib, cfg, partial, seed)
     checkpoint.publish(partial, out, overwrite)
@@ -185,18 +188,23 @@ class SavedState:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _calibration(files: models.ModelFiles, path: str | Path | None, samples: int | None,
-                 seqlen: int | None) -> data.CalibrationSet:
-    """The checkpoint's own calibration windows (its recipe's), as far as not overridden."""
+def _calibration(files: models.ModelFiles, base: models.ModelFiles, path: str | Path | None,
+                 samples: int | None, seqlen: int | None,
+                 sampled: int | None) -> data.CalibrationSet:
+    """The checkpoint's own calibration windows (its recipe's), as far as not overridden;
+    sampled ones from `base`."""
     recorded = ((files.manifest or {}).get("recipe") or {}).get("calibration") or {}
     default = CalibrationConfig()
     c = CalibrationConfig(samples=samples or recorded.get("samples", default.samples),
                           seqlen=seqlen or recorded.get("seqlen", default.seqlen),
-                          seed=recorded.get("seed", default.seed))
+                          seed=recorded.get("seed", default.seed),
+                          sampled=recorded.get("sampled", 0) if sampled is None else sampled)
     tokenizer = data.load_tokenizer(files.path, "scale tuning")
-    calib = data.calibration_set(tokenizer, path, c.samples, c.seqlen, c.seed)
+    calib = data.with_sampled(data.calibration_set(tokenizer, path, c.samples, c.seqlen,
+                                                   c.seed), base, c.sampled, c.seed)
     used = ((files.manifest or {}).get("calibration") or {}).get("tokens_sha256")
-    if used and used != calib.sha256 and path is None and samples is None and seqlen is None:
+    if used and used != calib.sha256 and path is None and samples is None and seqlen is None \
+            and sampled is None:
         status("note: these calibration windows differ from the ones the checkpoint was "
                "quantised on (pass --calib FILE with the text it used)")
     return calib

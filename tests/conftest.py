@@ -93,6 +93,22 @@ def _bundled_texts_tokenized_once():
     data.tokenize = real
 
 
+def chi_square_p_value(counts: torch.Tensor, exact: torch.Tensor) -> float:
+    """Pearson's chi-square test of `counts` (per cell) against the distribution `exact`
+    (per cell): its p-value, with the cells expecting fewer than 5 pooled into one, as
+    the test requires."""
+    from scipy.stats import chi2
+
+    expected = exact.double() * counts.sum()
+    keep = expected >= 5
+    observed, expected = counts.double()[keep], expected[keep]
+    if not keep.all():
+        observed = torch.cat([observed, counts.double()[~keep].sum()[None]])
+        expected = torch.cat([expected, (exact.double() * counts.sum())[~keep].sum()[None]])
+    statistic = float(((observed - expected) ** 2 / expected).sum())
+    return float(chi2.sf(statistic, len(observed) - 1))
+
+
 def cli_subprocess(*args, cwd=None, env=None, merged=False) -> subprocess.CompletedProcess:
     """`python -m compress.cli ARGS` as a user runs it: a fresh process. In `env`, None
     unsets a variable; `merged`: stderr into stdout, in the order a terminal shows them."""

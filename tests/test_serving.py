@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from conftest import chi_square_p_value
 
 from compress import models, pipeline
 from compress.errors import CompressError
@@ -177,15 +178,7 @@ def test_speculative_sampling_has_the_verifiers_distribution(tiny_factory, tmp_p
         counts[a * 16 + b] += 1
     # every second token went through the acceptance rule, and often was rejected
     assert spec.stats.proposed == n and spec.stats.acceptance_rate < 0.9
-    expected = exact * n
-    keep = expected >= 5  # pool the rare cells, as the chi-square test requires
-    observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
-    expected = torch.cat([expected[keep], expected[~keep].sum()[None]])
-    chi2 = float(((observed - expected) ** 2 / expected).sum())
-    from scipy.stats import chi2 as chi2_dist
-
-    p_value = chi2_dist.sf(chi2, len(observed) - 1)
-    assert p_value > 1e-3, (chi2, len(observed), p_value)
+    assert chi_square_p_value(counts, exact) > 1e-3
 
 
 def test_recommendation_takes_the_fastest_batch_size_within_the_sla():

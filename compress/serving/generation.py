@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -176,3 +176,34 @@ def compile_ahead(model: CausalLM, prompt_tokens: int, max_new_tokens: int,
 
     length = _cache_length(model, prompt_tokens + max_new_tokens, aot=True)
     ahead_of_time.compiled_step(model, model.new_cache(1, length), identity)
+
+
+@torch.inference_mode()
+def sample_windows(model: CausalLM, prompts: torch.Tensor, length: int, seed: int,
+                   batch: int = 16, progress: Callable[[range], Iterable[int]] = iter,
+                   ) -> torch.Tensor:
+    """(n, length) token ids: each row of `prompts` (n, p) continued to `length` tokens by
+    sampling from `model`'s own next-token distribution (temperature 1, no filters), so
+    that the text is what the model expects, weighted as it weighs it. `batch` rows
+    decode together, one cached step per token; `progress` wraps the batches' starts."""
+    n, given = prompts.shape
+    if not 0 < given < length:
+        raise CompressError(f"a sampled window needs a prompt of 1 to {length - 1} tokens, "
+                            f"got {given}")
+    if length > model.cfg.max_positions:
+        raise CompressError(f"sampled windows of {length} tokens exceed the model's "
+                            f"{model.cfg.max_positions} positions; lower --calib-seqlen")
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    rows = []
+    for first in progress(range(0, n, batch)):
+        tokens = prompts[first:first + batch].to(model.device)
+        cache = model.new_cache(tokens.shape[0], length)
+        logits = model(tokens, 0, cache, last_only=True)[:, -1]
+        drawn = [tokens]
+        for pos in range(given, length):
+            token = torch.multinomial(logits.float().softmax(-1), 1, generator=generator)
+            drawn.append(token)
+            if pos + 1 < length:
+                logits = model(token, pos, cache)[:, -1]
+        rows.append(torch.cat(drawn, 1).cpu())
+    return torch.cat(rows)

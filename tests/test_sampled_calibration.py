@@ -1,0 +1,75 @@
+"""Calibration windows sampled from the unquantised model (`--calib-sampled`)."""
+
+import json
+
+import pytest
+import torch
+from conftest import chi_square_p_value
+
+from compress import data, models
+from compress.errors import CompressError
+from compress.formats import checkpoint
+from compress.recipe import CalibrationConfig
+from compress.serving.generation import sample_windows
+
+
+def test_sampled_windows_keep_their_prompts_and_follow_the_seed(tiny_llama):
+    model, _ = models.load(tiny_llama, dtype=torch.float32)
+    prompts = torch.randint(0, model.cfg.vocab_size, (5, 3))
+    a = sample_windows(model, prompts, 12, seed=0, batch=2)
+    assert a.shape == (5, 12) and a.dtype == torch.int64
+    assert torch.equal(a[:, :3], prompts)
+    assert torch.equal(a, sample_windows(model, prompts, 12, seed=0, batch=2))
+    assert not torch.equal(a, sample_windows(model, prompts, 12, seed=1, batch=2))
+    with pytest.raises(CompressError, match="prompt of 1 to 2 tokens"):
+        sample_windows(model, prompts, 3, seed=0)
+
+
+def test_sampled_windows_follow_the_models_distribution(tiny_factory):
+    """Chi-square test on a 16-token vocabulary: the two tokens sampled after a prompt,
+    jointly, against the model's exact distribution (made peaked, so that a sampler at
+    another temperature fails: random weights give nearly uniform logits)."""
+    model = models.load(tiny_factory("llama", seed=3, vocab_size=16), dtype=torch.float32)[0]
+    prompt = [3, 9, 4]
+    with torch.inference_mode():
+        model.lm_head.weight *= 8
+        first = model(torch.tensor([prompt])).softmax(-1)[0, -1]
+        seconds = model(torch.tensor([[*prompt, t] for t in range(16)])).softmax(-1)[:, -1]
+    exact = (first[:, None] * seconds).flatten().double()  # P(t1, t2)
+    n = 600
+    windows = sample_windows(model, torch.tensor([prompt] * n), 5, seed=0, batch=64)
+    counts = torch.bincount(windows[:, 3] * 16 + windows[:, 4], minlength=256).double()
+    assert chi_square_p_value(counts, exact) > 1e-3
+
+
+def test_sampled_setting_round_trips_and_is_omitted_when_off():
+    assert "sampled" not in CalibrationConfig().to_dict()
+    assert CalibrationConfig(sampled=8).to_dict()["sampled"] == 8
+    with pytest.raises(CompressError, match="sampled must be a non-negative integer"):
+        CalibrationConfig(sampled=-1)
+
+
+def test_quantize_records_sampled_windows_and_tune_samples_the_same(cli, tiny_llama,
+                                                                    tmp_path):
+    out = tmp_path / "q"
+    proc = cli("quantize", tiny_llama, "--method", "gptq", "--bits", "4", "--group-size",
+               "32", "--calib-samples", "4", "--calib-seqlen", "32", "--calib-sampled", "3",
+               "--no-eval", "--out", out, "-q")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / checkpoint.MANIFEST).read_text())
+    assert manifest["recipe"]["calibration"]["sampled"] == 3
+    used = manifest["calibration"]
+    assert used["samples"] == 4 and used["sampled"] == 3 and "sampled from the model" in (
+        used["source"])
+    real = data.calibration_set(data.load_tokenizer(tiny_llama), None, 4, 32, 0)
+    assert used["tokens_sha256"] != real.sha256  # 7 windows, not the 4 of text
+    tuned = tmp_path / "t"
+    proc = cli("tune", out, "--out", tuned, "--epochs", "1", "-q")
+    assert proc.returncode == 0, proc.stderr
+    note = json.loads((tuned / "scale_tuning.json").read_text())
+    assert note["calibration"]["tokens_sha256"] == used["tokens_sha256"]
+    assert "differ" not in proc.stderr
+    proc = cli("quantize", tiny_llama, "--calib-sampled", "-2", "--out", tmp_path / "x")
+    assert proc.returncode != 0
+    assert "sampled must be a non-negative integer" in proc.stderr
+    assert "Traceback" not in proc.stderr
