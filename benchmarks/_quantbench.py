@@ -14,6 +14,8 @@ from compress import assets, data, evaluation
 
 HERE = Path(__file__).parent
 PEER_PYTHON = Path("/tmp/peer-venv/bin/python")  # see benchmarks/peer_llmcompressor.py
+# The low-bit grid's settings (symmetric): name -> (bits, group size)
+SETTINGS = {"w4g128": (4, 128), "w3g128": (3, 128), "w2g64": (2, 64)}
 
 
 def run_child(cmd: list[str]) -> tuple[float, int]:

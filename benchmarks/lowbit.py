@@ -40,6 +40,7 @@ from pathlib import Path
 from _quantbench import (
     HERE,
     PEER_PYTHON,
+    SETTINGS,
     calibration_ids,
     quantize_command,
     run_child,
@@ -50,7 +51,6 @@ from _quantbench import (
 from compress import assets, evaluation
 from compress.progress import set_quiet
 
-SETTINGS = {"w4g128": (4, 128), "w3g128": (3, 128), "w2g64": (2, 64)}
 OURS = ("rtn", "gptq", "awq", "awq+gptq", "signround")
 LLMC = {"llmc-gptq": ("gptq", "weight"), "llmc-awq": ("awq", "none"),
         "llmc-rtn": ("rtn", "none")}

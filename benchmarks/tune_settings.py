@@ -22,12 +22,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _quantbench import HERE, quantize_command, run_child, score, write_report
+from _quantbench import HERE, SETTINGS, quantize_command, run_child, score, write_report
 
 from compress import assets, evaluation
 from compress.progress import set_quiet
 
-SETTINGS = {"w4g128": (4, 128), "w3g128": (3, 128), "w2g64": (2, 64)}
 TUNE_FLAGS = ("epochs", "lr", "batch", "teacher-top", "norms")
 
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from compress import assets
 from compress.errors import CompressError, first_line
+
+if TYPE_CHECKING:
+    from compress.models import ModelFiles
 
 # The files a Hugging Face tokenizer is read from (one of the vocabularies, and its config).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
@@ -128,7 +132,7 @@ class CalibrationSet:
         return described
 
 
-def with_sampled(calib: CalibrationSet, model_files, count: int, seed: int,
+def with_sampled(calib: CalibrationSet, model_files: ModelFiles, count: int, seed: int,
                  device: torch.device | str = "cpu") -> CalibrationSet:
     """`calib` and `count` more windows of its length sampled from the unquantised model
     (`model_files`, loaded whole on `device`): window i starts from the first

@@ -99,13 +99,14 @@ def chi_square_p_value(counts: torch.Tensor, exact: torch.Tensor) -> float:
     the test requires."""
     from scipy.stats import chi2
 
+    counts = counts.double()
     expected = exact.double() * counts.sum()
     keep = expected >= 5
-    observed, expected = counts.double()[keep], expected[keep]
+    observed, pooled_expected = counts[keep], expected[keep]
     if not keep.all():
-        observed = torch.cat([observed, counts.double()[~keep].sum()[None]])
-        expected = torch.cat([expected, (exact.double() * counts.sum())[~keep].sum()[None]])
-    statistic = float(((observed - expected) ** 2 / expected).sum())
+        observed = torch.cat([observed, counts[~keep].sum()[None]])
+        pooled_expected = torch.cat([pooled_expected, expected[~keep].sum()[None]])
+    statistic = float(((observed - pooled_expected) ** 2 / pooled_expected).sum())
     return float(chi2.sf(statistic, len(observed) - 1))
 
 

@@ -194,6 +194,7 @@ def sample_windows(model: CausalLM, prompts: torch.Tensor, length: int, seed: in
         raise CompressError(f"sampled windows of {length} tokens exceed the model's "
                             f"{model.cfg.max_positions} positions; lower --calib-seqlen")
     generator = torch.Generator(device=model.device).manual_seed(seed)
+    params = SamplingParams(temperature=1.0)
     rows = []
     for first in progress(range(0, n, batch)):
         tokens = prompts[first:first + batch].to(model.device)
@@ -201,7 +202,7 @@ def sample_windows(model: CausalLM, prompts: torch.Tensor, length: int, seed: in
         logits = model(tokens, 0, cache, last_only=True)[:, -1]
         drawn = [tokens]
         for pos in range(given, length):
-            token = torch.multinomial(logits.float().softmax(-1), 1, generator=generator)
+            token = sample(logits, params, generator).unsqueeze(-1)
             drawn.append(token)
             if pos + 1 < length:
                 logits = model(token, pos, cache)[:, -1]
