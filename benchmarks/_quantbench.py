@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from _child import run_measured
 
-from compress import assets, data, evaluation
+from compress import assets, data, evaluation, models
 
 HERE = Path(__file__).parent
 PEER_PYTHON = Path("/tmp/peer-venv/bin/python")  # see benchmarks/peer_llmcompressor.py
@@ -59,13 +59,24 @@ def score(out: Path, eval_tokens: int, model: str = assets.DEFAULT_MODEL) -> dic
 
 
 def calibration_ids(work: Path, samples: int, seqlen: int,
-                    model: str = assets.DEFAULT_MODEL) -> Path:
-    """Our calibration windows as token ids, for the peer to consume verbatim."""
+                    model: str = assets.DEFAULT_MODEL, sampled: int = 0,
+                    threads: int = 1) -> Path:
+    """Our calibration windows as token ids, for the peer to consume verbatim; with
+    `sampled`, the windows `--calib-sampled` adds too, drawn as `compress quantize
+    --threads` would draw them (their bytes depend on the thread count)."""
     base = assets.bundled_model_dir(model)
     calib = data.calibration_set(data.load_tokenizer(base), None, samples, seqlen, 0)
+    if sampled:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            calib = data.with_sampled(calib, models.open_model(base), sampled, 0)
+        finally:
+            torch.set_num_threads(before)
     work.mkdir(parents=True, exist_ok=True)
-    path = work / "calib_ids.pt"
+    path = work / (f"calib_ids-sampled{sampled}.pt" if sampled else "calib_ids.pt")
     torch.save(calib.samples, path)
+    path.with_suffix(".sha256").write_text(calib.sha256)
     return path
 
 

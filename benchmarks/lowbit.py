@@ -19,8 +19,10 @@ peers: llmc-gptq (GPTQModifier, act-order "weight" = our static act-order), llmc
 (AWQModifier then its RTN), llmc-rtn (its RTN alone), run by
 benchmarks/peer_llmcompressor.py, and autoround (SignRound, --autoround-iters steps of
 --autoround-batch windows per layer; 0 = its plain RTN) by benchmarks/peer_autoround.py,
-both in /tmp/peer-venv. Every quantisation is a timed child process on the same seed-0
-calibration token ids; every checkpoint (a peer's too) is scored by `compress eval`'s
+both in /tmp/peer-venv; a peer's "+sampled96" feeds it the same 32 + 96 windows as ours
+(the 96 drawn as `compress quantize --calib-sampled 96 --threads` draws them). Every
+quantisation is a timed child process on the same seed-0 calibration token ids; every
+checkpoint (a peer's too) is scored by `compress eval`'s
 harness on the same held-out tokens. The shortened protocol of benchmarks/rotate.py (32
 x 512 calibration, 8,192 tokens) by default.
 --merge keeps the cells (and other sections) already in --json (same protocol, checked)
@@ -83,6 +85,18 @@ def split_tune(method: str) -> tuple[str, bool]:
     return (method.removesuffix("+tune"), tuned)
 
 
+def split_peer(method: str) -> tuple[str, int]:
+    """A peer and how many sampled windows it gets beside the text: "autoround+sampled96"
+    is auto-round on our 32 + 96 windows."""
+    name, _, suffix = method.partition("+")
+    return name, (96 if suffix == "sampled96" else 0 if not suffix else -1)
+
+
+def is_peer(method: str) -> bool:
+    name, sampled = split_peer(method)
+    return name in PEERS and sampled >= 0
+
+
 def ours(setting: str, method: str, work: Path, args) -> dict:
     bits, group = SETTINGS[setting]
     quantized_method, tuned = split_tune(method)
@@ -113,8 +127,10 @@ def ours(setting: str, method: str, work: Path, args) -> dict:
             **score(out, args.eval_tokens, args.model), **cell}
 
 
-def peer(setting: str, name: str, ids: Path, work: Path, args) -> dict:
-    out, report = work / f"{name}-{setting}", work / f"{name}-{setting}.json"
+def peer(setting: str, method: str, ids: Path, work: Path, args) -> dict:
+    name = split_peer(method)[0]
+    out = work / f"{method.replace('+', '-')}-{setting}"
+    report = out.with_suffix(".json")
     model = str(assets.bundled_model_dir(args.model))
     if name == "autoround":
         bits, group = SETTINGS[setting]
@@ -133,7 +149,8 @@ def peer(setting: str, name: str, ids: Path, work: Path, args) -> dict:
     for key in ("quantised_modules", "group_checks_sample", "out", "calib_ids"):
         info.pop(key, None)  # auto-round's long listings: the peer's own JSON has them
     return {"seconds": seconds, "peak_rss_bytes": rss,
-            **score(out, args.eval_tokens, args.model), **info}
+            **score(out, args.eval_tokens, args.model), **info,
+            "calibration_sha256": ids.with_suffix(".sha256").read_text()}
 
 
 def main() -> None:
@@ -162,11 +179,11 @@ def main() -> None:
     set_quiet(True)
     cells = [tuple(c.split(":", 1)) for c in args.cells.split(",")]
     for setting, method in cells:
-        known = method in PEERS or split_method(split_tune(method)[0])[0] in OURS
+        known = is_peer(method) or split_method(split_tune(method)[0])[0] in OURS
         if setting not in SETTINGS or not known:
             raise SystemExit(f"unknown cell {setting}:{method}; settings {', '.join(SETTINGS)}"
                              f", methods {', '.join(OURS)} (+{', +'.join(MODIFIERS)}), "
-                             f"{', '.join(PEERS)}")
+                             f"{', '.join(PEERS)} (+sampled96)")
 
     fp16 = evaluation.evaluate_perplexity(assets.bundled_model_dir(args.model),
                                           max_tokens=args.eval_tokens)
@@ -186,10 +203,18 @@ def main() -> None:
     merged()  # refuse another protocol before any work
     rows: dict = {}
     work = Path(tempfile.mkdtemp(prefix="compress-lowbit-"))
-    ids = calibration_ids(work, args.calib_samples, args.calib_seqlen, args.model)
+    ids: dict[int, Path] = {}  # sampled windows -> the peers' token ids, made once each
+
+    def peer_ids(method: str) -> Path:
+        sampled = split_peer(method)[1]
+        if sampled not in ids:
+            ids[sampled] = calibration_ids(work, args.calib_samples, args.calib_seqlen,
+                                           args.model, sampled, args.threads)
+        return ids[sampled]
+
     for setting, method in cells:
         r = rows.setdefault(setting, {})[method] = (
-            peer(setting, method, ids, work, args) if method in PEERS
+            peer(setting, method, peer_ids(method), work, args) if is_peer(method)
             else ours(setting, method, work, args))
         print(f"{setting} {method:14s} KL {r['kl_mean']:.4f} (p99 {r['kl_p99']:.3f})  top-1 "
               f"{r['top1_agreement']:.2%}  ppl {r['ppl']:8.3f}  {r['seconds']:5.0f} s",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -138,7 +140,11 @@ def with_sampled(calib: CalibrationSet, model_files: ModelFiles, count: int, see
     (`model_files`, loaded whole on `device`): window i starts from the first
     `SAMPLED_PROMPT` tokens of calibration window i mod n and continues as the model
     would write it (`generation.sample_windows`). More tokens to fit on, with no more
-    text: learned stages fitted 32 windows' 16k tokens far better than held-out text."""
+    text: learned stages fitted 32 windows' 16k tokens far better than held-out text.
+
+    The windows are kept on disk (`sampled_cache()`) under a key of everything that
+    decides their bytes, so a resumed run and `compress tune` read them back instead of
+    loading the model to sample them again."""
     if count == 0:
         return calib
     from compress import models
@@ -146,15 +152,78 @@ def with_sampled(calib: CalibrationSet, model_files: ModelFiles, count: int, see
     from compress.serving.generation import sample_windows
 
     n, seqlen = calib.samples.shape
-    status(f"sampling {count} calibration windows of {seqlen} tokens from "
-           f"{model_files.name}")
-    model, _ = models.load(model_files, device)
     prompts = calib.samples[torch.arange(count) % n, :SAMPLED_PROMPT]
-    windows = sample_windows(model, prompts, seqlen, seed, progress=lambda starts: track(
-        starts, desc="sampling windows", unit="batch"))
+    path = sampled_cache() / (
+        _sampled_key(calib, model_files, count, seed, device) + ".safetensors")
+    windows = _read_sampled(path, prompts, seqlen, model_files.config.get("vocab_size"))
+    if windows is not None:
+        status(f"reusing {count} calibration windows sampled earlier from "
+               f"{model_files.name} ({path})")
+    else:
+        status(f"sampling {count} calibration windows of {seqlen} tokens from "
+               f"{model_files.name}")
+        model, _ = models.load(model_files, device)
+        windows = sample_windows(model, prompts, seqlen, seed, progress=lambda starts: track(
+            starts, desc="sampling windows", unit="batch"))
+        del model
+        _write_sampled(path, windows)
     return CalibrationSet(torch.cat([calib.samples, windows]), calib.text_sha256,
                           f"{calib.source}; {count} windows sampled from the model",
                           calib.sampled + count)
+
+
+def sampled_cache() -> Path:
+    """COMPRESS_SAMPLED_CACHE, else `sampled/` in compress's cache. The files hold the
+    first tokens of calibration windows as prompts: delete the folder to forget them."""
+    return Path(os.environ.get("COMPRESS_SAMPLED_CACHE") or assets.cache_root() / "sampled")
+
+
+def _sampled_key(calib: CalibrationSet, model_files: ModelFiles, count: int, seed: int,
+                 device: torch.device | str) -> str:
+    """What decides sampled windows' bytes. The thread count and device are in it because
+    float reductions round differently across them, which changes some draws."""
+    import compress
+
+    fields = {"windows": calib.sha256, "count": count, "seed": seed,
+              "prompt_tokens": SAMPLED_PROMPT,
+              "model": model_files.identity(),
+              "device": torch.device(device).type, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "compress": compress.__version__}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _read_sampled(path: Path, prompts: torch.Tensor, seqlen: int,
+                  vocab: int | None) -> torch.Tensor | None:
+    """Cached windows that fit what was asked (shape, dtype, their prompts, the
+    vocabulary), else None: a damaged or foreign file is sampled again, never used."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        windows = load_file(path).get("windows")
+    except (OSError, SafetensorError):
+        return None
+    if (windows is None or windows.dtype != torch.int64
+            or windows.shape != (prompts.shape[0], seqlen)
+            or not torch.equal(windows[:, :prompts.shape[1]], prompts)
+            or windows.min() < 0 or (vocab is not None and windows.max() >= vocab)):
+        return None
+    return windows
+
+
+def _write_sampled(path: Path, windows: torch.Tensor) -> None:
+    """Kept for the next run; a cache that cannot be written only costs that run time."""
+    from compress.formats import checkpoint
+    from compress.progress import status
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_save_safetensors(path, {"windows": windows})
+    except (OSError, CompressError) as e:
+        status(f"note: could not keep the sampled windows in {path} ({first_line(e)}); "
+               "a resumed run or compress tune will sample them again")
 
 
 def calibration_set(tokenizer, path: str | Path | None, samples: int, seqlen: int,

@@ -71,16 +71,19 @@ def _tokenize_once(real):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _compiled_steps_kept_apart(tmp_path_factory):
-    """--aot steps the tests compile are kept in a directory of this run, not in the
-    user's cache (subprocesses inherit the variable)."""
-    before = os.environ.get("COMPRESS_AOT_CACHE")
-    os.environ["COMPRESS_AOT_CACHE"] = str(tmp_path_factory.mktemp("aot"))
+def _caches_kept_apart(tmp_path_factory):
+    """--aot steps and sampled calibration windows the tests make are kept in directories
+    of this run, not in the user's cache (subprocesses inherit the variables)."""
+    names = {"COMPRESS_AOT_CACHE": "aot", "COMPRESS_SAMPLED_CACHE": "sampled"}
+    before = {name: os.environ.get(name) for name in names}
+    for name, folder in names.items():
+        os.environ[name] = str(tmp_path_factory.mktemp(folder))
     yield
-    if before is None:
-        os.environ.pop("COMPRESS_AOT_CACHE", None)
-    else:
-        os.environ["COMPRESS_AOT_CACHE"] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session", autouse=True)

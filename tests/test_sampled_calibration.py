@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import chi_square_p_value
+from safetensors.torch import load_file
 
 from compress import data, models
 from compress.errors import CompressError
@@ -73,3 +74,33 @@ def test_quantize_records_sampled_windows_and_tune_samples_the_same(cli, tiny_ll
     assert proc.returncode != 0
     assert "sampled must be a non-negative integer" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sampled_windows_are_kept_and_read_back_without_the_model(tiny_llama, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.setenv("COMPRESS_SAMPLED_CACHE", str(tmp_path))
+    files = models.open_model(tiny_llama)
+    calib = data.calibration_set(data.load_tokenizer(tiny_llama), None, 4, 32, 0)
+    first = data.with_sampled(calib, files, 3, 0)
+    [kept] = tmp_path.glob("*.safetensors")
+    real_load = models.load
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded to sample windows that are kept")
+
+    monkeypatch.setattr(models, "load", no_model)
+    again = data.with_sampled(calib, files, 3, 0)
+    assert torch.equal(again.samples, first.samples) and again.sampled == 3
+    with pytest.raises(AssertionError, match="loaded"):  # another seed: another key
+        data.with_sampled(calib, files, 3, 1)
+    monkeypatch.setattr(models, "load", real_load)
+    for damage in (b"not a safetensors file", None):
+        if damage is None:  # a readable file whose windows do not start with the prompts
+            windows = first.samples[4:].clone()
+            windows[:, 0] += 1
+            checkpoint.atomic_save_safetensors(kept, {"windows": windows})
+        else:
+            kept.write_bytes(damage)
+        resampled = data.with_sampled(calib, files, 3, 0)
+        assert torch.equal(resampled.samples, first.samples)  # sampled again, same bytes
+        assert torch.equal(load_file(kept)["windows"], first.samples[4:])
