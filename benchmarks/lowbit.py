@@ -20,7 +20,8 @@ peers: llmc-gptq (GPTQModifier, act-order "weight" = our static act-order), llmc
 benchmarks/peer_llmcompressor.py, and autoround (SignRound, --autoround-iters steps of
 --autoround-batch windows per layer; 0 = its plain RTN) by benchmarks/peer_autoround.py,
 both in /tmp/peer-venv; a peer's "+sampled96" feeds it the same 32 + 96 windows as ours
-(the 96 drawn as `compress quantize --calib-sampled 96 --threads` draws them). Every
+(the 96 drawn as `compress quantize --calib-sampled 96 --threads` draws them); auto-round
+at other than 25 x 4 is kept as "autoround (ITERS x BATCH)" beside the 25 x 4 cell. Every
 quantisation is a timed child process on the same seed-0 calibration token ids; every
 checkpoint (a peer's too) is scored by `compress eval`'s
 harness on the same held-out tokens. The shortened protocol of benchmarks/rotate.py (32
@@ -95,6 +96,15 @@ def split_peer(method: str) -> tuple[str, int]:
 def is_peer(method: str) -> bool:
     name, sampled = split_peer(method)
     return name in PEERS and sampled >= 0
+
+
+def cell_name(method: str, args) -> str:
+    """The grid's key: auto-round at other than 25 steps of 4 windows names its steps, so
+    that it sits beside the 25 x 4 cell instead of replacing it."""
+    if split_peer(method)[0] == "autoround" and (args.autoround_iters,
+                                                  args.autoround_batch) != (25, 4):
+        return f"{method} ({args.autoround_iters} x {args.autoround_batch})"
+    return method
 
 
 def ours(setting: str, method: str, work: Path, args) -> dict:
@@ -213,7 +223,7 @@ def main() -> None:
         return ids[sampled]
 
     for setting, method in cells:
-        r = rows.setdefault(setting, {})[method] = (
+        r = rows.setdefault(setting, {})[cell_name(method, args)] = (
             peer(setting, method, peer_ids(method), work, args) if is_peer(method)
             else ours(setting, method, work, args))
         print(f"{setting} {method:14s} KL {r['kl_mean']:.4f} (p99 {r['kl_p99']:.3f})  top-1 "
