@@ -86,16 +86,19 @@ def split_tune(method: str) -> tuple[str, bool]:
     return (method.removesuffix("+tune"), tuned)
 
 
-def split_peer(method: str) -> tuple[str, int]:
-    """A peer and how many sampled windows it gets beside the text: "autoround+sampled96"
-    is auto-round on our 32 + 96 windows."""
+PEER_SUFFIXES = {"": 0, "sampled96": 96}  # a peer's suffix -> sampled windows beside the text
+
+
+def split_peer(method: str) -> tuple[str, int | None]:
+    """A peer and how many sampled windows it gets beside the text ("autoround+sampled96"
+    is auto-round on our 32 + 96 windows); None for a suffix peers do not take."""
     name, _, suffix = method.partition("+")
-    return name, (96 if suffix == "sampled96" else 0 if not suffix else -1)
+    return name, PEER_SUFFIXES.get(suffix)
 
 
 def is_peer(method: str) -> bool:
     name, sampled = split_peer(method)
-    return name in PEERS and sampled >= 0
+    return name in PEERS and sampled is not None
 
 
 def cell_name(method: str, args) -> str:

@@ -139,6 +139,13 @@ def cache_root() -> Path:
     return Path(root)
 
 
+def cache_dir(folder: str, moved_by: str) -> Path:
+    """The environment variable `moved_by` where it is set, else `folder` in the cache
+    root: one kind of cached file the user can put elsewhere (or tests keep apart)."""
+    moved = os.environ.get(moved_by)
+    return Path(moved) if moved else cache_root() / folder
+
+
 def _install_allowed(install: bool | None) -> bool:
     if install is None:
         return os.environ.get("COMPRESS_OFFLINE", "") in ("", "0")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -175,7 +174,7 @@ def with_sampled(calib: CalibrationSet, model_files: ModelFiles, count: int, see
 def sampled_cache() -> Path:
     """COMPRESS_SAMPLED_CACHE, else `sampled/` in compress's cache. The files hold the
     first tokens of calibration windows as prompts: delete the folder to forget them."""
-    return Path(os.environ.get("COMPRESS_SAMPLED_CACHE") or assets.cache_root() / "sampled")
+    return assets.cache_dir("sampled", "COMPRESS_SAMPLED_CACHE")
 
 
 def _sampled_key(calib: CalibrationSet, model_files: ModelFiles, count: int, seed: int,

@@ -90,10 +90,9 @@ def compiled_step(model: nn.Module, cache, identity: str | None = None
 
 def cache_dir() -> Path:
     """COMPRESS_AOT_CACHE, else `aot/` in compress's cache."""
-    from compress.assets import cache_root
+    from compress import assets
 
-    moved = os.environ.get("COMPRESS_AOT_CACHE")
-    return Path(moved) if moved else cache_root() / "aot"
+    return assets.cache_dir("aot", "COMPRESS_AOT_CACHE")
 
 
 def _stored_package(model: nn.Module, cache, identity: str) -> Path:
