@@ -41,6 +41,10 @@ MEAN_ERROR_RATIO_MAX = 0.01
 # folded into differ from one process's in the last bits (seen: 7e-7 relative, no code
 # different) even when the same alpha wins.
 AWQ_FOLD_RTOL = 1e-5
+# Once GPTQ's codes have drifted in a layer (awq+gptq), the next layers' inputs carry the
+# other rounding, so their mean|x| and the folded norms move with it (seen: 4e-4 relative
+# in layer 1 after 11% of the codes differed); the per-Linear error bounds hold there too.
+AWQ_FOLD_AFTER_DRIFT_RTOL = 1e-2
 CODES_DIFFER_MAX = 0.2
 
 
@@ -85,11 +89,15 @@ def assert_close_checkpoints(a: Path, b: Path) -> None:
     fa, fb = models.open_model(a), models.open_model(b)
     assert fa.schemes == fb.schemes
     differ = total = 0
+    drifted = []  # the layers where some code differs
     for name in fa.schemes:
         codes = fa.linear_weight(name).codes() != fb.linear_weight(name).codes()
         differ += int(codes.sum())
         total += codes.numel()
+        if codes.any():
+            drifted.append(layer_index(name))
     assert differ <= CODES_DIFFER_MAX * total, f"{differ} of {total} codes differ"
+    first_drift = min(drifted, default=None)
     la = json.loads((a / pipeline.QUANT_LOG).read_text())["modules"]
     lb = json.loads((b / pipeline.QUANT_LOG).read_text())["modules"]
     scaled_a, scaled_b = awq_scaled(la), awq_scaled(lb)
@@ -100,7 +108,9 @@ def assert_close_checkpoints(a: Path, b: Path) -> None:
         if name not in scaled_a:
             assert torch.equal(x, y), name
         elif scaled_a[name] == scaled_b.get(name):
-            torch.testing.assert_close(y, x, rtol=AWQ_FOLD_RTOL, atol=0, msg=name)
+            inputs_drifted = first_drift is not None and layer_index(name) >= first_drift
+            rtol = AWQ_FOLD_AFTER_DRIFT_RTOL if inputs_drifted else AWQ_FOLD_RTOL
+            torch.testing.assert_close(y, x, rtol=rtol, atol=0, msg=name)
         # else a near tie in AWQ's grid went the other way: the error bounds below judge it
     for name, entry in la.items():  # every token counted once, wherever it was
         assert lb[name].get("tokens") == entry.get("tokens")
@@ -109,6 +119,10 @@ def assert_close_checkpoints(a: Path, b: Path) -> None:
     mean_a = sum(e["relative_error"] for e in la.values()) / len(la)
     mean_b = sum(e["relative_error"] for e in lb.values()) / len(lb)
     assert mean_b == pytest.approx(mean_a, rel=MEAN_ERROR_RATIO_MAX)
+
+
+def layer_index(name: str) -> int:
+    return int(re.search(r"\.layers\.(\d+)\.", name).group(1))
 
 
 def awq_scaled(log: dict[str, dict]) -> dict[str, tuple]:
