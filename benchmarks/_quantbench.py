@@ -60,21 +60,21 @@ def score(out: Path, eval_tokens: int, model: str = assets.DEFAULT_MODEL) -> dic
 
 def calibration_ids(work: Path, samples: int, seqlen: int,
                     model: str = assets.DEFAULT_MODEL, sampled: int = 0,
-                    threads: int = 1) -> Path:
+                    threads: int = 1, seed: int = 0) -> Path:
     """Our calibration windows as token ids, for the peer to consume verbatim; with
     `sampled`, the windows `--calib-sampled` adds too, drawn as `compress quantize
     --threads` would draw them (their bytes depend on the thread count)."""
     base = assets.bundled_model_dir(model)
-    calib = data.calibration_set(data.load_tokenizer(base), None, samples, seqlen, 0)
+    calib = data.calibration_set(data.load_tokenizer(base), None, samples, seqlen, seed)
     if sampled:
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            calib = data.with_sampled(calib, models.open_model(base), sampled, 0)
+            calib = data.with_sampled(calib, models.open_model(base), sampled, seed)
         finally:
             torch.set_num_threads(before)
     work.mkdir(parents=True, exist_ok=True)
-    path = work / (f"calib_ids-sampled{sampled}.pt" if sampled else "calib_ids.pt")
+    path = work / (f"calib_ids-seed{seed}" + (f"-sampled{sampled}" if sampled else "") + ".pt")
     torch.save(calib.samples, path)
     path.with_suffix(".sha256").write_text(calib.sha256)
     return path
@@ -102,7 +102,8 @@ def write_report(path: Path, benchmark: str, args, fp16, model: str = assets.DEF
         "model": f"{model} (bundled)",
         "threads": torch.get_num_threads(),
         "calibration": {"samples": args.calib_samples, "seqlen": args.calib_seqlen,
-                        "source": "bundled calibration split, seed 0"},
+                        "source": "bundled calibration split, seed "
+                                  f"{getattr(args, 'calib_seed', 0)}"},
         "perplexity_protocol": {"ctx": fp16.ctx, "windows": fp16.windows,
                                 "tokens_scored": fp16.tokens},
         "fp16_ppl": fp16.ppl,

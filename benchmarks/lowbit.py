@@ -22,14 +22,16 @@ benchmarks/peer_llmcompressor.py, and autoround (SignRound, --autoround-iters st
 both in /tmp/peer-venv; a peer's "+sampled96" feeds it the same 32 + 96 windows as ours
 (the 96 drawn as `compress quantize --calib-sampled 96 --threads` draws them); auto-round
 at other than 25 x 4 is kept as "autoround (ITERS x BATCH)" beside the 25 x 4 cell. Every
-quantisation is a timed child process on the same seed-0 calibration token ids; every
+quantisation is a timed child process on the same calibration token ids (seed 0, or
+--calib-seed: a second draw of the windows, text and sampled, to see the spread); every
 checkpoint (a peer's too) is scored by `compress eval`'s
 harness on the same held-out tokens. The shortened protocol of benchmarks/rotate.py (32
 x 512 calibration, 8,192 tokens) by default.
 --merge keeps the cells (and other sections) already in --json (same protocol, checked)
 and adds these: the grid can be filled over several runs, two side by side; each cell's
 time is its own run's.
-Writes benchmarks/results/lowbit.json (lowbit-gemma3-270m.json for Gemma).
+Writes benchmarks/results/lowbit.json (lowbit-gemma3-270m.json for Gemma, -seedN added
+for another calibration seed).
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def ours(setting: str, method: str, work: Path, args) -> dict:
     quantized_method, tuned = split_tune(method)
     base, extra = split_method(quantized_method)
     # a fixed thread count: at 2 bits another one changes the result by up to ~10%
-    extra = [*extra, "--threads", str(args.threads)]
+    extra = [*extra, "--threads", str(args.threads), "--seed", str(args.calib_seed)]
     if base == "signround":
         extra += ["--signround-iters", str(args.signround_iters),
                   "--signround-batch", str(args.signround_batch)]
@@ -173,6 +175,8 @@ def main() -> None:
                         choices=[assets.DEFAULT_MODEL, assets.GEMMA3_MODEL])
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-seqlen", type=int, default=512)
+    parser.add_argument("--calib-seed", type=int, default=0,
+                        help="which calibration windows, ours and the peers' alike")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--signround-iters", type=int, default=200)
     parser.add_argument("--signround-batch", type=int, default=8)
@@ -184,10 +188,12 @@ def main() -> None:
     parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
     parser.add_argument("--merge", action="store_true")
     parser.add_argument("--json", type=Path, help="default: results/lowbit.json, "
-                        "lowbit-MODEL.json for a model other than the default")
+                        "lowbit-MODEL.json for a model other than the default, -seedN added "
+                        "for a calibration seed other than 0")
     args = parser.parse_args()
     if args.json is None:
         name = "" if args.model == assets.DEFAULT_MODEL else f"-{args.model}"
+        name += f"-seed{args.calib_seed}" if args.calib_seed else ""
         args.json = HERE / "results" / f"lowbit{name}.json"
     set_quiet(True)
     cells = [tuple(c.split(":", 1)) for c in args.cells.split(",")]
@@ -207,9 +213,10 @@ def main() -> None:
         if not (args.merge and args.json.is_file()):
             return {"settings": {}}
         before = json.loads(args.json.read_text())
-        same = (before["calibration"]["samples"], before["calibration"]["seqlen"],
+        calib = before["calibration"]
+        same = (calib["samples"], calib["seqlen"], calib["source"].rpartition(" ")[2],
                 before["perplexity_protocol"]["tokens_scored"])
-        if same != (args.calib_samples, args.calib_seqlen, fp16.tokens):
+        if same != (args.calib_samples, args.calib_seqlen, str(args.calib_seed), fp16.tokens):
             raise SystemExit(f"{args.json} was measured on another protocol {same}")
         return before
 
@@ -222,7 +229,8 @@ def main() -> None:
         sampled = split_peer(method)[1]
         if sampled not in ids:
             ids[sampled] = calibration_ids(work, args.calib_samples, args.calib_seqlen,
-                                           args.model, sampled, args.threads)
+                                           args.model, sampled, args.threads,
+                                           args.calib_seed)
         return ids[sampled]
 
     for setting, method in cells:

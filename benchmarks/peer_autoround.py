@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=dtypes, default="float32")
     ap.add_argument("--save-dtype", choices=dtypes, default="float16")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--device", default="cpu", help="auto-round's device_map: cpu, cuda")
     ap.add_argument("--out", required=True)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -180,7 +181,7 @@ def main() -> None:
         iters=args.iters,
         batch_size=args.batch_size,
         seed=args.seed,
-        device_map="cpu",
+        device_map=args.device,
         amp=False,
         enable_torch_compile=args.torch_compile == "on",
         **kwargs,
@@ -279,6 +280,8 @@ def main() -> None:
         "n_samples": n,
         "seqlen": seqlen,
         "torch_threads": torch.get_num_threads(),
+        "device": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                   else args.device),
         "load_s": round(t_load, 3),
         "init_s": round(t_init, 3),
         "quantize_s": round(quantize_s, 3),

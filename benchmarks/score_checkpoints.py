@@ -7,7 +7,8 @@ or a `compress quantize` command wrote as a user runs it (results/score_checkpoi
 Each checkpoint gets KL (mean, p99) against the bundled fp16 model it was made from, top-1
 agreement and perplexity on the same held-out tokens as the lowbit grid, with what its
 manifest records: the recipe, the calibration windows (their token hash), the tuning's
-calibration KL. Wall time is not in a checkpoint: give it (`--seconds`) from the run.
+calibration KL. Wall time is not in a checkpoint: give it (`--seconds`) from the run. A peer's dense
+folder scores too (against the default model); what made it goes in --command.
 Rows merge into --json by label.
 """
 
@@ -50,7 +51,7 @@ def main() -> None:
     base = None
     rows = {}
     for label, path in named.items():
-        manifest = models.open_model(path).manifest
+        manifest = models.open_model(path).manifest or {}  # a peer's dense folder has none
         model = manifest["base_model"]["name"] if isinstance(manifest.get("base_model"), dict) \
             else assets.DEFAULT_MODEL
         if base not in (None, model):
