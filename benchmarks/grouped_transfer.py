@@ -59,8 +59,14 @@ def unpack_codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return ((words.unsqueeze(1) >> shifts) & (2**bits - 1)).flatten()[:count]
 
 
+def code_bits(width: int) -> int:
+    return max(1, (width - 1).bit_length())
+
+
 def encode(weight: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codebook [groups, 2^bits] int16 bit patterns, packed codes) of a float16 weight."""
+    """(codebook [groups, width] int16 bit patterns, packed codes) of a float16 weight.
+    width is 2^bits, or one more where a group holds both zeros (0.0 and -0.0 are
+    distinct bytes: rounding a small negative weight to zero keeps its sign)."""
     rows, cols = weight.shape
     pad = -cols % group  # a short last group is padded with a value it already holds
     w = weight.view(torch.int16)
@@ -71,19 +77,20 @@ def encode(weight: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, t
     new = torch.ones_like(values, dtype=torch.bool)
     new[:, 1:] = values[:, 1:] != values[:, :-1]
     rank = new.long().cumsum(1) - 1
-    if int(rank[:, -1].max()) >= 2**bits:
-        raise SystemExit(f"more than {2**bits} distinct values in a group")
-    book = torch.zeros(groups.shape[0], 2**bits, dtype=torch.int16)
+    width = max(int(rank[:, -1].max()) + 1, 2**bits)
+    if width > 2**bits + 1:
+        raise SystemExit(f"more than {2**bits} distinct values (and a signed zero) in a group")
+    book = torch.zeros(groups.shape[0], width, dtype=torch.int16)
     book.scatter_(1, rank, values)
     codes = torch.empty_like(rank).scatter_(1, order, rank)
-    return book, pack_codes(codes, bits)
+    return book, pack_codes(codes, code_bits(width))
 
 
-def decode(book: torch.Tensor, words: torch.Tensor, shape: list[int], bits: int,
-           group: int) -> torch.Tensor:
+def decode(book: torch.Tensor, words: torch.Tensor, shape: list[int], group: int
+           ) -> torch.Tensor:
     rows, cols = shape
     padded = cols + (-cols % group)
-    codes = unpack_codes(words, bits, rows * padded).reshape(-1, group)
+    codes = unpack_codes(words, code_bits(book.shape[1]), rows * padded).reshape(-1, group)
     return book.gather(1, codes).reshape(rows, padded)[:, :cols].contiguous().view(torch.float16)
 
 
@@ -109,7 +116,7 @@ def pack(dense: Path, base: Path, bits: int, group: int, out: Path) -> None:
         if w.dtype != torch.float16:
             raise SystemExit(f"{n} is {w.dtype}; float16 expected")
         book, words = encode(w, bits, group)
-        if not torch.equal(decode(book, words, list(w.shape), bits, group), w):
+        if not torch.equal(decode(book, words, list(w.shape), group), w):
             raise SystemExit(f"{n}: the encoding does not give the weight back")
         manifest["weights"][n] = {"shape": list(w.shape), "sha256": sha(w)}
         size = sum(t.numel() * t.element_size() for t in shard.values())
@@ -122,13 +129,13 @@ def pack(dense: Path, base: Path, bits: int, group: int, out: Path) -> None:
 
 def unpack(packed: Path, base: Path, out: Path) -> None:
     manifest = json.loads((packed / MANIFEST).read_text())
-    bits, group = manifest["bits"], manifest["group_size"]
+    group = manifest["group_size"]
     stored: dict[str, torch.Tensor] = {}
     for name in manifest["shards"]:
         stored.update(load_file(packed / name))
     tensors = tensors_of(base)
     for n, info in manifest["weights"].items():
-        w = decode(stored[f"{n}.codebook"], stored[f"{n}.codes"], info["shape"], bits, group)
+        w = decode(stored[f"{n}.codebook"], stored[f"{n}.codes"], info["shape"], group)
         if sha(w) != info["sha256"]:
             raise SystemExit(f"{n}: sha256 differs from the device's")
         tensors[n] = w

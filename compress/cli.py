@@ -185,7 +185,9 @@ def quantize(
                                              "windows.")] = 2,
     calib: Annotated[Path | None, typer.Option(
         help="Calibration text: a .txt, a .json/.jsonl with a 'text' field, or a local "
-        "`datasets` directory (default: the bundled calibration split).")] = None,
+        "`datasets` directory (default: the bundled calibration split); or exact token "
+        "windows: a .safetensors holding int64 'windows' [n, seqlen], the first "
+        "--calib-samples used in order.")] = None,
     calib_samples: CalibSamples = 128,
     calib_seqlen: CalibSeqlen = 512,
     seed: Annotated[int, typer.Option(help="Seed choosing the calibration windows.")] = 0,
@@ -452,7 +454,8 @@ def tune(
         help="The unquantised model to match: 'auto' is the base model the checkpoint "
              "records, or a directory or bundled name.")] = "auto",
     calib: Annotated[Path | None, typer.Option(
-        help="Calibration text (default: the bundled calibration split).")] = None,
+        help="Calibration text or token windows, as quantize's --calib (default: the "
+             "bundled calibration split).")] = None,
     calib_samples: Annotated[int | None, typer.Option(
         help="Calibration windows (default: the checkpoint's).", show_default=False)] = None,
     calib_seqlen: Annotated[int | None, typer.Option(

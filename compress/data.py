@@ -233,6 +233,8 @@ def calibration_set(tokenizer, path: str | Path | None, samples: int, seqlen: in
     """
     if samples < 1 or seqlen < 2:
         raise CompressError("calibration needs at least 1 sample of at least 2 tokens")
+    if path is not None and Path(path).suffix == ".safetensors":
+        return token_windows(path, len(tokenizer), samples, seqlen)
     text = text_tokens(tokenizer, path, split="calibration")
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     body = seqlen - 1 if bos is not None else seqlen
@@ -249,6 +251,37 @@ def calibration_set(tokenizer, path: str | Path | None, samples: int, seqlen: in
         windows = torch.cat([torch.full((samples, 1), bos, dtype=windows.dtype), windows], 1)
     source = text.description if path is not None else f"bundled: {text.description}"
     return CalibrationSet(windows, text.sha256, source)
+
+
+def token_windows(path: str | Path, vocab: int, samples: int, seqlen: int) -> CalibrationSet:
+    """The first `samples` windows of a safetensors file holding token ids as `windows`
+    (int64, [n, seqlen]), used verbatim: the same windows another tool, run or machine
+    calibrated on (no seed applies; the sampled-windows cache has this layout too)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        windows = load_file(path).get("windows")
+    except (OSError, SafetensorError) as e:
+        raise CompressError(f"cannot read token windows from {path} ({first_line(e)})") \
+            from None
+    if windows is None or windows.dtype != torch.int64 or windows.dim() != 2:
+        raise CompressError(f"{path} holds no int64 [n, seqlen] tensor named 'windows' "
+                            "(token ids; save one with safetensors.torch.save_file)")
+    n, length = windows.shape
+    if length != seqlen:
+        raise CompressError(f"{path} holds windows of {length} tokens; pass "
+                            f"--calib-seqlen {length}")
+    if samples > n:
+        raise CompressError(f"{path} holds {n} windows, fewer than the {samples} asked; "
+                            f"pass --calib-samples {n} or fewer")
+    windows = windows[:samples].contiguous()
+    if windows.min() < 0 or windows.max() >= vocab:
+        raise CompressError(f"{path} holds token ids outside this tokenizer's vocabulary "
+                            f"(0 ... {vocab - 1}): windows of another model's tokenizer?")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return CalibrationSet(windows, digest, f"{path} (token windows)")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Calibration samples: seeded, from bundled text or the user's file/dataset, clear errors."""
 
+import hashlib
 import json
 
 import pytest
@@ -58,3 +59,29 @@ def test_missing_and_binary_sources(tokenizer, tmp_path):
     (tmp_path / "b.txt").write_bytes(b"\xff\xfe\x00\x81" * 10)
     with pytest.raises(CompressError, match="not UTF-8"):
         data.calibration_set(tokenizer, tmp_path / "b.txt", 1, 8, 0)
+
+
+def test_token_windows_file_is_used_verbatim(tokenizer, tmp_path):
+    """--calib WINDOWS.safetensors: another run's exact windows, the first N in order."""
+    from safetensors.torch import save_file
+
+    bundled = data.calibration_set(tokenizer, None, 6, 64, 3)
+    path = tmp_path / "windows.safetensors"
+    save_file({"windows": bundled.samples}, str(path))
+    four = data.calibration_set(tokenizer, path, 4, 64, seed=99)  # no seed applies
+    assert torch.equal(four.samples, bundled.samples[:4])
+    assert four.text_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert "token windows" in four.source
+    with pytest.raises(CompressError, match="pass --calib-seqlen 64"):
+        data.calibration_set(tokenizer, path, 4, 128, 0)
+    with pytest.raises(CompressError, match="holds 6 windows, fewer than the 7"):
+        data.calibration_set(tokenizer, path, 7, 64, 0)
+    save_file({"windows": bundled.samples + len(tokenizer)}, str(path))
+    with pytest.raises(CompressError, match="outside this tokenizer's vocabulary"):
+        data.calibration_set(tokenizer, path, 4, 64, 0)
+    save_file({"ids": bundled.samples}, str(path))
+    with pytest.raises(CompressError, match=r"no int64 .* named 'windows'"):
+        data.calibration_set(tokenizer, path, 4, 64, 0)
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(CompressError, match="cannot read token windows"):
+        data.calibration_set(tokenizer, path, 4, 64, 0)

@@ -33,16 +33,30 @@ def test_weights_come_back_bit_for_bit(bits, group, cols):
     first[0] = 0
     first[first == 0] = -0.0
     book, words = grouped_transfer.encode(w, bits, group)
-    back = grouped_transfer.decode(book, words, list(w.shape), bits, group)
+    back = grouped_transfer.decode(book, words, list(w.shape), group)
     assert back.dtype == torch.float16
     assert torch.equal(back.view(torch.int16), w.view(torch.int16))
-    # the codes take bits each, packed 63 // bits to an int64 word
-    assert words.numel() == -(-48 * (cols + -cols % group) // (63 // bits))
+    # the codes take bits each (one more where a group holds both zeros), 63 // that
+    # to an int64 word
+    code_bits = grouped_transfer.code_bits(book.shape[1])
+    assert code_bits in (bits, bits + 1)
+    assert words.numel() == -(-48 * (cols + -cols % group) // (63 // code_bits))
+
+
+def test_both_signed_zeros_in_a_group_come_back():
+    """Rounding a small negative weight to zero keeps its sign: a group may hold 0.0 and
+    -0.0 beside the grid's other values (seen in auto-round's RTN), 2^bits + 1 patterns."""
+    w = fake_quant(8, 128, 4, 128, seed=5)
+    w[:, 0], w[:, 1] = 0.0, -0.0
+    book, words = grouped_transfer.encode(w, 4, 128)
+    assert book.shape[1] == 17  # codes take 5 bits in that tensor
+    back = grouped_transfer.decode(book, words, list(w.shape), 128)
+    assert torch.equal(back.view(torch.int16), w.view(torch.int16))
 
 
 def test_more_distinct_values_than_the_grid_is_refused():
     w = torch.linspace(-1, 1, 64 * 4).reshape(4, 64).half()  # 64 distinct values per group
-    with pytest.raises(SystemExit, match="more than 8 distinct values"):
+    with pytest.raises(SystemExit, match=r"more than 8 distinct values \(and a signed zero\)"):
         grouped_transfer.encode(w, 3, 64)
 
 
