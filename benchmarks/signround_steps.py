@@ -9,11 +9,12 @@ The bundled model in float32; seed-0 calibration windows (32 x 512 tokens, as
 each layer: every Linear's GPTQ (its Hessian from the layer's unquantised inputs on the 28
 windows, GPTQ's defaults), then `compress.calibrate.signround.learn_layer` from GPTQ's
 error-compensated weights and grid (`--signround-start gptq`), once per variant
-(OPTIMIZER:STEPS[:LR], batch 4). Scored on the held-out windows: the layer's output error
-(mean squared, against the unquantised layer on the same inputs), also as a ratio to
-GPTQ's. The whole pipeline differs in two ways: its GPTQ runs true-sequentially on
-inputs that earlier quantised layers produced; its target is the unquantised model's
-output. Here each layer is alone, so the variants are compared on equal footing.
+(OPTIMIZER:STEPS[:LR[:BATCH]], batch 4 by default). Scored on the held-out windows: the
+layer's output error (mean squared, against the unquantised layer on the same inputs),
+also as a ratio to GPTQ's. The whole pipeline differs in two ways: its GPTQ runs
+true-sequentially on inputs that earlier quantised layers produced; its target is the
+unquantised model's output. Here each layer is alone, so the variants are compared on
+equal footing.
 """
 
 from __future__ import annotations
@@ -94,10 +95,12 @@ def with_weights(layer: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Modul
 
 
 def parse_variant(text: str) -> tuple[str, SignRoundConfig]:
+    """OPTIMIZER:STEPS[:LR[:BATCH]], an empty LR for the default ("adam:200::8")."""
     parts = text.split(":")
     optimizer, steps = parts[0], int(parts[1])
-    lr = float(parts[2]) if len(parts) > 2 else None
-    return text, SignRoundConfig(iters=steps, lr=lr, batch=BATCH, target="layer",
+    lr = float(parts[2]) if len(parts) > 2 and parts[2] else None
+    batch = int(parts[3]) if len(parts) > 3 else BATCH
+    return text, SignRoundConfig(iters=steps, lr=lr, batch=batch, target="layer",
                                  start="gptq", optimizer=optimizer)
 
 
@@ -147,7 +150,8 @@ def main() -> None:
             learned = with_weights(layer, {n: w.dequantize() for n, w in packed.items()})
             error = held_out_error(lambda p, s=learned: run(s, p), held, targets[LEARN:])
             row[label] = {"held_out_mse": error, "vs_gptq": error / gptq_error,
-                          "learn_mse": losses["learned"], "seconds": seconds}
+                          "learn_mse": losses["learned"], "learn_mse_start": losses["start"],
+                          "seconds": seconds}
             print(f"layer {index} {label:>14}: held-out MSE {error:.5g} "
                   f"({error / gptq_error:.3f}x GPTQ's {gptq_error:.5g}), {seconds:.0f} s",
                   flush=True)
