@@ -102,8 +102,8 @@ def write_report(path: Path, benchmark: str, args, fp16, model: str = assets.DEF
         "model": f"{model} (bundled)",
         "threads": torch.get_num_threads(),
         "calibration": {"samples": args.calib_samples, "seqlen": args.calib_seqlen,
-                        "source": "bundled calibration split, seed "
-                                  f"{getattr(args, 'calib_seed', 0)}"},
+                        "seed": getattr(args, "calib_seed", 0),
+                        "source": "bundled calibration split"},
         "perplexity_protocol": {"ctx": fp16.ctx, "windows": fp16.windows,
                                 "tokens_scored": fp16.tokens},
         "fp16_ppl": fp16.ppl,

@@ -214,9 +214,9 @@ def main() -> None:
             return {"settings": {}}
         before = json.loads(args.json.read_text())
         calib = before["calibration"]
-        same = (calib["samples"], calib["seqlen"], calib["source"].rpartition(" ")[2],
+        same = (calib["samples"], calib["seqlen"], calib.get("seed", 0),  # older: seed 0
                 before["perplexity_protocol"]["tokens_scored"])
-        if same != (args.calib_samples, args.calib_seqlen, str(args.calib_seed), fp16.tokens):
+        if same != (args.calib_samples, args.calib_seqlen, args.calib_seed, fp16.tokens):
             raise SystemExit(f"{args.json} was measured on another protocol {same}")
         return before
 

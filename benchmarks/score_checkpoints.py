@@ -68,7 +68,7 @@ def main() -> None:
     fp16 = evaluation.evaluate_perplexity(assets.bundled_model_dir(base),
                                           max_tokens=args.eval_tokens)
     before = json.loads(args.json.read_text()).get("rows", {}) if args.json.is_file() else {}
-    args.calib_samples = args.calib_seqlen = "each row's"  # rows record their own
+    args.calib_samples = args.calib_seqlen = args.calib_seed = "each row's"  # rows: their own
     write_report(args.json, "score_checkpoints", args, fp16, base, rows={**before, **rows})
     print(f"wrote {args.json}")
 

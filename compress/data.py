@@ -195,19 +195,14 @@ def _read_sampled(path: Path, prompts: torch.Tensor, seqlen: int,
                   vocab: int | None) -> torch.Tensor | None:
     """Cached windows that fit what was asked (shape, dtype, their prompts, the
     vocabulary), else None: a damaged or foreign file is sampled again, never used."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not path.is_file():
         return None
     try:
-        windows = load_file(path).get("windows")
-    except (OSError, SafetensorError):
+        windows = token_windows(path, vocab, prompts.shape[0], seqlen).samples
+    except CompressError:
         return None
-    if (windows is None or windows.dtype != torch.int64
-            or windows.shape != (prompts.shape[0], seqlen)
-            or not torch.equal(windows[:, :prompts.shape[1]], prompts)
-            or windows.min() < 0 or (vocab is not None and windows.max() >= vocab)):
+    if windows.shape[0] != prompts.shape[0] or not torch.equal(
+            windows[:, :prompts.shape[1]], prompts):
         return None
     return windows
 
@@ -253,7 +248,8 @@ def calibration_set(tokenizer, path: str | Path | None, samples: int, seqlen: in
     return CalibrationSet(windows, text.sha256, source)
 
 
-def token_windows(path: str | Path, vocab: int, samples: int, seqlen: int) -> CalibrationSet:
+def token_windows(path: str | Path, vocab: int | None, samples: int,
+                  seqlen: int) -> CalibrationSet:
     """The first `samples` windows of a safetensors file holding token ids as `windows`
     (int64, [n, seqlen]), used verbatim: the same windows another tool, run or machine
     calibrated on (no seed applies; the sampled-windows cache has this layout too)."""
@@ -277,9 +273,10 @@ def token_windows(path: str | Path, vocab: int, samples: int, seqlen: int) -> Ca
         raise CompressError(f"{path} holds {n} windows, fewer than the {samples} asked; "
                             f"pass --calib-samples {n} or fewer")
     windows = windows[:samples].contiguous()
-    if windows.min() < 0 or windows.max() >= vocab:
-        raise CompressError(f"{path} holds token ids outside this tokenizer's vocabulary "
-                            f"(0 ... {vocab - 1}): windows of another model's tokenizer?")
+    if windows.min() < 0 or (vocab is not None and windows.max() >= vocab):
+        limit = f" (0 ... {vocab - 1})" if vocab is not None else ""
+        raise CompressError(f"{path} holds token ids outside this tokenizer's vocabulary"
+                            f"{limit}: windows of another model's tokenizer?")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return CalibrationSet(windows, digest, f"{path} (token windows)")
 
