@@ -198,13 +198,10 @@ def _read_sampled(path: Path, prompts: torch.Tensor, seqlen: int,
     if not path.is_file():
         return None
     try:
-        windows = token_windows(path, vocab, prompts.shape[0], seqlen).samples
+        windows = token_windows(path, vocab, prompts.shape[0], seqlen, exact=True).samples
     except CompressError:
         return None
-    if windows.shape[0] != prompts.shape[0] or not torch.equal(
-            windows[:, :prompts.shape[1]], prompts):
-        return None
-    return windows
+    return windows if torch.equal(windows[:, :prompts.shape[1]], prompts) else None
 
 
 def _write_sampled(path: Path, windows: torch.Tensor) -> None:
@@ -248,11 +245,12 @@ def calibration_set(tokenizer, path: str | Path | None, samples: int, seqlen: in
     return CalibrationSet(windows, text.sha256, source)
 
 
-def token_windows(path: str | Path, vocab: int | None, samples: int,
-                  seqlen: int) -> CalibrationSet:
+def token_windows(path: str | Path, vocab: int | None, samples: int, seqlen: int,
+                  exact: bool = False) -> CalibrationSet:
     """The first `samples` windows of a safetensors file holding token ids as `windows`
     (int64, [n, seqlen]), used verbatim: the same windows another tool, run or machine
-    calibrated on (no seed applies; the sampled-windows cache has this layout too)."""
+    calibrated on (no seed applies). `exact`: n must be `samples` (the sampled-windows
+    cache, which has this layout, holds exactly the windows its key names)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -269,6 +267,8 @@ def token_windows(path: str | Path, vocab: int | None, samples: int,
     if length != seqlen:
         raise CompressError(f"{path} holds windows of {length} tokens; pass "
                             f"--calib-seqlen {length}")
+    if exact and n != samples:
+        raise CompressError(f"{path} holds {n} windows, not {samples}")
     if samples > n:
         raise CompressError(f"{path} holds {n} windows, fewer than the {samples} asked; "
                             f"pass --calib-samples {n} or fewer")

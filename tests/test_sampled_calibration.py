@@ -94,10 +94,13 @@ def test_sampled_windows_are_kept_and_read_back_without_the_model(tiny_llama, tm
     with pytest.raises(AssertionError, match="loaded"):  # another seed: another key
         data.with_sampled(calib, files, 3, 1)
     monkeypatch.setattr(models, "load", real_load)
-    for damage in (b"not a safetensors file", None):
+    for damage in (b"not a safetensors file", None, "extra"):
         if damage is None:  # a readable file whose windows do not start with the prompts
             windows = first.samples[4:].clone()
             windows[:, 0] += 1
+            checkpoint.atomic_save_safetensors(kept, {"windows": windows})
+        elif damage == "extra":  # the right windows and one more: not the file its key names
+            windows = torch.cat([first.samples[4:], first.samples[4:5]])
             checkpoint.atomic_save_safetensors(kept, {"windows": windows})
         else:
             kept.write_bytes(damage)
