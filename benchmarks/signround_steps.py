@@ -9,7 +9,8 @@ The bundled model in float32; seed-0 calibration windows (32 x 512 tokens, as
 each layer: every Linear's GPTQ (its Hessian from the layer's unquantised inputs on the 28
 windows, GPTQ's defaults), then `compress.calibrate.signround.learn_layer` from GPTQ's
 error-compensated weights and grid (`--signround-start gptq`), once per variant
-(OPTIMIZER:STEPS[:LR[:BATCH]], batch 4 by default). Scored on the held-out windows: the
+(OPTIMIZER:STEPS[:LR[:BATCH[:fixed]]], batch 4 by default; "fixed" keeps GPTQ's
+group ranges). Scored on the held-out windows: the
 layer's output error (mean squared, against the unquantised layer on the same inputs),
 also as a ratio to GPTQ's. The whole pipeline differs in two ways: its GPTQ runs
 true-sequentially on inputs that earlier quantised layers produced; its target is the
@@ -30,9 +31,10 @@ from _quantbench import HERE
 from torch import nn
 
 from compress import assets, data, models
-from compress.calibrate import signround
+from compress.calibrate import rotate, signround
 from compress.progress import set_quiet
 from compress.quant import gptq
+from compress.quant.rotate import RotationConfig
 from compress.quant.scheme import QuantScheme
 from compress.quant.signround import SignRoundConfig, grid_bounds
 
@@ -94,14 +96,30 @@ def with_weights(layer: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Modul
     return copied
 
 
+def fold_rotations(model: nn.Module, files: models.ModelFiles) -> None:
+    """The model with the Hadamard rotations of `rotate: {kind: hadamard, seed: 0}` folded
+    into its weights, as the pipeline quantises it (the head, untouched, is not used)."""
+    plan = rotate.plan(files, RotationConfig("hadamard", 0))
+    head = f"{files.arch.lm_head}.weight"
+    tensors = {n: t for n, t in rotate.rotated_tensors(files, plan).items() if n != head}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or set(missing) - {head}:
+        raise SystemExit(f"rotated tensors do not match the model: {unexpected or missing}")
+
+
 def parse_variant(text: str) -> tuple[str, SignRoundConfig]:
-    """OPTIMIZER:STEPS[:LR[:BATCH]], an empty LR for the default ("adam:200::8")."""
-    parts = text.split(":")
+    """OPTIMIZER:STEPS[:LR[:BATCH[:fixed]]], empty fields for their defaults
+    ("adam:200::8", "adam:100:0.01::fixed"); "fixed": each group keeps GPTQ's range
+    (`SignRoundConfig.learn_ranges` off)."""
+    parts = text.split(":") + [""] * 3
     optimizer, steps = parts[0], int(parts[1])
-    lr = float(parts[2]) if len(parts) > 2 and parts[2] else None
-    batch = int(parts[3]) if len(parts) > 3 else BATCH
+    lr = float(parts[2]) if parts[2] else None
+    batch = int(parts[3]) if parts[3] else BATCH
+    if parts[4] not in ("", "fixed"):
+        raise SystemExit(f"variant {text!r}: the fifth field is 'fixed' or empty")
     return text, SignRoundConfig(iters=steps, lr=lr, batch=batch, target="layer",
-                                 start="gptq", optimizer=optimizer)
+                                 start="gptq", optimizer=optimizer,
+                                 learn_ranges=parts[4] != "fixed")
 
 
 def main() -> None:
@@ -110,6 +128,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("--variants", default="sign:25,adam:100,adam:100:0.02,adam:200")
+    parser.add_argument("--rotate", action="store_true",
+                        help="fold the recipes' Hadamard rotations (seed 0) in first")
     parser.add_argument("--json", default=str(HERE / "results" / "signround_steps.json"))
     args = parser.parse_args()
     set_quiet(True)
@@ -118,6 +138,8 @@ def main() -> None:
     variants = [parse_variant(v) for v in args.variants.split(",")]
     scheme = QuantScheme(args.bits, args.group, True)
     model, files = models.load(assets.DEFAULT_MODEL, dtype=torch.float32)
+    if args.rotate:
+        fold_rotations(model, files)
     tokenizer = data.load_tokenizer(files.path)
     tokens = data.calibration_set(tokenizer, None, WINDOWS, SEQLEN, 0).samples
     inputs, run = layer_inputs(model, tokens, layers)
@@ -159,6 +181,7 @@ def main() -> None:
     report = {"benchmark": "signround_steps", "model": assets.DEFAULT_MODEL,
               "scheme": f"w{args.bits}g{args.group}", "windows": {"learn": LEARN,
               "held_out": WINDOWS - LEARN, "seqlen": SEQLEN, "seed": 0},
+              "rotate": "hadamard" if args.rotate else None,
               "variants": [v for v, _ in variants], "layers": rows}
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)

@@ -101,6 +101,14 @@ SignroundOptimizer = Annotated[str, typer.Option(
     help="signround: sign (signed-gradient steps, SignRound's) or adam (Adam with wider "
     "limits: a weight may move two grid points; best with --signround-start gptq and "
     "about 100 steps).")]
+SignroundLr = Annotated[float | None, typer.Option(
+    show_default=False,
+    help="signround: the first step's size, decaying linearly to 0 (default: 1/iters for "
+    "sign, 0.005 for adam).")]
+SignroundRanges = Annotated[bool, typer.Option(
+    "--signround-ranges/--signround-fixed-ranges",
+    help="signround: learn each group's range (clipping) beside the rounding offsets, or "
+    "keep the range each group starts with (with --signround-start gptq: GPTQ's grid).")]
 RotateSeed = Annotated[int, typer.Option(help="Seed of the rotations' random signs.")]
 CalibSamples = Annotated[int, typer.Option(help="Calibration windows.")]
 CalibSeqlen = Annotated[int, typer.Option(help="Tokens per calibration window.")]
@@ -162,6 +170,8 @@ def quantize(
     signround_batch: SignroundBatch = 8,
     signround_start: SignroundStart = "rtn",
     signround_optimizer: SignroundOptimizer = "sign",
+    signround_lr: SignroundLr = None,
+    signround_ranges: SignroundRanges = True,
     match: Annotated[str | None, typer.Option(
         metavar="model|layer", show_default=False,
         help="GPTQ and signround: what rounding matches. model (default): the "
@@ -279,7 +289,9 @@ def quantize(
                                                     expert_tokens, calib_sampled),
                       signround=SignRoundConfig(iters=signround_iters,
                                                 batch=signround_batch, start=signround_start,
-                                                optimizer=signround_optimizer, **matched))
+                                                optimizer=signround_optimizer,
+                                                lr=signround_lr,
+                                                learn_ranges=signround_ranges, **matched))
     if rotate:
         spec = dataclasses.replace(spec, rotate=RotationConfig("hadamard", rotate_seed))
     if tune:
@@ -305,8 +317,10 @@ def quantize(
 # recipe's algorithm: their flags override the recipe's.
 _RECIPE_FLAGS = ("method", "bits", "group_size", "symmetric", "act_order", "static_groups",
                  "damp", "mse_clip", "awq_grid", "awq_clip", "signround_iters",
-                 "signround_batch", "signround_start", "signround_optimizer", "match",
-                 "match_strength")
+                 "signround_batch", "signround_start", "signround_optimizer", "signround_lr",
+                 "signround_ranges", "match", "match_strength")
+_PAIRED_FLAGS = {"symmetric": "--sym/--asym",
+                 "signround_ranges": "--signround-ranges/--signround-fixed-ranges"}
 _CALIBRATION_FLAGS = {"calib_samples": "samples", "calib_seqlen": "seqlen", "seed": "seed",
                       "expert_tokens": "expert_tokens", "calib_sampled": "sampled"}
 
@@ -323,7 +337,7 @@ def _recipe_with_calibration_flags(ctx: typer.Context, spec):
     error naming any flag the recipe sets instead."""
     for name in _RECIPE_FLAGS:
         if _given(ctx, name):
-            flag = "--sym/--asym" if name == "symmetric" else "--" + name.replace("_", "-")
+            flag = _PAIRED_FLAGS.get(name, "--" + name.replace("_", "-"))
             raise CompressError(f"{flag} is set by the recipe; edit the recipe file, or "
                                 "drop --recipe to use the flags")
     changes = {field: ctx.params[name] for name, field in _CALIBRATION_FLAGS.items()
@@ -791,6 +805,8 @@ def report_(
     signround_batch: SignroundBatch = 8,
     signround_start: SignroundStart = "rtn",
     signround_optimizer: SignroundOptimizer = "sign",
+    signround_lr: SignroundLr = None,
+    signround_ranges: SignroundRanges = True,
     calib_samples: CalibSamples = 128,
     calib_seqlen: CalibSeqlen = 512,
     out: Annotated[Path, typer.Option(help="Report directory (cells are cached in it).")] =
@@ -824,7 +840,9 @@ def report_(
     method_settings = {"signround": SignRoundConfig(iters=signround_iters,
                                                     batch=signround_batch,
                                                     start=signround_start,
-                                                    optimizer=signround_optimizer),
+                                                    optimizer=signround_optimizer,
+                                                    lr=signround_lr,
+                                                    learn_ranges=signround_ranges),
                        "calibration": CalibrationConfig(calib_samples, calib_seqlen),
                        "tunings": report_mod.tunings(_csv(tunings, str))}
     cells = report_mod.grid(_csv(methods, str), _csv(bits, int), _csv(group_sizes, int), axis,

@@ -166,6 +166,7 @@ def test_report_flags_reach_the_grid(tiny_llama, tmp_path, monkeypatch):
     proc = cli_in_process("report", tiny_llama, "--methods", "gptq,signround", "--bits", "3",
                "--rotations", "none,hadamard", "--rotate-seed", "4", "--target-bits", "3.5",
                "--signround-iters", "3", "--signround-batch", "2", "--signround-start", "gptq",
+               "--signround-lr", "0.01", "--signround-fixed-ranges",
                "--calib-samples", "16", "--calib-seqlen", "64", "--out", tmp_path / "r")
     assert_one_line_error(proc, "stopped before the work")
     [cells] = grids
@@ -174,8 +175,8 @@ def test_report_flags_reach_the_grid(tiny_llama, tmp_path, monkeypatch):
         "gptq-mixed3.5b", "gptq-mixed3.5b-hadamard", "signround-mixed3.5b",
         "signround-mixed3.5b-hadamard"]
     assert {(c.rotate.kind, c.rotate.seed) for c in cells[1::2]} == {("hadamard", 4)}
-    assert {(c.signround.iters, c.signround.batch, c.signround.start) for c in cells} == {
-        (3, 2, "gptq")}
+    assert {(c.signround.iters, c.signround.batch, c.signround.start, c.signround.lr,
+             c.signround.learn_ranges) for c in cells} == {(3, 2, "gptq", 0.01, False)}
     assert {(c.calibration.samples, c.calibration.seqlen) for c in cells} == {(16, 64)}
 
 
@@ -344,7 +345,8 @@ def test_recipe_takes_calibration_flags_and_refuses_the_flags_it_sets(tiny_llama
     calibration = Recipe.from_yaml(out / "recipe.yaml").calibration
     assert (calibration.samples, calibration.seqlen, calibration.seed) == (4, 16, 7)
     for flag in (["--bits", "3"], ["--method", "rtn"], ["--asym"], ["--damp", "0.1"],
-                 ["--signround-iters", "10"]):
+                 ["--signround-iters", "10"], ["--signround-fixed-ranges"],
+                 ["--signround-lr", "0.01"]):
         refused = cli_in_process("quantize", tiny_llama, "--recipe", recipe, *flag,
                                  "--no-eval", "--out", tmp_path / "no")
         assert refused.returncode == 2, flag

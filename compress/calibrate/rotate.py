@@ -144,3 +144,20 @@ def rotate_embedding(table: torch.Tensor, rotations: RotationPlan) -> torch.Tens
     the stream is not rotated). Calibration gathers layer 0's inputs from it."""
     q = rotations.residual
     return table if q is None else q.apply(table, table.dtype)
+
+
+def rotated_tensors(files: ModelFiles, rotations: RotationPlan) -> dict[str, torch.Tensor]:
+    """Every tensor of the model with the rotations folded in, unquantised and in float32:
+    a dense copy that computes the same function (for checks and studies of the rotated
+    model; the pipeline folds layer by layer instead)."""
+    tensors = {}
+    for i in range(files.num_layers):
+        prefix = files.arch.layer_prefix(i)
+        layer = {n.removeprefix(prefix): files.tensors.get(n)
+                 for n in files.tensors.with_prefix(prefix)}
+        tensors.update({prefix + n: t.float().contiguous()
+                        for n, t in rotate_layer(layer, files, i, rotations).items()})
+    rest = {n: files.tensors.get(n) for n in files.tensors.names() if n not in tensors}
+    tensors.update({n: t.float().contiguous()
+                    for n, t in rotate_outer(rest, files, rotations).items()})
+    return tensors

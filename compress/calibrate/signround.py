@@ -45,7 +45,7 @@ def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
     they were."""
     roundings = _attach(layer, schemes, scale_dtype, bounds or {}, cfg.limits)
     try:
-        params = [p for r in roundings.values() for p in r.params()]
+        params = [p for r in roundings.values() for p in r.params(cfg.learn_ranges)]
         start_loss = _loss(forward, x, targets, chunk)
         initial = _snapshot(params)
         best_loss, best = float("inf"), initial

@@ -40,15 +40,7 @@ def rotated_dense_copy(src, dst, config=HADAMARD):
     pipeline's own fold functions, per layer and outside the layers)."""
     files = models.open_model(src)
     plan = rotate.plan(files, config)
-    tensors = {}
-    for i in range(files.num_layers):
-        p = files.arch.layer_prefix(i)
-        layer = {n.removeprefix(p): files.tensors.get(n) for n in files.tensors.with_prefix(p)}
-        tensors.update({p + n: t.float().contiguous()
-                        for n, t in rotate.rotate_layer(layer, files, i, plan).items()})
-    rest = {n: files.tensors.get(n) for n in files.tensors.names() if n not in tensors}
-    tensors.update({n: t.float().contiguous()
-                    for n, t in rotate.rotate_outer(rest, files, plan).items()})
+    tensors = rotate.rotated_tensors(files, plan)
     dst.mkdir()
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     config_json = dict(files.config)

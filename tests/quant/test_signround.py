@@ -235,12 +235,43 @@ def test_adam_learns_within_its_wider_limits():
     assert factors.max() <= 1.25 and factors.min() >= 0.5
 
 
+def test_fixed_ranges_keep_each_groups_grid():
+    """With learn_ranges off only the offsets move: every group's scale is the one it
+    started with, while the loss still falls (the offsets alone learn)."""
+    layer = _toy_layer()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 32, 64, generator=gen) @ torch.randn(64, 64, generator=gen)
+    schemes = {"0": QuantScheme(3, 32, True), "2": QuantScheme(3, 32, False)}
+    targets = learn.layer_outputs(layer, x)
+    untrained = SignRoundConfig(iters=1, lr=1e-9, batch=4, optimizer="adam")
+    start, _ = learn.learn_layer(layer, layer, x, targets, schemes, untrained,
+                                 torch.float16, seed=0)
+    cfg = SignRoundConfig(iters=60, batch=4, optimizer="adam", lr=0.05, learn_ranges=False)
+    packed, losses = learn.learn_layer(layer, layer, x, targets, schemes, cfg,
+                                       torch.float16, seed=0)
+    assert losses["learned"] < 0.9 * losses["start"]
+    for name, weight in packed.items():
+        assert torch.equal(weight.scales, start[name].scales)
+        assert (weight.zeros is None) == (start[name].zeros is None)
+        if weight.zeros is not None:
+            assert torch.equal(weight.zeros, start[name].zeros)
+        assert not torch.equal(weight.qweight, start[name].qweight)  # the offsets moved
+    learned, _ = learn.learn_layer(layer, layer, x, targets, schemes,
+                                   dataclasses.replace(cfg, learn_ranges=True),
+                                   torch.float16, seed=0)
+    assert any(not torch.equal(learned[n].scales, start[n].scales) for n in schemes)
+
+
 def test_the_optimizer_setting():
     adam = SignRoundConfig(optimizer="adam", iters=100)
     assert adam.step == 5e-3 and adam.step_at(50) == 2.5e-3 and adam.limits == (1.0, 1.25)
     assert SignRoundConfig(iters=100).step == 0.01 and SignRoundConfig().limits == (0.5, 1.0)
     assert adam.to_dict()["optimizer"] == "adam"
     assert "optimizer" not in SignRoundConfig().to_dict()  # earlier recipes read the same
+    assert "learn_ranges" not in SignRoundConfig().to_dict()
+    fixed = SignRoundConfig(optimizer="adam", lr=0.01, learn_ranges=False)
+    assert fixed.to_dict()["learn_ranges"] is False
+    assert Recipe.from_dict(Recipe("signround", signround=fixed).to_dict()).signround == fixed
     recipe = Recipe("signround", signround=adam)
     assert Recipe.from_dict(recipe.to_dict()) == recipe
 
@@ -254,7 +285,8 @@ def test_an_unknown_optimizer_is_a_one_line_error_on_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"iters": 0}, {"batch": -1}, {"lr": 2.0}, {"iters": True},
-                                 {"target": "teacher"}, {"optimizer": "sgd"}])
+                                 {"target": "teacher"}, {"optimizer": "sgd"},
+                                 {"learn_ranges": "no"}])
 def test_bad_settings_are_one_line_errors(bad):
     with pytest.raises(CompressError, match="signround"):
         SignRoundConfig(**bad)
