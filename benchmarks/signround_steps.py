@@ -3,19 +3,21 @@ comparison behind `--signround-optimizer adam` and its step size (results/signro
 
     python benchmarks/signround_steps.py [--layers 1,2,3] [--bits 2] [--group 64]
                                          [--variants sign:25,adam:100,adam:100:0.02,adam:200]
+                                         [--rotate] [--sampled 96]
 
 The bundled model in float32; seed-0 calibration windows (32 x 512 tokens, as
-`compress quantize` takes them), the first 28 to learn on and the last 4 held out. For
-each layer: every Linear's GPTQ (its Hessian from the layer's unquantised inputs on the 28
-windows, GPTQ's defaults), then `compress.calibrate.signround.learn_layer` from GPTQ's
-error-compensated weights and grid (`--signround-start gptq`), once per variant
-(OPTIMIZER:STEPS[:LR[:BATCH[:fixed]]], batch 4 by default; "fixed" keeps GPTQ's
-group ranges). Scored on the held-out windows: the
-layer's output error (mean squared, against the unquantised layer on the same inputs),
-also as a ratio to GPTQ's. The whole pipeline differs in two ways: its GPTQ runs
-true-sequentially on inputs that earlier quantised layers produced; its target is the
-unquantised model's output. Here each layer is alone, so the variants are compared on
-equal footing.
+`compress quantize` takes them), the first 28 to learn on and the last 4 held out
+(`--sampled N`: the N windows `--calib-sampled N` adds are learned on too; `--rotate`:
+the recipes' Hadamard rotations are folded in first). For each layer: every Linear's
+GPTQ (its Hessian from the layer's unquantised inputs on the windows learned on, GPTQ's
+defaults), then `compress.calibrate.signround.learn_layer` from GPTQ's error-compensated
+weights and grid (`--signround-start gptq`), once per variant
+(OPTIMIZER:STEPS[:LR[:BATCH[:fixed]]], batch 4 by default; "fixed" keeps GPTQ's group
+ranges). Scored on the held-out windows: the layer's output error (mean squared, against
+the unquantised layer on the same inputs), also as a ratio to GPTQ's. The whole pipeline
+differs in two ways: its GPTQ runs true-sequentially on inputs that earlier quantised
+layers produced; its target is the unquantised model's output. Here each layer is alone,
+so the variants are compared on equal footing.
 """
 
 from __future__ import annotations
@@ -128,6 +130,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("--variants", default="sign:25,adam:100,adam:100:0.02,adam:200")
+    parser.add_argument("--sampled", type=int, default=0,
+                        help="learn on N windows sampled from the model too (--calib-sampled)")
     parser.add_argument("--rotate", action="store_true",
                         help="fold the recipes' Hadamard rotations (seed 0) in first")
     parser.add_argument("--json", default=str(HERE / "results" / "signround_steps.json"))
@@ -141,12 +145,17 @@ def main() -> None:
     if args.rotate:
         fold_rotations(model, files)
     tokenizer = data.load_tokenizer(files.path)
-    tokens = data.calibration_set(tokenizer, None, WINDOWS, SEQLEN, 0).samples
+    calib = data.calibration_set(tokenizer, None, WINDOWS, SEQLEN, 0)
+    if args.sampled:  # appended after the 32 text windows, as --calib-sampled adds them
+        calib = data.with_sampled(calib, files, args.sampled, 0)
+    tokens = calib.samples
+    # learn on every window but the held-out text windows LEARN..WINDOWS
+    learning = torch.cat([torch.arange(LEARN), torch.arange(WINDOWS, tokens.shape[0])])
     inputs, run = layer_inputs(model, tokens, layers)
     rows = []
     for index in layers:
         layer, x = model.model.layers[index], inputs[index]
-        learn, held = x[:LEARN], x[LEARN:]
+        learn, held = x[learning], x[LEARN:WINDOWS]
 
         def forward(part: torch.Tensor, layer: nn.Module = layer) -> torch.Tensor:
             return run(layer, part)
@@ -158,7 +167,7 @@ def main() -> None:
                    for n, h in linear_inputs(layer, forward, learn).items()}
         gptq_seconds = time.perf_counter() - started
         gptq_layer = with_weights(layer, {n: r.weight.dequantize() for n, r in results.items()})
-        gptq_error = held_out_error(lambda p, s=gptq_layer: run(s, p), held, targets[LEARN:])
+        gptq_error = held_out_error(lambda p, s=gptq_layer: run(s, p), held, targets[LEARN:WINDOWS])
         row = {"layer": index,
                "gptq": {"held_out_mse": gptq_error, "seconds": gptq_seconds}}
         for label, cfg in variants:
@@ -166,11 +175,12 @@ def main() -> None:
             bounds = {n: grid_bounds(r.weight) for n, r in results.items()}
             began = time.perf_counter()
             packed, losses = signround.learn_layer(
-                start, lambda p, s=start: run(s, p), learn, targets[:LEARN],
+                start, lambda p, s=start: run(s, p), learn, targets[learning],
                 {n: scheme for n in results}, cfg, torch.float16, 0, BATCH, bounds)
             seconds = time.perf_counter() - began
             learned = with_weights(layer, {n: w.dequantize() for n, w in packed.items()})
-            error = held_out_error(lambda p, s=learned: run(s, p), held, targets[LEARN:])
+            error = held_out_error(lambda p, s=learned: run(s, p), held,
+                                   targets[LEARN:WINDOWS])
             row[label] = {"held_out_mse": error, "vs_gptq": error / gptq_error,
                           "learn_mse": losses["learned"], "learn_mse_start": losses["start"],
                           "seconds": seconds}
@@ -180,7 +190,8 @@ def main() -> None:
         rows.append(row)
     report = {"benchmark": "signround_steps", "model": assets.DEFAULT_MODEL,
               "scheme": f"w{args.bits}g{args.group}", "windows": {"learn": LEARN,
-              "held_out": WINDOWS - LEARN, "seqlen": SEQLEN, "seed": 0},
+              "sampled": args.sampled, "held_out": WINDOWS - LEARN, "seqlen": SEQLEN,
+              "seed": 0, "tokens_sha256": calib.sha256},
               "rotate": "hadamard" if args.rotate else None,
               "variants": [v for v, _ in variants], "layers": rows}
     with open(args.json, "w") as f:

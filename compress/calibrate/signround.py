@@ -5,7 +5,8 @@ quantised ones by the pipeline; `SignRoundConfig.target`). Every quantised Linea
 layer gets a `LearnedRounding` parametrization, so the layer's own forward runs on
 fake-quantised weights and quantised inputs; each step takes the next batch of a shuffled
 pass over the samples, measures the mean squared error against the target, and moves
-every offset and range factor by a signed step (or Adam's: `SignRoundConfig.optimizer`).
+every offset and range factor (the offsets alone: `SignRoundConfig.learn_ranges`) by a
+signed step (or Adam's: `SignRoundConfig.optimizer`).
 Of the last step's parameters, those of the step with the lowest batch loss (what
 auto-round keeps) and the start, the one with the lowest loss on the whole calibration
 set is kept, and each Linear is packed with it.
