@@ -161,13 +161,14 @@ def main() -> None:
             return run(layer, part)
 
         targets = signround.layer_outputs(forward, x, BATCH)
+        learn_targets, held_targets = targets[learning], targets[LEARN:WINDOWS]
         started = time.perf_counter()
         results = {n: gptq.quantize_layer(layer.get_submodule(n).weight.data, h.hessian(),
                                           scheme, name=n, continuous=True)
                    for n, h in linear_inputs(layer, forward, learn).items()}
         gptq_seconds = time.perf_counter() - started
         gptq_layer = with_weights(layer, {n: r.weight.dequantize() for n, r in results.items()})
-        gptq_error = held_out_error(lambda p, s=gptq_layer: run(s, p), held, targets[LEARN:WINDOWS])
+        gptq_error = held_out_error(lambda p, s=gptq_layer: run(s, p), held, held_targets)
         row = {"layer": index,
                "gptq": {"held_out_mse": gptq_error, "seconds": gptq_seconds}}
         for label, cfg in variants:
@@ -175,12 +176,11 @@ def main() -> None:
             bounds = {n: grid_bounds(r.weight) for n, r in results.items()}
             began = time.perf_counter()
             packed, losses = signround.learn_layer(
-                start, lambda p, s=start: run(s, p), learn, targets[learning],
+                start, lambda p, s=start: run(s, p), learn, learn_targets,
                 {n: scheme for n in results}, cfg, torch.float16, 0, BATCH, bounds)
             seconds = time.perf_counter() - began
             learned = with_weights(layer, {n: w.dequantize() for n, w in packed.items()})
-            error = held_out_error(lambda p, s=learned: run(s, p), held,
-                                   targets[LEARN:WINDOWS])
+            error = held_out_error(lambda p, s=learned: run(s, p), held, held_targets)
             row[label] = {"held_out_mse": error, "vs_gptq": error / gptq_error,
                           "learn_mse": losses["learned"], "learn_mse_start": losses["start"],
                           "seconds": seconds}

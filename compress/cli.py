@@ -319,8 +319,6 @@ _RECIPE_FLAGS = ("method", "bits", "group_size", "symmetric", "act_order", "stat
                  "damp", "mse_clip", "awq_grid", "awq_clip", "signround_iters",
                  "signround_batch", "signround_start", "signround_optimizer", "signround_lr",
                  "signround_ranges", "match", "match_strength")
-_PAIRED_FLAGS = {"symmetric": "--sym/--asym",
-                 "signround_ranges": "--signround-ranges/--signround-fixed-ranges"}
 _CALIBRATION_FLAGS = {"calib_samples": "samples", "calib_seqlen": "seqlen", "seed": "seed",
                       "expert_tokens": "expert_tokens", "calib_sampled": "sampled"}
 
@@ -337,7 +335,8 @@ def _recipe_with_calibration_flags(ctx: typer.Context, spec):
     error naming any flag the recipe sets instead."""
     for name in _RECIPE_FLAGS:
         if _given(ctx, name):
-            flag = _PAIRED_FLAGS.get(name, "--" + name.replace("_", "-"))
+            [param] = [p for p in ctx.command.params if p.name == name]
+            flag = "/".join(param.opts + param.secondary_opts)  # "--sym/--asym" for a pair
             raise CompressError(f"{flag} is set by the recipe; edit the recipe file, or "
                                 "drop --recipe to use the flags")
     changes = {field: ctx.params[name] for name, field in _CALIBRATION_FLAGS.items()

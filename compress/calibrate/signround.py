@@ -44,9 +44,9 @@ def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
     started ("start": zero offsets, full ranges) and with the learned rounding. `bounds`:
     fixed group ranges per Linear (`LearnedRounding`). The layer's weights are left as
     they were."""
-    roundings = _attach(layer, schemes, scale_dtype, bounds or {}, cfg.limits)
+    roundings = _attach(layer, schemes, scale_dtype, bounds or {}, cfg)
     try:
-        params = [p for r in roundings.values() for p in r.params(cfg.learn_ranges)]
+        params = [p for r in roundings.values() for p in r.params()]
         start_loss = _loss(forward, x, targets, chunk)
         initial = _snapshot(params)
         best_loss, best = float("inf"), initial
@@ -109,13 +109,13 @@ def _batches(n: int, batch: int, seed: int) -> Iterator[torch.Tensor]:
 
 def _attach(layer: nn.Module, schemes: dict[str, QuantScheme], scale_dtype: torch.dtype,
             bounds: dict[str, tuple[torch.Tensor, torch.Tensor]],
-            limits: tuple[float, float]) -> dict[str, LearnedRounding]:
+            cfg: SignRoundConfig) -> dict[str, LearnedRounding]:
     roundings = {}
     for name, scheme in schemes.items():
         linear = layer.get_submodule(name)
         linear.weight.requires_grad_(False)
         rounding = LearnedRounding(linear.weight, scheme, scale_dtype, bounds.get(name),
-                                   limits)
+                                   cfg.limits, cfg.learn_ranges)
         parametrize.register_parametrization(linear, "weight", rounding, unsafe=True)
         roundings[name] = rounding
     return roundings

@@ -129,10 +129,11 @@ class LearnedRounding(nn.Module):
     def __init__(self, weight: torch.Tensor, scheme: QuantScheme,
                  scale_dtype: torch.dtype = torch.float16,
                  bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 limits: tuple[float, float] = (0.5, 1.0)):
+                 limits: tuple[float, float] = (0.5, 1.0), learn_ranges: bool = True):
         """`bounds`: each group's (lo, hi) [out, groups] the range factors scale, fixed
         (another method's grid, e.g. GPTQ's); None: the weight's own min and max.
-        `limits`: `SignRoundConfig.limits`."""
+        `limits`: `SignRoundConfig.limits`. `learn_ranges` off: the range factors stay
+        at 1 (`SignRoundConfig.learn_ranges`)."""
         super().__init__()
         self.scheme, self.scale_dtype = scheme, scale_dtype
         self.max_offset, self.max_range = limits
@@ -141,14 +142,13 @@ class LearnedRounding(nn.Module):
         self.offsets = nn.Parameter(torch.zeros_like(groups))
         self.max_factor = nn.Parameter(torch.ones(groups.shape[:2], device=weight.device))
         self.min_factor = nn.Parameter(torch.ones(groups.shape[:2], device=weight.device))
+        for factor in (self.max_factor, self.min_factor):
+            factor.requires_grad_(learn_ranges)
         self.bounds = bounds
 
-    def params(self, ranges: bool = True) -> list[nn.Parameter]:
-        """The learned parameters: the offsets, and with `ranges` the range factors (else
-        those are frozen at 1: each group keeps its starting range)."""
-        for factor in (self.max_factor, self.min_factor):
-            factor.requires_grad_(ranges)
-        return [self.offsets, self.max_factor, self.min_factor] if ranges else [self.offsets]
+    def params(self) -> list[nn.Parameter]:
+        """The learned parameters: the offsets, and the range factors unless frozen."""
+        return [p for p in (self.offsets, self.max_factor, self.min_factor) if p.requires_grad]
 
     @torch.no_grad()
     def clamp_(self) -> None:
