@@ -125,7 +125,9 @@ def tune_into(files: models.ModelFiles, base: models.ModelFiles,
                                                total=len(order)),
                   micro=micro, layers=student.model.layers,
                   memory=int(psutil.virtual_memory().available * ACTIVATION_SHARE),
-                  resume=resume, save=saved.save, save_every=SAVE_EVERY_SECONDS)
+                  resume=resume, save=saved.save, save_every=SAVE_EVERY_SECONDS,
+                  measuring=lambda batches: track(batches, desc="calibration KL",
+                                                  unit="batch"))
     status(f"scale tuning: calibration KL {result.kl_start:.4f} -> {result.kl_tuned:.4f}")
     tuned = {f"{name}.weight_scale": lin.stored_scales() for name, lin in linears.items()}
     if cfg.norms:

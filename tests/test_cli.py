@@ -167,7 +167,8 @@ def test_report_flags_reach_the_grid(tiny_llama, tmp_path, monkeypatch):
                "--rotations", "none,hadamard", "--rotate-seed", "4", "--target-bits", "3.5",
                "--signround-iters", "3", "--signround-batch", "2", "--signround-start", "gptq",
                "--signround-lr", "0.01", "--signround-fixed-ranges",
-               "--calib-samples", "16", "--calib-seqlen", "64", "--out", tmp_path / "r")
+               "--signround-precision", "bfloat16", "--calib-samples", "16", "--calib-seqlen",
+               "64", "--out", tmp_path / "r")
     assert_one_line_error(proc, "stopped before the work")
     [cells] = grids
     assert [c.label for c in cells] == [
@@ -176,7 +177,8 @@ def test_report_flags_reach_the_grid(tiny_llama, tmp_path, monkeypatch):
         "signround-mixed3.5b-hadamard"]
     assert {(c.rotate.kind, c.rotate.seed) for c in cells[1::2]} == {("hadamard", 4)}
     assert {(c.signround.iters, c.signround.batch, c.signround.start, c.signround.lr,
-             c.signround.learn_ranges) for c in cells} == {(3, 2, "gptq", 0.01, False)}
+             c.signround.learn_ranges, c.signround.precision) for c in cells
+            } == {(3, 2, "gptq", 0.01, False, "bfloat16")}
     assert {(c.calibration.samples, c.calibration.seqlen) for c in cells} == {(16, 64)}
 
 
@@ -355,9 +357,31 @@ def test_recipe_takes_calibration_flags_and_refuses_the_flags_it_sets(tiny_llama
     assert not (tmp_path / "no").exists()
 
 
+def test_the_learning_precision_flag_overrides_the_recipes(tiny_llama, tmp_path):
+    """--signround-precision is how the machine runs the steps, not the algorithm: it
+    overrides a recipe's, and the checkpoint's recipe records what ran."""
+    from compress.recipe import Recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: signround\nscheme: {bits: 4, group_size: 32}\n"
+                      "calibration: {samples: 4, seqlen: 16}\n"
+                      "signround: {iters: 2, batch: 2, optimizer: adam}\n")
+    out = tmp_path / "out"
+    done = cli_in_process("quantize", tiny_llama, "--recipe", recipe, "--signround-precision",
+                          "bfloat16", "--no-eval", "-q", "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert Recipe.from_yaml(out / "recipe.yaml").signround.precision == "bfloat16"
+    bad = cli_in_process("quantize", tiny_llama, "--recipe", recipe, "--signround-precision",
+                         "float16", "--no-eval", "--out", tmp_path / "no")
+    assert_one_line_error(bad, "signround precision must be one of float32, bfloat16, "
+                               "got 'float16'")
+    assert not (tmp_path / "no").exists()
+
+
 def test_every_quantize_flag_is_placed_beside_a_recipe():
     """A new quantize flag must say how it meets --recipe: refused (the recipe sets it),
-    overriding the recipe's calibration, or independent of the recipe."""
+    overriding the recipe's (calibration windows, the learning steps' precision), or
+    independent of the recipe."""
     import typer
 
     from compress import cli
@@ -368,6 +392,6 @@ def test_every_quantize_flag_is_placed_beside_a_recipe():
                    "threads"}
     command = typer.main.get_command(cli.app).commands["quantize"]
     names = {p.name for p in command.params}
-    placed = set(cli._RECIPE_FLAGS) | set(cli._CALIBRATION_FLAGS) | independent
+    placed = set(cli._RECIPE_FLAGS) | set(cli._OVERRIDING_FLAGS) | independent
     assert names - placed == set()
-    assert set(cli._RECIPE_FLAGS) <= names and set(cli._CALIBRATION_FLAGS) <= names
+    assert set(cli._RECIPE_FLAGS) <= names and set(cli._OVERRIDING_FLAGS) <= names

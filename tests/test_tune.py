@@ -82,8 +82,16 @@ def test_tuning_lowers_the_calibration_kl_of_a_two_layer_net():
     linears = {"a": TunableScalesLinear(q1), "b": TunableScalesLinear(q2)}
     codes = {k: v.codes.clone() for k, v in linears.items()}
     net = Net(linears["a"], linears["b"])
+    measured = []
+
+    def measuring(batches: range) -> range:  # the KL before and after: a progress bar
+        measured.append(list(batches))
+        return batches
+
     result = tune(net, linears, {}, tokens, lambda pick: teacher[pick],
-                  ScaleTuningConfig(epochs=20, lr=2e-2, batch=4, norms=False))
+                  ScaleTuningConfig(epochs=20, lr=2e-2, batch=4, norms=False),
+                  measuring=measuring)
+    assert measured == [[0, 4, 8, 12]] * 2
     assert result.steps == 80 and result.scales == q1.scales.numel() + q2.scales.numel()
     assert result.kl_tuned < 0.9 * result.kl_start
     assert all(torch.equal(linears[k].codes, codes[k]) for k in codes)

@@ -87,7 +87,8 @@ def tune(model: nn.Module, linears: dict[str, TunableScalesLinear],
          micro: int | None = None, layers: nn.ModuleList | None = None,
          memory: int | None = None, resume: TrainingState | None = None,
          save: Callable[[TrainingState], None] | None = None,
-         save_every: float = 300.0) -> ScaleTuningResult:
+         save_every: float = 300.0,
+         measuring: Callable[[range], Iterable[int]] = iter) -> ScaleTuningResult:
     """Train `linears`' scales (and `norms`, when cfg.norms) of `model` (tokens (B, S) ->
     logits) on the windows `tokens` (N, S) to match `teacher_logprobs(indices)` (the
     unquantised model's log-probabilities on those windows). `progress` wraps the
@@ -99,7 +100,8 @@ def tune(model: nn.Module, linears: dict[str, TunableScalesLinear],
     them under it (`activation_plan`). `save` receives the run's `TrainingState` every
     `save_every` seconds; `resume` (one it received) goes on from there, giving what an
     unbroken run gives. Keeps the better of the tuned and the starting parameters on the
-    whole calibration set."""
+    whole calibration set (`measuring` wraps the window batches of that measure, before
+    and after: a progress bar; minutes on a CPU)."""
     for p in model.parameters():
         p.requires_grad_(False)
     scale_params = [lin.log_factor for lin in linears.values()]
@@ -129,7 +131,8 @@ def tune(model: nn.Module, linears: dict[str, TunableScalesLinear],
                    "rounding")
     with recomputed(layers if recompute else None):
         result = _train(model, linears, scale_params, norm_params, tokens, teacher_logprobs,
-                        cfg, seed, progress, batch, micro, resume, save, save_every)
+                        cfg, seed, progress, batch, micro, resume, save, save_every,
+                        measuring)
     result.windows_per_forward, result.recomputed = micro, recompute
     return result
 
@@ -141,7 +144,7 @@ def _train(model: nn.Module, linears: dict[str, TunableScalesLinear],
            progress: Callable[[torch.Tensor], Iterable[torch.Tensor]], batch: int,
            micro: int, resume: TrainingState | None,
            save: Callable[[TrainingState], None] | None, save_every: float,
-           ) -> ScaleTuningResult:
+           measuring: Callable[[range], Iterable[int]]) -> ScaleTuningResult:
     groups = [{"params": scale_params, "lr": cfg.lr}]
     if norm_params:
         groups.append({"params": norm_params, "lr": cfg.lr / 10})
@@ -153,7 +156,7 @@ def _train(model: nn.Module, linears: dict[str, TunableScalesLinear],
     params = [*scale_params, *norm_params]
     start = [p.detach().clone() for p in params]
     if resume is None:
-        done, kl_start = 0, calibration_kl(model, tokens, teacher_logprobs, micro)
+        done, kl_start = 0, calibration_kl(model, tokens, teacher_logprobs, micro, measuring)
     else:
         done, kl_start = resume.step, resume.kl_start
         resume.restore(params, start, optimizer, schedule)
@@ -177,7 +180,7 @@ def _train(model: nn.Module, linears: dict[str, TunableScalesLinear],
             saved_at = time.monotonic()
     for p in params:
         p.requires_grad_(False)
-    kl_tuned = calibration_kl(model, tokens, teacher_logprobs, micro)
+    kl_tuned = calibration_kl(model, tokens, teacher_logprobs, micro, measuring)
     if not kl_tuned < kl_start:  # never leave the model worse than it came
         with torch.no_grad():
             for p, s in zip(params, start, strict=True):
@@ -191,10 +194,11 @@ def _train(model: nn.Module, linears: dict[str, TunableScalesLinear],
 @torch.no_grad()
 def calibration_kl(model: nn.Module, tokens: torch.Tensor,
                    teacher_logprobs: Callable[[torch.Tensor], torch.Tensor],
-                   batch: int) -> float:
-    """The mean next-token KL over every window of `tokens`."""
+                   batch: int, progress: Callable[[range], Iterable[int]] = iter) -> float:
+    """The mean next-token KL over every window of `tokens`, `batch` windows at a time
+    (`progress` wraps the batches' first indices)."""
     total = 0.0
-    for first in range(0, tokens.shape[0], batch):
+    for first in progress(range(0, tokens.shape[0], batch)):
         pick = torch.arange(first, min(first + batch, tokens.shape[0]))
         total += float(next_token_kl(model(tokens[pick]), teacher_logprobs(pick))) * len(pick)
     return total / tokens.shape[0]

@@ -14,6 +14,7 @@ set is kept, and each Linear is packed with it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -55,7 +56,8 @@ def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
         for i in track(range(cfg.iters), desc="signround steps", unit="step"):
             pick = next(batches).to(x.device)
             with torch.enable_grad():
-                loss = torch.nn.functional.mse_loss(forward(x[pick]), targets[pick])
+                with _autocast(cfg, x.device):
+                    loss = torch.nn.functional.mse_loss(forward(x[pick]), targets[pick])
                 loss.backward()
             value = loss.detach().item()
             if value < best_loss:  # the parameters that made this loss: keep them
@@ -78,6 +80,13 @@ def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
             parametrize.remove_parametrizations(layer.get_submodule(name), "weight",
                                                 leave_parametrized=False)
     return packed, {"start": start_loss, "learned": learned_loss}
+
+
+def _autocast(cfg: SignRoundConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The learning steps' matmuls in `cfg.precision` (float32: no autocast at all)."""
+    if cfg.precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, cfg.precision))
 
 
 def _stepper(params: list[nn.Parameter], cfg: SignRoundConfig) -> Callable[[int], None]:

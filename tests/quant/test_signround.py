@@ -262,6 +262,35 @@ def test_fixed_ranges_keep_each_groups_grid():
     assert any(not torch.equal(learned[n].scales, start[n].scales) for n in schemes)
 
 
+def test_bfloat16_steps_learn_as_float32_steps_do():
+    """precision bfloat16: the steps' matmuls run in bfloat16 (seen inside the layer), the
+    loss still falls about as far as float32's, and the reported losses are float32's
+    (the start's equal to the last digit)."""
+    layer = _toy_layer()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 32, 64, generator=gen) @ torch.randn(64, 64, generator=gen)
+    schemes = {"0": QuantScheme(3, 32, True), "2": QuantScheme(3, 32, False)}
+    targets = learn.layer_outputs(layer, x)
+    cfg = SignRoundConfig(iters=60, batch=4, optimizer="adam", lr=0.05)
+    seen = []
+    hook = layer[0].register_forward_hook(lambda _m, _a, out: seen.append(out.dtype))
+    try:
+        _, full = learn.learn_layer(layer, layer, x, targets, schemes, cfg, torch.float16,
+                                    seed=0)
+        steps = len(seen)
+        packed, half = learn.learn_layer(layer, layer, x, targets, schemes,
+                                         dataclasses.replace(cfg, precision="bfloat16"),
+                                         torch.float16, seed=0)
+    finally:
+        hook.remove()
+    assert set(seen[:steps]) == {torch.float32}
+    assert torch.bfloat16 in seen[steps:] and torch.float32 in seen[steps:]  # judged in fp32
+    assert half["start"] == full["start"]
+    assert half["learned"] < 0.8 * half["start"]
+    assert half["learned"] < 1.1 * full["learned"]
+    assert {w.scales.dtype for w in packed.values()} == {torch.float16}
+
+
 def test_the_optimizer_setting():
     adam = SignRoundConfig(optimizer="adam", iters=100)
     assert adam.step == 5e-3 and adam.step_at(50) == 2.5e-3 and adam.limits == (1.0, 1.25)
@@ -269,8 +298,10 @@ def test_the_optimizer_setting():
     assert adam.to_dict()["optimizer"] == "adam"
     assert "optimizer" not in SignRoundConfig().to_dict()  # earlier recipes read the same
     assert "learn_ranges" not in SignRoundConfig().to_dict()
-    fixed = SignRoundConfig(optimizer="adam", lr=0.01, learn_ranges=False)
+    assert "precision" not in SignRoundConfig().to_dict()
+    fixed = SignRoundConfig(optimizer="adam", lr=0.01, learn_ranges=False, precision="bfloat16")
     assert fixed.to_dict()["learn_ranges"] is False
+    assert fixed.to_dict()["precision"] == "bfloat16"
     assert Recipe.from_dict(Recipe("signround", signround=fixed).to_dict()).signround == fixed
     recipe = Recipe("signround", signround=adam)
     assert Recipe.from_dict(recipe.to_dict()) == recipe
@@ -286,7 +317,7 @@ def test_an_unknown_optimizer_is_a_one_line_error_on_the_command_line(tmp_path):
 
 @pytest.mark.parametrize("bad", [{"iters": 0}, {"batch": -1}, {"lr": 2.0}, {"iters": True},
                                  {"target": "teacher"}, {"optimizer": "sgd"},
-                                 {"learn_ranges": "no"}])
+                                 {"learn_ranges": "no"}, {"precision": "float16"}])
 def test_bad_settings_are_one_line_errors(bad):
     with pytest.raises(CompressError, match="signround"):
         SignRoundConfig(**bad)
