@@ -5,8 +5,8 @@ and the whole-set losses of the candidates it keeps from, for a recipe as
     python benchmarks/signround_trace.py RECIPE.yaml [--layer 0] [--lr 0.005] [--warmup 20]
 
 Stops after that layer's learning (nothing is written but the pipeline's partial folder,
-in a temporary directory). `--warmup N` multiplies the first N steps by (i + 1) / N (a
-study, not an option of the method). Prints; writes nothing under results/.
+in a temporary directory). `--lr` and `--warmup N` replace the recipe's
+`signround: {lr, warmup}`. Prints; writes nothing under results/.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 from compress import api, assets
 from compress.calibrate import signround
 from compress.progress import set_quiet
-from compress.quant import signround as signround_math
 from compress.recipe import Recipe
 
 
@@ -43,9 +42,8 @@ def main() -> None:
         recipe = dataclasses.replace(recipe, signround=dataclasses.replace(recipe.signround,
                                                                            lr=args.lr))
     if args.warmup:
-        decay = signround_math.SignRoundConfig.step_at
-        signround_math.SignRoundConfig.step_at = (
-            lambda self, i: decay(self, i) * min(1.0, (i + 1) / args.warmup))
+        recipe = dataclasses.replace(recipe, signround=dataclasses.replace(
+            recipe.signround, warmup=args.warmup))
     learn, whole_set, mse = signround.learn_layer, signround._loss, torch.nn.functional.mse_loss
     seen = {"layer": -1, "batch": [], "whole": []}
 

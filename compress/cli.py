@@ -109,6 +109,10 @@ SignroundRanges = Annotated[bool, typer.Option(
     "--signround-ranges/--signround-fixed-ranges",
     help="signround: learn each group's range (clipping) beside the rounding offsets, or "
     "keep the range each group starts with (with --signround-start gptq: GPTQ's grid).")]
+SignroundWarmup = Annotated[int, typer.Option(
+    metavar="N",
+    help="signround: raise the step linearly to its full size over the first N steps "
+    "(from GPTQ's start Adam's first full steps can undo it).")]
 SignroundPrecision = Annotated[str | None, typer.Option(
     show_default=False,
     help="signround: the dtype of the learning steps' matmuls, float32 (default) or "
@@ -179,6 +183,7 @@ def quantize(
     signround_lr: SignroundLr = None,
     signround_ranges: SignroundRanges = True,
     signround_precision: SignroundPrecision = None,
+    signround_warmup: SignroundWarmup = 0,
     match: Annotated[str | None, typer.Option(
         metavar="model|layer", show_default=False,
         help="GPTQ and signround: what rounding matches. model (default): the "
@@ -301,7 +306,7 @@ def quantize(
                                                 lr=signround_lr,
                                                 learn_ranges=signround_ranges,
                                                 precision=signround_precision or "float32",
-                                                **matched))
+                                                warmup=signround_warmup, **matched))
     if rotate:
         spec = dataclasses.replace(spec, rotate=RotationConfig("hadamard", rotate_seed))
     if tune:
@@ -329,7 +334,7 @@ def quantize(
 _RECIPE_FLAGS = ("method", "bits", "group_size", "symmetric", "act_order", "static_groups",
                  "damp", "mse_clip", "awq_grid", "awq_clip", "signround_iters",
                  "signround_batch", "signround_start", "signround_optimizer", "signround_lr",
-                 "signround_ranges", "match", "match_strength")
+                 "signround_ranges", "signround_warmup", "match", "match_strength")
 _OVERRIDING_FLAGS = {"calib_samples": ("calibration", "samples"),
                      "calib_seqlen": ("calibration", "seqlen"),
                      "seed": ("calibration", "seed"),
@@ -821,6 +826,7 @@ def report_(
     signround_lr: SignroundLr = None,
     signround_ranges: SignroundRanges = True,
     signround_precision: SignroundPrecision = None,
+    signround_warmup: SignroundWarmup = 0,
     calib_samples: CalibSamples = 128,
     calib_seqlen: CalibSeqlen = 512,
     out: Annotated[Path, typer.Option(help="Report directory (cells are cached in it).")] =
@@ -858,7 +864,8 @@ def report_(
                                                     lr=signround_lr,
                                                     learn_ranges=signround_ranges,
                                                     precision=signround_precision
-                                                    or "float32"),
+                                                    or "float32",
+                                                    warmup=signround_warmup),
                        "calibration": CalibrationConfig(calib_samples, calib_seqlen),
                        "tunings": report_mod.tunings(_csv(tunings, str))}
     cells = report_mod.grid(_csv(methods, str), _csv(bits, int), _csv(group_sizes, int), axis,

@@ -37,7 +37,7 @@ import compress
 from compress import data, distributed, models
 from compress import tune as tuning
 from compress.calibrate import layer as calibrate_layer
-from compress.calibrate import rotate
+from compress.calibrate import rotate, signround
 from compress.errors import CompressError
 from compress.formats import checkpoint, manifest, pack_quantized
 from compress.memory import release_freed
@@ -178,6 +178,10 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
             status(announce)
         if rotations is not None and rotations.skipped:
             status(f"rotation: {rotations.skipped}; only each head's values are rotated")
+        slow = (signround.precision_note(recipe.signround, ctx.device)
+                 if recipe.rounding == "signround" else None)
+        if slow:
+            status(slow)
         if rotations is not None and recipe.method in ("rtn", "awq"):
             # measured on the bundled model: rotation doubled RTN's KL at W4 and collapsed
             # W3, while it lowered GPTQ's (docs/figures.md, benchmarks/results/rotate.json)

@@ -82,6 +82,17 @@ def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
     return packed, {"start": start_loss, "learned": learned_loss}
 
 
+def precision_note(cfg: SignRoundConfig, device: torch.device) -> str | None:
+    """A line for the user when `cfg.precision` will be slow on `device`: bfloat16 on a
+    CPU without bf16 instructions (avx512_bf16 or AMX), where torch emulates it."""
+    if cfg.precision != "bfloat16" or device.type != "cpu":
+        return None
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return None
+    return ("note: this CPU has no bfloat16 instructions (avx512_bf16, AMX), so signround "
+            "precision bfloat16 runs slower than float32 here; use float32")
+
+
 def _autocast(cfg: SignRoundConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """The learning steps' matmuls in `cfg.precision` (float32: no autocast at all)."""
     if cfg.precision == "float32":

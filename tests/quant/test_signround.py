@@ -291,6 +291,27 @@ def test_bfloat16_steps_learn_as_float32_steps_do():
     assert {w.scales.dtype for w in packed.values()} == {torch.float16}
 
 
+def test_bfloat16_on_a_cpu_without_bf16_instructions_says_it_will_be_slow(
+        monkeypatch, tiny_llama, tmp_path):
+    cfg = SignRoundConfig(precision="bfloat16")
+    cpu = torch.device("cpu")
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False)
+    note = learn.precision_note(cfg, cpu)
+    assert note.startswith("note: this CPU has no bfloat16 instructions")
+    assert learn.precision_note(SignRoundConfig(), cpu) is None
+    assert learn.precision_note(cfg, torch.device("cuda")) is None
+    proc = cli_in_process("quantize", tiny_llama, "--method", "signround", "--bits", "4",
+                          "--group-size", "32", "--signround-iters", "1",
+                          "--signround-batch", "2", "--signround-precision", "bfloat16",
+                          "--calib-samples", "2", "--calib-seqlen", "8", "--no-eval",
+                          "--out", tmp_path / "q")
+    assert proc.returncode == 0, proc.stderr
+    assert note in proc.stderr
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert learn.precision_note(cfg, cpu) is None
+
+
 def test_the_optimizer_setting():
     adam = SignRoundConfig(optimizer="adam", iters=100)
     assert adam.step == 5e-3 and adam.step_at(50) == 2.5e-3 and adam.limits == (1.0, 1.25)
@@ -317,7 +338,8 @@ def test_an_unknown_optimizer_is_a_one_line_error_on_the_command_line(tmp_path):
 
 @pytest.mark.parametrize("bad", [{"iters": 0}, {"batch": -1}, {"lr": 2.0}, {"iters": True},
                                  {"target": "teacher"}, {"optimizer": "sgd"},
-                                 {"learn_ranges": "no"}, {"precision": "float16"}])
+                                 {"learn_ranges": "no"}, {"precision": "float16"},
+                                 {"warmup": -1}, {"warmup": 200}, {"warmup": 2.5}])
 def test_bad_settings_are_one_line_errors(bad):
     with pytest.raises(CompressError, match="signround"):
         SignRoundConfig(**bad)
@@ -327,6 +349,16 @@ def test_the_step_decays_linearly_to_zero():
     cfg = SignRoundConfig(iters=4)
     assert [cfg.step_at(i) for i in range(4)] == [0.25, 0.1875, 0.125, 0.0625]
     assert SignRoundConfig(iters=10, lr=0.5).step_at(5) == 0.25
+
+
+def test_warmup_raises_the_step_over_its_first_steps_then_decays_as_before():
+    cfg = SignRoundConfig(iters=10, lr=0.5, warmup=4)
+    plain = SignRoundConfig(iters=10, lr=0.5)
+    assert [cfg.step_at(i) for i in range(4)] == pytest.approx(
+        [plain.step_at(i) * (i + 1) / 4 for i in range(4)])
+    assert [cfg.step_at(i) for i in range(3, 10)] == [plain.step_at(i) for i in range(3, 10)]
+    assert "warmup" not in plain.to_dict() and cfg.to_dict()["warmup"] == 4
+    assert Recipe.from_dict(Recipe("signround", signround=cfg).to_dict()).signround == cfg
 
 
 def test_batches_use_every_sample_once_per_pass():
