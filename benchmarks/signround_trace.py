@@ -3,10 +3,12 @@ and the whole-set losses of the candidates it keeps from, for a recipe as
 `compress quantize` runs it (its calibration windows, rotation, GPTQ start).
 
     python benchmarks/signround_trace.py RECIPE.yaml [--layer 0] [--lr 0.005] [--warmup 20]
+        [--retry-lr 0.001]
 
 Stops after that layer's learning (nothing is written but the pipeline's partial folder,
-in a temporary directory). `--lr` and `--warmup N` replace the recipe's
-`signround: {lr, warmup}`. Prints; writes nothing under results/.
+in a temporary directory). `--lr`, `--warmup N` and `--retry-lr` replace the recipe's
+`signround: {lr, warmup, retry_lr}` (a retry's steps are printed after the first
+learning's). Prints; writes nothing under results/.
 """
 
 from __future__ import annotations
@@ -33,17 +35,16 @@ def main() -> None:
     parser.add_argument("recipe")
     parser.add_argument("--layer", type=int, default=0)
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--warmup", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--retry-lr", type=float, default=None)
     args = parser.parse_args()
     set_quiet(True)
     torch.set_num_threads(1)
     recipe = Recipe.from_yaml(args.recipe)
-    if args.lr is not None:
-        recipe = dataclasses.replace(recipe, signround=dataclasses.replace(recipe.signround,
-                                                                           lr=args.lr))
-    if args.warmup:
-        recipe = dataclasses.replace(recipe, signround=dataclasses.replace(
-            recipe.signround, warmup=args.warmup))
+    changed = {k: v for k, v in (("lr", args.lr), ("warmup", args.warmup),
+                                 ("retry_lr", args.retry_lr)) if v is not None}
+    recipe = dataclasses.replace(recipe, signround=dataclasses.replace(recipe.signround,
+                                                                       **changed))
     learn, whole_set, mse = signround.learn_layer, signround._loss, torch.nn.functional.mse_loss
     seen = {"layer": -1, "batch": [], "whole": []}
 

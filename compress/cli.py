@@ -113,6 +113,11 @@ SignroundWarmup = Annotated[int, typer.Option(
     metavar="N",
     help="signround: raise the step linearly to its full size over the first N steps "
     "(from GPTQ's start Adam's first full steps can undo it).")]
+SignroundRetryLr = Annotated[float | None, typer.Option(
+    show_default=False,
+    help="signround: a layer where learning keeps its start (no learned rounding beats it "
+    "on the calibration set) learns once more with this first step (e.g. a tenth of "
+    "--signround-lr; default: never).")]
 SignroundPrecision = Annotated[str | None, typer.Option(
     show_default=False,
     help="signround: the dtype of the learning steps' matmuls, float32 (default) or "
@@ -184,6 +189,7 @@ def quantize(
     signround_ranges: SignroundRanges = True,
     signround_precision: SignroundPrecision = None,
     signround_warmup: SignroundWarmup = 0,
+    signround_retry_lr: SignroundRetryLr = None,
     match: Annotated[str | None, typer.Option(
         metavar="model|layer", show_default=False,
         help="GPTQ and signround: what rounding matches. model (default): the "
@@ -306,7 +312,8 @@ def quantize(
                                                 lr=signround_lr,
                                                 learn_ranges=signround_ranges,
                                                 precision=signround_precision or "float32",
-                                                warmup=signround_warmup, **matched))
+                                                warmup=signround_warmup,
+                                                retry_lr=signround_retry_lr, **matched))
     if rotate:
         spec = dataclasses.replace(spec, rotate=RotationConfig("hadamard", rotate_seed))
     if tune:
@@ -334,7 +341,8 @@ def quantize(
 _RECIPE_FLAGS = ("method", "bits", "group_size", "symmetric", "act_order", "static_groups",
                  "damp", "mse_clip", "awq_grid", "awq_clip", "signround_iters",
                  "signround_batch", "signround_start", "signround_optimizer", "signround_lr",
-                 "signround_ranges", "signround_warmup", "match", "match_strength")
+                 "signround_ranges", "signround_warmup", "signround_retry_lr", "match",
+                 "match_strength")
 _OVERRIDING_FLAGS = {"calib_samples": ("calibration", "samples"),
                      "calib_seqlen": ("calibration", "seqlen"),
                      "seed": ("calibration", "seed"),
@@ -827,6 +835,7 @@ def report_(
     signround_ranges: SignroundRanges = True,
     signround_precision: SignroundPrecision = None,
     signround_warmup: SignroundWarmup = 0,
+    signround_retry_lr: SignroundRetryLr = None,
     calib_samples: CalibSamples = 128,
     calib_seqlen: CalibSeqlen = 512,
     out: Annotated[Path, typer.Option(help="Report directory (cells are cached in it).")] =
@@ -865,7 +874,8 @@ def report_(
                                                     learn_ranges=signround_ranges,
                                                     precision=signround_precision
                                                     or "float32",
-                                                    warmup=signround_warmup),
+                                                    warmup=signround_warmup,
+                                                    retry_lr=signround_retry_lr),
                        "calibration": CalibrationConfig(calib_samples, calib_seqlen),
                        "tunings": report_mod.tunings(_csv(tunings, str))}
     cells = report_mod.grid(_csv(methods, str), _csv(bits, int), _csv(group_sizes, int), axis,

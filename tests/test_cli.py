@@ -168,7 +168,8 @@ def test_report_flags_reach_the_grid(tiny_llama, tmp_path, monkeypatch):
                "--signround-iters", "3", "--signround-batch", "2", "--signround-start", "gptq",
                "--signround-lr", "0.01", "--signround-fixed-ranges",
                "--signround-precision", "bfloat16", "--signround-warmup", "2",
-               "--calib-samples", "16", "--calib-seqlen", "64", "--out", tmp_path / "r")
+               "--signround-retry-lr", "0.001", "--calib-samples", "16", "--calib-seqlen",
+               "64", "--out", tmp_path / "r")
     assert_one_line_error(proc, "stopped before the work")
     [cells] = grids
     assert [c.label for c in cells] == [
@@ -177,8 +178,9 @@ def test_report_flags_reach_the_grid(tiny_llama, tmp_path, monkeypatch):
         "signround-mixed3.5b-hadamard"]
     assert {(c.rotate.kind, c.rotate.seed) for c in cells[1::2]} == {("hadamard", 4)}
     assert {(c.signround.iters, c.signround.batch, c.signround.start, c.signround.lr,
-             c.signround.learn_ranges, c.signround.precision, c.signround.warmup)
-            for c in cells} == {(3, 2, "gptq", 0.01, False, "bfloat16", 2)}
+             c.signround.learn_ranges, c.signround.precision, c.signround.warmup,
+             c.signround.retry_lr)
+            for c in cells} == {(3, 2, "gptq", 0.01, False, "bfloat16", 2, 0.001)}
     assert {(c.calibration.samples, c.calibration.seqlen) for c in cells} == {(16, 64)}
 
 
@@ -348,7 +350,8 @@ def test_recipe_takes_calibration_flags_and_refuses_the_flags_it_sets(tiny_llama
     assert (calibration.samples, calibration.seqlen, calibration.seed) == (4, 16, 7)
     for flag in (["--bits", "3"], ["--method", "rtn"], ["--asym"], ["--damp", "0.1"],
                  ["--signround-iters", "10"], ["--signround-fixed-ranges"],
-                 ["--signround-lr", "0.01"], ["--signround-warmup", "5"]):
+                 ["--signround-lr", "0.01"], ["--signround-warmup", "5"],
+                 ["--signround-retry-lr", "0.001"]):
         refused = cli_in_process("quantize", tiny_llama, "--recipe", recipe, *flag,
                                  "--no-eval", "--out", tmp_path / "no")
         assert refused.returncode == 2, flag

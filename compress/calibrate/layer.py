@@ -179,13 +179,15 @@ def _placing(learned: dict[str, QuantizedWeight], losses: dict[str, float]
             _round_uncovered(group, acc)
             return
         hessian = acc.hessian()
-        routed = {"rounding": "signround"} if group.routed else {}
+        extra = {"rounding": "signround"} if group.routed else {}
+        if "retry_lr" in losses:
+            extra["layer_retry_lr"] = losses["retry_lr"]
         for i, module in enumerate(group.modules):
             weight = learned[group.names[i]]
             error = gptq.relative_output_error(module.weight,
                                                weight.to(group.device).dequantize(), hessian)
             group.replace(i, weight, relative_error=error, tokens=acc.n,
-                          layer_loss_start=losses["start"], layer_loss=losses["learned"], **routed)
+                          layer_loss_start=losses["start"], layer_loss=losses["learned"], **extra)
 
     return place
 

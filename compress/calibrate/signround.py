@@ -15,6 +15,7 @@ set is kept, and each Linear is packed with it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -42,7 +43,8 @@ def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
     """Packed weights for the Linears named in `schemes` (names within `layer`), learned on
     the activations x (N, S, D) entering the layer to give `targets` (N, S, D). Returns
     them with the layer-output losses (mean squared error on every sample) where learning
-    started ("start": zero offsets, full ranges) and with the learned rounding. `bounds`:
+    started ("start": zero offsets, full ranges) and with the learned rounding, and the
+    step it learned again with ("retry_lr", `SignRoundConfig.retry_lr`). `bounds`:
     fixed group ranges per Linear (`LearnedRounding`). The layer's weights are left as
     they were."""
     roundings = _attach(layer, schemes, scale_dtype, bounds or {}, cfg)
@@ -50,36 +52,57 @@ def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
         params = [p for r in roundings.values() for p in r.params()]
         start_loss = _loss(forward, x, targets, chunk)
         initial = _snapshot(params)
-        best_loss, best = float("inf"), initial
-        batches = _batches(x.shape[0], cfg.batch, seed)
-        step = _stepper(params, cfg)
-        for i in track(range(cfg.iters), desc="signround steps", unit="step"):
-            pick = next(batches).to(x.device)
-            with torch.enable_grad():
-                with _autocast(cfg, x.device):
-                    loss = torch.nn.functional.mse_loss(forward(x[pick]), targets[pick])
-                loss.backward()
-            value = loss.detach().item()
-            if value < best_loss:  # the parameters that made this loss: keep them
-                best_loss, best = value, _snapshot(params)
-            step(i)
-            for r in roundings.values():
-                r.clamp_()
-        # judged on the whole calibration set: the last step's parameters, the best
-        # batch's (which may have been an easy batch) and the start
-        learned_loss, chosen = _loss(forward, x, targets, chunk), _snapshot(params)
-        for candidate, known in ((best, None), (initial, start_loss)):
-            _restore(params, candidate)
-            loss = known if known is not None else _loss(forward, x, targets, chunk)
-            if loss < learned_loss:
-                learned_loss, chosen = loss, candidate
+        losses = {"start": start_loss}
+        learned_loss, chosen = _learn(forward, x, targets, roundings, params, cfg, seed,
+                                      chunk, initial, start_loss)
+        if learned_loss >= start_loss and cfg.retry_lr is not None:
+            _restore(params, initial)
+            losses["retry_lr"] = cfg.retry_lr
+            learned_loss, chosen = _learn(forward, x, targets, roundings, params,
+                                          dataclasses.replace(cfg, lr=cfg.retry_lr), seed,
+                                          chunk, initial, start_loss)
+        losses["learned"] = learned_loss
         _restore(params, chosen)
         packed = {name: r.quantize(_original(layer, name)) for name, r in roundings.items()}
     finally:
         for name in roundings:
             parametrize.remove_parametrizations(layer.get_submodule(name), "weight",
                                                 leave_parametrized=False)
-    return packed, {"start": start_loss, "learned": learned_loss}
+    return packed, losses
+
+
+def _learn(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+           targets: torch.Tensor, roundings: dict[str, LearnedRounding],
+           params: list[nn.Parameter], cfg: SignRoundConfig, seed: int, chunk: int,
+           initial: list[torch.Tensor], start_loss: float,
+           ) -> tuple[float, list[torch.Tensor]]:
+    """`cfg.iters` steps from where `params` are; returns the whole-set loss and the
+    parameters of the candidate kept (the start's when none beats `start_loss`: the first
+    batch's are the start's too)."""
+    best_loss, best = float("inf"), initial
+    batches = _batches(x.shape[0], cfg.batch, seed)
+    step = _stepper(params, cfg)
+    for i in track(range(cfg.iters), desc="signround steps", unit="step"):
+        pick = next(batches).to(x.device)
+        with torch.enable_grad():
+            with _autocast(cfg, x.device):
+                loss = torch.nn.functional.mse_loss(forward(x[pick]), targets[pick])
+            loss.backward()
+        value = loss.detach().item()
+        if value < best_loss:  # the parameters that made this loss: keep them
+            best_loss, best = value, _snapshot(params)
+        step(i)
+        for r in roundings.values():
+            r.clamp_()
+    # judged on the whole calibration set: the last step's parameters, the best
+    # batch's (which may have been an easy batch) and the start
+    learned_loss, chosen = _loss(forward, x, targets, chunk), _snapshot(params)
+    for candidate, known in ((best, None), (initial, start_loss)):
+        _restore(params, candidate)
+        loss = known if known is not None else _loss(forward, x, targets, chunk)
+        if loss < learned_loss:
+            learned_loss, chosen = loss, candidate
+    return learned_loss, chosen
 
 
 def precision_note(cfg: SignRoundConfig, device: torch.device) -> str | None:

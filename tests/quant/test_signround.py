@@ -207,6 +207,33 @@ def test_what_is_kept_is_judged_on_the_whole_set(monkeypatch):
     assert len(seen) == 3 and losses["learned"] == min(seen) < seen[0]
 
 
+def test_a_layer_that_keeps_its_start_learns_again_at_the_retry_step(monkeypatch):
+    """Steps so large they wreck the layer keep its start; with retry_lr the layer learns
+    once more from the start at that step (and says so), while a layer that learned the
+    first time is not learned again."""
+    layer = _toy_layer()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 32, 64, generator=gen) @ torch.randn(64, 64, generator=gen)
+    x[..., :4] *= 8
+    schemes = {"0": QuantScheme(3, 32, True), "2": QuantScheme(3, 32, True)}
+    targets = learn.layer_outputs(layer, x)
+    steps = []
+    real = learn._stepper
+    monkeypatch.setattr(learn, "_stepper", lambda params, cfg: steps.append(cfg.step)
+                        or real(params, cfg))
+    wild = SignRoundConfig(iters=6, batch=2, lr=1.0, retry_lr=0.02)
+    _, losses = learn.learn_layer(layer, layer, x, targets, schemes, wild, torch.float16,
+                                  seed=0)
+    assert steps == [1.0, 0.02] and losses["retry_lr"] == 0.02
+    assert losses["learned"] < 0.9 * losses["start"]
+    steps.clear()
+    tame = SignRoundConfig(iters=30, batch=2, retry_lr=0.001)
+    _, losses = learn.learn_layer(layer, layer, x, targets, schemes, tame, torch.float16,
+                                  seed=0)
+    assert steps == [tame.step] and "retry_lr" not in losses
+    assert losses["learned"] < losses["start"]
+
+
 def test_adam_learns_within_its_wider_limits():
     """Adam lowers the layer loss as the signed step does, and what it learns stays within
     one grid step either side and a range at most 1.25 times the start's."""
@@ -339,7 +366,8 @@ def test_an_unknown_optimizer_is_a_one_line_error_on_the_command_line(tmp_path):
 @pytest.mark.parametrize("bad", [{"iters": 0}, {"batch": -1}, {"lr": 2.0}, {"iters": True},
                                  {"target": "teacher"}, {"optimizer": "sgd"},
                                  {"learn_ranges": "no"}, {"precision": "float16"},
-                                 {"warmup": -1}, {"warmup": 200}, {"warmup": 2.5}])
+                                 {"warmup": -1}, {"warmup": 200}, {"warmup": 2.5},
+                                 {"retry_lr": 0.0}, {"retry_lr": "small"}])
 def test_bad_settings_are_one_line_errors(bad):
     with pytest.raises(CompressError, match="signround"):
         SignRoundConfig(**bad)
@@ -386,6 +414,9 @@ def test_recipe_round_trips_the_section():
     assert Recipe("gptq").carries_reference and not Recipe("awq").carries_reference
     assert not Recipe("gptq", gptq=GPTQConfig(target="layer")).carries_reference
     assert "signround" not in Recipe("gptq").to_dict()
+    retried = Recipe("signround", signround=SignRoundConfig(retry_lr=0.001))
+    assert retried.to_dict()["signround"]["retry_lr"] == 0.001
+    assert Recipe.from_dict(retried.to_dict()) == retried
     with pytest.raises(CompressError, match="signround: unknown keys"):
         Recipe.from_dict({"method": "signround", "signround": {"steps": 3}})
 
@@ -416,6 +447,19 @@ def test_pipeline_checkpoint_beats_rtn_and_logs_the_layer_loss(tiny_llama, tmp_p
     for entry in log.values():
         assert entry["layer_loss"] < entry["layer_loss_start"]
         assert 0 < entry["relative_error"] < 1 and entry["tokens"] == 16 * 64
+
+
+def test_the_log_names_the_layers_learned_again(tiny_llama, tmp_path):
+    """Every layer's first learning is wrecked by a step of 1; each learns again at
+    retry_lr, below its start, and its Linears' log entries say at which step."""
+    wild = SignRoundConfig(iters=4, batch=4, lr=1.0, retry_lr=0.05)
+    pipeline.quantize(tiny_llama, Recipe("signround", QuantScheme(3, 32, True),
+                                         calibration=CALIB, signround=wild), tmp_path / "sr")
+    log = json.loads((tmp_path / "sr" / pipeline.QUANT_LOG).read_text())["modules"]
+    assert len(log) > 8
+    for entry in log.values():
+        assert entry["layer_retry_lr"] == 0.05
+        assert entry["layer_loss"] < entry["layer_loss_start"]
 
 
 @pytest.mark.parametrize("target", ["model", "layer"])
