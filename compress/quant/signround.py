@@ -53,6 +53,11 @@ ADAM_LR = 5e-3
 PRECISIONS = ("float32", "bfloat16")
 
 
+# settings added after recipes were first written: left out of a recipe at their default
+_LEFT_OUT_AT_DEFAULT = {"optimizer": "sign", "learn_ranges": True, "precision": "float32",
+                        "warmup": 0, "retry_lr": None}
+
+
 @dataclass(frozen=True)
 class SignRoundConfig:
     """iters: steps per decoder layer; lr: the first step's size, decaying linearly to 0
@@ -136,17 +141,10 @@ class SignRoundConfig:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        # recipes written before these choices existed stay as they were
-        if self.optimizer == "sign":
-            del data["optimizer"]
-        if self.learn_ranges:
-            del data["learn_ranges"]
-        if self.precision == "float32":
-            del data["precision"]
-        if not self.warmup:
-            del data["warmup"]
-        if self.retry_lr is None:
-            del data["retry_lr"]
+        # recipes written before these choices existed stay as they were (and hash alike)
+        for name, default in _LEFT_OUT_AT_DEFAULT.items():
+            if data[name] == default:
+                del data[name]
         return data
 
 

@@ -154,14 +154,23 @@ def _toy_layer() -> nn.Sequential:
                          nn.Linear(128, 64, bias=False))
 
 
+TOY_SCHEMES = {"0": QuantScheme(3, 32, True), "2": QuantScheme(3, 32, True)}
+
+
+def _toy_inputs(outliers: bool = True) -> torch.Tensor:
+    """Correlated inputs (16, 32, 64) for `_toy_layer`; `outliers`: the first 4 channels
+    8x larger, where rounding choices matter."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 32, 64, generator=gen) @ torch.randn(64, 64, generator=gen)
+    if outliers:
+        x[..., :4] *= 8
+    return x
+
+
 def test_learning_a_layer_beats_rtn_and_leaves_its_weights_alone():
     layer = _toy_layer()
     before = {n: p.detach().clone() for n, p in layer.named_parameters()}
-    # correlated inputs with a few large channels, where rounding choices matter
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(16, 32, 64, generator=gen) @ torch.randn(64, 64, generator=gen)
-    x[..., :4] *= 8
-    schemes = {"0": QuantScheme(3, 32, True), "2": QuantScheme(3, 32, True)}
+    x, schemes = _toy_inputs(), dict(TOY_SCHEMES)
     cfg = SignRoundConfig(iters=60, batch=4)
     packed, losses = learn.learn_layer(layer, layer, x, learn.layer_outputs(layer, x), schemes,
                                        cfg, torch.float16, seed=0)
@@ -188,10 +197,7 @@ def test_what_is_kept_is_judged_on_the_whole_set(monkeypatch):
     and reported (three whole-set losses measured, the kept one the least); steps so large
     they wreck the layer leave it where it started."""
     layer = _toy_layer()
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(16, 32, 64, generator=gen) @ torch.randn(64, 64, generator=gen)
-    x[..., :4] *= 8
-    schemes = {"0": QuantScheme(3, 32, True), "2": QuantScheme(3, 32, True)}
+    x, schemes = _toy_inputs(), dict(TOY_SCHEMES)
     targets = learn.layer_outputs(layer, x)
     wild = SignRoundConfig(iters=6, batch=2, lr=1.0)
     rtn_only = {n: rtn.quantize(layer.get_submodule(n).weight, s) for n, s in schemes.items()}
@@ -212,10 +218,7 @@ def test_a_layer_that_keeps_its_start_learns_again_at_the_retry_step(monkeypatch
     once more from the start at that step (and says so), while a layer that learned the
     first time is not learned again."""
     layer = _toy_layer()
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(16, 32, 64, generator=gen) @ torch.randn(64, 64, generator=gen)
-    x[..., :4] *= 8
-    schemes = {"0": QuantScheme(3, 32, True), "2": QuantScheme(3, 32, True)}
+    x, schemes = _toy_inputs(), dict(TOY_SCHEMES)
     targets = learn.layer_outputs(layer, x)
     steps = []
     real = learn._stepper
@@ -238,10 +241,7 @@ def test_adam_learns_within_its_wider_limits():
     """Adam lowers the layer loss as the signed step does, and what it learns stays within
     one grid step either side and a range at most 1.25 times the start's."""
     layer = _toy_layer()
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(16, 32, 64, generator=gen) @ torch.randn(64, 64, generator=gen)
-    x[..., :4] *= 8
-    schemes = {"0": QuantScheme(3, 32, True), "2": QuantScheme(3, 32, True)}
+    x, schemes = _toy_inputs(), dict(TOY_SCHEMES)
     seen = {}
     real = learn.LearnedRounding.quantize
 
@@ -266,8 +266,7 @@ def test_fixed_ranges_keep_each_groups_grid():
     """With learn_ranges off only the offsets move: every group's scale is the one it
     started with, while the loss still falls (the offsets alone learn)."""
     layer = _toy_layer()
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(16, 32, 64, generator=gen) @ torch.randn(64, 64, generator=gen)
+    x = _toy_inputs(outliers=False)
     schemes = {"0": QuantScheme(3, 32, True), "2": QuantScheme(3, 32, False)}
     targets = learn.layer_outputs(layer, x)
     untrained = SignRoundConfig(iters=1, lr=1e-9, batch=4, optimizer="adam")
@@ -294,8 +293,7 @@ def test_bfloat16_steps_learn_as_float32_steps_do():
     loss still falls about as far as float32's, and the reported losses are float32's
     (the start's equal to the last digit)."""
     layer = _toy_layer()
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(16, 32, 64, generator=gen) @ torch.randn(64, 64, generator=gen)
+    x = _toy_inputs(outliers=False)
     schemes = {"0": QuantScheme(3, 32, True), "2": QuantScheme(3, 32, False)}
     targets = learn.layer_outputs(layer, x)
     cfg = SignRoundConfig(iters=60, batch=4, optimizer="adam", lr=0.05)
