@@ -165,6 +165,9 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     elif calibration_data is not None:
         raise CompressError(f"method {recipe.method!r} uses no calibration data; drop --calib")
     calib = tune_calib if recipe.calibrated else None  # RTN's rounding needs none, tuning does
+    if recipe.tune is not None and recipe.tune.sampled not in (None, recipe.calibration.sampled):
+        tune_calib = ctx.decide(lambda: _calibration(files, recipe, calibration_data,
+                                                     ctx.device, recipe.tune.sampled))
 
     rotations = rotate.plan(files, recipe.rotate)
     partial = out.with_name(out.name + ".partial")
@@ -235,12 +238,16 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
 
 def _calibration(files: models.ModelFiles, recipe: Recipe,
                  calibration_data: str | Path | None,
-                 device: torch.device | str = "cpu") -> data.CalibrationSet:
+                 device: torch.device | str = "cpu",
+                 sampled: int | None = None) -> data.CalibrationSet:
+    """The recipe's calibration windows, with `sampled` windows sampled from the model in
+    place of the recipe's count where given (the tuning's own)."""
     c = recipe.calibration
     tokenizer = data.load_tokenizer(files.path, f"{recipe.method} calibration",
                                     "use --method rtn, which needs no data")
     calib = data.calibration_set(tokenizer, calibration_data, c.samples, c.seqlen, c.seed)
-    return data.with_sampled(calib, files, c.sampled, c.seed, device)
+    return data.with_sampled(calib, files, c.sampled if sampled is None else sampled, c.seed,
+                             device)
 
 
 def _result(files: models.ModelFiles, recipe: Recipe, schemes: dict[str, QuantScheme],

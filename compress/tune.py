@@ -71,7 +71,7 @@ def tune_checkpoint(checkpoint_dir: str | Path, out: str | Path | None = None,
                     sampled: int | None = None) -> TuneSummary:
     """Tune `checkpoint_dir`'s scales (and norms) against its base model; write `out`.
     The calibration windows (`samples` of `seqlen` tokens, and `sampled` more sampled
-    from the base model) are the checkpoint's where not given."""
+    from the base model, else `cfg.sampled`) are the checkpoint's where not given."""
     from compress import evaluation
 
     cfg = cfg or ScaleTuningConfig()
@@ -88,7 +88,8 @@ def tune_checkpoint(checkpoint_dir: str | Path, out: str | Path | None = None,
     if base is None:
         raise CompressError(f"{files.path} records no base model; pass --baseline DIR (the "
                             "unquantised model it was made from)")
-    calib = _calibration(files, base, calibration_data, samples, seqlen, sampled)
+    calib = _calibration(files, base, calibration_data, samples, seqlen,
+                         cfg.sampled if sampled is None else sampled)
     partial = out.with_name(out.name + ".partial")
     result = tune_into(files, base, calib, cfg, partial, seed)
     checkpoint.publish(partial, out, overwrite)

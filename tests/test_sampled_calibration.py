@@ -107,3 +107,68 @@ def test_sampled_windows_are_kept_and_read_back_without_the_model(tiny_llama, tm
         resampled = data.with_sampled(calib, files, 3, 0)
         assert torch.equal(resampled.samples, first.samples)  # sampled again, same bytes
         assert torch.equal(load_file(kept)["windows"], first.samples[4:])
+
+
+def test_the_tuning_fits_on_its_own_sampled_windows(cli, tiny_llama, tmp_path):
+    """`--tune-sampled N` (a recipe's `tune: {sampled: N}`): the layers calibrate on the
+    calibration's sampled windows, the tuning on N; the same tensors as the untuned run
+    and `compress tune --calib-sampled N` on it, or `tune_checkpoint` given the setting."""
+    from safetensors import safe_open
+
+    from compress.quant.scale_tuning import ScaleTuningConfig
+    from compress.tune import tune_checkpoint
+
+    def tensors(path):
+        found = {}
+        for shard in sorted(path.glob("*.safetensors")):
+            with safe_open(shard, "pt") as f:
+                found.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+        return found
+
+    common = ("--method", "gptq", "--bits", "2", "--group-size", "32", "--calib-samples",
+              "4", "--calib-seqlen", "32", "--calib-sampled", "2", "--no-eval", "-q")
+    together = tmp_path / "together"
+    proc = cli("quantize", tiny_llama, *common, "--tune", "--tune-epochs", "1",
+               "--tune-sampled", "5", "--out", together)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((together / checkpoint.MANIFEST).read_text())
+    assert manifest["recipe"]["tune"]["sampled"] == 5
+    assert manifest["calibration"]["sampled"] == 2  # the layers'
+    note = json.loads((together / "scale_tuning.json").read_text())
+    assert note["calibration"]["sampled"] == 5 and note["calibration"]["samples"] == 4
+    assert note["calibration"]["tokens_sha256"] != manifest["calibration"]["tokens_sha256"]
+
+    untuned = tmp_path / "untuned"
+    assert cli("quantize", tiny_llama, *common, "--out", untuned).returncode == 0
+    apart = tmp_path / "apart"
+    proc = cli("tune", untuned, "--out", apart, "--epochs", "1", "--calib-sampled", "5", "-q")
+    assert proc.returncode == 0, proc.stderr
+    by_setting = tune_checkpoint(untuned, tmp_path / "by-setting",
+                                 ScaleTuningConfig(epochs=1, sampled=5)).out
+    expected = tensors(together)
+    for other in (tensors(apart), tensors(by_setting)):
+        assert other.keys() == expected.keys()
+        assert all(torch.equal(other[k], expected[k]) for k in expected)
+
+
+def test_tune_sampled_needs_a_tuning_and_a_count(cli, tiny_llama, tmp_path):
+    for args, message in ((("--tune-sampled", "5"), "--tune-sampled sets the tuning"),
+                          (("--tune", "--tune-sampled", "-1"), "scale tuning sampled must")):
+        proc = cli("quantize", tiny_llama, *args, "--no-eval", "--out", tmp_path / "x")
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_tune_sampled_setting_round_trips_and_is_omitted_when_unset(tmp_path):
+    from compress.quant.scale_tuning import ScaleTuningConfig
+    from compress.recipe import Recipe
+
+    assert "sampled" not in ScaleTuningConfig().to_dict()
+    assert ScaleTuningConfig(**ScaleTuningConfig(sampled=224).to_dict()).sampled == 224
+    path = tmp_path / "r.yaml"
+    path.write_text("version: 1\nmethod: gptq\nscheme: {bits: 3, group_size: 128}\n"
+                    "calibration: {sampled: 96}\ntune: {epochs: 1, sampled: 224}\n")
+    recipe = Recipe.from_yaml(path)
+    assert recipe.tune.sampled == 224 and recipe.calibration.sampled == 96
+    with pytest.raises(CompressError, match="scale tuning sampled must"):
+        ScaleTuningConfig(sampled=True)
