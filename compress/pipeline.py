@@ -158,16 +158,16 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
     files = models.open_model(model)
     ctx.decide(lambda: check_inputs(files, out, overwrite))
     schemes = plan(files, recipe)
-    tune_calib = None
-    if recipe.calibrated or recipe.tune is not None:
-        tune_calib = ctx.decide(lambda: _calibration(files, recipe, calibration_data,
-                                                     ctx.device))
-    elif calibration_data is not None:
+    if not recipe.calibrated and recipe.tune is None and calibration_data is not None:
         raise CompressError(f"method {recipe.method!r} uses no calibration data; drop --calib")
-    calib = tune_calib if recipe.calibrated else None  # RTN's rounding needs none, tuning does
-    if recipe.tune is not None and recipe.tune.sampled not in (None, recipe.calibration.sampled):
-        tune_calib = ctx.decide(lambda: _calibration(files, recipe, calibration_data,
-                                                     ctx.device, recipe.tune.sampled))
+    calib = tune_calib = None  # RTN's rounding needs no windows, tuning does
+    if recipe.calibrated:
+        calib = ctx.decide(lambda: _calibration(files, recipe, calibration_data, ctx.device))
+    if recipe.tune is not None:
+        sampled = recipe.tune.sampled  # None: the calibration's
+        tune_calib = calib if calib is not None and sampled in (
+            None, recipe.calibration.sampled) else ctx.decide(
+            lambda: _calibration(files, recipe, calibration_data, ctx.device, sampled))
 
     rotations = rotate.plan(files, recipe.rotate)
     partial = out.with_name(out.name + ".partial")
