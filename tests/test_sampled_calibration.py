@@ -151,6 +151,21 @@ def test_the_tuning_fits_on_its_own_sampled_windows(cli, tiny_llama, tmp_path):
         assert all(torch.equal(other[k], expected[k]) for k in expected)
 
 
+def test_tune_sampled_sets_a_recipes_tuning_windows(cli, tiny_llama, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nmethod: gptq\nscheme: {bits: 2, group_size: 32}\n"
+                      "calibration: {samples: 4, seqlen: 32, sampled: 2}\n"
+                      "tune: {epochs: 1}\n")
+    out = tmp_path / "q"
+    proc = cli("quantize", tiny_llama, "--recipe", recipe, "--tune-sampled", "3", "--no-eval",
+               "--out", out, "-q")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / checkpoint.MANIFEST).read_text())
+    assert manifest["recipe"]["tune"] == {"epochs": 1, "lr": 0.002, "batch": 4, "norms": True,
+                                          "sampled": 3}
+    assert json.loads((out / "scale_tuning.json").read_text())["calibration"]["sampled"] == 3
+
+
 def test_tune_sampled_needs_a_tuning_and_a_count(cli, tiny_llama, tmp_path):
     for args, message in ((("--tune-sampled", "5"), "--tune-sampled sets the tuning"),
                           (("--tune", "--tune-sampled", "-1"), "scale tuning sampled must")):
