@@ -240,6 +240,16 @@ def exact_kernels(monkeypatch):
     monkeypatch.setenv("COMPRESS_KERNEL", "reference")
 
 
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint directory, by name, over its shards."""
+    from safetensors.torch import load_file
+
+    found = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        found.update(load_file(shard))
+    return found
+
+
 def exact_load(path):
     """Our decoder computing everything in float32 (see `exact_kernels`)."""
     from compress import models

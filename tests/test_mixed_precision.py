@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from conftest import checkpoint_tensors
 
 from compress import api, data, models
 from compress.calibrate import sensitivity
@@ -91,17 +91,10 @@ def test_target_bits_checkpoint_follows_the_allocation_and_reproduces(tiny_llama
     assert summary.result.out == out
     again = tmp_path / "again"
     api.quantize(tiny_llama, Recipe.from_yaml(out / "recipe.yaml"), again, evaluate=False)
-    first, second = _tensors(out), _tensors(again)
+    first, second = checkpoint_tensors(out), checkpoint_tensors(again)
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
-
-
-def _tensors(path):
-    merged = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        merged.update(load_file(shard))
-    return merged
 
 
 def test_target_bits_below_every_option_is_a_clear_error(tiny_llama, tmp_path):

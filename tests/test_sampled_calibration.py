@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import chi_square_p_value
+from conftest import checkpoint_tensors, chi_square_p_value
 from safetensors.torch import load_file
 
 from compress import data, models
@@ -113,17 +113,8 @@ def test_the_tuning_fits_on_its_own_sampled_windows(cli, tiny_llama, tmp_path):
     """`--tune-sampled N` (a recipe's `tune: {sampled: N}`): the layers calibrate on the
     calibration's sampled windows, the tuning on N; the same tensors as the untuned run
     and `compress tune --calib-sampled N` on it, or `tune_checkpoint` given the setting."""
-    from safetensors import safe_open
-
     from compress.quant.scale_tuning import ScaleTuningConfig
     from compress.tune import tune_checkpoint
-
-    def tensors(path):
-        found = {}
-        for shard in sorted(path.glob("*.safetensors")):
-            with safe_open(shard, "pt") as f:
-                found.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
-        return found
 
     common = ("--method", "gptq", "--bits", "2", "--group-size", "32", "--calib-samples",
               "4", "--calib-seqlen", "32", "--calib-sampled", "2", "--no-eval", "-q")
@@ -145,8 +136,8 @@ def test_the_tuning_fits_on_its_own_sampled_windows(cli, tiny_llama, tmp_path):
     assert proc.returncode == 0, proc.stderr
     by_setting = tune_checkpoint(untuned, tmp_path / "by-setting",
                                  ScaleTuningConfig(epochs=1, sampled=5)).out
-    expected = tensors(together)
-    for other in (tensors(apart), tensors(by_setting)):
+    expected = checkpoint_tensors(together)
+    for other in (checkpoint_tensors(apart), checkpoint_tensors(by_setting)):
         assert other.keys() == expected.keys()
         assert all(torch.equal(other[k], expected[k]) for k in expected)
 

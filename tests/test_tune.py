@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 from compress.kernels import reference
-from conftest import ARCH_CASES, cli_in_process
-from safetensors import safe_open
+from conftest import ARCH_CASES, checkpoint_tensors, cli_in_process
 
 from compress import models
 from compress.calibrate.scale_tuning import (
@@ -151,21 +150,13 @@ def packed_tiny(tiny_llama, tmp_path_factory):
     return out
 
 
-def _tensors(path):
-    found = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            found.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
-    return found
-
-
 def test_compress_tune_writes_a_checkpoint_with_only_scales_and_norms_changed(
         cli, packed_tiny, tmp_path):
     out = tmp_path / "tuned"
     proc = cli("tune", packed_tiny, "--out", out, "--epochs", "2", "--lr", "0.01", "-q")
     assert proc.returncode == 0, proc.stderr
     assert "calibration KL" in proc.stdout and str(out) in proc.stdout
-    before, after = _tensors(packed_tiny), _tensors(out)
+    before, after = checkpoint_tensors(packed_tiny), checkpoint_tensors(out)
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed, "nothing was tuned"
@@ -257,7 +248,7 @@ def test_tuning_lowers_the_calibration_kl_on_every_architecture(model_type, tiny
     s = tune_checkpoint(packed, tmp_path / "tuned", ScaleTuningConfig(epochs=2, lr=1e-2),
                         samples=4, seqlen=32)
     assert s.result.kl_tuned < s.result.kl_start
-    before, after = _tensors(packed), _tensors(tmp_path / "tuned")
+    before, after = checkpoint_tensors(packed), checkpoint_tensors(tmp_path / "tuned")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.endswith(".weight_scale") for k in changed)
     assert all(k.endswith(".weight_scale") or "norm" in k for k in changed)
@@ -315,7 +306,7 @@ def test_quantize_tune_gives_what_compress_tune_gives_on_the_untuned_run(
     assert proc.returncode == 0, proc.stderr
     separate = tmp_path / "separate"
     assert cli("tune", packed_tiny, "--out", separate, "--epochs", "1", "-q").returncode == 0
-    together, apart = _tensors(out), _tensors(separate)
+    together, apart = checkpoint_tensors(out), checkpoint_tensors(separate)
     assert together.keys() == apart.keys()
     assert all(torch.equal(together[k], apart[k]) for k in together)
     manifest = models.open_model(out).manifest
@@ -347,7 +338,7 @@ def test_quantize_killed_while_tuning_resumes_to_the_same_checkpoint(tiny_llama,
     assert (tmp_path / "out.partial" / "progress.json").is_file()
     monkeypatch.setattr(tuning, "tune", real)
     _quantize_tiny(tiny_llama, out, cfg)
-    a, b = _tensors(clean), _tensors(out)
+    a, b = checkpoint_tensors(clean), checkpoint_tensors(out)
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
     assert not (tmp_path / "out.partial").exists()
 
@@ -591,7 +582,7 @@ def test_compress_tune_killed_goes_on_from_its_last_save(packed_tiny, tmp_path, 
     resumed = cli_in_process("tune", packed_tiny, "--out", out, *args[:4])
     assert resumed.returncode == 0 and "resuming the tuning after step 2" in resumed.stderr
     assert not state.exists()
-    ours, theirs = _tensors(out), _tensors(clean)
+    ours, theirs = checkpoint_tensors(out), checkpoint_tensors(clean)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert json.loads((out / "scale_tuning.json").read_text())["kl_tuned"] == json.loads(
         (clean / "scale_tuning.json").read_text())["kl_tuned"]
