@@ -165,9 +165,11 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
         calib = ctx.decide(lambda: _calibration(files, recipe, calibration_data, ctx.device))
     if recipe.tune is not None:
         sampled = recipe.tune.sampled  # None: the calibration's
-        tune_calib = calib if calib is not None and sampled in (
-            None, recipe.calibration.sampled) else ctx.decide(
-            lambda: _calibration(files, recipe, calibration_data, ctx.device, sampled))
+        if calib is not None and sampled in (None, recipe.calibration.sampled):
+            tune_calib = calib
+        else:
+            tune_calib = ctx.decide(lambda: _calibration(files, recipe, calibration_data,
+                                                         ctx.device, sampled))
 
     rotations = rotate.plan(files, recipe.rotate)
     partial = out.with_name(out.name + ".partial")

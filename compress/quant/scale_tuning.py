@@ -58,14 +58,12 @@ class ScaleTuningConfig:
         if (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
                 or not 0 < self.lr <= 1 or not math.isfinite(self.lr)):
             raise CompressError(f"scale tuning lr must be in (0, 1], got {self.lr!r}")
-        top = self.teacher_top
-        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
-            raise CompressError(f"scale tuning teacher_top must be a whole number >= 0 (0: "
-                                f"the whole distribution), got {top!r}")
-        n = self.sampled
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-            raise CompressError(f"scale tuning sampled must be a whole number of windows "
-                                f">= 0, got {n!r}")
+        for name, meaning in (("teacher_top", "0: the whole distribution"),
+                              ("sampled", "windows sampled from the model")):
+            n = getattr(self, name)
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+                raise CompressError(f"scale tuning {name} must be a whole number >= 0 "
+                                    f"({meaning}), got {n!r}")
 
     def to_dict(self) -> dict:
         data = asdict(self)
