@@ -109,6 +109,9 @@ def read_text(path: str | Path) -> str:
 
 # A sampled window starts from this many tokens of a calibration window (`with_sampled`).
 SAMPLED_PROMPT = 4
+# Sampled windows decode this many at a time, from one generator: the cache keeps its
+# state before each batch, so that a kept set is reused up to any batch boundary.
+SAMPLED_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,11 @@ def with_sampled(calib: CalibrationSet, model_files: ModelFiles, count: int, see
     text: learned stages fitted 32 windows' 16k tokens far better than held-out text.
 
     The windows are kept on disk (`sampled_cache()`) under a key of everything that
-    decides their bytes, so a resumed run and `compress tune` read them back instead of
-    loading the model to sample them again."""
+    decides their bytes but their count, with the generator's state before each batch of
+    `SAMPLED_BATCH`, saved after each batch. An ask for no more windows than are kept
+    loads no model (a resumed run, `compress tune`); one for more (or a killed sampling,
+    run again) samples only the new ones. Either way the bytes are those of sampling
+    `count` windows at once: reuse stops at a batch boundary."""
     if count == 0:
         return calib
     from compress import models
@@ -152,20 +158,38 @@ def with_sampled(calib: CalibrationSet, model_files: ModelFiles, count: int, see
 
     n, seqlen = calib.samples.shape
     prompts = calib.samples[torch.arange(count) % n, :SAMPLED_PROMPT]
-    path = sampled_cache() / (
-        _sampled_key(calib, model_files, count, seed, device) + ".safetensors")
-    windows = _read_sampled(path, prompts, seqlen, model_files.config.get("vocab_size"))
-    if windows is not None:
+    path = sampled_cache() / (_sampled_key(calib, model_files, seed, device) + ".safetensors")
+    kept = _read_sampled(path, calib, model_files.config.get("vocab_size"), device)
+    windows, states = kept if kept is not None else (calib.samples[:0], [])
+    if count <= len(windows) and (count % SAMPLED_BATCH == 0 or count == len(windows)):
         status(f"reusing {count} calibration windows sampled earlier from "
                f"{model_files.name} ({path})")
+        windows = windows[:count]
     else:
-        status(f"sampling {count} calibration windows of {seqlen} tokens from "
-               f"{model_files.name}")
+        batch = min(count, len(windows)) // SAMPLED_BATCH
+        first = batch * SAMPLED_BATCH
+        reused = f", reusing {first} sampled earlier" if first else ""
+        status(f"sampling {count - first} calibration windows of {seqlen} tokens from "
+               f"{model_files.name}{reused}")
+        generator = torch.Generator(device=device)
+        if first:
+            generator.set_state(states[batch])
+        else:
+            generator.manual_seed(seed)
+        kept_count, rows, states = len(windows), [windows[:first]], states[:batch]
+        keep = True
         model, _ = models.load(model_files, device)
-        windows = sample_windows(model, prompts, seqlen, seed, progress=lambda starts: track(
-            starts, desc="sampling windows", unit="batch"))
+        for start in track(range(first, count, SAMPLED_BATCH), desc="sampling windows",
+                           unit="batch"):
+            states.append(generator.get_state())
+            rows.append(sample_windows(model, prompts[start:start + SAMPLED_BATCH], seqlen,
+                                       generator, batch=SAMPLED_BATCH))
+            done = start + len(rows[-1])
+            if keep and done > kept_count:  # kept batch by batch: a kill loses one batch
+                whole = [generator.get_state()] if done % SAMPLED_BATCH == 0 else []
+                keep = _write_sampled(path, torch.cat(rows), states + whole)
         del model
-        _write_sampled(path, windows)
+        windows = torch.cat(rows)
     return CalibrationSet(torch.cat([calib.samples, windows]), calib.text_sha256,
                           f"{calib.source}; {count} windows sampled from the model",
                           calib.sampled + count)
@@ -177,13 +201,14 @@ def sampled_cache() -> Path:
     return assets.cache_dir("sampled", "COMPRESS_SAMPLED_CACHE")
 
 
-def _sampled_key(calib: CalibrationSet, model_files: ModelFiles, count: int, seed: int,
+def _sampled_key(calib: CalibrationSet, model_files: ModelFiles, seed: int,
                  device: torch.device | str) -> str:
-    """What decides sampled windows' bytes. The thread count and device are in it because
-    float reductions round differently across them, which changes some draws."""
+    """What decides sampled windows' bytes, but their count (a file serves every count).
+    The thread count and device are in it because float reductions round differently
+    across them, which changes some draws."""
     import compress
 
-    fields = {"windows": calib.sha256, "count": count, "seed": seed,
+    fields = {"windows": calib.sha256, "seed": seed, "batch": SAMPLED_BATCH,
               "prompt_tokens": SAMPLED_PROMPT,
               "model": model_files.identity(),
               "device": torch.device(device).type, "threads": torch.get_num_threads(),
@@ -191,30 +216,54 @@ def _sampled_key(calib: CalibrationSet, model_files: ModelFiles, count: int, see
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _read_sampled(path: Path, prompts: torch.Tensor, seqlen: int,
-                  vocab: int | None) -> torch.Tensor | None:
-    """Cached windows that fit what was asked (shape, dtype, their prompts, the
-    vocabulary), else None: a damaged or foreign file is sampled again, never used."""
+def _read_sampled(path: Path, calib: CalibrationSet, vocab: int | None,
+                  device: torch.device | str,
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+    """Kept windows and the generator's states before each of their whole batches, if
+    the file is whole and fits (int64 ids in the vocabulary, of calib's length, each
+    starting with its prompt; one state per batch boundary, of this generator's size),
+    else None: a damaged or foreign file is sampled again, never used."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     if not path.is_file():
         return None
     try:
-        windows = token_windows(path, vocab, prompts.shape[0], seqlen, exact=True).samples
-    except CompressError:
+        kept = load_file(path)
+    except (OSError, SafetensorError):
         return None
-    return windows if torch.equal(windows[:, :prompts.shape[1]], prompts) else None
+    windows, states = kept.get("windows"), kept.get("generator_states")
+    n, seqlen = calib.samples.shape
+    state_bytes = torch.Generator(device=device).get_state().numel()
+    if (windows is None or states is None or windows.dtype != torch.int64
+            or windows.dim() != 2 or windows.shape[1] != seqlen or windows.numel() == 0
+            or states.dtype != torch.uint8
+            or states.shape != (len(windows) // SAMPLED_BATCH + 1, state_bytes)
+            or windows.min() < 0 or (vocab is not None and windows.max() >= vocab)):
+        return None
+    prompts = calib.samples[torch.arange(len(windows)) % n, :SAMPLED_PROMPT]
+    if not torch.equal(windows[:, :SAMPLED_PROMPT], prompts):
+        return None
+    # Each state its own tensor: Generator.set_state reads a view's storage from its
+    # start, ignoring the view's offset (a crash or a wrong state).
+    return windows, [state.clone() for state in states]
 
 
-def _write_sampled(path: Path, windows: torch.Tensor) -> None:
-    """Kept for the next run; a cache that cannot be written only costs that run time."""
+def _write_sampled(path: Path, windows: torch.Tensor, states: list[torch.Tensor]) -> bool:
+    """Kept for the next run (False: could not be); a cache that cannot be written only
+    costs that run time."""
     from compress.formats import checkpoint
     from compress.progress import status
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_save_safetensors(path, {"windows": windows})
+        checkpoint.atomic_save_safetensors(
+            path, {"windows": windows.contiguous(), "generator_states": torch.stack(states)})
     except (OSError, CompressError) as e:
         status(f"note: could not keep the sampled windows in {path} ({first_line(e)}); "
                "a resumed run or compress tune will sample them again")
+        return False
+    return True
 
 
 def calibration_set(tokenizer, path: str | Path | None, samples: int, seqlen: int,
@@ -245,12 +294,11 @@ def calibration_set(tokenizer, path: str | Path | None, samples: int, seqlen: in
     return CalibrationSet(windows, text.sha256, source)
 
 
-def token_windows(path: str | Path, vocab: int | None, samples: int, seqlen: int,
-                  exact: bool = False) -> CalibrationSet:
+def token_windows(path: str | Path, vocab: int | None, samples: int,
+                  seqlen: int) -> CalibrationSet:
     """The first `samples` windows of a safetensors file holding token ids as `windows`
     (int64, [n, seqlen]), used verbatim: the same windows another tool, run or machine
-    calibrated on (no seed applies). `exact`: n must be `samples` (the sampled-windows
-    cache, which has this layout, holds exactly the windows its key names)."""
+    calibrated on (no seed applies)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -267,8 +315,6 @@ def token_windows(path: str | Path, vocab: int | None, samples: int, seqlen: int
     if length != seqlen:
         raise CompressError(f"{path} holds windows of {length} tokens; pass "
                             f"--calib-seqlen {length}")
-    if exact and n != samples:
-        raise CompressError(f"{path} holds {n} windows, not {samples}")
     if samples > n:
         raise CompressError(f"{path} holds {n} windows, fewer than the {samples} asked; "
                             f"pass --calib-samples {n} or fewer")

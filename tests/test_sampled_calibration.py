@@ -94,19 +94,72 @@ def test_sampled_windows_are_kept_and_read_back_without_the_model(tiny_llama, tm
     with pytest.raises(AssertionError, match="loaded"):  # another seed: another key
         data.with_sampled(calib, files, 3, 1)
     monkeypatch.setattr(models, "load", real_load)
-    for damage in (b"not a safetensors file", None, "extra"):
-        if damage is None:  # a readable file whose windows do not start with the prompts
+    states = load_file(kept)["generator_states"].clone()  # the file is overwritten below
+    for damage in (b"not a safetensors file", "prompts", "states"):
+        if damage == "prompts":  # a readable file whose windows do not start with the prompts
             windows = first.samples[4:].clone()
             windows[:, 0] += 1
-            checkpoint.atomic_save_safetensors(kept, {"windows": windows})
-        elif damage == "extra":  # the right windows and one more: not the file its key names
-            windows = torch.cat([first.samples[4:], first.samples[4:5]])
-            checkpoint.atomic_save_safetensors(kept, {"windows": windows})
+            checkpoint.atomic_save_safetensors(
+                kept, {"windows": windows, "generator_states": states})
+        elif damage == "states":  # the right windows without their generator's states
+            checkpoint.atomic_save_safetensors(kept, {"windows": first.samples[4:]})
         else:
             kept.write_bytes(damage)
         resampled = data.with_sampled(calib, files, 3, 0)
         assert torch.equal(resampled.samples, first.samples)  # sampled again, same bytes
         assert torch.equal(load_file(kept)["windows"], first.samples[4:])
+
+
+def test_kept_windows_serve_any_count_with_the_bytes_of_one_run(tiny_llama, tmp_path,
+                                                                monkeypatch):
+    """One kept file per key, whatever the count: fewer windows read back (resampling only
+    a last partial batch), more sample only the new ones, from the generator's kept state.
+    Every count gives the bytes of sampling it at once, in a fresh cache."""
+    from compress.serving import generation
+
+    monkeypatch.setattr(data, "SAMPLED_BATCH", 2)
+    files = models.open_model(tiny_llama)
+    calib = data.calibration_set(data.load_tokenizer(tiny_llama), None, 4, 32, 0)
+
+    def at_once(count: int) -> torch.Tensor:
+        monkeypatch.setenv("COMPRESS_SAMPLED_CACHE", str(tmp_path / f"once-{count}"))
+        return data.with_sampled(calib, files, count, 0).samples
+
+    expected = {count: at_once(count) for count in (3, 4, 5, 6)}
+    assert torch.equal(expected[4], expected[6][:8])  # a batch boundary: the same draws
+    real_sample = generation.sample_windows
+    sampled_rows = []
+
+    def counting(model, prompts, *args, **kwargs):
+        sampled_rows.append(len(prompts))
+        return real_sample(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "sample_windows", counting)
+    monkeypatch.setenv("COMPRESS_SAMPLED_CACHE", str(tmp_path / "shared"))
+    for count, rows in ((2, 2), (5, 3), (4, 0), (3, 1), (5, 0), (6, 2)):
+        sampled_rows.clear()
+        got = data.with_sampled(calib, files, count, 0)
+        assert torch.equal(got.samples, expected.get(count, expected[6][:4 + count]))
+        assert sum(sampled_rows) == rows, (count, sampled_rows)
+    [kept] = (tmp_path / "shared").glob("*.safetensors")
+    kept = load_file(kept)
+    assert torch.equal(kept["windows"], expected[6][4:])  # never shrunk by a smaller ask
+    assert kept["generator_states"].shape[0] == 6 // 2 + 1
+
+    def killed_at_the_third_batch(model, prompts, *args, **kwargs):
+        if len(sampled_rows) == 2:
+            raise KeyboardInterrupt
+        return counting(model, prompts, *args, **kwargs)
+
+    monkeypatch.setenv("COMPRESS_SAMPLED_CACHE", str(tmp_path / "killed"))
+    monkeypatch.setattr(generation, "sample_windows", killed_at_the_third_batch)
+    sampled_rows.clear()
+    with pytest.raises(KeyboardInterrupt):
+        data.with_sampled(calib, files, 6, 0)
+    monkeypatch.setattr(generation, "sample_windows", counting)
+    sampled_rows.clear()
+    assert torch.equal(data.with_sampled(calib, files, 6, 0).samples, expected[6])
+    assert sampled_rows == [2]  # the two batches kept before the kill were read back
 
 
 def test_the_tuning_fits_on_its_own_sampled_windows(cli, tiny_llama, tmp_path):

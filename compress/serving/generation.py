@@ -179,13 +179,15 @@ def compile_ahead(model: CausalLM, prompt_tokens: int, max_new_tokens: int,
 
 
 @torch.inference_mode()
-def sample_windows(model: CausalLM, prompts: torch.Tensor, length: int, seed: int,
-                   batch: int = 16, progress: Callable[[range], Iterable[int]] = iter,
-                   ) -> torch.Tensor:
+def sample_windows(model: CausalLM, prompts: torch.Tensor, length: int,
+                   seed: int | torch.Generator, batch: int = 16,
+                   progress: Callable[[range], Iterable[int]] = iter) -> torch.Tensor:
     """(n, length) token ids: each row of `prompts` (n, p) continued to `length` tokens by
     sampling from `model`'s own next-token distribution (temperature 1, no filters), so
     that the text is what the model expects, weighted as it weighs it. `batch` rows
-    decode together, one cached step per token; `progress` wraps the batches' starts."""
+    decode together, one cached step per token; `progress` wraps the batches' starts.
+    `seed` may be a generator on the model's device, drawn from and left advanced, so
+    that a caller can go on where an earlier call stopped."""
     n, given = prompts.shape
     if not 0 < given < length:
         raise CompressError(f"a sampled window needs a prompt of 1 to {length - 1} tokens, "
@@ -193,7 +195,8 @@ def sample_windows(model: CausalLM, prompts: torch.Tensor, length: int, seed: in
     if length > model.cfg.max_positions:
         raise CompressError(f"sampled windows of {length} tokens exceed the model's "
                             f"{model.cfg.max_positions} positions; lower --calib-seqlen")
-    generator = torch.Generator(device=model.device).manual_seed(seed)
+    generator = seed if isinstance(seed, torch.Generator) else (
+        torch.Generator(device=model.device).manual_seed(seed))
     params = SamplingParams(temperature=1.0)
     rows = []
     for first in progress(range(0, n, batch)):
