@@ -13,6 +13,10 @@ gathers the runs, each labelled with the code it ran (some predate the final cod
 
 from __future__ import annotations
 
+# Before torch loads OpenMP: idle threads sleep instead of spinning (compress/threads.py).
+import compress  # noqa: F401
+
+# isort: split
 import argparse
 import json
 import tempfile

@@ -15,6 +15,10 @@ GPTQ settings on both sides: symmetric, group 128, act-order with static groups,
 
 from __future__ import annotations
 
+# Before torch loads OpenMP: idle threads sleep instead of spinning (compress/threads.py).
+import compress  # noqa: F401
+
+# isort: split
 import argparse
 import json
 import sys

@@ -13,6 +13,10 @@ sensitivity measurement never sees). Prints KL(mixed) / KL(best uniform) per tar
 
 from __future__ import annotations
 
+# Before torch loads OpenMP: idle threads sleep instead of spinning (compress/threads.py).
+import compress
+
+# isort: split
 import argparse
 import json
 import platform
@@ -22,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-import compress
 from compress import api, assets, evaluation, models
 from compress.calibrate import sensitivity
 from compress.progress import set_quiet

@@ -15,6 +15,10 @@ variant) and cached, as `compress eval` does for a user comparing many variants.
 
 from __future__ import annotations
 
+# Before torch loads OpenMP: idle threads sleep instead of spinning (compress/threads.py).
+import compress
+
+# isort: split
 import argparse
 import json
 import os
@@ -25,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-import compress
 from compress import assets, evaluation, pipeline
 from compress.progress import set_quiet
 from compress.quant import QuantScheme

@@ -23,6 +23,10 @@ compared on equal footing.
 
 from __future__ import annotations
 
+# Before torch loads OpenMP: idle threads sleep instead of spinning (compress/threads.py).
+import compress  # noqa: F401
+
+# isort: split
 import argparse
 import copy
 import json

@@ -13,6 +13,10 @@ learning's). Prints; writes nothing under results/.
 
 from __future__ import annotations
 
+# Before torch loads OpenMP: idle threads sleep instead of spinning (compress/threads.py).
+import compress  # noqa: F401
+
+# isort: split
 import argparse
 import contextlib
 import dataclasses
