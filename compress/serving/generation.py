@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -180,14 +180,13 @@ def compile_ahead(model: CausalLM, prompt_tokens: int, max_new_tokens: int,
 
 @torch.inference_mode()
 def sample_windows(model: CausalLM, prompts: torch.Tensor, length: int,
-                   seed: int | torch.Generator, batch: int = 16,
-                   progress: Callable[[range], Iterable[int]] = iter) -> torch.Tensor:
+                   seed: int | torch.Generator, batch: int = 16) -> torch.Tensor:
     """(n, length) token ids: each row of `prompts` (n, p) continued to `length` tokens by
     sampling from `model`'s own next-token distribution (temperature 1, no filters), so
     that the text is what the model expects, weighted as it weighs it. `batch` rows
-    decode together, one cached step per token; `progress` wraps the batches' starts.
-    `seed` may be a generator on the model's device, drawn from and left advanced, so
-    that a caller can go on where an earlier call stopped."""
+    decode together, one cached step per token. `seed` may be a generator on the model's
+    device, drawn from and left advanced, so that a caller can go on where an earlier
+    call stopped."""
     n, given = prompts.shape
     if not 0 < given < length:
         raise CompressError(f"a sampled window needs a prompt of 1 to {length - 1} tokens, "
@@ -199,7 +198,7 @@ def sample_windows(model: CausalLM, prompts: torch.Tensor, length: int,
         torch.Generator(device=model.device).manual_seed(seed))
     params = SamplingParams(temperature=1.0)
     rows = []
-    for first in progress(range(0, n, batch)):
+    for first in range(0, n, batch):
         tokens = prompts[first:first + batch].to(model.device)
         cache = model.new_cache(tokens.shape[0], length)
         logits = model(tokens, 0, cache, last_only=True)[:, -1]
