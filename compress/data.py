@@ -239,7 +239,7 @@ def _read_sampled(path: Path, calib: CalibrationSet, vocab: int | None,
             or windows.dim() != 2 or windows.shape[1] != seqlen or windows.numel() == 0
             or states.dtype != torch.uint8
             or states.shape != (len(windows) // SAMPLED_BATCH + 1, state_bytes)
-            or windows.min() < 0 or (vocab is not None and windows.max() >= vocab)):
+            or _ids_outside(windows, vocab)):
         return None
     prompts = calib.samples[torch.arange(len(windows)) % n, :SAMPLED_PROMPT]
     if not torch.equal(windows[:, :SAMPLED_PROMPT], prompts):
@@ -294,6 +294,11 @@ def calibration_set(tokenizer, path: str | Path | None, samples: int, seqlen: in
     return CalibrationSet(windows, text.sha256, source)
 
 
+def _ids_outside(windows: torch.Tensor, vocab: int | None) -> bool:
+    """Whether any token id falls outside 0 ... vocab - 1 (no upper bound without one)."""
+    return bool(windows.min() < 0 or (vocab is not None and windows.max() >= vocab))
+
+
 def token_windows(path: str | Path, vocab: int | None, samples: int,
                   seqlen: int) -> CalibrationSet:
     """The first `samples` windows of a safetensors file holding token ids as `windows`
@@ -319,7 +324,7 @@ def token_windows(path: str | Path, vocab: int | None, samples: int,
         raise CompressError(f"{path} holds {n} windows, fewer than the {samples} asked; "
                             f"pass --calib-samples {n} or fewer")
     windows = windows[:samples].contiguous()
-    if windows.min() < 0 or (vocab is not None and windows.max() >= vocab):
+    if _ids_outside(windows, vocab):
         limit = f" (0 ... {vocab - 1})" if vocab is not None else ""
         raise CompressError(f"{path} holds token ids outside this tokenizer's vocabulary"
                             f"{limit}: windows of another model's tokenizer?")
