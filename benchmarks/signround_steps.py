@@ -13,7 +13,8 @@ GPTQ (its Hessian from the layer's unquantised inputs on the windows learned on,
 defaults), then `compress.calibrate.signround.learn_layer` from GPTQ's error-compensated
 weights and grid (`--signround-start gptq`), once per variant
 (OPTIMIZER:STEPS[:LR[:BATCH[:FLAGS]]], batch 4 by default; flag "fixed" keeps GPTQ's
-group ranges, "bf16" runs the steps' matmuls in bfloat16). Scored on the held-out
+group ranges, "bf16" runs the steps' matmuls in bfloat16, "trim" leaves each step's
+largest 0.1% of squared errors out of its loss). Scored on the held-out
 windows: the layer's output error (mean squared, against the unquantised layer on the
 same inputs), also as a ratio to GPTQ's. The whole pipeline differs in two ways: its
 GPTQ runs true-sequentially on inputs that earlier quantised layers produced; its target
@@ -118,18 +119,21 @@ def parse_variant(text: str) -> tuple[str, SignRoundConfig]:
     """OPTIMIZER:STEPS[:LR[:BATCH[:FLAGS]]], empty fields for their defaults
     ("adam:200::8", "adam:100:0.01::fixed", "adam:100:0.01::fixed+bf16"); flags joined
     by "+": "fixed", each group keeps GPTQ's range (`SignRoundConfig.learn_ranges` off);
-    "bf16", the steps' matmuls in bfloat16 (`SignRoundConfig.precision`)."""
+    "bf16", the steps' matmuls in bfloat16 (`SignRoundConfig.precision`); "trim", the
+    largest 0.1% of each step's squared errors left out (`SignRoundConfig.trim`)."""
     parts = text.split(":") + [""] * 3
     flags = set(filter(None, parts[4].split("+")))
     optimizer, steps = parts[0], int(parts[1])
     lr = float(parts[2]) if parts[2] else None
     batch = int(parts[3]) if parts[3] else BATCH
-    if flags - {"fixed", "bf16"}:
-        raise SystemExit(f"variant {text!r}: the fifth field's flags are 'fixed' and 'bf16'")
+    if flags - {"fixed", "bf16", "trim"}:
+        raise SystemExit(f"variant {text!r}: the fifth field's flags are 'fixed', 'bf16' "
+                         "and 'trim'")
     return text, SignRoundConfig(iters=steps, lr=lr, batch=batch, target="layer",
                                  start="gptq", optimizer=optimizer,
                                  learn_ranges="fixed" not in flags,
-                                 precision="bfloat16" if "bf16" in flags else "float32")
+                                 precision="bfloat16" if "bf16" in flags else "float32",
+                                 trim=0.001 if "trim" in flags else 0.0)
 
 
 def main() -> None:

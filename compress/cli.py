@@ -118,6 +118,10 @@ SignroundRetryLr = Annotated[float | None, typer.Option(
     help="signround: a layer where learning keeps its start (no learned rounding beats it "
     "on the calibration set) learns once more with this first step (e.g. a tenth of "
     "--signround-lr; default: never).")]
+SignroundTrim = Annotated[float, typer.Option(
+    metavar="FRACTION",
+    help="signround: leave this fraction of each step's largest squared output errors "
+    "out of its loss (auto-round's 2-bit extension: 0.001).")]
 SignroundPrecision = Annotated[str | None, typer.Option(
     show_default=False,
     help="signround: the dtype of the learning steps' matmuls, float32 (default) or "
@@ -190,6 +194,7 @@ def quantize(
     signround_precision: SignroundPrecision = None,
     signround_warmup: SignroundWarmup = 0,
     signround_retry_lr: SignroundRetryLr = None,
+    signround_trim: SignroundTrim = 0.0,
     match: Annotated[str | None, typer.Option(
         metavar="model|layer", show_default=False,
         help="GPTQ and signround: what rounding matches. model (default): the "
@@ -317,7 +322,8 @@ def quantize(
                                                 learn_ranges=signround_ranges,
                                                 precision=signround_precision or "float32",
                                                 warmup=signround_warmup,
-                                                retry_lr=signround_retry_lr, **matched))
+                                                retry_lr=signround_retry_lr,
+                                                trim=signround_trim, **matched))
     if rotate:
         spec = dataclasses.replace(spec, rotate=RotationConfig("hadamard", rotate_seed))
     if tune:
@@ -351,8 +357,8 @@ def quantize(
 _RECIPE_FLAGS = ("method", "bits", "group_size", "symmetric", "act_order", "static_groups",
                  "damp", "mse_clip", "awq_grid", "awq_clip", "signround_iters",
                  "signround_batch", "signround_start", "signround_optimizer", "signround_lr",
-                 "signround_ranges", "signround_warmup", "signround_retry_lr", "match",
-                 "match_strength")
+                 "signround_ranges", "signround_warmup", "signround_retry_lr", "signround_trim",
+                 "match", "match_strength")
 _OVERRIDING_FLAGS = {"calib_samples": ("calibration", "samples"),
                      "calib_seqlen": ("calibration", "seqlen"),
                      "seed": ("calibration", "seed"),
@@ -846,6 +852,7 @@ def report_(
     signround_precision: SignroundPrecision = None,
     signround_warmup: SignroundWarmup = 0,
     signround_retry_lr: SignroundRetryLr = None,
+    signround_trim: SignroundTrim = 0.0,
     calib_samples: CalibSamples = 128,
     calib_seqlen: CalibSeqlen = 512,
     out: Annotated[Path, typer.Option(help="Report directory (cells are cached in it).")] =
@@ -885,7 +892,8 @@ def report_(
                                                     precision=signround_precision
                                                     or "float32",
                                                     warmup=signround_warmup,
-                                                    retry_lr=signround_retry_lr),
+                                                    retry_lr=signround_retry_lr,
+                                                    trim=signround_trim),
                        "calibration": CalibrationConfig(calib_samples, calib_seqlen),
                        "tunings": report_mod.tunings(_csv(tunings, str))}
     cells = report_mod.grid(_csv(methods, str), _csv(bits, int), _csv(group_sizes, int), axis,

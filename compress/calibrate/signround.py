@@ -4,7 +4,8 @@ The target is the unquantised model's output of the layer (its inputs carried be
 quantised ones by the pipeline; `SignRoundConfig.target`). Every quantised Linear of the
 layer gets a `LearnedRounding` parametrization, so the layer's own forward runs on
 fake-quantised weights and quantised inputs; each step takes the next batch of a shuffled
-pass over the samples, measures the mean squared error against the target, and moves
+pass over the samples, measures the mean squared error against the target (its largest
+errors left out: `SignRoundConfig.trim`), and moves
 every offset and range factor (the offsets alone: `SignRoundConfig.learn_ranges`) by a
 signed step (or Adam's: `SignRoundConfig.optimizer`).
 Of the last step's parameters, those of the step with the lowest batch loss (what
@@ -25,7 +26,7 @@ from torch.nn.utils import parametrize
 from compress.kernels import QuantizedWeight
 from compress.progress import track
 from compress.quant import QuantScheme
-from compress.quant.signround import LearnedRounding, SignRoundConfig, signed_step
+from compress.quant.signround import LearnedRounding, SignRoundConfig, signed_step, step_loss
 
 
 @torch.no_grad()
@@ -86,7 +87,7 @@ def _learn(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         pick = next(batches).to(x.device)
         with torch.enable_grad():
             with _autocast(cfg, x.device):
-                loss = torch.nn.functional.mse_loss(forward(x[pick]), targets[pick])
+                loss = step_loss(forward(x[pick]), targets[pick], cfg.trim)
             loss.backward()
         value = loss.detach().item()
         if value < best_loss:  # the parameters that made this loss: keep them

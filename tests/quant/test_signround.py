@@ -20,6 +20,7 @@ from compress.quant.signround import (
     SignRoundConfig,
     grid_bounds,
     signed_step,
+    step_loss,
 )
 from compress.recipe import CalibrationConfig, Recipe
 
@@ -365,7 +366,8 @@ def test_an_unknown_optimizer_is_a_one_line_error_on_the_command_line(tmp_path):
                                  {"target": "teacher"}, {"optimizer": "sgd"},
                                  {"learn_ranges": "no"}, {"precision": "float16"},
                                  {"warmup": -1}, {"warmup": 200}, {"warmup": 2.5},
-                                 {"retry_lr": 0.0}, {"retry_lr": "small"}])
+                                 {"retry_lr": 0.0}, {"retry_lr": "small"}, {"trim": -0.01},
+                                 {"trim": 0.1}, {"trim": True}, {"trim": "some"}])
 def test_bad_settings_are_one_line_errors(bad):
     with pytest.raises(CompressError, match="signround"):
         SignRoundConfig(**bad)
@@ -384,6 +386,30 @@ def test_warmup_raises_the_step_over_its_first_steps_then_decays_as_before():
         [plain.step_at(i) * (i + 1) / 4 for i in range(4)])
     assert [cfg.step_at(i) for i in range(3, 10)] == [plain.step_at(i) for i in range(3, 10)]
     assert "warmup" not in plain.to_dict() and cfg.to_dict()["warmup"] == 4
+    assert Recipe.from_dict(Recipe("signround", signround=cfg).to_dict()).signround == cfg
+
+
+def test_a_trimmed_loss_counts_its_largest_errors_as_zero_and_sends_them_no_gradient():
+    gen = torch.Generator().manual_seed(3)
+    target = torch.randn(4, 50, 8, generator=gen)
+    output = (target + 0.1 * torch.randn(target.shape, generator=gen)).requires_grad_()
+    with torch.no_grad():
+        output[1, 7, 2] += 5.0  # the outliers: far above every other error
+        output[3, 0, 5] -= 4.0
+    assert torch.equal(step_loss(output, target), nn.functional.mse_loss(output, target))
+    trimmed = step_loss(output, target, trim=2 / output.numel())
+    outside = torch.ones_like(target, dtype=torch.bool)
+    outside[1, 7, 2] = outside[3, 0, 5] = False
+    expected = ((output - target).square() * outside).sum() / output.numel()
+    assert trimmed.item() == pytest.approx(expected.item(), rel=1e-6)
+    trimmed.backward()
+    assert output.grad[1, 7, 2] == 0 and output.grad[3, 0, 5] == 0
+    assert (output.grad[outside] != 0).all()
+    # a fraction below one element leaves nothing out
+    assert step_loss(output, target, trim=0.5 / output.numel()).item() == pytest.approx(
+        nn.functional.mse_loss(output, target).item(), rel=1e-6)
+    cfg = SignRoundConfig(trim=0.001)
+    assert "trim" not in SignRoundConfig().to_dict() and cfg.to_dict()["trim"] == 0.001
     assert Recipe.from_dict(Recipe("signround", signround=cfg).to_dict()).signround == cfg
 
 
