@@ -265,12 +265,10 @@ def step_loss(output: torch.Tensor, target: torch.Tensor, trim: float = 0.0) -> 
     """The mean squared error of `output` against `target`, with the `trim` fraction of
     the largest squared errors counted as zero (still in the mean's count, as auto-round's
     2-bit loss does): a step then follows the bulk of the outputs, not a few outliers."""
-    if not trim:
+    left_out = int(output.numel() * trim)
+    if left_out == 0:
         return torch.nn.functional.mse_loss(output, target)
     errors = (output.float() - target.float()).square().flatten()
-    left_out = int(errors.numel() * trim)
-    if left_out == 0:
-        return errors.mean()
     keep = torch.ones_like(errors)
     keep[errors.detach().topk(left_out).indices] = 0.0
     return (errors * keep).mean()
