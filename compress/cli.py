@@ -299,7 +299,6 @@ def quantize(
     from compress.quant.gptq import GPTQConfig
     from compress.quant.rotate import RotationConfig
     from compress.quant.scale_tuning import ScaleTuningConfig
-    from compress.quant.signround import SignRoundConfig
     from compress.recipe import CalibrationConfig, Recipe
 
     if recipe is not None:
@@ -315,15 +314,7 @@ def quantize(
                       awq=AWQConfig(grid=awq_grid, clip=awq_clip),
                       calibration=CalibrationConfig(calib_samples, calib_seqlen, seed,
                                                     expert_tokens, calib_sampled),
-                      signround=SignRoundConfig(iters=signround_iters,
-                                                batch=signround_batch, start=signround_start,
-                                                optimizer=signround_optimizer,
-                                                lr=signround_lr,
-                                                learn_ranges=signround_ranges,
-                                                precision=signround_precision or "float32",
-                                                warmup=signround_warmup,
-                                                retry_lr=signround_retry_lr,
-                                                trim=signround_trim, **matched))
+                      signround=_signround_config(ctx, **matched))
     if rotate:
         spec = dataclasses.replace(spec, rotate=RotationConfig("hadamard", rotate_seed))
     if tune:
@@ -359,12 +350,29 @@ _RECIPE_FLAGS = ("method", "bits", "group_size", "symmetric", "act_order", "stat
                  "signround_batch", "signround_start", "signround_optimizer", "signround_lr",
                  "signround_ranges", "signround_warmup", "signround_retry_lr", "signround_trim",
                  "match", "match_strength")
+# The learned-rounding flags quantize and report share, as the SignRoundConfig fields
+# they set.
+_SIGNROUND_FLAGS = {"signround_iters": "iters", "signround_batch": "batch",
+                    "signround_start": "start", "signround_optimizer": "optimizer",
+                    "signround_lr": "lr", "signround_ranges": "learn_ranges",
+                    "signround_precision": "precision", "signround_warmup": "warmup",
+                    "signround_retry_lr": "retry_lr", "signround_trim": "trim"}
 _OVERRIDING_FLAGS = {"calib_samples": ("calibration", "samples"),
                      "calib_seqlen": ("calibration", "seqlen"),
                      "seed": ("calibration", "seed"),
                      "expert_tokens": ("calibration", "expert_tokens"),
                      "calib_sampled": ("calibration", "sampled"),
                      "signround_precision": ("signround", "precision")}
+
+
+def _signround_config(ctx: typer.Context, **fixed):
+    """The SignRoundConfig the command line's learned-rounding flags describe (fields in
+    `fixed` set beside them); an unset precision is float32's."""
+    from compress.quant.signround import SignRoundConfig
+
+    settings = {field: ctx.params[flag] for flag, field in _SIGNROUND_FLAGS.items()}
+    settings["precision"] = settings["precision"] or "float32"
+    return SignRoundConfig(**settings, **fixed)
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -825,6 +833,7 @@ def bench_(
 
 @app.command("report", cls=_Command)
 def report_(
+    ctx: typer.Context,
     model: ModelArg = None,
     methods: Annotated[str, typer.Option(
         help=f"Comma-separated methods, among {', '.join(choices.METHODS)}.")] = "rtn,gptq,awq",
@@ -879,21 +888,10 @@ def report_(
     sources.identify(model)  # a model that cannot work fails before seconds of imports
     from compress import report as report_mod
     from compress.evals import harness
-    from compress.quant.signround import SignRoundConfig
     from compress.recipe import CalibrationConfig
 
     axis = report_mod.rotations(_csv(rotations, str), rotate_seed)
-    method_settings = {"signround": SignRoundConfig(iters=signround_iters,
-                                                    batch=signround_batch,
-                                                    start=signround_start,
-                                                    optimizer=signround_optimizer,
-                                                    lr=signround_lr,
-                                                    learn_ranges=signround_ranges,
-                                                    precision=signround_precision
-                                                    or "float32",
-                                                    warmup=signround_warmup,
-                                                    retry_lr=signround_retry_lr,
-                                                    trim=signround_trim),
+    method_settings = {"signround": _signround_config(ctx),
                        "calibration": CalibrationConfig(calib_samples, calib_seqlen),
                        "tunings": report_mod.tunings(_csv(tunings, str))}
     cells = report_mod.grid(_csv(methods, str), _csv(bits, int), _csv(group_sizes, int), axis,
