@@ -34,6 +34,7 @@ from compress.progress import interrupt_note, set_quiet
 
 if TYPE_CHECKING:
     from compress import api, evaluation
+    from compress.quant.signround import SignRoundConfig
 
 # Click's names for a value's kind in help lines; newer typer shows Python's (<int>).
 _KINDS = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "path": "PATH"}
@@ -365,7 +366,7 @@ _OVERRIDING_FLAGS = {"calib_samples": ("calibration", "samples"),
                      "signround_precision": ("signround", "precision")}
 
 
-def _signround_config(ctx: typer.Context, **fixed):
+def _signround_config(ctx: typer.Context, **fixed) -> SignRoundConfig:
     """The SignRoundConfig the command line's learned-rounding flags describe (fields in
     `fixed` set beside them); an unset precision is float32's."""
     from compress.quant.signround import SignRoundConfig
