@@ -342,15 +342,6 @@ def quantize(
         _print_quantize_summary(summary)
 
 
-# What a recipe sets, as the flags that set it without one: given beside --recipe they
-# would be ignored, so they are refused. The calibration windows are data, and the
-# learning steps' precision is how the machine runs them, not the recipe's algorithm:
-# their flags override the recipe's (recipe section, field).
-_RECIPE_FLAGS = ("method", "bits", "group_size", "symmetric", "act_order", "static_groups",
-                 "damp", "mse_clip", "awq_grid", "awq_clip", "signround_iters",
-                 "signround_batch", "signround_start", "signround_optimizer", "signround_lr",
-                 "signround_ranges", "signround_warmup", "signround_retry_lr", "signround_trim",
-                 "match", "match_strength")
 # The learned-rounding flags quantize and report share, as the SignRoundConfig fields
 # they set.
 _SIGNROUND_FLAGS = {"signround_iters": "iters", "signround_batch": "batch",
@@ -358,12 +349,20 @@ _SIGNROUND_FLAGS = {"signround_iters": "iters", "signround_batch": "batch",
                     "signround_lr": "lr", "signround_ranges": "learn_ranges",
                     "signround_precision": "precision", "signround_warmup": "warmup",
                     "signround_retry_lr": "retry_lr", "signround_trim": "trim"}
+# What a recipe sets, as the flags that set it without one: given beside --recipe they
+# would be ignored, so they are refused. The calibration windows are data, and the
+# learning steps' precision is how the machine runs them, not the recipe's algorithm:
+# their flags override the recipe's (recipe section, field).
 _OVERRIDING_FLAGS = {"calib_samples": ("calibration", "samples"),
                      "calib_seqlen": ("calibration", "seqlen"),
                      "seed": ("calibration", "seed"),
                      "expert_tokens": ("calibration", "expert_tokens"),
                      "calib_sampled": ("calibration", "sampled"),
                      "signround_precision": ("signround", "precision")}
+_RECIPE_FLAGS = ("method", "bits", "group_size", "symmetric", "act_order", "static_groups",
+                 "damp", "mse_clip", "awq_grid", "awq_clip",
+                 *(flag for flag in _SIGNROUND_FLAGS if flag not in _OVERRIDING_FLAGS),
+                 "match", "match_strength")
 
 
 def _signround_config(ctx: typer.Context, **fixed) -> SignRoundConfig:
