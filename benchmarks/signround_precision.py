@@ -29,8 +29,9 @@ from torch import nn
 from compress import assets, data, models
 from compress.calibrate import signround
 from compress.progress import set_quiet
+from compress.quant.precision import PRECISIONS
 from compress.quant.scheme import QuantScheme
-from compress.quant.signround import PRECISIONS, SignRoundConfig
+from compress.quant.signround import SignRoundConfig
 
 WINDOWS = 16
 

@@ -26,6 +26,7 @@ from compress.formats import checkpoint
 from compress.models.layers import RMSNorm
 from compress.nn import QuantLinear
 from compress.progress import status, track
+from compress.quant import precision
 from compress.quant.scale_tuning import ScaleTuningConfig, TopLogprobs, TunableScalesLinear
 from compress.recipe import CalibrationConfig
 
@@ -108,6 +109,10 @@ def tune_into(files: models.ModelFiles, base: models.ModelFiles,
            f"{base.name} on {tokens.shape[0]} × {tokens.shape[1]} calibration tokens, "
            f"{cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}")
     student, _ = models.load(files, dtype=torch.float32, head_dtype=torch.float32)
+    slow = precision.slow_note(cfg.precision, next(student.parameters()).device,
+                               "scale tuning precision")
+    if slow:
+        status(slow)
     linears = _tunable_linears(student)
     norms = _norm_weights(student, files)
     teacher, _ = models.load(base, dtype=torch.float32)

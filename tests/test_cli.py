@@ -389,8 +389,10 @@ def test_every_quantize_flag_is_placed_beside_a_recipe():
 
     from compress import cli
 
-    # tune_sampled overrides a recipe's tuning's windows, but only where it has a tuning
+    # tune_sampled and tune_precision override a recipe's tuning's windows and precision,
+    # but only where it has a tuning
     independent = {"model", "rotate", "rotate_seed", "tune", "tune_epochs", "tune_sampled",
+                   "tune_precision",
                    "calib", "recipe",
                    "allow_pickle", "target_bits", "options", "out", "overwrite", "resume",
                    "evaluate", "eval_tokens", "device", "workers", "save_activations", "quiet",

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from compress.errors import CompressError
 from compress.progress import status
+from compress.quant import precision
 from compress.quant.scale_tuning import ScaleTuningConfig, TunableScalesLinear, next_token_kl
 
 
@@ -168,7 +169,9 @@ def _train(model: nn.Module, linears: dict[str, TunableScalesLinear],
         optimizer.zero_grad(set_to_none=True)
         for part in pick.split(micro):  # equal-length windows: weights make the batch mean
             with torch.enable_grad():
-                loss = next_token_kl(model(tokens[part]), teacher_logprobs(part))
+                with precision.autocast(cfg.precision, tokens.device):
+                    logits = model(tokens[part])
+                loss = next_token_kl(logits, teacher_logprobs(part))
                 (loss * (len(part) / len(pick))).backward()
         optimizer.step()
         schedule.step()

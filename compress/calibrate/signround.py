@@ -15,7 +15,6 @@ set is kept, and each Linear is packed with it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
@@ -25,7 +24,7 @@ from torch.nn.utils import parametrize
 
 from compress.kernels import QuantizedWeight
 from compress.progress import track
-from compress.quant import QuantScheme
+from compress.quant import QuantScheme, precision
 from compress.quant.signround import LearnedRounding, SignRoundConfig, signed_step, step_loss
 
 
@@ -86,7 +85,7 @@ def _learn(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     for i in track(range(cfg.iters), desc="signround steps", unit="step"):
         pick = next(batches).to(x.device)
         with torch.enable_grad():
-            with _autocast(cfg, x.device):
+            with precision.autocast(cfg.precision, x.device):
                 loss = step_loss(forward(x[pick]), targets[pick], cfg.trim)
             loss.backward()
         value = loss.detach().item()
@@ -107,21 +106,8 @@ def _learn(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 
 
 def precision_note(cfg: SignRoundConfig, device: torch.device) -> str | None:
-    """A line for the user when `cfg.precision` will be slow on `device`: bfloat16 on a
-    CPU without bf16 instructions (avx512_bf16 or AMX), where torch emulates it."""
-    if cfg.precision != "bfloat16" or device.type != "cpu":
-        return None
-    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
-        return None
-    return ("note: this CPU has no bfloat16 instructions (avx512_bf16, AMX), so signround "
-            "precision bfloat16 runs slower than float32 here; use float32")
-
-
-def _autocast(cfg: SignRoundConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """The learning steps' matmuls in `cfg.precision` (float32: no autocast at all)."""
-    if cfg.precision == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, cfg.precision))
+    """A line for the user when `cfg.precision` will be slow on `device`."""
+    return precision.slow_note(cfg.precision, device, "signround precision")
 
 
 def _stepper(params: list[nn.Parameter], cfg: SignRoundConfig) -> Callable[[int], None]:

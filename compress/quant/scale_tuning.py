@@ -23,6 +23,8 @@ from torch import nn
 from compress.errors import CompressError
 from compress.kernels import QuantizedWeight, reference
 
+from .precision import check
+
 # A scale may move by at most this factor either way: the codes were chosen for scales
 # near the start, and a bound keeps every dequantised weight inside float16's range
 # (the checkpoint's scale check) however the training goes.
@@ -37,7 +39,9 @@ class ScaleTuningConfig:
     unquantised model that the tuning fits on in place of the calibration's own
     (`CalibrationConfig.sampled`; None: the calibration's). The tuning fits its windows
     far better than held-out text, so more of them pay here even where the layer-wise
-    stages before it do not need them."""
+    stages before it do not need them. precision: the training steps' matmuls' dtype
+    (`compress.quant.precision`); the calibration KL that decides between the tuned and
+    the starting parameters is measured in float32 either way."""
 
     epochs: int = 2
     lr: float = 2e-3
@@ -48,6 +52,7 @@ class ScaleTuningConfig:
     # whole distribution where it fits, else `compress.tune.TEACHER_TOP`
     teacher_top: int | None = None
     sampled: int | None = None
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch"):
@@ -64,11 +69,14 @@ class ScaleTuningConfig:
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
                 raise CompressError(f"scale tuning {name} must be a whole number >= 0 "
                                     f"({meaning}), got {n!r}")
+        check(self.precision, "scale tuning precision")
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        for later in ("teacher_top", "sampled"):  # recipes written before these stay as they were
-            if data[later] is None:
+        # recipes (and saved runs) from before these stay as they were
+        for later, default in (("teacher_top", None), ("sampled", None),
+                               ("precision", "float32")):
+            if data[later] == default:
                 del data[later]
         return data
 

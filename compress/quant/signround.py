@@ -22,6 +22,7 @@ from compress.errors import CompressError
 from compress.kernels import QuantizedWeight
 
 from . import rtn
+from .precision import check
 from .scheme import QuantScheme
 
 # The smallest range factor. auto-round 0.15 clamps at 0, but at the default step (1/iters
@@ -46,11 +47,6 @@ STARTS = ("rtn", "gptq")
 # the whole model).
 OPTIMIZERS = ("sign", "adam")
 ADAM_LR = 5e-3
-# The dtype the learning steps' matmuls run in (torch.autocast): "bfloat16" is about 2x
-# faster on a CPU with bf16 instructions (avx512_bf16, AMX) and on any recent GPU; the
-# offsets, range factors, fake quantisation and loss stay float32, and the candidates are
-# judged and packed in float32 either way.
-PRECISIONS = ("float32", "bfloat16")
 
 # More left out would no longer be outliers: the loss would ignore what the layer is for.
 MAX_TRIM = 0.1
@@ -63,25 +59,26 @@ _LEFT_OUT_AT_DEFAULT = {"optimizer": "sign", "learn_ranges": True, "precision": 
 
 @dataclass(frozen=True)
 class SignRoundConfig:
-    """iters: steps per decoder layer; lr: the first step's size, decaying linearly to 0
-    (None: 1/iters for "sign", `ADAM_LR` for "adam"); batch: calibration samples per step;
-    target: `TARGETS`; start: `STARTS`; optimizer: `OPTIMIZERS`; learn_ranges: whether
-    each group's range factors (the clipping) are learned beside the offsets, or each
-    group keeps the range it starts with (with start "gptq": GPTQ's grid, which already
-    fits the layer's Hessian: at W3 g128, Adam at lr 0.01 with it fixed left 0.79x / 0.88x
-    GPTQ's held-out error on layers 0 / 1, with it learned 0.91x / 0.90x;
-    benchmarks/signround_steps.py); precision: `PRECISIONS`; warmup: steps over which the
+    """iters: steps per decoder layer; lr: the first step's size, decaying linearly to 0 (None:
+    1/iters for "sign", `ADAM_LR` for "adam"); batch: calibration samples per step; target:
+    `TARGETS`; start: `STARTS`; optimizer: `OPTIMIZERS`; learn_ranges: whether each group's
+    range factors (the clipping) are learned beside the offsets, or each group keeps the
+    range it starts with (with start "gptq": GPTQ's grid, which already fits the layer's
+    Hessian: at W3 g128, Adam at lr 0.01 with it fixed left 0.79x / 0.88x GPTQ's held-out
+    error on layers 0 / 1, with it learned 0.91x / 0.90x; benchmarks/signround_steps.py);
+    precision: the learning steps' matmuls' dtype (`compress.quant.precision`; the
+    candidates are judged and packed in float32 either way); warmup: steps over which the
     step rises to its full size (from GPTQ's start, Adam's first full steps move every
     offset at once: at W3 on the bundled model's layer 2 the batch loss went from 0.19 to
     11.4 and the layer kept GPTQ's start; with 20 steps of warm-up it learned, 0.196 ->
     0.171 on the whole set; benchmarks/signround_trace.py); retry_lr: a layer where no
-    learned candidate beats the start on the whole calibration set learns once more from
-    the start with this first step (None: never; the layer's loss is too noisy for the
-    step there: the W3 recipe's layer 0 keeps GPTQ's start at 1e-2 and 3e-3, gains 0.4%
-    at 2e-3, and at 1e-3 learns 0.0448 -> 0.0434); trim: the fraction of each step's
-    largest squared output errors left out of its loss (auto-round's 2-bit extension
-    leaves out 0.001: at 2 bits a few outputs' errors dominate the mean and its gradient).
-    The candidates are judged on the whole set's untrimmed error either way."""
+    learned candidate beats the start on the whole calibration set learns once more from the
+    start with this first step (None: never; the layer's loss is too noisy for the step
+    there: the W3 recipe's layer 0 keeps GPTQ's start at 1e-2 and 3e-3, gains 0.4% at 2e-3,
+    and at 1e-3 learns 0.0448 -> 0.0434); trim: the fraction of each step's largest squared
+    output errors left out of its loss (auto-round's 2-bit extension leaves out 0.001: at 2
+    bits a few outputs' errors dominate the mean and its gradient). The candidates are
+    judged on the whole set's untrimmed error either way."""
 
     iters: int = 200
     lr: float | None = None
@@ -120,9 +117,7 @@ class SignRoundConfig:
                 or not 0 <= self.warmup < self.iters:
             raise CompressError(f"signround warmup must be a whole number of steps from 0 "
                                 f"to iters - 1 ({self.iters - 1}), got {self.warmup!r}")
-        if self.precision not in PRECISIONS:
-            raise CompressError(f"signround precision must be one of "
-                                f"{', '.join(PRECISIONS)}, got {self.precision!r}")
+        check(self.precision, "signround precision")
         if isinstance(self.trim, bool) or not isinstance(self.trim, (int, float)) \
                 or not 0 <= self.trim < MAX_TRIM:
             raise CompressError(f"signround trim must be a fraction from 0 to below "
