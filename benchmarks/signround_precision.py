@@ -19,6 +19,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,6 +48,27 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in flags if "bf16" in f or f.startswith("amx") or f == "avx512f")
 
 
+def time_precisions(rounds: int, seconds_per_step: Callable[[str], float],
+                    ) -> dict[str, list[float]]:
+    """Each of `PRECISIONS`' seconds per step, one `seconds_per_step(precision)` per
+    round, the order swapped every round so that a neighbour's load falls on both."""
+    per_step: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    for r in range(rounds):
+        for precision in PRECISIONS if r % 2 == 0 else PRECISIONS[::-1]:
+            per_step[precision].append(seconds_per_step(precision))
+    return per_step
+
+
+def timing_report(per_step: dict[str, list[float]]) -> dict:
+    """The JSON fields of a float32-against-bfloat16 timing: the machine, each round's
+    seconds per step, their medians and bfloat16's speed-up."""
+    medians = {p: statistics.median(v) for p, v in per_step.items()}
+    return {"cpu": platform.processor() or platform.machine(), "cpu_flags": cpu_flags(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "seconds_per_step": per_step, "median_seconds_per_step": medians,
+            "speedup_bfloat16": medians["float32"] / medians["bfloat16"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layer", type=int, default=1)
@@ -71,29 +93,24 @@ def main() -> None:
     targets = signround.layer_outputs(forward, x, 4)
     scheme = QuantScheme(args.bits, args.group, True)
     schemes = {n: scheme for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    per_step: dict[str, list[float]] = {p: [] for p in PRECISIONS}
-    for r in range(args.rounds):
-        for precision in PRECISIONS if r % 2 == 0 else PRECISIONS[::-1]:
-            cfg = SignRoundConfig(iters=args.steps, batch=4, optimizer="adam",
-                                  precision=precision)
-            began = time.perf_counter()
-            signround.learn_layer(layer, forward, x, targets, schemes, cfg, torch.float16, 0)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            per_step[precision].append((time.perf_counter() - began) / args.steps)
-    medians = {p: statistics.median(v) for p, v in per_step.items()}
-    ratio = medians["float32"] / medians["bfloat16"]
-    for p, v in per_step.items():
+    def seconds_per_step(precision: str) -> float:
+        cfg = SignRoundConfig(iters=args.steps, batch=4, optimizer="adam", precision=precision)
+        began = time.perf_counter()
+        signround.learn_layer(layer, forward, x, targets, schemes, cfg, torch.float16, 0)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return (time.perf_counter() - began) / args.steps
+
+    timing = timing_report(time_precisions(args.rounds, seconds_per_step))
+    medians = timing["median_seconds_per_step"]
+    for p, v in timing["seconds_per_step"].items():
         print(f"{p:>9}: {medians[p] * 1e3:.0f} ms per step (median of "
               f"{', '.join(f'{s * 1e3:.0f}' for s in v)}), the whole-set checks included")
-    print(f"bfloat16 is {ratio:.2f}x as fast as float32")
+    print(f"bfloat16 is {timing['speedup_bfloat16']:.2f}x as fast as float32")
     report = {"benchmark": "signround_precision", "model": assets.DEFAULT_MODEL,
               "layer": args.layer, "scheme": scheme.label, "steps": args.steps,
               "rounds": args.rounds, "windows": WINDOWS, "batch": 4, "device": args.device,
-              "cpu": platform.processor() or platform.machine(), "cpu_flags": cpu_flags(),
-              "torch": torch.__version__, "threads": 1,
-              "seconds_per_step": per_step, "median_seconds_per_step": medians,
-              "speedup_bfloat16": ratio}
+              **timing}
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.json}")
 

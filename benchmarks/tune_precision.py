@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -25,12 +24,11 @@ from collections.abc import Iterator
 
 import torch
 from _quantbench import HERE
-from signround_precision import cpu_flags
+from signround_precision import time_precisions, timing_report
 
 from compress import api, assets, data, models
 from compress.calibrate.scale_tuning import tune
 from compress.progress import set_quiet
-from compress.quant.precision import PRECISIONS
 from compress.quant.scale_tuning import ScaleTuningConfig
 from compress.quant.scheme import QuantScheme
 from compress.recipe import Recipe
@@ -62,8 +60,7 @@ def main() -> None:
     windows = args.steps * BATCH
     with tempfile.TemporaryDirectory() as work:
         packed = f"{work}/rtn"
-        api.quantize(assets.DEFAULT_MODEL, Recipe("rtn", scheme), packed,
-                     evaluate=False)
+        api.quantize(assets.DEFAULT_MODEL, Recipe("rtn", scheme), packed, evaluate=False)
         files = models.open_model(packed)
         teacher, base = models.load(assets.DEFAULT_MODEL, dtype=torch.float32)
         tokens = data.calibration_set(data.load_tokenizer(base.path), None, windows, SEQLEN,
@@ -71,29 +68,25 @@ def main() -> None:
         with torch.no_grad():
             targets = torch.log_softmax(teacher(tokens), dim=-1).to(torch.bfloat16)
         del teacher
-        per_step: dict[str, list[float]] = {p: [] for p in PRECISIONS}
-        for r in range(args.rounds):
-            for precision in PRECISIONS if r % 2 == 0 else PRECISIONS[::-1]:
-                student, _ = models.load(files, dtype=torch.float32, head_dtype=torch.float32)
-                linears, norms = _tunable_linears(student), _norm_weights(student, files)
-                cfg = ScaleTuningConfig(epochs=1, batch=BATCH, precision=precision)
-                seconds: list[float] = []
-                tune(student, linears, norms, tokens, lambda pick: targets[pick],
-                     cfg,
-                     progress=lambda order, s=seconds: timed_steps(order, s))
-                per_step[precision].append(statistics.mean(seconds))
-    medians = {p: statistics.median(v) for p, v in per_step.items()}
-    ratio = medians["float32"] / medians["bfloat16"]
-    for p, v in per_step.items():
+
+        def seconds_per_step(precision: str) -> float:
+            student, _ = models.load(files, dtype=torch.float32, head_dtype=torch.float32)
+            linears, norms = _tunable_linears(student), _norm_weights(student, files)
+            seconds: list[float] = []
+            tune(student, linears, norms, tokens, lambda pick: targets[pick],
+                 ScaleTuningConfig(epochs=1, batch=BATCH, precision=precision),
+                 progress=lambda order: timed_steps(order, seconds))
+            return statistics.mean(seconds)
+
+        timing = timing_report(time_precisions(args.rounds, seconds_per_step))
+    medians = timing["median_seconds_per_step"]
+    for p, v in timing["seconds_per_step"].items():
         print(f"{p:>9}: {medians[p]:.2f} s per step of {BATCH} x {SEQLEN} tokens (median of "
               f"{', '.join(f'{s:.2f}' for s in v)})")
-    print(f"bfloat16 steps are {ratio:.2f}x as fast as float32's")
+    print(f"bfloat16 steps are {timing['speedup_bfloat16']:.2f}x as fast as float32's")
     report = {"benchmark": "tune_precision", "model": assets.DEFAULT_MODEL,
               "scheme": scheme.label, "steps": args.steps, "rounds": args.rounds,
-              "batch": BATCH, "seqlen": SEQLEN, "cpu": platform.processor() or
-              platform.machine(), "cpu_flags": cpu_flags(), "torch": torch.__version__,
-              "threads": 1, "seconds_per_step": per_step,
-              "median_seconds_per_step": medians, "speedup_bfloat16": ratio}
+              "batch": BATCH, "seqlen": SEQLEN, **timing}
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {args.json}")

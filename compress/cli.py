@@ -130,7 +130,7 @@ SignroundPrecision = Annotated[str | None, typer.Option(
     "candidates are judged and packed in float32). Beside --recipe it overrides the "
     "recipe's.")]
 _TUNE_PRECISION_HELP = (
-    "the dtype of the tuning steps' matmuls, float32 (default) or bfloat16 (1.6-1.9x "
+    "The dtype of the tuning steps' matmuls, float32 (default) or bfloat16 (1.6-1.9x "
     "faster steps on a CPU with AMX; the calibration KL that keeps the better of tuned and "
     "untuned is measured in float32)")
 TunePrecision = Annotated[str | None, typer.Option(
@@ -524,7 +524,7 @@ def tune(
     norms: Annotated[bool, typer.Option(
         help="Also tune the RMSNorm weights (stored in float beside the codes).")] = True,
     precision: Annotated[str, typer.Option(
-        help=_TUNE_PRECISION_HELP[0].upper() + _TUNE_PRECISION_HELP[1:] + ".")] = "float32",
+        help=f"{_TUNE_PRECISION_HELP}.")] = "float32",
     teacher_top: Annotated[int | None, typer.Option(
         help="Match only the unquantised model's K most likely next tokens per position "
              "(and the rest's total): its targets then take 2 KB a token. 0: its whole "
