@@ -125,7 +125,8 @@ def tune_into(files: models.ModelFiles, base: models.ModelFiles,
                               "seed": seed})
     resume = saved.load()
     if resume is not None:
-        status(f"resuming the tuning after step {resume.step} (saved in {saved.dir})")
+        where = f"after step {resume.step}" if resume.step else "at its first step"
+        status(f"resuming the tuning {where}, its starting KL kept (saved in {saved.dir})")
     result = tune(student, linears, norms, tokens, teacher_logprobs, cfg, seed,
                   progress=lambda order: track(order, desc="tuning steps", unit="step",
                                                total=len(order)),

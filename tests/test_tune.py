@@ -288,14 +288,19 @@ def test_a_rotated_checkpoint_tunes_against_the_unrotated_base(tiny_llama, tmp_p
 def test_an_interrupted_write_leaves_no_partial_copy(packed_tiny, tmp_path, monkeypatch):
     from compress import tune as tuning
 
-    def interrupted(*args, **kwargs):
+    real = tuning.checkpoint.atomic_save_safetensors
+
+    def interrupted(path, *args, **kwargs):  # the checkpoint's write, not the progress's
+        if path.parent.name.endswith(".state"):
+            return real(path, *args, **kwargs)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tuning.checkpoint, "atomic_save_safetensors", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tuning.tune_checkpoint(packed_tiny, tmp_path / "tuned", ScaleTuningConfig(epochs=1))
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
-    monkeypatch.undo()  # the same call then goes through
+    # the progress saved after the last step stays for a rerun; no copy of the output does
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tuned.partial.state"]
+    monkeypatch.undo()  # the same call then goes on from there and goes through
     tuning.tune_checkpoint(packed_tiny, tmp_path / "tuned", ScaleTuningConfig(epochs=1))
     models.open_model(tmp_path / "tuned")
 
@@ -577,19 +582,20 @@ def test_bfloat16_steps_learn_what_float32_steps_learn_and_measure_in_float32():
 
 
 def test_a_resumed_tuning_ends_where_an_unbroken_one_does():
-    """Saved after every step, the state after step 3 of 6, taken up by a fresh model,
-    gives the unbroken run's scales bit for bit (Adam's moments and the schedule too)."""
+    """Saved after the starting KL and after every step, the state after step 3 of 6,
+    taken up by a fresh model, gives the unbroken run's scales bit for bit (Adam's moments
+    and the schedule too); so does the state before any step, which keeps that KL."""
     q, tokens, teacher, cfg = _toy_tuning(1)
     states = []
     linear = TunableScalesLinear(q)
     whole = tune(linear, {"a": linear}, {}, tokens, teacher, cfg,
                  save=states.append, save_every=0)
-    assert [s.step for s in states] == [1, 2, 3, 4, 5]  # not after the last
-    again = TunableScalesLinear(q)
-    resumed = tune(again, {"a": again}, {}, tokens, teacher, cfg,
-                   resume=states[2])
-    assert torch.equal(again.scales(), linear.scales())
-    assert resumed.kl_start == whole.kl_start and resumed.kl_tuned == whole.kl_tuned
+    assert [s.step for s in states] == [0, 1, 2, 3, 4, 5, 6]
+    for saved in (states[3], states[0], states[6]):
+        again = TunableScalesLinear(q)
+        resumed = tune(again, {"a": again}, {}, tokens, teacher, cfg, resume=saved)
+        assert torch.equal(again.scales(), linear.scales())
+        assert resumed.kl_start == whole.kl_start and resumed.kl_tuned == whole.kl_tuned
 
 
 def test_a_resume_keeps_the_saved_runs_windows_per_forward():
@@ -600,10 +606,10 @@ def test_a_resume_keeps_the_saved_runs_windows_per_forward():
     linear = TunableScalesLinear(q)
     split = tune(linear, {"a": linear}, {}, tokens, teacher, cfg,
                  micro=2, save=states.append, save_every=0)
-    assert states[2].micro == 2 and split.windows_per_forward == 2
+    assert states[3].micro == 2 and split.windows_per_forward == 2
     again = TunableScalesLinear(q)
     resumed = tune(again, {"a": again}, {}, tokens, teacher, cfg,
-                   resume=states[2])
+                   resume=states[3])
     assert resumed.windows_per_forward == 2
     assert torch.equal(again.scales(), linear.scales())
 
@@ -649,6 +655,32 @@ def test_compress_tune_killed_goes_on_from_its_last_save(packed_tiny, tmp_path, 
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert json.loads((out / "scale_tuning.json").read_text())["kl_tuned"] == json.loads(
         (clean / "scale_tuning.json").read_text())["kl_tuned"]
+
+
+def test_a_tuning_killed_before_its_first_step_keeps_its_starting_kl(packed_tiny, tmp_path,
+                                                                     monkeypatch):
+    """The starting KL is minutes of work on a real model: it is saved before any step,
+    and the resumed run, which does not measure it again, ends as an unbroken one."""
+    args = ("--epochs", "1", "--lr", "0.01", "-q")
+    clean = tmp_path / "clean"
+    assert cli_in_process("tune", packed_tiny, "--out", clean, *args).returncode == 0
+    out = tmp_path / "tuned"
+    with monkeypatch.context() as m:
+        _stop_tuning_after(m, 0)
+        assert cli_in_process("tune", packed_tiny, "--out", out, *args).returncode != 0
+    assert json.loads((tmp_path / "tuned.partial.state" / "state.json").read_text())[
+        "step"] == 0
+    from compress.calibrate import scale_tuning
+
+    measured = []
+    real = scale_tuning.calibration_kl
+    monkeypatch.setattr(scale_tuning, "calibration_kl",
+                        lambda *a: measured.append(1) or real(*a))
+    resumed = cli_in_process("tune", packed_tiny, "--out", out, *args[:4])
+    assert resumed.returncode == 0 and "resuming the tuning at its first step" in resumed.stderr
+    assert len(measured) == 1  # the closing KL only
+    ours, theirs = checkpoint_tensors(out), checkpoint_tensors(clean)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 def test_a_save_for_other_settings_is_not_used(packed_tiny, tmp_path, monkeypatch):

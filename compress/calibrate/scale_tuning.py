@@ -158,6 +158,9 @@ def _train(model: nn.Module, linears: dict[str, TunableScalesLinear],
     start = [p.detach().clone() for p in params]
     if resume is None:
         done, kl_start = 0, calibration_kl(model, tokens, teacher_logprobs, micro, measuring)
+        if save is not None:  # that KL took minutes on a real model: a kill keeps it
+            save(TrainingState.capture(0, kl_start, params, start, optimizer, schedule,
+                                       micro))
     else:
         done, kl_start = resume.step, resume.kl_start
         resume.restore(params, start, optimizer, schedule)
@@ -177,7 +180,9 @@ def _train(model: nn.Module, linears: dict[str, TunableScalesLinear],
         schedule.step()
         for lin in linears.values():
             lin.clamp_()
-        if save is not None and step < steps and time.monotonic() - saved_at >= save_every:
+        # after the last step too: a kill in the closing KL then redoes no step
+        if save is not None and (step == steps or
+                                 time.monotonic() - saved_at >= save_every):
             save(TrainingState.capture(step, kl_start, params, start, optimizer, schedule,
                                        micro))
             saved_at = time.monotonic()
