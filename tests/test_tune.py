@@ -634,14 +634,21 @@ def _stop_tuning_after(monkeypatch, steps):
     monkeypatch.setattr(tune_mod, "SAVE_EVERY_SECONDS", 0.0)
 
 
+def _clean_and_stopped_tunings(packed, tmp_path, monkeypatch, args, steps):
+    """`compress tune ARGS` run through into tmp_path/clean, and run into tmp_path/tuned
+    but stopped after `steps` steps: the clean output, the stopped one's and its result."""
+    clean, out = tmp_path / "clean", tmp_path / "tuned"
+    assert cli_in_process("tune", packed, "--out", clean, *args).returncode == 0
+    with monkeypatch.context() as m:
+        _stop_tuning_after(m, steps)
+        stopped = cli_in_process("tune", packed, "--out", out, *args)
+    return clean, out, stopped
+
+
 def test_compress_tune_killed_goes_on_from_its_last_save(packed_tiny, tmp_path, monkeypatch):
     args = ("--epochs", "2", "--lr", "0.01", "-q")
-    clean = tmp_path / "clean"
-    assert cli_in_process("tune", packed_tiny, "--out", clean, *args).returncode == 0
-    out = tmp_path / "tuned"
-    with monkeypatch.context() as m:
-        _stop_tuning_after(m, 2)
-        stopped = cli_in_process("tune", packed_tiny, "--out", out, *args)
+    clean, out, stopped = _clean_and_stopped_tunings(packed_tiny, tmp_path, monkeypatch,
+                                                     args, 2)
     assert stopped.returncode != 0 and not out.exists()
     assert "OUT.partial.state" in stopped.stderr
     state = tmp_path / "tuned.partial.state"
@@ -662,12 +669,9 @@ def test_a_tuning_killed_before_its_first_step_keeps_its_starting_kl(packed_tiny
     """The starting KL is minutes of work on a real model: it is saved before any step,
     and the resumed run, which does not measure it again, ends as an unbroken one."""
     args = ("--epochs", "1", "--lr", "0.01", "-q")
-    clean = tmp_path / "clean"
-    assert cli_in_process("tune", packed_tiny, "--out", clean, *args).returncode == 0
-    out = tmp_path / "tuned"
-    with monkeypatch.context() as m:
-        _stop_tuning_after(m, 0)
-        assert cli_in_process("tune", packed_tiny, "--out", out, *args).returncode != 0
+    clean, out, stopped = _clean_and_stopped_tunings(packed_tiny, tmp_path, monkeypatch,
+                                                     args, 0)
+    assert stopped.returncode != 0
     assert json.loads((tmp_path / "tuned.partial.state" / "state.json").read_text())[
         "step"] == 0
     from compress.calibrate import scale_tuning
