@@ -48,26 +48,31 @@ def main() -> None:
         path, _, label = item.partition("=")
         named[label or Path(path).name] = Path(path)
     set_quiet(True)
-    base = None
+    manifests = {label: models.open_model(path).manifest or {}  # a peer's folder has none
+                 for label, path in named.items()}
+    bases = {label: m["base_model"]["name"] if isinstance(m.get("base_model"), dict)
+             else assets.DEFAULT_MODEL for label, m in manifests.items()}
+    base = next(iter(bases.values()))
+    if len(set(bases.values())) > 1:
+        raise SystemExit(f"the checkpoints were made from different models: {bases}")
+    earlier = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    if earlier.get("model", f"{base} (bundled)") != f"{base} (bundled)":
+        raise SystemExit(f"{args.json} holds rows scored against {earlier['model']}, these "
+                         f"against {base}: give another --json")
     rows = {}
     for label, path in named.items():
-        manifest = models.open_model(path).manifest or {}  # a peer's dense folder has none
-        model = manifest["base_model"]["name"] if isinstance(manifest.get("base_model"), dict) \
-            else assets.DEFAULT_MODEL
-        if base not in (None, model):
-            raise SystemExit(f"{path} was made from {model}, the others from {base}")
-        base = model
+        manifest = manifests[label]
         rows[label] = {"checkpoint": str(path), "command": commands.get(label),
                        "seconds": seconds.get(label), "recipe": manifest.get("recipe"),
                        "calibration": manifest.get("calibration"),
                        "scale_tuning": manifest.get("scale_tuning"),
-                       **score(path, args.eval_tokens, model)}
+                       **score(path, args.eval_tokens, base)}
         r = rows[label]
         print(f"{label:40s} KL {r['kl_mean']:.4f} (p99 {r['kl_p99']:.3f})  top-1 "
               f"{r['top1_agreement']:.2%}  ppl {r['ppl']:8.3f}", flush=True)
     fp16 = evaluation.evaluate_perplexity(assets.bundled_model_dir(base),
                                           max_tokens=args.eval_tokens)
-    before = json.loads(args.json.read_text()).get("rows", {}) if args.json.is_file() else {}
+    before = earlier.get("rows", {})
     args.calib_samples = args.calib_seqlen = args.calib_seed = "each row's"  # rows: their own
     write_report(args.json, "score_checkpoints", args, fp16, base, rows={**before, **rows})
     print(f"wrote {args.json}")
