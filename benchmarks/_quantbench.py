@@ -99,12 +99,17 @@ def peer(method: str, bits: int, actorder: str, calib_ids: Path, work: Path, nam
     return {**info, "process_seconds": wall, "process_peak_rss_bytes": rss, "ppl": ppl}
 
 
+def report_model(model: str) -> str:
+    """How a report's header names the bundled model its figures were measured against."""
+    return f"{model} (bundled)"
+
+
 def write_report(path: Path, benchmark: str, args, fp16, model: str = assets.DEFAULT_MODEL,
                  **sections) -> None:
     """The benchmark's JSON: the shared protocol header, then its own sections."""
     report = {
         "benchmark": benchmark,
-        "model": f"{model} (bundled)",
+        "model": report_model(model),
         "threads": torch.get_num_threads(),
         "calibration": {"samples": args.calib_samples, "seqlen": args.calib_seqlen,
                         "seed": getattr(args, "calib_seed", 0),

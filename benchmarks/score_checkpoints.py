@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from _quantbench import HERE, score, write_report
+from _quantbench import HERE, report_model, score, write_report
 
 from compress import assets, evaluation, models
 from compress.progress import set_quiet
@@ -56,7 +56,7 @@ def main() -> None:
     if len(set(bases.values())) > 1:
         raise SystemExit(f"the checkpoints were made from different models: {bases}")
     earlier = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    if earlier.get("model", f"{base} (bundled)") != f"{base} (bundled)":
+    if earlier.get("model", report_model(base)) != report_model(base):
         raise SystemExit(f"{args.json} holds rows scored against {earlier['model']}, these "
                          f"against {base}: give another --json")
     rows = {}
