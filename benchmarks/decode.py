@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _quantbench import report_model
 from _speed import BandwidthLog, payload_tensors, read_seconds
 from compress.kernels import native
 from foundation import PROMPT
@@ -257,7 +258,7 @@ def main() -> None:
         for name, v in samples.items() if byte_kind(name) in bytes_per_token}
     hf = speeds["transformers_fp32"]
     report = {
-        "benchmark": "decode", "model": "smollm2-135m (bundled)",
+        "benchmark": "decode", "model": report_model(assets.DEFAULT_MODEL),
         "compress_version": compress.__version__, "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "batch": 1, "new_tokens": args.new_tokens,

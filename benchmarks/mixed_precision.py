@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from _quantbench import report_model
 
 from compress import api, assets, evaluation, models
 from compress.calibrate import sensitivity
@@ -94,7 +95,7 @@ def main() -> None:
                   f"and quantise]", flush=True)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({
-                "benchmark": "mixed_precision", "model": "smollm2-135m (bundled)",
+                "benchmark": "mixed_precision", "model": report_model(assets.DEFAULT_MODEL),
                 "compress_version": compress.__version__, "torch": torch.__version__,
                 "machine": platform.processor() or platform.machine(),
                 "threads": torch.get_num_threads(), "eval_tokens": args.max_tokens,

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from _quantbench import report_model
 
 from compress import assets, evaluation, pipeline
 from compress.progress import set_quiet
@@ -81,7 +82,7 @@ def main() -> None:
                   f"{accs}  eval {eval_s:.0f} s + tasks {tasks_s:.0f} s", flush=True)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({
-                "benchmark": "evals", "model": "smollm2-135m (bundled)",
+                "benchmark": "evals", "model": report_model(assets.DEFAULT_MODEL),
                 "compress_version": compress.__version__, "torch": torch.__version__,
                 "machine": platform.processor() or platform.machine(),
                 "threads": torch.get_num_threads(), "task_limit": args.limit,

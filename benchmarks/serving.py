@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from _quantbench import report_model
 
 import compress
 from compress import assets, data, evaluation, models, pipeline
@@ -100,7 +101,7 @@ def main() -> None:
     set_quiet(True)
     base = assets.bundled_model_dir()
     text = data.text_tokens(data.load_tokenizer(base)).tokens
-    report = {"benchmark": "serving", "model": "smollm2-135m (bundled)",
+    report = {"benchmark": "serving", "model": report_model(assets.DEFAULT_MODEL),
               "compress_version": compress.__version__, "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads()}
