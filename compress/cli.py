@@ -123,6 +123,12 @@ SignroundTrim = Annotated[float, typer.Option(
     metavar="FRACTION",
     help="signround: leave this fraction of each step's largest squared output errors "
     "out of its loss (auto-round's 2-bit extension: 0.001).")]
+SignroundLoss = Annotated[str, typer.Option(
+    metavar="output|normed",
+    help="signround: what each step's loss measures: the layer's output error as it is "
+    "(output), or as the norms that read the residual stream see it (normed: each token "
+    "over its size, each channel times the norms' gain; for models whose stream carries a "
+    "few huge channels the norms shrink, such as Gemma).")]
 SignroundPrecision = Annotated[str | None, typer.Option(
     show_default=False,
     help="signround: the dtype of the learning steps' matmuls, float32 (default) or "
@@ -204,6 +210,7 @@ def quantize(
     signround_warmup: SignroundWarmup = 0,
     signround_retry_lr: SignroundRetryLr = None,
     signround_trim: SignroundTrim = 0.0,
+    signround_loss: SignroundLoss = "output",
     match: Annotated[str | None, typer.Option(
         metavar="model|layer", show_default=False,
         help="GPTQ and signround: what rounding matches. model (default): the "
@@ -363,7 +370,8 @@ _SIGNROUND_FLAGS = {"signround_iters": "iters", "signround_batch": "batch",
                     "signround_start": "start", "signround_optimizer": "optimizer",
                     "signround_lr": "lr", "signround_ranges": "learn_ranges",
                     "signround_precision": "precision", "signround_warmup": "warmup",
-                    "signround_retry_lr": "retry_lr", "signround_trim": "trim"}
+                    "signround_retry_lr": "retry_lr", "signround_trim": "trim",
+                    "signround_loss": "loss"}
 # What a recipe sets, as the flags that set it without one: given beside --recipe they
 # would be ignored, so they are refused. The calibration windows are data, and the
 # learning steps' precision is how the machine runs them, not the recipe's algorithm:
@@ -879,6 +887,7 @@ def report_(
     signround_warmup: SignroundWarmup = 0,
     signround_retry_lr: SignroundRetryLr = None,
     signround_trim: SignroundTrim = 0.0,
+    signround_loss: SignroundLoss = "output",
     calib_samples: CalibSamples = 128,
     calib_seqlen: CalibSeqlen = 512,
     out: Annotated[Path, typer.Option(help="Report directory (cells are cached in it).")] =

@@ -601,6 +601,13 @@ class _CalibratedLayers:
             free = psutil.virtual_memory().available
         return max(x.nbytes, free // 4)
 
+    def _reader_gain(self, i: int) -> torch.Tensor | None:
+        """Learned rounding's loss weights (`SignRoundConfig.loss` "normed") for layer i."""
+        if self.recipe.rounding != "signround" or self.recipe.signround.loss != "normed":
+            return None
+        rotated = self.rotations is not None and self.rotations.residual is not None
+        return signround.reader_gain(self.files, i, rotated)
+
     @torch.no_grad()
     def __call__(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
         x, reference = self._inputs(i)
@@ -621,7 +628,8 @@ class _CalibratedLayers:
         quantized, log = calibrate_layer.quantize_layer(
             layer, lambda chunk: layer(chunk.to(device), self.rope), x, self.files.arch,
             self.files.layer_groups(i), self.files.layer_folds(i), prefix,
-            self.schemes, self.recipe, self.files.dtype, self._budget(x), self.ctx, reference)
+            self.schemes, self.recipe, self.files.dtype, self._budget(x), self.ctx, reference,
+            self._reader_gain(i))
         # x and reference were overwritten in place with the layer's outputs
         tensors: dict[str, torch.Tensor] = {}
         for name in sorted(self.files.tensors.with_prefix(prefix)):

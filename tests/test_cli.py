@@ -169,7 +169,8 @@ def test_report_flags_reach_the_grid(tiny_llama, tmp_path, monkeypatch):
                "--signround-lr", "0.01", "--signround-fixed-ranges",
                "--signround-precision", "bfloat16", "--signround-warmup", "2",
                "--signround-retry-lr", "0.001", "--signround-trim", "0.002",
-               "--calib-samples", "16", "--calib-seqlen", "64", "--out", tmp_path / "r")
+               "--signround-loss", "normed", "--calib-samples", "16", "--calib-seqlen", "64",
+               "--out", tmp_path / "r")
     assert_one_line_error(proc, "stopped before the work")
     [cells] = grids
     assert [c.label for c in cells] == [
@@ -179,8 +180,9 @@ def test_report_flags_reach_the_grid(tiny_llama, tmp_path, monkeypatch):
     assert {(c.rotate.kind, c.rotate.seed) for c in cells[1::2]} == {("hadamard", 4)}
     assert {(c.signround.iters, c.signround.batch, c.signround.start, c.signround.lr,
              c.signround.learn_ranges, c.signround.precision, c.signround.warmup,
-             c.signround.retry_lr, c.signround.trim)
-            for c in cells} == {(3, 2, "gptq", 0.01, False, "bfloat16", 2, 0.001, 0.002)}
+             c.signround.retry_lr, c.signround.trim, c.signround.loss)
+            for c in cells} == {(3, 2, "gptq", 0.01, False, "bfloat16", 2, 0.001, 0.002,
+                                 "normed")}
     assert {(c.calibration.samples, c.calibration.seqlen) for c in cells} == {(16, 64)}
 
 
@@ -351,7 +353,8 @@ def test_recipe_takes_calibration_flags_and_refuses_the_flags_it_sets(tiny_llama
     for flag in (["--bits", "3"], ["--method", "rtn"], ["--asym"], ["--damp", "0.1"],
                  ["--signround-iters", "10"], ["--signround-fixed-ranges"],
                  ["--signround-lr", "0.01"], ["--signround-warmup", "5"],
-                 ["--signround-retry-lr", "0.001"], ["--signround-trim", "0.001"]):
+                 ["--signround-retry-lr", "0.001"], ["--signround-trim", "0.001"],
+                 ["--signround-loss", "normed"]):
         refused = cli_in_process("quantize", tiny_llama, "--recipe", recipe, *flag,
                                  "--no-eval", "--out", tmp_path / "no")
         assert refused.returncode == 2, flag

@@ -205,6 +205,7 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
                    schemes: dict[str, QuantScheme], recipe: Recipe, scale_dtype: torch.dtype,
                    memory_budget: int, ctx: Context | None = None,
                    reference: torch.Tensor | None = None,
+                   gain: torch.Tensor | None = None,
                    ) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
     """Quantise `layer` (its Linear `groups` in true-sequential order and its AWQ `folds`,
     named as in the table; full names under `prefix`) on the calibration activations x (N, S, D)
@@ -215,6 +216,9 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
     `reference` (learned rounding with target "model"): the unquantised model's
     activations entering the layer, beside x: the target is the unquantised layer's output
     on them, and they are overwritten in place with it.
+
+    `gain`: learned rounding's loss is the error as the stream's norms read it, with
+    these gains per channel (`signround.reader_gain`); None: the output's plain error.
 
     `ctx`: with several processes, x is this rank's share of the samples; statistics are
     summed over ranks and each result is every rank's (`compress.distributed`)."""
@@ -267,7 +271,8 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
                  if recipe.signround.start == "gptq" else None)
         learned, losses = signround.learn_layer(
             layer, forward, x, targets, mine, recipe.signround, scale_dtype,
-            recipe.calibration.seed, CALIB_BATCH, None if start is None else start.bounds)
+            recipe.calibration.seed, CALIB_BATCH, None if start is None else start.bounds,
+            gain=None if gain is None else gain.to(x.device))
         del targets
         if start is not None:
             start.put_back(layer)

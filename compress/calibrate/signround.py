@@ -5,7 +5,8 @@ quantised ones by the pipeline; `SignRoundConfig.target`). Every quantised Linea
 layer gets a `LearnedRounding` parametrization, so the layer's own forward runs on
 fake-quantised weights and quantised inputs; each step takes the next batch of a shuffled
 pass over the samples, measures the mean squared error against the target (its largest
-errors left out: `SignRoundConfig.trim`), and moves
+errors left out: `SignRoundConfig.trim`; with `SignRoundConfig.loss` "normed", the error
+as the stream's norms read it, `reader_gain`), and moves
 every offset and range factor (the offsets alone: `SignRoundConfig.learn_ranges`) by a
 signed step (or Adam's: `SignRoundConfig.optimizer`).
 Of the last step's parameters, those of the step with the lowest batch loss (what
@@ -23,9 +24,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compress.kernels import QuantizedWeight
+from compress.models import ModelFiles
 from compress.progress import track
 from compress.quant import QuantScheme, precision
-from compress.quant.signround import LearnedRounding, SignRoundConfig, signed_step, step_loss
+from compress.quant.signround import (
+    LearnedRounding,
+    SignRoundConfig,
+    signed_step,
+    squared_error,
+    step_loss,
+)
 
 
 @torch.no_grad()
@@ -39,28 +47,31 @@ def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
                 x: torch.Tensor, targets: torch.Tensor, schemes: dict[str, QuantScheme],
                 cfg: SignRoundConfig, scale_dtype: torch.dtype, seed: int, chunk: int = 8,
                 bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                gain: torch.Tensor | None = None,
                 ) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
     """Packed weights for the Linears named in `schemes` (names within `layer`), learned on
     the activations x (N, S, D) entering the layer to give `targets` (N, S, D). Returns
     them with the layer-output losses (mean squared error on every sample) where learning
     started ("start": zero offsets, full ranges) and with the learned rounding, and the
     step it learned again with ("retry_lr", `SignRoundConfig.retry_lr`). `bounds`:
-    fixed group ranges per Linear (`LearnedRounding`). The layer's weights are left as
-    they were."""
+    fixed group ranges per Linear (`LearnedRounding`). `gain`: the stream readers' gain
+    per channel (`reader_gain`), with which every loss is the normed error
+    (`compress.quant.signround.squared_error`); None: the output's plain squared error.
+    The layer's weights are left as they were."""
     roundings = _attach(layer, schemes, scale_dtype, bounds or {}, cfg)
     try:
         params = [p for r in roundings.values() for p in r.params()]
-        start_loss = _loss(forward, x, targets, chunk)
+        start_loss = _loss(forward, x, targets, chunk, gain)
         initial = _snapshot(params)
         losses = {"start": start_loss}
         learned_loss, chosen = _learn(forward, x, targets, roundings, params, cfg, seed,
-                                      chunk, initial, start_loss)
+                                      chunk, initial, start_loss, gain)
         if learned_loss >= start_loss and cfg.retry_lr is not None:
             _restore(params, initial)
             losses["retry_lr"] = cfg.retry_lr
             learned_loss, chosen = _learn(forward, x, targets, roundings, params,
                                           dataclasses.replace(cfg, lr=cfg.retry_lr), seed,
-                                          chunk, initial, start_loss)
+                                          chunk, initial, start_loss, gain)
         losses["learned"] = learned_loss
         _restore(params, chosen)
         packed = {name: r.quantize(_original(layer, name)) for name, r in roundings.items()}
@@ -74,7 +85,7 @@ def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
 def _learn(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
            targets: torch.Tensor, roundings: dict[str, LearnedRounding],
            params: list[nn.Parameter], cfg: SignRoundConfig, seed: int, chunk: int,
-           initial: list[torch.Tensor], start_loss: float,
+           initial: list[torch.Tensor], start_loss: float, gain: torch.Tensor | None,
            ) -> tuple[float, list[torch.Tensor]]:
     """`cfg.iters` steps from where `params` are; returns the whole-set loss and the
     parameters of the candidate kept (the start's when none beats `start_loss`: the first
@@ -86,7 +97,7 @@ def _learn(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         pick = next(batches).to(x.device)
         with torch.enable_grad():
             with precision.autocast(cfg.precision, x.device):
-                loss = step_loss(forward(x[pick]), targets[pick], cfg.trim)
+                loss = step_loss(forward(x[pick]), targets[pick], cfg.trim, gain)
             loss.backward()
         value = loss.detach().item()
         if value < best_loss:  # the parameters that made this loss: keep them
@@ -96,10 +107,10 @@ def _learn(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             r.clamp_()
     # judged on the whole calibration set: the last step's parameters, the best
     # batch's (which may have been an easy batch) and the start
-    learned_loss, chosen = _loss(forward, x, targets, chunk), _snapshot(params)
+    learned_loss, chosen = _loss(forward, x, targets, chunk, gain), _snapshot(params)
     for candidate, known in ((best, None), (initial, start_loss)):
         _restore(params, candidate)
-        loss = known if known is not None else _loss(forward, x, targets, chunk)
+        loss = known if known is not None else _loss(forward, x, targets, chunk, gain)
         if loss < learned_loss:
             learned_loss, chosen = loss, candidate
     return learned_loss, chosen
@@ -157,8 +168,8 @@ def _original(layer: nn.Module, name: str) -> torch.Tensor:
 
 @torch.no_grad()
 def _loss(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-          targets: torch.Tensor, chunk: int) -> float:
-    total = sum(float(((forward(a) - b) ** 2).sum())
+          targets: torch.Tensor, chunk: int, gain: torch.Tensor | None = None) -> float:
+    total = sum(float(squared_error(forward(a), b, gain).sum())
                 for a, b in zip(x.split(chunk), targets.split(chunk), strict=True))
     return total / targets.numel()
 
@@ -171,3 +182,23 @@ def _snapshot(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def _restore(params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> None:
     for p, v in zip(params, values, strict=True):
         p.copy_(v)
+
+
+def reader_gain(files: ModelFiles, index: int, residual_rotated: bool) -> torch.Tensor | None:
+    """Per channel, the gain with which the norms that read the residual stream after layer
+    `index` (every later layer's attention and MLP input norms, and the final norm) scale
+    it: the root mean square of their gains, so a channel every reader shrinks counts
+    little. Ones where the stream is rotated (its norms' gains are folded into the
+    Linears that follow, so no channel stands apart); None where no norm reads the
+    stream (OLMo-2's layers read it raw): the loss is then the plain output error."""
+    arch, cfg = files.arch, files.decoder_config
+    norms = [n for n in (arch.attn_norm, arch.mlp_norm) if n is not None]
+    if not norms:
+        return None
+    if residual_rotated:
+        return torch.ones(cfg.hidden_size)
+    readers = [f"{arch.layer_prefix(i)}{norm}" for i in range(index + 1, cfg.num_layers)
+               for norm in norms]
+    gains = [cfg.norm_offset + files.tensors.get(f"{name}.weight").float()
+             for name in (*readers, arch.final_norm)]
+    return torch.stack(gains).square().mean(0).sqrt()

@@ -47,6 +47,17 @@ STARTS = ("rtn", "gptq")
 # the whole model).
 OPTIMIZERS = ("sign", "adam")
 ADAM_LR = 5e-3
+# What a step's loss measures: "output", the squared error of the layer's output (the
+# residual stream) as it is; "normed", that error as the norms that read the stream see
+# it: each token divided by the target's root mean square, each channel times the readers'
+# gain (`squared_error`). Gemma-3-270M keeps 84-99% of its stream's energy in 1% of its
+# channels, layer by layer, but weighed by its norms' gains 26-89%: the plain loss is
+# almost all error in channels the next layers read at a tenth of the rest's weight or less.
+# On the bundled Llama the norms weigh those channels about as the rest (51-95% raw,
+# 32-91% read), but from layer 11 on 63-85% of its energy is in the first position, an
+# attention sink that each norm scales down with the rest of its token
+# (benchmarks/stream_energy.py).
+LOSSES = ("output", "normed")
 
 # More left out would no longer be outliers: the loss would ignore what the layer is for.
 MAX_TRIM = 0.1
@@ -54,7 +65,7 @@ MAX_TRIM = 0.1
 
 # settings added after recipes were first written: left out of a recipe at their default
 _LEFT_OUT_AT_DEFAULT = {"optimizer": "sign", "learn_ranges": True, "precision": "float32",
-                        "warmup": 0, "retry_lr": None, "trim": 0.0}
+                        "warmup": 0, "retry_lr": None, "trim": 0.0, "loss": "output"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +89,8 @@ class SignRoundConfig:
     and at 1e-3 learns 0.0448 -> 0.0434); trim: the fraction of each step's largest squared
     output errors left out of its loss (auto-round's 2-bit extension leaves out 0.001: at 2
     bits a few outputs' errors dominate the mean and its gradient). The candidates are
-    judged on the whole set's untrimmed error either way."""
+    judged on the whole set's untrimmed error either way; loss: `LOSSES` (the steps and
+    the judging alike)."""
 
     iters: int = 200
     lr: float | None = None
@@ -91,6 +103,7 @@ class SignRoundConfig:
     warmup: int = 0
     retry_lr: float | None = None
     trim: float = 0.0
+    loss: str = "output"
 
     def __post_init__(self) -> None:
         for name in ("iters", "batch"):
@@ -110,6 +123,9 @@ class SignRoundConfig:
         if self.start not in STARTS:
             raise CompressError(f"signround start must be one of {', '.join(STARTS)}, "
                                 f"got {self.start!r}")
+        if self.loss not in LOSSES:
+            raise CompressError(f"signround loss must be one of {', '.join(LOSSES)}, "
+                                f"got {self.loss!r}")
         if self.optimizer not in OPTIMIZERS:
             raise CompressError(f"signround optimizer must be one of "
                                 f"{', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
@@ -256,14 +272,30 @@ def signed_step(params: list[nn.Parameter], lr: float) -> None:
                 p.grad = None
 
 
-def step_loss(output: torch.Tensor, target: torch.Tensor, trim: float = 0.0) -> torch.Tensor:
-    """The mean squared error of `output` against `target`, with the `trim` fraction of
-    the largest squared errors counted as zero (still in the mean's count, as auto-round's
-    2-bit loss does): a step then follows the bulk of the outputs, not a few outliers."""
+def squared_error(output: torch.Tensor, target: torch.Tensor,
+                  gain: torch.Tensor | None = None) -> torch.Tensor:
+    """(output - target)^2 elementwise over (..., D); with `gain` (D,), the error as an
+    RMSNorm with that gain reads it: each token's error divided by the target token's
+    root mean square, each channel's times its gain (the norm's first-order response to a
+    small error, with the target's scale held fixed so the loss stays a weighted MSE)."""
+    error = output.float() - target.float()
+    if gain is not None:
+        rms = target.float().square().mean(-1, keepdim=True).add(1e-12).sqrt()
+        error = error / rms * gain.float()
+    return error.square()
+
+
+def step_loss(output: torch.Tensor, target: torch.Tensor, trim: float = 0.0,
+              gain: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of `squared_error` of `output` against `target`, with the `trim` fraction
+    of the largest counted as zero (still in the mean's count, as auto-round's 2-bit loss
+    does): a step then follows the bulk of the outputs, not a few outliers."""
     left_out = int(output.numel() * trim)
-    if left_out == 0:
+    if left_out == 0 and gain is None:
         return torch.nn.functional.mse_loss(output, target)
-    errors = (output.float() - target.float()).square().flatten()
+    errors = squared_error(output, target, gain).flatten()
+    if left_out == 0:
+        return errors.mean()
     keep = torch.ones_like(errors)
     keep[errors.detach().topk(left_out).indices] = 0.0
     return (errors * keep).mean()

@@ -20,6 +20,7 @@ from compress.quant.signround import (
     SignRoundConfig,
     grid_bounds,
     signed_step,
+    squared_error,
     step_loss,
 )
 from compress.recipe import CalibrationConfig, Recipe
@@ -367,7 +368,8 @@ def test_an_unknown_optimizer_is_a_one_line_error_on_the_command_line(tmp_path):
                                  {"learn_ranges": "no"}, {"precision": "float16"},
                                  {"warmup": -1}, {"warmup": 200}, {"warmup": 2.5},
                                  {"retry_lr": 0.0}, {"retry_lr": "small"}, {"trim": -0.01},
-                                 {"trim": 0.1}, {"trim": True}, {"trim": "some"}])
+                                 {"trim": 0.1}, {"trim": True}, {"trim": "some"},
+                                 {"loss": "kl"}, {"loss": None}])
 def test_bad_settings_are_one_line_errors(bad):
     with pytest.raises(CompressError, match="signround"):
         SignRoundConfig(**bad)
@@ -560,3 +562,89 @@ def test_interrupted_run_resumes_to_identical_files(tiny_factory, tmp_path, monk
     path = tiny_factory("llama", num_hidden_layers=3)
     recipe = Recipe("signround", QuantScheme(4, 32, True), calibration=CALIB, signround=QUICK)
     assert_resumes_to_identical_files(path, recipe, tmp_path, monkeypatch)
+
+
+def test_the_normed_error_is_the_change_the_next_norm_reads():
+    """With a gain, the loss is what an RMSNorm with that gain makes of a small error
+    (one orthogonal to the token, whose change of the token's size is second order); the
+    tokens and channels the norm shrinks count for little."""
+    gen = torch.Generator().manual_seed(5)
+    target = torch.randn(3, 20, 16, generator=gen) * torch.logspace(0, 2, 16)  # huge channels
+    target[:, 0] *= 50.0  # and a huge first token, as attention sinks are
+    error = torch.randn(target.shape, generator=gen)
+    error -= (error * target).sum(-1, keepdim=True) / target.square().sum(-1, keepdim=True) \
+        * target  # orthogonal to each token
+    error *= 1e-4 * target.norm(dim=-1, keepdim=True)
+    gain = torch.rand(16, generator=gen) + 0.5
+    norm = nn.RMSNorm(16, eps=0.0, dtype=torch.float64)
+    norm.weight.data = gain.double()
+    seen = norm((target + error).double()) - norm(target.double())
+    normed = squared_error(target + error, target, gain)
+    assert torch.allclose(normed.double(), seen.square(), rtol=1e-3)
+    assert torch.equal(squared_error(target + error, target), (target + error - target).square())
+    output = (target + error).requires_grad_()
+    assert step_loss(output, target, gain=gain).item() == pytest.approx(normed.mean().item())
+    trimmed = step_loss(output, target, trim=0.01, gain=gain)
+    assert trimmed.item() < normed.mean().item()
+    cfg = SignRoundConfig(loss="normed")
+    assert "loss" not in SignRoundConfig().to_dict() and cfg.to_dict()["loss"] == "normed"
+    assert Recipe.from_dict(Recipe("signround", signround=cfg).to_dict()).signround == cfg
+
+
+@pytest.mark.parametrize(("model_type", "readers", "offset"), [
+    ("llama", ("input_layernorm", "post_attention_layernorm"), 0.0),
+    ("gemma3_text", ("input_layernorm", "pre_feedforward_layernorm"), 1.0)])
+def test_reader_gain_is_the_rms_of_every_later_norm_that_reads_the_stream(
+        tiny_factory, model_type, readers, offset):
+    from conftest import ARCH_CASES
+
+    files = models.open_model(tiny_factory(model_type, **{**ARCH_CASES[model_type],
+                                                           "norm_noise": 0.3}))
+    weight = {name: offset + files.tensors.get(f"{name}.weight").float()
+              for name in (*(f"model.layers.{i}.{r}" for i in range(2) for r in readers),
+                           "model.norm")}
+    for index in range(2):
+        later = [w for name, w in weight.items()
+                 if name == "model.norm" or int(name.split(".")[2]) > index]
+        assert len(later) == 2 * (1 - index) + 1
+        want = torch.stack(later).square().mean(0).sqrt()
+        assert torch.allclose(learn.reader_gain(files, index, residual_rotated=False), want)
+        assert torch.equal(learn.reader_gain(files, index, residual_rotated=True),
+                           torch.ones(files.decoder_config.hidden_size))
+    assert not torch.allclose(learn.reader_gain(files, 0, False), torch.ones(64), atol=0.05)
+
+
+def test_olmo2_reads_its_stream_raw_so_the_normed_loss_is_the_plain_one(tiny_factory):
+    from conftest import ARCH_CASES
+
+    files = models.open_model(tiny_factory("olmo2", **ARCH_CASES["olmo2"]))
+    assert learn.reader_gain(files, 0, residual_rotated=False) is None
+
+
+@pytest.mark.parametrize(("model_type", "rotate"), [("gemma3_text", False), ("llama", True)])
+def test_the_pipeline_learns_each_layer_on_the_error_its_readers_see(
+        tiny_factory, tmp_path, monkeypatch, model_type, rotate):
+    from conftest import ARCH_CASES
+
+    from compress.quant.rotate import RotationConfig
+
+    path = tiny_factory(model_type, **ARCH_CASES[model_type])
+    gains = []
+    real = learn.learn_layer
+
+    def spy(*args, **kwargs):
+        gains.append(kwargs["gain"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(learn, "learn_layer", spy)
+    cfg = SignRoundConfig(iters=20, batch=4, loss="normed")
+    recipe = Recipe("signround", QuantScheme(3, 32, True), calibration=CALIB, signround=cfg,
+                    rotate=RotationConfig("hadamard" if rotate else "none"))
+    pipeline.quantize(path, recipe, tmp_path / "q")
+    files = models.open_model(path)
+    assert len(gains) == files.decoder_config.num_layers
+    for index, gain in enumerate(gains):
+        assert torch.equal(gain, learn.reader_gain(files, index, residual_rotated=rotate))
+    log = json.loads((tmp_path / "q" / pipeline.QUANT_LOG).read_text())["modules"]
+    assert all(entry["layer_loss"] < entry["layer_loss_start"] for entry in log.values())
+    assert models.open_model(tmp_path / "q").manifest["recipe"]["signround"]["loss"] == "normed"
