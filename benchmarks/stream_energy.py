@@ -7,7 +7,7 @@ that read it weigh it: the case for learned rounding's "normed" loss
 Per layer, on the first calibration windows: the share of the stream's squared values
 in its top 1% channels (the first position left out: it is an attention sink on both
 bundled models), the same share with each channel weighed by the readers' gain squared
-(`compress.calibrate.signround.reader_gain`, what the normed loss weighs it by), and the
+(`compress.calibrate.signround.reader_gains`, what the normed loss weighs it by), and the
 first position's share of the whole. A raw share far above the weighed one means a plain
 output loss spends itself on channels the next layers barely read.
 """
@@ -21,7 +21,7 @@ import torch
 from _quantbench import HERE, report_model
 
 from compress import assets, data, models
-from compress.calibrate.signround import reader_gain
+from compress.calibrate.signround import reader_gains
 from compress.progress import set_quiet
 
 
@@ -48,11 +48,11 @@ def top_share(energy: torch.Tensor, fraction: float = 0.01) -> float:
 
 def measure(name: str, windows: int) -> list[dict]:
     outputs, files = layer_outputs(name, windows)
+    gains = reader_gains(files, residual_rotated=False)
     rows = []
-    for index, out in enumerate(outputs):
+    for index, (out, gain) in enumerate(zip(outputs, gains, strict=True)):
         squared = out.float().square()
         energy = squared[:, 1:].sum((0, 1))
-        gain = reader_gain(files, index, residual_rotated=False)
         per_token = squared.sum(-1)
         rows.append({"layer": index, "top1pct_share_raw": top_share(energy),
                      "top1pct_share_read": top_share(energy * gain.square()),

@@ -507,6 +507,12 @@ class _CalibratedLayers:
         # the unquantised model's activations (recipe.carries_reference), saved beside
         # `hidden` in the activations files
         self.reference: torch.Tensor | None = None
+        # learned rounding's loss weights per layer (`SignRoundConfig.loss` "normed"), read
+        # once here: each layer's are every later norm's
+        self.reader_gains = None
+        if recipe.rounding == "signround" and recipe.signround.loss == "normed":
+            rotated = rotations is not None and rotations.residual is not None
+            self.reader_gains = signround.reader_gains(files, rotated)
 
     def _activations_file(self, i: int) -> Path:
         return self.partial / f"activations-{i:05d}.safetensors"
@@ -601,13 +607,6 @@ class _CalibratedLayers:
             free = psutil.virtual_memory().available
         return max(x.nbytes, free // 4)
 
-    def _reader_gain(self, i: int) -> torch.Tensor | None:
-        """Learned rounding's loss weights (`SignRoundConfig.loss` "normed") for layer i."""
-        if self.recipe.rounding != "signround" or self.recipe.signround.loss != "normed":
-            return None
-        rotated = self.rotations is not None and self.rotations.residual is not None
-        return signround.reader_gain(self.files, i, rotated)
-
     @torch.no_grad()
     def __call__(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
         x, reference = self._inputs(i)
@@ -629,7 +628,7 @@ class _CalibratedLayers:
             layer, lambda chunk: layer(chunk.to(device), self.rope), x, self.files.arch,
             self.files.layer_groups(i), self.files.layer_folds(i), prefix,
             self.schemes, self.recipe, self.files.dtype, self._budget(x), self.ctx, reference,
-            self._reader_gain(i))
+            None if self.reader_gains is None else self.reader_gains[i])
         # x and reference were overwritten in place with the layer's outputs
         tensors: dict[str, torch.Tensor] = {}
         for name in sorted(self.files.tensors.with_prefix(prefix)):

@@ -218,7 +218,7 @@ def quantize_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
     on them, and they are overwritten in place with it.
 
     `gain`: learned rounding's loss is the error as the stream's norms read it, with
-    these gains per channel (`signround.reader_gain`); None: the output's plain error.
+    these gains per channel (`signround.reader_gains`); None: the output's plain error.
 
     `ctx`: with several processes, x is this rank's share of the samples; statistics are
     summed over ranks and each result is every rank's (`compress.distributed`)."""

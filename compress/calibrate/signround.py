@@ -6,7 +6,7 @@ layer gets a `LearnedRounding` parametrization, so the layer's own forward runs 
 fake-quantised weights and quantised inputs; each step takes the next batch of a shuffled
 pass over the samples, measures the mean squared error against the target (its largest
 errors left out: `SignRoundConfig.trim`; with `SignRoundConfig.loss` "normed", the error
-as the stream's norms read it, `reader_gain`), and moves
+as the stream's norms read it, `reader_gains`), and moves
 every offset and range factor (the offsets alone: `SignRoundConfig.learn_ranges`) by a
 signed step (or Adam's: `SignRoundConfig.optimizer`).
 Of the last step's parameters, those of the step with the lowest batch loss (what
@@ -55,7 +55,7 @@ def learn_layer(layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
     started ("start": zero offsets, full ranges) and with the learned rounding, and the
     step it learned again with ("retry_lr", `SignRoundConfig.retry_lr`). `bounds`:
     fixed group ranges per Linear (`LearnedRounding`). `gain`: the stream readers' gain
-    per channel (`reader_gain`), with which every loss is the normed error
+    per channel (`reader_gains`), with which every loss is the normed error
     (`compress.quant.signround.squared_error`); None: the output's plain squared error.
     The layer's weights are left as they were."""
     roundings = _attach(layer, schemes, scale_dtype, bounds or {}, cfg)
@@ -184,11 +184,11 @@ def _restore(params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> 
         p.copy_(v)
 
 
-def reader_gain(files: ModelFiles, index: int, residual_rotated: bool) -> torch.Tensor | None:
-    """Per channel, the gain with which the norms that read the residual stream after layer
-    `index` (every later layer's attention and MLP input norms, and the final norm) scale
-    it: the root mean square of their gains, so a channel every reader shrinks counts
-    little. Ones where the stream is rotated (its norms' gains are folded into the
+def reader_gains(files: ModelFiles, residual_rotated: bool) -> list[torch.Tensor] | None:
+    """Per layer, per channel, the gain with which the norms that read the residual stream
+    after that layer (every later layer's attention and MLP input norms, and the final
+    norm) scale it: the root mean square of their gains, so a channel every reader shrinks
+    counts little. Ones where the stream is rotated (its norms' gains are folded into the
     Linears that follow, so no channel stands apart); None where no norm reads the
     stream (OLMo-2's layers read it raw): the loss is then the plain output error."""
     arch, cfg = files.arch, files.decoder_config
@@ -196,9 +196,16 @@ def reader_gain(files: ModelFiles, index: int, residual_rotated: bool) -> torch.
     if not norms:
         return None
     if residual_rotated:
-        return torch.ones(cfg.hidden_size)
-    readers = [f"{arch.layer_prefix(i)}{norm}" for i in range(index + 1, cfg.num_layers)
-               for norm in norms]
-    gains = [cfg.norm_offset + files.tensors.get(f"{name}.weight").float()
-             for name in (*readers, arch.final_norm)]
-    return torch.stack(gains).square().mean(0).sqrt()
+        return [torch.ones(cfg.hidden_size) for _ in range(cfg.num_layers)]
+
+    def squared_gain(name: str) -> torch.Tensor:
+        return (cfg.norm_offset + files.tensors.get(f"{name}.weight").float()).square()
+
+    # from the last layer back, each adding the norms of the layer after it to its readers
+    total, count = squared_gain(arch.final_norm), 1
+    gains = [total.sqrt()]
+    for i in range(cfg.num_layers - 1, 0, -1):
+        for norm in norms:
+            total, count = total + squared_gain(f"{arch.layer_prefix(i)}{norm}"), count + 1
+        gains.append((total / count).sqrt())
+    return gains[::-1]

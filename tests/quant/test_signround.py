@@ -594,7 +594,7 @@ def test_the_normed_error_is_the_change_the_next_norm_reads():
 @pytest.mark.parametrize(("model_type", "readers", "offset"), [
     ("llama", ("input_layernorm", "post_attention_layernorm"), 0.0),
     ("gemma3_text", ("input_layernorm", "pre_feedforward_layernorm"), 1.0)])
-def test_reader_gain_is_the_rms_of_every_later_norm_that_reads_the_stream(
+def test_reader_gains_are_the_rms_of_every_later_norm_that_reads_the_stream(
         tiny_factory, model_type, readers, offset):
     from conftest import ARCH_CASES
 
@@ -608,17 +608,17 @@ def test_reader_gain_is_the_rms_of_every_later_norm_that_reads_the_stream(
                  if name == "model.norm" or int(name.split(".")[2]) > index]
         assert len(later) == 2 * (1 - index) + 1
         want = torch.stack(later).square().mean(0).sqrt()
-        assert torch.allclose(learn.reader_gain(files, index, residual_rotated=False), want)
-        assert torch.equal(learn.reader_gain(files, index, residual_rotated=True),
+        assert torch.allclose(learn.reader_gains(files, residual_rotated=False)[index], want)
+        assert torch.equal(learn.reader_gains(files, residual_rotated=True)[index],
                            torch.ones(files.decoder_config.hidden_size))
-    assert not torch.allclose(learn.reader_gain(files, 0, False), torch.ones(64), atol=0.05)
+    assert not torch.allclose(learn.reader_gains(files, False)[0], torch.ones(64), atol=0.05)
 
 
 def test_olmo2_reads_its_stream_raw_so_the_normed_loss_is_the_plain_one(tiny_factory):
     from conftest import ARCH_CASES
 
     files = models.open_model(tiny_factory("olmo2", **ARCH_CASES["olmo2"]))
-    assert learn.reader_gain(files, 0, residual_rotated=False) is None
+    assert learn.reader_gains(files, residual_rotated=False) is None
 
 
 @pytest.mark.parametrize(("model_type", "rotate"), [("gemma3_text", False), ("llama", True)])
@@ -644,7 +644,7 @@ def test_the_pipeline_learns_each_layer_on_the_error_its_readers_see(
     files = models.open_model(path)
     assert len(gains) == files.decoder_config.num_layers
     for index, gain in enumerate(gains):
-        assert torch.equal(gain, learn.reader_gain(files, index, residual_rotated=rotate))
+        assert torch.equal(gain, learn.reader_gains(files, residual_rotated=rotate)[index])
     log = json.loads((tmp_path / "q" / pipeline.QUANT_LOG).read_text())["modules"]
     assert all(entry["layer_loss"] < entry["layer_loss_start"] for entry in log.values())
     assert models.open_model(tmp_path / "q").manifest["recipe"]["signround"]["loss"] == "normed"
