@@ -124,11 +124,12 @@ SignroundTrim = Annotated[float, typer.Option(
     help="signround: leave this fraction of each step's largest squared output errors "
     "out of its loss (auto-round's 2-bit extension: 0.001).")]
 SignroundLoss = Annotated[str, typer.Option(
-    metavar="output|normed",
+    metavar="auto|output|normed",
     help="signround: what each step's loss measures: the layer's output error as it is "
     "(output), or as the norms that read the residual stream see it (normed: each token "
     "over its size, each channel times the norms' gain; for models whose stream carries a "
-    "few huge channels the norms shrink, such as Gemma).")]
+    "few huge channels the norms shrink, such as Gemma); auto: normed for the families "
+    "that norm each branch's output (Gemma-2/3), output for the rest.")]
 SignroundPrecision = Annotated[str | None, typer.Option(
     show_default=False,
     help="signround: the dtype of the learning steps' matmuls, float32 (default) or "
@@ -210,7 +211,7 @@ def quantize(
     signround_warmup: SignroundWarmup = 0,
     signround_retry_lr: SignroundRetryLr = None,
     signround_trim: SignroundTrim = 0.0,
-    signround_loss: SignroundLoss = "output",
+    signround_loss: SignroundLoss = "auto",
     match: Annotated[str | None, typer.Option(
         metavar="model|layer", show_default=False,
         help="GPTQ and signround: what rounding matches. model (default): the "
@@ -887,7 +888,7 @@ def report_(
     signround_warmup: SignroundWarmup = 0,
     signround_retry_lr: SignroundRetryLr = None,
     signround_trim: SignroundTrim = 0.0,
-    signround_loss: SignroundLoss = "output",
+    signround_loss: SignroundLoss = "auto",
     calib_samples: CalibSamples = 128,
     calib_seqlen: CalibSeqlen = 512,
     out: Annotated[Path, typer.Option(help="Report directory (cells are cached in it).")] =

@@ -97,6 +97,17 @@ def plan(files: models.ModelFiles, recipe: Recipe) -> dict[str, QuantScheme]:
     return schemes
 
 
+def signround_loss(files: models.ModelFiles, recipe: Recipe) -> str | None:
+    """What learned rounding's loss measures on this model (None: no learned rounding)."""
+    if recipe.rounding != "signround":
+        return None
+    return signround.loss_for(recipe.signround.loss, files.arch)
+
+
+def _auto_chose_normed(files: models.ModelFiles, recipe: Recipe) -> bool:
+    return (signround_loss(files, recipe) == "normed" and recipe.signround.loss == "auto")
+
+
 def identity(files: models.ModelFiles, recipe: Recipe, calib: data.CalibrationSet | None) -> dict:
     """What makes two runs the same run (shown field by field when they differ)."""
     return {
@@ -110,6 +121,9 @@ def identity(files: models.ModelFiles, recipe: Recipe, calib: data.CalibrationSe
         "recipe": recipe.to_dict(),
         "calibration": None if calib is None else calib.describe(),
         "compress_version": compress.__version__,
+        # a recipe written before "auto" existed meant the plain loss: where "auto" means
+        # another, a run started then must not be resumed under it
+        **({"signround_loss": "normed"} if _auto_chose_normed(files, recipe) else {}),
     }
 
 
@@ -187,6 +201,10 @@ def quantize(model: models.ModelFiles | str | Path | None, recipe: Recipe, out: 
                  if recipe.rounding == "signround" else None)
         if slow:
             status(slow)
+        if _auto_chose_normed(files, recipe):
+            status(f"learned rounding: the normed loss ({files.arch.name} norms each branch's "
+                   "output before the residual add; signround loss 'output' for the plain "
+                   "one)")
         if rotations is not None and recipe.method in ("rtn", "awq"):
             # measured on the bundled model: rotation doubled RTN's KL at W4 and collapsed
             # W3, while it lowered GPTQ's (docs/figures.md, benchmarks/results/rotate.json)
@@ -510,7 +528,7 @@ class _CalibratedLayers:
         # learned rounding's loss weights per layer (`SignRoundConfig.loss` "normed"), read
         # once here: each layer's are every later norm's
         self.reader_gains = None
-        if recipe.rounding == "signround" and recipe.signround.loss == "normed":
+        if signround_loss(files, recipe) == "normed":
             rotated = rotations is not None and rotations.residual is not None
             self.reader_gains = signround.reader_gains(files, rotated)
 
@@ -708,6 +726,8 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
             "metric": "relative output error ||(W - W_q) X||^2 / ||W X||^2 on calibration X",
             "modules": dict(sorted(logs.items())),
             **({"rotation": rotations.describe()} if rotations is not None else {}),
+            **({"signround_loss": signround_loss(files, recipe)}
+               if recipe.rounding == "signround" else {}),
             **({"experts": coverage, "expert_min_tokens": calibrate_layer.MIN_EXPERT_TOKENS}
                if coverage else {}),
         })

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compress.kernels import QuantizedWeight
-from compress.models import ModelFiles
+from compress.models import Architecture, ModelFiles
 from compress.progress import track
 from compress.quant import QuantScheme, precision
 from compress.quant.signround import (
@@ -182,6 +182,19 @@ def _snapshot(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def _restore(params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> None:
     for p, v in zip(params, values, strict=True):
         p.copy_(v)
+
+
+def loss_for(loss: str, arch: Architecture) -> str:
+    """What `SignRoundConfig.loss` measures on `arch`: "auto" is "normed" for the families
+    that norm each branch's output before the residual add and read the stream through
+    norms (Gemma-2/3: their post-norms' gains, not what the next layers read, set the
+    stream's scale per channel), "output" for the rest (OLMo-2 reads its stream raw, so
+    there "normed" would be the plain error anyway)."""
+    if loss != "auto":
+        return loss
+    post_normed = arch.attn_out_norm is not None or arch.mlp_out_norm is not None
+    read_normed = arch.attn_norm is not None and arch.mlp_norm is not None
+    return "normed" if post_normed and read_normed else "output"
 
 
 def reader_gains(files: ModelFiles, residual_rotated: bool) -> list[torch.Tensor] | None:

@@ -10,7 +10,7 @@ import torch
 from conftest import assert_resumes_to_identical_files, cli_in_process
 from torch import nn
 
-from compress import models, pipeline
+from compress import models, pipeline, progress
 from compress.calibrate import signround as learn
 from compress.errors import CompressError
 from compress.quant import QuantScheme, gptq, rtn
@@ -621,9 +621,23 @@ def test_olmo2_reads_its_stream_raw_so_the_normed_loss_is_the_plain_one(tiny_fac
     assert learn.reader_gains(files, residual_rotated=False) is None
 
 
-@pytest.mark.parametrize(("model_type", "rotate"), [("gemma3_text", False), ("llama", True)])
+def test_auto_is_the_normed_loss_for_the_families_that_norm_each_branchs_output():
+    chosen = {arch.name: learn.loss_for("auto", arch) for arch in models.ARCHITECTURES}
+    assert {name for name, loss in chosen.items() if loss == "normed"} == {"gemma2", "gemma3"}
+    assert chosen["llama"] == chosen["olmo2"] == "output"  # OLMo-2 reads its stream raw
+    gemma = models.architecture_for("gemma3_text")
+    assert learn.loss_for("output", gemma) == "output"
+    assert learn.loss_for("normed", models.architecture_for("llama")) == "normed"
+    assert SignRoundConfig().loss == "auto"
+    with pytest.raises(CompressError, match="signround loss must be one of auto, output"):
+        SignRoundConfig(loss="kl")
+
+
+@pytest.mark.parametrize(("model_type", "rotate", "loss", "normed"), [
+    ("gemma3_text", False, "normed", True), ("llama", True, "normed", True),
+    ("gemma3_text", True, "auto", True), ("llama", False, "auto", False)])
 def test_the_pipeline_learns_each_layer_on_the_error_its_readers_see(
-        tiny_factory, tmp_path, monkeypatch, model_type, rotate):
+        tiny_factory, tmp_path, monkeypatch, capsys, model_type, rotate, loss, normed):
     from conftest import ARCH_CASES
 
     from compress.quant.rotate import RotationConfig
@@ -637,14 +651,27 @@ def test_the_pipeline_learns_each_layer_on_the_error_its_readers_see(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(learn, "learn_layer", spy)
-    cfg = SignRoundConfig(iters=20, batch=4, loss="normed")
+    cfg = SignRoundConfig(iters=20, batch=4, loss=loss)
     recipe = Recipe("signround", QuantScheme(3, 32, True), calibration=CALIB, signround=cfg,
                     rotate=RotationConfig("hadamard" if rotate else "none"))
+    monkeypatch.setattr(progress, "_quiet", False)
     pipeline.quantize(path, recipe, tmp_path / "q")
+    said = "learned rounding: the normed loss (gemma3 norms each branch's output"
+    assert (said in capsys.readouterr().err) == (loss == "auto" and normed)
     files = models.open_model(path)
+    # Gemma's residual stream is never rotated (its post-norms refuse it), Llama's is
+    rotated = rotate and model_type == "llama"
     assert len(gains) == files.decoder_config.num_layers
     for index, gain in enumerate(gains):
-        assert torch.equal(gain, learn.reader_gains(files, residual_rotated=rotate)[index])
-    log = json.loads((tmp_path / "q" / pipeline.QUANT_LOG).read_text())["modules"]
+        if normed:
+            assert torch.equal(gain, learn.reader_gains(files, residual_rotated=rotated)[index])
+        else:
+            assert gain is None
+    written = json.loads((tmp_path / "q" / pipeline.QUANT_LOG).read_text())
+    assert written["signround_loss"] == ("normed" if normed else "output")
+    log = written["modules"]
     assert all(entry["layer_loss"] < entry["layer_loss_start"] for entry in log.values())
-    assert models.open_model(tmp_path / "q").manifest["recipe"]["signround"]["loss"] == "normed"
+    recipe_written = models.open_model(tmp_path / "q").manifest["recipe"]["signround"]
+    assert recipe_written.get("loss", "auto") == loss
+    run = pipeline.identity(files, recipe, None)
+    assert ("signround_loss" in run) == (loss == "auto" and normed)
