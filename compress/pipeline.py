@@ -726,8 +726,7 @@ def _write_metadata(files: models.ModelFiles, recipe: Recipe, schemes: dict[str,
             "metric": "relative output error ||(W - W_q) X||^2 / ||W X||^2 on calibration X",
             "modules": dict(sorted(logs.items())),
             **({"rotation": rotations.describe()} if rotations is not None else {}),
-            **({"signround_loss": signround_loss(files, recipe)}
-               if recipe.rounding == "signround" else {}),
+            **({"signround_loss": loss} if (loss := signround_loss(files, recipe)) else {}),
             **({"experts": coverage, "expert_min_tokens": calibrate_layer.MIN_EXPERT_TOKENS}
                if coverage else {}),
         })

@@ -192,9 +192,7 @@ def loss_for(loss: str, arch: Architecture) -> str:
     there "normed" would be the plain error anyway)."""
     if loss != "auto":
         return loss
-    post_normed = arch.attn_out_norm is not None or arch.mlp_out_norm is not None
-    read_normed = arch.attn_norm is not None and arch.mlp_norm is not None
-    return "normed" if post_normed and read_normed else "output"
+    return "normed" if arch.branch_out_norm and arch.reads_stream_normed else "output"
 
 
 def reader_gains(files: ModelFiles, residual_rotated: bool) -> list[torch.Tensor] | None:

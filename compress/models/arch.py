@@ -200,17 +200,28 @@ class Architecture:
         return (self.o_proj, *(p + m.down for p in m.mlps(experts)))
 
     @property
+    def branch_out_norm(self) -> str | None:
+        """A norm on a branch's output, before the residual add (Gemma's and OLMo-2's
+        post-norms); None where the branches add their Linears' outputs as they are."""
+        return self.attn_out_norm or self.mlp_out_norm
+
+    @property
+    def reads_stream_normed(self) -> bool:
+        """Whether every branch reads the residual stream through a norm."""
+        return bool(self.attn_norm and self.mlp_norm)
+
+    @property
     def residual_rotation_problem(self) -> str | None:
         """Why rotating the residual stream cannot be folded exactly into this family's
         weights (None when it can). The stream is read only through RMSNorms, whose
         weights fold into their readers (`folds`), and written only by Linears; a norm on
         a branch's output (Gemma's and OLMo-2's post-norms) scales channels of a
         Linear's output before the add, and diag(w)·Q ≠ Q·diag(w)."""
-        post = self.attn_out_norm or self.mlp_out_norm
+        post = self.branch_out_norm
         if post:
             return (f"{self.name}'s {post} scales a Linear's output per channel before the "
                     "residual add (diag(w)·Q ≠ Q·diag(w))")
-        if not (self.attn_norm and self.mlp_norm):
+        if not self.reads_stream_normed:
             return f"{self.name} has a branch reading the residual stream without a norm"
         return None
 
